@@ -1,0 +1,157 @@
+"""Shared estimator plumbing: device and dtype resolution, numpy <-> torch, batching.
+
+``torch.cuda`` is named in this module only, so that every other code path is
+device-agnostic: tensors are created on the device of their inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+__all__ = [
+    "resolve_device",
+    "is_accelerator",
+    "torch_dtype",
+    "as_tensor",
+    "to_numpy",
+    "make_generator",
+    "autocast",
+    "batched_apply",
+    "inference_chunk_rows",
+]
+
+_NP_TO_TORCH = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+}
+
+
+def resolve_device(device="auto"):
+    """Turn a user's ``device`` parameter into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or str or torch.device, default="auto"
+        ``"auto"`` picks the first CUDA device when one is available, else the CPU.
+        Any string torch understands (``"cuda:1"``, ``"mps"``) is accepted.
+
+    Returns
+    -------
+    device : torch.device
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available; "
+            "use device='auto' or device='cpu'."
+        )
+    return dev
+
+
+def is_accelerator(device):
+    """Whether ``device`` is a GPU-like device where host synchronisation is costly."""
+    return torch.device(device).type != "cpu"
+
+
+def synchronize(device):
+    """Wait for queued kernels on ``device`` (used by benchmarks for honest timings)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def torch_dtype(dtype):
+    """The torch dtype of a numpy floating dtype."""
+    return _NP_TO_TORCH[np.dtype(dtype)]
+
+
+def as_tensor(X, device, dtype=None):
+    """A torch view (CPU, no copy when possible) or copy (other devices) of ``X``.
+
+    Parameters
+    ----------
+    X : ndarray or torch.Tensor
+    device : torch.device
+    dtype : torch.dtype, default=None
+        Keep ``X``'s dtype when None.
+    """
+    if isinstance(X, torch.Tensor):
+        t = X
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(X))
+    non_blocking = t.device.type == "cpu" and t.is_pinned()
+    return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
+
+
+def to_numpy(t, dtype=None):
+    """A CPU numpy copy of tensor ``t`` (detached), optionally cast to ``dtype``."""
+    arr = t.detach().to("cpu").numpy()
+    if dtype is not None and arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    return arr
+
+
+def make_generator(random_state):
+    """A seeded CPU :class:`torch.Generator` drawn from a numpy ``RandomState``.
+
+    Random tensors are drawn on the CPU and then moved, so the same
+    ``random_state`` gives the same initialisation on every device.
+    """
+    seed = int(random_state.randint(np.iinfo(np.int32).max))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op elsewhere."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def inference_chunk_rows(n_columns, itemsize=4, budget_bytes=256 * 2**20):
+    """Rows per chunk so that an (rows, n_columns) intermediate stays within budget."""
+    return int(max(1, min(65536, budget_bytes // max(1, n_columns * itemsize))))
+
+
+def batched_apply(fn, X, *, device, dtype, chunk_rows):
+    """Apply ``fn`` (tensor -> tensor) to row chunks of ``X`` and stack as numpy.
+
+    Memory stays bounded by ``chunk_rows`` rows of intermediates whatever the
+    size of ``X``; each row's result depends on that row only.
+
+    Parameters
+    ----------
+    fn : callable
+        Maps a (rows, n_features) tensor on ``device`` to a (rows, m) tensor.
+    X : ndarray of shape (n_samples, n_features)
+    device : torch.device
+    dtype : torch.dtype
+        Compute dtype; the output has the matching numpy dtype.
+    chunk_rows : int
+
+    Returns
+    -------
+    out : ndarray of shape (n_samples, m)
+    """
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, X.shape[0], chunk_rows):
+            xb = as_tensor(X[start : start + chunk_rows], device, dtype)
+            outs.append(to_numpy(fn(xb)))
+    if not outs:
+        raise ValueError("Found array with 0 sample(s) (shape=(0, ...)).")
+    return np.concatenate(outs, axis=0)

@@ -1,0 +1,238 @@
+"""The one minibatch loop both estimators use: batching, convergence, history, progress.
+
+An estimator supplies ``step(batch) -> dict`` of 0-dim tensors (``"loss"`` is
+required: the batch cost monitored for early stopping) and the engine runs it
+over epochs. On accelerators metrics are pulled to the host every
+``sync_every`` steps only, so the step loop never waits on the device; the
+convergence rule is replayed step by step on the pulled values, so it gives the
+same decisions as checking after every step (stopping may come up to
+``sync_every - 1`` steps later).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._base import as_tensor, is_accelerator
+
+__all__ = ["EarlyStopping", "BatchSource", "run_minibatch_loop"]
+
+
+class EarlyStopping:
+    """scikit-learn's minibatch convergence rule (``MiniBatchDictionaryLearning``).
+
+    The first ``min(100, n_samples / batch_size)`` steps are ignored; an
+    exponentially weighted average (EWA) of the batch cost with weight
+    ``batch_size / (n_samples + 1)`` is tracked; training stops when the change
+    of the monitored parameters is at most ``tol`` (if ``tol > 0``) or after
+    ``max_no_improvement`` steps without a new EWA minimum.
+
+    Parameters
+    ----------
+    n_samples : int
+    batch_size : int
+    tol : float
+    max_no_improvement : int or None
+    """
+
+    def __init__(self, n_samples, batch_size, tol=0.0, max_no_improvement=10):
+        self.n_samples = n_samples
+        self.batch_size = batch_size
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.ewa_cost = None
+        self.ewa_cost_min = None
+        self.no_improvement = 0
+
+    def update(self, step, batch_cost, param_change=None):
+        """Record step ``step`` (0-based); return True when training should stop."""
+        step = step + 1
+        if step <= min(100, self.n_samples / self.batch_size):
+            return False
+        if self.ewa_cost is None:
+            self.ewa_cost = batch_cost
+        else:
+            a = min(self.batch_size / (self.n_samples + 1), 1.0)
+            self.ewa_cost = self.ewa_cost * (1 - a) + batch_cost * a
+        if self.tol > 0 and param_change is not None and param_change <= self.tol:
+            return True
+        if self.ewa_cost_min is None or self.ewa_cost < self.ewa_cost_min:
+            self.no_improvement = 0
+            self.ewa_cost_min = self.ewa_cost
+        else:
+            self.no_improvement += 1
+        return (
+            self.max_no_improvement is not None
+            and self.no_improvement >= self.max_no_improvement
+        )
+
+
+class BatchSource:
+    """Minibatches of rows of ``X`` as tensors on ``device``.
+
+    On the CPU the batches are gathered from a zero-copy view of ``X``. On an
+    accelerator ``X`` is moved once when it fits ``max_device_bytes``; otherwise
+    each batch is gathered on the host into pinned memory and copied
+    asynchronously.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    batch_size : int
+    device : torch.device
+    dtype : torch.dtype
+    generator : torch.Generator
+        CPU generator for the permutations (device independent).
+    shuffle : {"epoch", "once", "none"}
+        Reshuffle every epoch (SGD), shuffle once then cycle (scikit-learn's
+        minibatch dictionary learning), or keep the order.
+    """
+
+    def __init__(self, X, batch_size, device, dtype, generator, shuffle="epoch",
+                 max_device_bytes=2 * 2**30):
+        self.n_samples = X.shape[0]
+        self.batch_size = min(batch_size, self.n_samples)
+        self.device = device
+        self.dtype = dtype
+        self.generator = generator
+        self.shuffle = shuffle
+        self._on_device = not is_accelerator(device) or X.nbytes <= max_device_bytes
+        host = torch.from_numpy(np.ascontiguousarray(X))
+        self._data = as_tensor(host, device, dtype) if self._on_device else host
+        self._order = None
+        if shuffle == "once":
+            self._order = torch.randperm(self.n_samples, generator=generator)
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def epoch(self):
+        """Yield the batches of one epoch."""
+        if self.shuffle == "epoch":
+            order = torch.randperm(self.n_samples, generator=self.generator)
+        else:
+            order = self._order
+        for start in range(0, self.n_samples, self.batch_size):
+            if order is None:
+                idx = slice(start, start + self.batch_size)
+                batch = self._data[idx]
+            else:
+                idx = order[start : start + self.batch_size]
+                if self._on_device:
+                    batch = self._data[idx.to(self._data.device)]
+                else:
+                    batch = self._data[idx]
+            if not self._on_device:
+                batch = batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
+            elif batch.dtype != self.dtype:
+                batch = batch.to(self.dtype)
+            yield batch
+
+
+def _stack(values):
+    """One host transfer for a list of scalar tensors (or floats)."""
+    if isinstance(values[0], torch.Tensor):
+        return torch.stack([v.detach().reshape(()).double() for v in values]).cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _progress_bar(total, desc, verbose):
+    if not verbose:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=verbose > 1, dynamic_ncols=True)
+
+
+def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
+                       verbose=0, desc="fit", sync_every=None, param_change=None,
+                       postfix_keys=("loss",)):
+    """Run ``step`` over minibatches for at most ``max_epochs`` epochs.
+
+    Parameters
+    ----------
+    step : callable
+        ``step(batch, step_index, total_steps) -> dict`` of scalar tensors or
+        floats; must contain ``"loss"``.
+    source : BatchSource
+    max_epochs : int
+    stopper : EarlyStopping or None
+    callback : callable or None
+        Called as ``callback(locals_dict)`` after each step (scikit-learn's
+        ``callback`` convention); returning False stops training.
+    verbose : int
+        0 silent; >= 1 a progress bar with live metrics.
+    desc : str
+    sync_every : int or None
+        Steps between host synchronisations; 1 on the CPU, 32 on accelerators
+        by default.
+    param_change : callable or None
+        Returns the parameter change of the last step for ``stopper.tol``;
+        forces a host sync each step when the stopper uses ``tol``.
+    postfix_keys : tuple of str
+        Metrics shown on the progress bar.
+
+    Returns
+    -------
+    result : dict
+        ``n_steps``, ``n_epochs`` (may be fractional before rounding up),
+        ``records`` (dict of per-step float arrays) and ``stopped_early``.
+    """
+    steps_per_epoch = source.steps_per_epoch
+    total = max_epochs * steps_per_epoch
+    if sync_every is None:
+        sync_every = 32 if is_accelerator(source.device) else 1
+    needs_change = stopper is not None and stopper.tol > 0 and param_change is not None
+    if needs_change:
+        sync_every = 1
+    bar = _progress_bar(total, desc, verbose)
+    pending, records = [], {}
+    n_steps, stop = 0, False
+
+    def flush():
+        nonlocal stop
+        if not pending:
+            return
+        stacked = {k: _stack([p[1][k] for p in pending]) for k in pending[0][1]}
+        for k, v in stacked.items():
+            records.setdefault(k, []).append(v)
+        for j, (i, _, change) in enumerate(pending):
+            if stop:
+                break
+            if stopper is not None and stopper.update(i, float(stacked["loss"][j]), change):
+                stop = True
+        if bar is not None:
+            bar.update(len(pending))
+            bar.set_postfix({k: f"{stacked[k][-1]:.4g}" for k in postfix_keys if k in stacked})
+        pending.clear()
+
+    try:
+        for _ in range(max_epochs):
+            for batch in source.epoch():
+                metrics = step(batch, n_steps, total)
+                change = param_change() if needs_change else None
+                pending.append((n_steps, metrics, change))
+                n_steps += 1
+                if callback is not None and callback(locals()) is False:
+                    stop = True
+                if len(pending) >= sync_every or stop:
+                    flush()
+                if stop:
+                    break
+            if stop:
+                break
+        flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    records = {k: np.concatenate(v) for k, v in records.items()}
+    return {
+        "n_steps": n_steps,
+        "n_epochs": n_steps / steps_per_epoch,
+        "records": records,
+        "stopped_early": stop,
+    }
