@@ -1,0 +1,208 @@
+"""Model selection for dictionaries: sweeps over the dictionary size.
+
+Scorers for ``GridSearchCV`` live in :mod:`sksae.metrics`
+(:func:`~sksae.metrics.fve_scorer`, :func:`~sksae.metrics.make_sparsity_scorer`,
+:func:`~sksae.metrics.make_mmcs_scorer`).
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import clone
+from sklearn.utils import Bunch
+from sklearn.utils._param_validation import Interval, validate_params
+
+from .metrics import (
+    _encode_decode,
+    _final_estimator,
+    duplicate_fraction,
+    feature_density,
+    fraction_variance_explained,
+    l0,
+    max_cosine_similarity,
+)
+
+__all__ = ["dictionary_size_sweep"]
+
+
+def _fit_and_evaluate(estimator, X, X_eval, param_name, size, duplicate_threshold,
+                      absolute):
+    est = clone(estimator).set_params(**{param_name: int(size)}).fit(X)
+    codes, X_hat = _encode_decode(est, X_eval)
+    density = feature_density(codes)
+    components = np.asarray(_final_estimator(est).components_)
+    alive = density > 0
+    n_dup = 0.0
+    if alive.any():  # duplicates among the alive atoms, as a fraction of all atoms
+        n_dup = duplicate_fraction(
+            components[alive], duplicate_threshold, absolute=absolute
+        ) * alive.sum()
+    return dict(
+        estimator=est,
+        components=components,
+        alive=alive,
+        fve=fraction_variance_explained(X_eval, X_hat),
+        l0=l0(codes),
+        dead_fraction=float(np.mean(~alive)),
+        duplicate_fraction=n_dup / alive.size,
+    )
+
+
+@validate_params(
+    {
+        "estimator": [object],
+        "X": ["array-like"],
+        "n_components_grid": ["array-like"],
+        "X_eval": ["array-like", None],
+        "true_features": ["array-like", None],
+        "param_name": [str],
+        "duplicate_threshold": [Interval(Real, -1, 1, closed="both")],
+        "absolute": ["boolean"],
+        "n_jobs": [Integral, None],
+        "verbose": ["verbose"],
+    },
+    prefer_skip_nested_validation=False,
+)
+def dictionary_size_sweep(
+    estimator,
+    X,
+    n_components_grid,
+    *,
+    X_eval=None,
+    true_features=None,
+    param_name="n_components",
+    duplicate_threshold=0.9,
+    absolute=False,
+    n_jobs=None,
+    verbose=0,
+):
+    r"""Fit one dictionary per size and compare neighbouring sizes.
+
+    The procedure of Sharkey, Braun & Millidge (2022) for estimating how many
+    features the data holds: while the dictionary is smaller than the true
+    feature count, a larger dictionary splits or finds new directions, so it
+    agrees poorly with the next smaller one; past the true count the extra
+    atoms go dead or duplicate existing ones, and dictionaries of neighbouring
+    sizes agree (their cross-size MMCS saturates near 1). The knee of these
+    curves estimates the number of features.
+
+    For each size ``K`` (sorted increasingly) a clone of ``estimator`` with
+    ``param_name=K`` is fitted on ``X`` and evaluated on ``X_eval``:
+
+    - ``fve``: :func:`~sksae.metrics.fraction_variance_explained` of
+      ``X_eval`` by ``inverse_transform(transform(X_eval))``;
+    - ``l0``: :func:`~sksae.metrics.l0` of the codes of ``X_eval``;
+    - ``dead_fraction``: fraction of atoms that never fire on ``X_eval``;
+    - ``duplicate_fraction``: fraction of the ``K`` atoms that are alive and
+      have another alive atom with a cosine above ``duplicate_threshold``
+      (:func:`~sksae.metrics.duplicate_fraction` on the alive atoms, times the
+      alive fraction);
+    - ``mmcs_to_previous``: the MMCS of the alive atoms of the next smaller
+      dictionary to the alive atoms of this one,
+      :math:`\frac{1}{|A|}\sum_{a \in A} \max_{b \in B} \cos(a, b)` with ``A``
+      the smaller dictionary: does the larger dictionary contain the smaller
+      one? ``nan`` for the first size (and when either has no alive atom);
+    - ``mmcs_to_truth`` (when ``true_features`` is given): the MMCS of the
+      true features to all atoms of this dictionary.
+
+    Parameters
+    ----------
+    estimator : estimator instance
+        Unfitted dictionary learner with ``fit``, ``transform``,
+        ``inverse_transform`` and ``components_`` (e.g.
+        :class:`sksae.SparseAutoencoder`, :class:`sksae.DictionaryLearnerGPU`,
+        ``sklearn.decomposition.MiniBatchDictionaryLearning``), or a Pipeline
+        ending in one (set ``param_name`` accordingly).
+    X : array-like of shape (n_samples, n_features)
+        Training data.
+    n_components_grid : array-like of int
+        Dictionary sizes to fit; sorted and deduplicated.
+    X_eval : array-like of shape (n_eval, n_features), default=None
+        Rows on which the metrics are computed; ``X`` when None.
+    true_features : array-like of shape (n_true, n_features), default=None
+        Ground-truth dictionary (toy data) for ``mmcs_to_truth``.
+    param_name : str, default="n_components"
+        Name of the size parameter in ``estimator.get_params()``
+        (e.g. ``"sae__n_components"`` for a Pipeline step named ``sae``).
+    duplicate_threshold : float in [-1, 1], default=0.9
+        Cosine above which two atoms count as duplicates.
+    absolute : bool, default=False
+        Compare atoms by ``|cos|`` (for dictionaries whose atoms have no sign).
+    n_jobs : int, default=None
+        Number of sizes fitted in parallel by joblib; None means 1 unless in
+        a ``joblib.parallel_backend`` context, -1 means all processors.
+    verbose : int, default=0
+        joblib verbosity.
+
+    Returns
+    -------
+    result : :class:`~sklearn.utils.Bunch`
+        With, each of shape (n_sizes,) unless stated: ``n_components`` (int),
+        ``fve``, ``l0``, ``dead_fraction``, ``duplicate_fraction``,
+        ``mmcs_to_previous``, ``mmcs_to_truth`` (only with
+        ``true_features``), and ``estimators`` (list of the fitted clones).
+
+    Examples
+    --------
+    >>> from sklearn.decomposition import MiniBatchDictionaryLearning
+    >>> from sksae.datasets import make_sparse_superposition
+    >>> from sksae.model_selection import dictionary_size_sweep
+    >>> X = make_sparse_superposition(300, 8, 12, avg_active=2, random_state=0)
+    >>> mbdl = MiniBatchDictionaryLearning(
+    ...     max_iter=2, transform_algorithm="lasso_lars", random_state=0)
+    >>> res = dictionary_size_sweep(mbdl, X, [4, 8, 16])
+    >>> res.n_components.tolist(), bool(np.isnan(res.mmcs_to_previous[0]))
+    ([4, 8, 16], True)
+    """
+    sizes = np.unique(np.asarray(n_components_grid, dtype=np.int64))
+    if sizes.size == 0 or sizes[0] < 1:
+        raise ValueError(
+            f"n_components_grid must hold positive sizes, got {n_components_grid!r}."
+        )
+    if param_name not in estimator.get_params():
+        raise ValueError(
+            f"{type(estimator).__name__} has no parameter {param_name!r}; "
+            "set param_name to the name of its dictionary-size parameter."
+        )
+    if X_eval is None:
+        X_eval = X
+
+    results = Parallel(n_jobs=n_jobs, verbose=verbose)(
+        delayed(_fit_and_evaluate)(
+            estimator, X, X_eval, param_name, size, duplicate_threshold, absolute
+        )
+        for size in sizes
+    )
+
+    mmcs_prev = np.full(sizes.size, np.nan)
+    for j in range(1, sizes.size):
+        prev, cur = results[j - 1], results[j]
+        if prev["alive"].any() and cur["alive"].any():
+            mmcs_prev[j] = max_cosine_similarity(
+                prev["components"][prev["alive"]],
+                cur["components"][cur["alive"]],
+                absolute=absolute,
+            ).mean()
+
+    out = Bunch(
+        n_components=sizes,
+        fve=np.array([r["fve"] for r in results]),
+        l0=np.array([r["l0"] for r in results]),
+        dead_fraction=np.array([r["dead_fraction"] for r in results]),
+        duplicate_fraction=np.array([r["duplicate_fraction"] for r in results]),
+        mmcs_to_previous=mmcs_prev,
+    )
+    if true_features is not None:
+        out.mmcs_to_truth = np.array(
+            [
+                max_cosine_similarity(
+                    true_features, r["components"], absolute=absolute
+                ).mean()
+                for r in results
+            ]
+        )
+    out.estimators = [r["estimator"] for r in results]
+    return out
