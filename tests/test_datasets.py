@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sksae.datasets import firing_probabilities, make_sparse_superposition
+
+
+@pytest.mark.parametrize("avg_active", [0.5, 5.0, 9.5, 40.0])
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.99, 1.0])
+def test_firing_probabilities_sum_and_shape(avg_active, decay):
+    p = firing_probabilities(40, avg_active, decay)
+    assert p.shape == (40,)
+    assert np.all((p >= 0) & (p <= 1))
+    assert np.all(np.diff(p) <= 1e-15)
+    np.testing.assert_allclose(p.sum(), avg_active)
+    # Unclipped probabilities follow the geometric profile.
+    free = p < 1
+    if free.sum() > 1:
+        ratios = p[free][1:] / p[free][:-1]
+        np.testing.assert_allclose(ratios, decay)
+
+
+def test_firing_probabilities_rejects_too_many_active():
+    with pytest.raises(ValueError, match="cannot exceed"):
+        firing_probabilities(4, 5.0)
+
+
+@pytest.mark.parametrize("correlated", [False, True, 0.9])
+def test_superposition_ground_truth(correlated):
+    n, d, g, k = 20000, 16, 48, 4.0
+    X, features, codes = make_sparse_superposition(
+        n, d, g, avg_active=k, correlated=correlated, random_state=0,
+        return_features=True, return_codes=True,
+    )
+    assert X.shape == (n, d) and features.shape == (g, d) and codes.shape == (n, g)
+    assert X.dtype == features.dtype == codes.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-6)
+    assert codes.min() >= 0 and codes.max() <= 1
+    np.testing.assert_allclose(X, codes @ features, rtol=1e-5, atol=1e-5)
+
+    # Mean number of active features within sampling error (5 standard errors).
+    n_active = (codes > 0).sum(axis=1)
+    assert abs(n_active.mean() - k) < 5 * n_active.std() / np.sqrt(n)
+    # Marginal firing rates are the prescribed p_i, correlated or not.
+    p = firing_probabilities(g, k, 0.99)
+    rate = (codes > 0).mean(axis=0)
+    np.testing.assert_array_less(np.abs(rate - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-9)
+
+
+def test_superposition_correlation_makes_features_cofire():
+    kw = dict(n_samples=20000, n_features=8, n_components=20, avg_active=5,
+              random_state=0, return_codes=True)
+    corr = {}
+    for c in (False, 0.9):
+        _, codes = make_sparse_superposition(correlated=c, **kw)
+        cc = np.corrcoef((codes > 0).T)
+        corr[c] = np.abs(cc[np.triu_indices(20, 1)]).mean()
+    assert corr[False] < 0.03
+    assert corr[0.9] > 3 * corr[False]
+
+
+def test_superposition_fully_correlated_keeps_marginals():
+    # rho = 1: the latents are a pure low-rank factor; marginals stay exact.
+    _, codes = make_sparse_superposition(
+        2000, 4, 6, avg_active=2, correlated=1.0, random_state=0, return_codes=True
+    )
+    active = codes > 0
+    p = firing_probabilities(6, 2, 0.99)
+    assert np.all(np.abs(active.mean(0) - p) < 5 * np.sqrt(p * (1 - p) / 2000))
+
+
+def test_superposition_reproducible_and_options():
+    a = make_sparse_superposition(50, 6, 10, random_state=3)
+    b = make_sparse_superposition(50, 6, 10, random_state=3)
+    c = make_sparse_superposition(50, 6, 10, random_state=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+    X, codes = make_sparse_superposition(
+        300, 6, 10, avg_active=3, magnitude=(0.5, 2.0), dtype=np.float64,
+        sparse_codes=True, random_state=0, return_codes=True,
+    )
+    assert X.dtype == np.float64 and sp.issparse(codes) and codes.format == "csr"
+    assert codes.data.min() >= 0.5 and codes.data.max() <= 2.0
+
+    _, codes = make_sparse_superposition(
+        300, 6, 10, avg_active=3, magnitude=1.0, random_state=0, return_codes=True
+    )
+    assert set(np.unique(codes)) == {0.0, 1.0}
+
+    X0, F, C = make_sparse_superposition(
+        500, 6, 10, random_state=0, return_features=True, return_codes=True
+    )
+    Xn = make_sparse_superposition(500, 6, 10, noise=0.1, random_state=0)
+    resid = Xn - C @ F
+    assert 0.08 < resid.std() < 0.12
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(magnitude=(2.0, 1.0)), "low <= high"),
+        (dict(magnitude="gamma"), "magnitude"),
+        (dict(correlated=1.5), "correlated"),
+        (dict(avg_active=20), "cannot exceed"),
+        (dict(dtype=np.int64), "floating"),
+        (dict(frequency_decay=0.0), "frequency_decay"),
+    ],
+)
+def test_superposition_invalid_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_sparse_superposition(10, 4, 8, **kwargs)
