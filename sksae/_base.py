@@ -7,6 +7,7 @@ device-agnostic: tensors are created on the device of their inputs.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ __all__ = [
     "autocast",
     "batched_apply",
     "inference_chunk_rows",
+    "restore_on_failure",
+    "synchronize",
 ]
 
 _NP_TO_TORCH = {
@@ -89,7 +92,10 @@ def as_tensor(X, device, dtype=None):
     if isinstance(X, torch.Tensor):
         t = X
     else:
-        t = torch.from_numpy(np.ascontiguousarray(X))
+        with warnings.catch_warnings():
+            # Read-only arrays (memory maps) are only read here, never written.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            t = torch.from_numpy(np.ascontiguousarray(X))
     non_blocking = t.device.type == "cpu" and t.is_pinned()
     return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
 
@@ -155,3 +161,30 @@ def batched_apply(fn, X, *, device, dtype, chunk_rows):
     if not outs:
         raise ValueError("Found array with 0 sample(s) (shape=(0, ...)).")
     return np.concatenate(outs, axis=0)
+
+
+class restore_on_failure:
+    """Context manager: if the block raises, put back the estimator's fitted state.
+
+    Fitted attributes (names ending in ``_``) and private state (names starting
+    with ``_``) are restored by reference, so a failed ``fit`` or ``partial_fit``
+    on a fitted model leaves it exactly as it was. Training code must therefore
+    build new arrays rather than mutate fitted ones in place.
+    """
+
+    def __init__(self, estimator):
+        self.estimator = estimator
+
+    def __enter__(self):
+        self.saved = {k: v for k, v in vars(self.estimator).items()
+                      if k.endswith("_") or k.startswith("_")}
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, Exception):
+            state = vars(self.estimator)
+            for k in [k for k in state if (k.endswith("_") or k.startswith("_"))
+                      and k not in self.saved]:
+                del state[k]
+            state.update(self.saved)
+        return False

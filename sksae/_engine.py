@@ -100,7 +100,7 @@ class BatchSource:
         self.generator = generator
         self.shuffle = shuffle
         self._on_device = not is_accelerator(device) or X.nbytes <= max_device_bytes
-        host = torch.from_numpy(np.ascontiguousarray(X))
+        host = as_tensor(X, "cpu")
         self._data = as_tensor(host, device, dtype) if self._on_device else host
         self._order = None
         if shuffle == "once":

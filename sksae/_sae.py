@@ -1,0 +1,505 @@
+"""SparseAutoencoder: a scikit-learn transformer around the SAE trainer."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from . import architectures
+from ._base import (
+    batched_apply,
+    inference_chunk_rows,
+    make_generator,
+    resolve_device,
+    restore_on_failure,
+    torch_dtype,
+)
+from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
+from ._sae_trainer import SAETrainer, init_parameters
+
+__all__ = ["SparseAutoencoder"]
+
+# tensor name -> fitted attribute shared by every architecture
+_BASE_PUBLIC = {
+    "W_enc": "encoder_weights_",
+    "b_enc": "encoder_bias_",
+    "W_dec": "components_",
+    "b_dec": "decoder_bias_",
+}
+_SAMPLE_ROWS = 16384  # rows used for the normalisation scale, b_dec and data init
+_MAX_DEAD_WINDOW = 10_000_000  # the peers' dead window, in rows
+
+
+class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Sparse autoencoder (SAE) dictionary learning, trained by minibatch Adam.
+
+    Learns an overcomplete dictionary of unit-norm atoms (``components_``) and an
+    amortised encoder such that ``X ~ transform(X) @ components_ + decoder_bias_``
+    with few non-zero, non-negative codes per row. The encoder is
+    ``z = f(W_enc (x - b_dec) + b_enc)`` where ``f`` is set by ``architecture``;
+    the decoder is linear. Training follows the recipe of the strong SAE
+    libraries (Gao et al. 2024; Bricken et al. 2023; EleutherAI sparsify):
+    Adam with warm-up and final decay, gradient clipping, unit-norm decoder rows,
+    geometric-median decoder bias, data-initialised atoms and the AuxK loss for
+    dead latents.
+
+    Parameters
+    ----------
+    n_components : int, default=None
+        Number of dictionary atoms (latents). None means ``8 * n_features``.
+    architecture : {"topk", "relu"}, default="topk"
+        Encoder nonlinearity and sparsity mechanism. ``"topk"`` keeps the ``k``
+        largest activations per row (Gao et al. 2024); ``"relu"`` is a ReLU with
+        an L1 penalty of weight ``alpha`` on the decoder-norm-weighted codes.
+    k : int, default=32
+        Number of active latents per row (L0). Only used when
+        ``architecture="topk"``. Must not exceed the number of components.
+    alpha : float, default=5.0
+        L1 coefficient. Only used when ``architecture="relu"``. In normalised
+        units (``normalize=True``: E||x||^2 = n_features); warmed up linearly
+        over the first 5% of steps.
+    learning_rate : "auto" or float, default="auto"
+        Adam learning rate. ``"auto"`` is ``2e-4 / sqrt(n_components / 2**14)``
+        (Gao et al. 2024's scaling law) for ``"topk"`` and ``1e-3`` for ``"relu"``.
+    batch_size : int, default=1024
+        Rows per optimizer step.
+    max_iter : int, default=30
+        Maximum number of epochs (passes over the training data).
+    tol : float, default=0.0
+        Stop when the Frobenius norm of the change of the decoder in one step,
+        divided by ``n_components``, is at most ``tol`` (scikit-learn's minibatch
+        dictionary learning rule). 0 disables this criterion.
+    max_no_improvement : int or None, default=10
+        Stop after this many consecutive steps without a new minimum of the
+        exponentially weighted average of the batch loss (weight
+        ``batch_size / (n_samples + 1)``, the first epoch or 100 steps ignored),
+        as scikit-learn's ``MiniBatchDictionaryLearning``. None disables it.
+    init : {"data", "random"} or array-like of shape (n_components, n_features), default="data"
+        Initial decoder atoms. ``"data"`` takes random centred training rows
+        (Sharkey et al. 2022: faster early feature recovery); ``"random"`` draws
+        Gaussian directions. The encoder starts as the decoder's transpose.
+    normalize : bool, default=True
+        Train on ``x * s`` with ``s`` chosen so that E||x s||^2 = n_features,
+        then fold ``s`` back into the weights: every public array and every
+        output is in the units of ``X``.
+    auxk_alpha : float, default=1/32
+        Weight of the AuxK loss that revives dead latents (TopK family only).
+        A latent is dead when it has not fired for ``dead_window`` rows.
+    dead_window : int or "auto", default="auto"
+        Rows without firing after which a latent is dead. ``"auto"`` is
+        ``min(10_000_000, n_samples)``: one pass over a small data set, the
+        peers' 10M rows for a large one.
+    device : {"auto", "cpu", "cuda"} or str or torch.device, default="auto"
+        Where to train and infer. ``"auto"`` uses CUDA when available.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation and shuffling. The same seed on the CPU gives the
+        same model.
+    verbose : int, default=0
+        0 is silent; 1 shows a progress bar with the live loss, FVU and L0.
+    warm_start : bool, default=False
+        When True, ``fit`` continues from the previous solution (parameters,
+        optimizer state and normalisation) instead of starting afresh.
+    callback : callable, default=None
+        Called after every step with the local variables of the training loop;
+        returning False stops training.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        Decoder atoms, unit-norm rows.
+    encoder_weights_ : ndarray of shape (n_components, n_features)
+        Encoder weights ``W_enc``.
+    encoder_bias_ : ndarray of shape (n_components,)
+        Encoder bias ``b_enc`` (user units).
+    decoder_bias_ : ndarray of shape (n_features,)
+        Decoder bias ``b_dec``, subtracted before encoding and added after decoding.
+    n_components_ : int
+        The resolved number of atoms.
+    input_scale_ : float
+        The normalisation factor ``s`` (1.0 when ``normalize=False``).
+    n_iter_ : int
+        Number of epochs run (rounded up), cumulated over ``partial_fit`` calls.
+    n_steps_ : int
+        Number of optimizer steps run.
+    loss_curve_ : ndarray of shape (n_steps_,)
+        Training loss at every step (normalised units).
+    history_ : dict
+        ``history_["step"]``: dict of per-step arrays (``loss``, ``mse``,
+        ``fvu``, ``l0``, ``dead_fraction``, ``lr`` and architecture terms);
+        ``history_["epoch"]``: their means per epoch.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when ``X`` has string feature names.
+
+    See Also
+    --------
+    sksae.DictionaryLearnerGPU : scikit-learn's dictionary learning objective on torch.
+    sklearn.decomposition.MiniBatchDictionaryLearning : the classical CPU solver.
+
+    References
+    ----------
+    L. Gao et al. (2024), "Scaling and evaluating sparse autoencoders".
+    T. Bricken et al. (2023), "Towards monosemanticity".
+    L. Sharkey, D. Braun, B. Millidge (2022), "Taking features out of superposition
+    with sparse autoencoders".
+
+    Examples
+    --------
+    >>> from sksae import SparseAutoencoder
+    >>> from sksae.datasets import make_sparse_superposition
+    >>> X = make_sparse_superposition(n_samples=2000, n_features=16, n_components=32,
+    ...                               random_state=0)
+    >>> sae = SparseAutoencoder(n_components=64, k=4, max_iter=5, random_state=0)
+    >>> codes = sae.fit_transform(X)
+    >>> codes.shape
+    (2000, 64)
+    >>> bool((codes > 0).sum(axis=1).max() <= 4)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "architecture": [StrOptions(set(architectures.REGISTRY))],
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "learning_rate": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "max_no_improvement": [Interval(Integral, 0, None, closed="left"), None],
+        "init": [StrOptions({"data", "random"}), "array-like"],
+        "normalize": ["boolean"],
+        "auxk_alpha": [Interval(Real, 0, None, closed="left")],
+        "dead_window": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+        "callback": [None, callable],
+    }
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        architecture="topk",
+        k=32,
+        alpha=5.0,
+        learning_rate="auto",
+        batch_size=1024,
+        max_iter=30,
+        tol=0.0,
+        max_no_improvement=10,
+        init="data",
+        normalize=True,
+        auxk_alpha=1 / 32,
+        dead_window="auto",
+        device="auto",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+        callback=None,
+    ):
+        self.n_components = n_components
+        self.architecture = architecture
+        self.k = k
+        self.alpha = alpha
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.init = init
+        self.normalize = normalize
+        self.auxk_alpha = auxk_alpha
+        self.dead_window = dead_window
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.callback = callback
+
+    # ------------------------------------------------------------------ setup
+    def _hparams(self):
+        """Hyperparameters handed to the architecture."""
+        return {name: getattr(self, name) for name in self.get_params(deep=False)}
+
+    def _resolve(self, n_features):
+        """Resolved sizes and learning rate; raises before any state changes."""
+        n_components = self.n_components if self.n_components is not None else 8 * n_features
+        arch = architectures.get(self.architecture)(self._hparams(), n_components, n_features)
+        if arch.auxk and self.k > n_components:
+            raise ValueError(
+                f"k={self.k} must be at most n_components={n_components}: a TopK "
+                "autoencoder cannot keep more latents than it has."
+            )
+        if not isinstance(self.init, str):
+            init = check_array(self.init, dtype=np.float64)
+            if init.shape != (n_components, n_features):
+                raise ValueError(
+                    f"init has shape {init.shape}; expected (n_components, n_features) "
+                    f"= ({n_components}, {n_features})."
+                )
+        if self.learning_rate == "auto":
+            lr = 2e-4 / math.sqrt(n_components / 2**14) if arch.auxk else 1e-3
+        else:
+            lr = float(self.learning_rate)
+        return arch, n_components, lr
+
+    def _validate(self, X, reset):
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=reset)
+
+    # ---------------------------------------------------------------- fitting
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the autoencoder on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data (dense; float32 data trains without a copy on the CPU).
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        with restore_on_failure(self):
+            resume = self.warm_start and hasattr(self, "_train_state")
+            X = self._validate(X, reset=not resume)
+            self._train(X, max_epochs=self.max_iter, resume=resume, partial=False)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Run one epoch of minibatch steps over ``X``, continuing previous training.
+
+        The first call initialises the model (normalisation scale, decoder bias,
+        atoms) from ``X``. Learning-rate warm-up lasts the first 1000 steps; there
+        is no final decay, since the total length is unknown.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            A chunk of training data.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        with restore_on_failure(self):
+            resume = hasattr(self, "_train_state")
+            X = self._validate(X, reset=not resume)
+            self._train(X, max_epochs=1, resume=resume, partial=True)
+        return self
+
+    def _train(self, X, *, max_epochs, resume, partial):
+        n_samples, n_features = X.shape
+        arch, n_components, lr = self._resolve(n_features)
+        device = resolve_device(self.device)
+        dtype = torch.float32
+        rng = check_random_state(self.random_state)
+        if resume:
+            state = self._train_state
+            rng.set_state(state["rng"])
+        generator = make_generator(rng)
+
+        steps_per_epoch = math.ceil(n_samples / min(self.batch_size, n_samples))
+        if resume:
+            scale = state["scale"]
+            params = {k: v.to(device, dtype) for k, v in state["trainer"]["params"].items()}
+            buffers = {k: v.to(device, dtype) for k, v in state["trainer"]["buffers"].items()}
+            dead_window = state["dead_window"]
+        else:
+            sample = X[rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False)]
+            sample = torch.as_tensor(sample, dtype=torch.float64)
+            scale = 1.0
+            if self.normalize:
+                sq = sample.pow(2).sum(-1).mean().item()
+                scale = math.sqrt(n_features / sq) if sq > 0 else 1.0
+            params = init_parameters(sample * scale, n_components, self.init, generator,
+                                     dtype, device)
+            params.update(arch.extra_parameters(params))
+            buffers = arch.extra_buffers(params)
+            params["b_enc"] = arch.init_encoder_bias(params)
+            dead_window = (min(_MAX_DEAD_WINDOW, n_samples) if self.dead_window == "auto"
+                           else self.dead_window)
+
+        total_steps = None if partial else max_epochs * steps_per_epoch
+        trainer = SAETrainer(
+            arch, params, buffers, lr=lr, total_steps=total_steps,
+            warmup_steps=1000 if partial else min(1000, math.ceil(0.05 * total_steps)),
+            auxk_alpha=self.auxk_alpha, dead_window=dead_window,
+            coef_warmup_steps=(0 if not arch.penalty else
+                               1000 if partial else math.ceil(0.05 * total_steps)),
+        )
+        if resume:
+            trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
+
+        source = BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch")
+        stopper = None if partial else EarlyStopping(
+            n_samples, source.batch_size, self.tol, self.max_no_improvement)
+        prev = {}
+
+        def param_change():
+            W = trainer.params["W_dec"].detach()
+            change = (W - prev["W"]).norm().item() / n_components if "W" in prev else None
+            prev["W"] = W.clone()
+            return change
+
+        def step(batch, i, total):
+            out = trainer.step(batch * scale if scale != 1.0 else batch)
+            out["lr"] = trainer.optimizer.param_groups[0]["lr"]
+            return out
+
+        result = run_minibatch_loop(
+            step, source, max_epochs=max_epochs, stopper=stopper, callback=self.callback,
+            verbose=self.verbose, desc=f"{type(self).__name__}({self.architecture})",
+            param_change=param_change if self.tol > 0 else None,
+            postfix_keys=("loss", "fvu", "l0", "dead_fraction"),
+        )
+        self._export(arch, trainer, scale, X.dtype)
+        self._record(result, steps_per_epoch, resume)
+        self.n_components_ = n_components
+        self.input_scale_ = float(scale)
+        self._train_state = {
+            "trainer": trainer.state_dict(),
+            "scale": scale,
+            "dead_window": dead_window,
+            "rng": rng.get_state(),
+        }
+
+    def _export(self, arch, trainer, scale, dtype):
+        """Fitted attributes in the user's units, as numpy arrays of ``dtype``."""
+        p = {k: v.detach() for k, v in {**trainer.params, **trainer.buffers}.items()}
+        p = arch.fold_scale(p, scale)
+        names = {**_BASE_PUBLIC, **arch.public_names}
+        for tensor_name, attr in names.items():
+            setattr(self, attr, p[tensor_name].to("cpu", torch.float64).numpy().astype(dtype))
+
+    def _record(self, result, steps_per_epoch, resume):
+        records = result["records"]
+        prev = getattr(self, "history_", None) if resume else None
+        step_hist = {k: v for k, v in records.items()}
+        if prev is not None:
+            step_hist = {k: np.concatenate([prev["step"].get(k, np.full(0, np.nan)), v])
+                         for k, v in step_hist.items()}
+        n_steps = len(step_hist.get("loss", ()))
+        n_epochs = math.ceil(n_steps / steps_per_epoch) if n_steps else 0
+        epoch_hist = {
+            k: np.array([v[e * steps_per_epoch:(e + 1) * steps_per_epoch].mean()
+                         for e in range(n_epochs)])
+            for k, v in step_hist.items()
+        }
+        self.history_ = {"step": step_hist, "epoch": epoch_hist}
+        self.loss_curve_ = step_hist.get("loss", np.zeros(0))
+        self.n_steps_ = (getattr(self, "n_steps_", 0) if resume else 0) + result["n_steps"]
+        self.n_iter_ = (getattr(self, "n_iter_", 0) if resume else 0) + math.ceil(
+            result["n_epochs"])
+
+    # -------------------------------------------------------------- inference
+    def _inference_params(self, device, dtype):
+        arch = architectures.get(self.architecture)(
+            self._hparams(), self.n_components_, self.n_features_in_)
+        names = {**_BASE_PUBLIC, **arch.public_names}
+        p = {k: torch.as_tensor(getattr(self, attr)).to(device, dtype)
+             for k, attr in names.items()}
+        return arch, p
+
+    def transform(self, X):
+        """Encode ``X`` into sparse non-negative codes.
+
+        Rows are encoded independently, in memory-bounded chunks.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_components)
+            Same floating dtype as ``X`` (integers become float64).
+        """
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        device = resolve_device(self.device)
+        dtype = torch_dtype(X.dtype)
+        arch, p = self._inference_params(device, dtype)
+        chunk = inference_chunk_rows(self.n_components_, X.itemsize)
+        return batched_apply(lambda xb: arch.encode(p, xb), X, device=device, dtype=dtype,
+                             chunk_rows=chunk)
+
+    def inverse_transform(self, X):
+        """Reconstruct data from codes: ``codes @ components_ + decoder_bias_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+            Codes, e.g. from :meth:`transform`.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        codes = check_array(X, dtype=[np.float64, np.float32])
+        if codes.shape[1] != self.n_components_:
+            raise ValueError(
+                f"X has {codes.shape[1]} features (codes), but {type(self).__name__} "
+                f"has {self.n_components_} components."
+            )
+        device = resolve_device(self.device)
+        dtype = torch_dtype(codes.dtype)
+        W = torch.as_tensor(self.components_).to(device, dtype)
+        b = torch.as_tensor(self.decoder_bias_).to(device, dtype)
+        chunk = inference_chunk_rows(max(self.n_components_, self.n_features_in_),
+                                     codes.itemsize)
+        return batched_apply(lambda zb: zb @ W + b, codes, device=device, dtype=dtype,
+                             chunk_rows=chunk)
+
+    def score(self, X, y=None):
+        """Fraction of variance explained (FVE) of the reconstruction of ``X``.
+
+        ``FVE = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, the mean taken
+        per input feature over the rows of ``X``; equal to
+        ``r2_score(X, X_hat, multioutput="variance_weighted")``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        score : float
+        """
+        X = self._validate(X, reset=False) if hasattr(self, "n_features_in_") else X
+        X_hat = self.inverse_transform(self.transform(X))
+        resid = np.square(X - X_hat, dtype=np.float64).sum()
+        total = np.square(X - X.mean(axis=0, dtype=np.float64)).sum()
+        if total == 0:
+            return 1.0 if resid == 0 else 0.0
+        return float(1.0 - resid / total)
+
+    @property
+    def _n_features_out(self):
+        return self.n_components_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags

@@ -1,0 +1,244 @@
+"""Training of a sparse autoencoder: initialisation, optimizer, schedules, dead latents.
+
+The recipe is the one the strong SAE libraries converged on (RESEARCH.md §5):
+Adam (0.9, 0.999), linear learning-rate warm-up then a linear decay to zero over
+the last 20% of steps, gradient-norm clipping at 1, decoder rows kept at unit
+norm by projecting out the radial gradient and renormalising after each step,
+b_dec initialised at the geometric median, W_enc = W_dec^T, and the AuxK loss
+(Gao et al. 2024) for latents that have not fired for ``dead_window`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._base import autocast, is_accelerator
+from .architectures import SparseCodes, decode
+
+__all__ = ["geometric_median", "init_parameters", "SAETrainer"]
+
+
+def geometric_median(x_ND, n_iter=20, eps=1e-8):
+    """Weiszfeld's iterations for the geometric median of the rows of ``x``."""
+    y = x_ND.mean(0)
+    for _ in range(n_iter):
+        w = 1.0 / (x_ND - y).norm(dim=-1).clamp_min(eps)
+        y_new = (w[:, None] * x_ND).sum(0) / w.sum()
+        if (y_new - y).norm() <= 1e-6 * y.norm().clamp_min(eps):
+            return y_new
+        y = y_new
+    return y
+
+
+def _unit_rows(W):
+    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def init_parameters(x_sample_ND, n_components, init, generator, dtype, device):
+    """Initial W_enc, b_enc, W_dec, b_dec from a (normalised) data sample.
+
+    ``init="data"`` takes decoder atoms from random centred data rows (Sharkey
+    et al. 2022: atoms that are sparse combinations of the true features speed up
+    early recovery); ``"random"`` uses Gaussian directions; an array is used as
+    given. Rows are unit-normed and the encoder is the decoder's transpose.
+    """
+    x = x_sample_ND.to(device="cpu", dtype=torch.float64)
+    n_rows, n_features = x.shape
+    b_dec = geometric_median(x)
+    W = torch.randn(n_components, n_features, generator=generator, dtype=torch.float64)
+    if isinstance(init, str) and init == "data":
+        centred = x - b_dec
+        nonzero = centred.norm(dim=-1) > 1e-8 * (1 + centred.norm(dim=-1).max())
+        rows = centred[nonzero]
+        if rows.shape[0]:
+            take = min(n_components, rows.shape[0])
+            pick = torch.randperm(rows.shape[0], generator=generator)[:take]
+            W[:take] = rows[pick]
+    elif not isinstance(init, str):
+        W = torch.as_tensor(init, dtype=torch.float64).clone()
+    W = _unit_rows(W)
+    p = {
+        "W_enc": W.clone(),
+        "b_enc": torch.zeros(n_components, dtype=torch.float64),
+        "W_dec": W,
+        "b_dec": b_dec,
+    }
+    return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
+
+
+def _fired_counts(codes, n_components):
+    """How many rows of the batch each latent fired on."""
+    if isinstance(codes, SparseCodes):
+        counts = codes.values.new_zeros(n_components, dtype=torch.float32)
+        return counts.index_add_(
+            0, codes.indices.flatten(), (codes.values > 0).flatten().to(torch.float32)
+        )
+    return (codes > 0).sum(0).to(torch.float32)
+
+
+def _l0(codes):
+    v = codes.values if isinstance(codes, SparseCodes) else codes
+    return (v > 0).to(torch.float32).sum(-1).mean()
+
+
+class SAETrainer:
+    """Owns the parameters in training units, Adam, schedules and dead-latent stats.
+
+    Parameters
+    ----------
+    arch : Architecture
+    params : dict of Tensor
+        Trainable tensors in normalised units (made leaf ``requires_grad``).
+    buffers : dict of Tensor
+    lr : float
+    total_steps : int or None
+        Known for ``fit`` (enables the final decay); None for ``partial_fit``.
+    warmup_steps : int
+    auxk_alpha : float
+    dead_window : int
+        Rows without firing after which a latent counts as dead.
+    coef_warmup_steps : int
+        Steps over which a penalty coefficient ramps up from 0.
+    use_autocast : bool
+        bf16 autocast on CUDA.
+    """
+
+    decay_fraction = 0.2
+    clip_norm = 1.0
+
+    def __init__(self, arch, params, buffers, *, lr, total_steps, warmup_steps,
+                 auxk_alpha, dead_window, coef_warmup_steps, use_autocast=True):
+        self.arch = arch
+        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers
+        self.lr = lr
+        self.total_steps = total_steps
+        self.warmup_steps = max(1, warmup_steps)
+        self.auxk_alpha = auxk_alpha
+        self.dead_window = dead_window
+        self.coef_warmup_steps = coef_warmup_steps
+        self.use_autocast = use_autocast
+        self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
+        device = params["W_dec"].device
+        self.device = device
+        self.optimizer = torch.optim.Adam(
+            list(self.params.values()), lr=lr, betas=(0.9, 0.999),
+            foreach=is_accelerator(device),
+        )
+        self.rows_since_fired = torch.zeros(arch.n_components, dtype=torch.float64,
+                                            device=device)
+        self.step_count = 0
+
+    # -- schedules ----------------------------------------------------------
+    def lr_at(self, step):
+        factor = min(1.0, (step + 1) / self.warmup_steps)
+        if self.total_steps:
+            decay_start = (1 - self.decay_fraction) * self.total_steps
+            if step >= decay_start:
+                factor *= max(0.0, (self.total_steps - step) / (self.total_steps - decay_start))
+        return self.lr * factor
+
+    def coef_at(self, step):
+        if self.coef_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.coef_warmup_steps)
+
+    # -- losses ---------------------------------------------------------------
+    def auxk_loss(self, pre_BF, x_BD, x_hat_BD):
+        """AuxK: reconstruct the residual from the top dead latents (no b_dec)."""
+        dead = self.rows_since_fired >= self.dead_window
+        if not is_accelerator(self.device) and not bool(dead.any()):
+            return None  # free check on the CPU; on GPUs the zero loss avoids a sync
+        masked = pre_BF.masked_fill(~dead, float("-inf"))
+        vals, idx = torch.topk(masked, self.k_aux, dim=-1, sorted=False)
+        vals = torch.nan_to_num(vals.clamp_min(0), neginf=0.0)
+        e = (x_BD - x_hat_BD).detach()
+        e_hat = F.embedding_bag(idx, self.params["W_dec"],
+                                per_sample_weights=vals.to(self.params["W_dec"].dtype),
+                                mode="sum")
+        total_var = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        scale = (dead.sum() / self.k_aux).clamp(max=1.0)
+        return self.auxk_alpha * scale * (e_hat - e).pow(2).sum() / total_var
+
+    # -- one step -------------------------------------------------------------
+    def step(self, x_BD):
+        """One optimizer step on a normalised batch; returns scalar metric tensors."""
+        step = self.step_count
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        p = {**self.params, **self.buffers}
+        with autocast(self.device, self.use_autocast):
+            enc = self.arch.encode(p, x_BD, training=True)
+            x_hat = decode(enc.codes, p["W_dec"], p["b_dec"]).to(x_BD.dtype)
+            terms = self.arch.losses(p, x_BD, enc, x_hat, self.coef_at(step))
+            if self.arch.auxk and self.auxk_alpha > 0:
+                aux = self.auxk_loss(enc.pre, x_BD, x_hat)
+                if aux is not None:
+                    terms["auxk"] = aux
+        err = (x_hat - x_BD).pow(2).sum(-1)
+        mse = err.mean()
+        loss = mse + sum(t.to(mse.dtype) for t in terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._project_decoder_grad()
+        torch.nn.utils.clip_grad_norm_(
+            list(self.params.values()), self.clip_norm, foreach=is_accelerator(self.device)
+        )
+        self.optimizer.step()
+        with torch.no_grad():
+            W = self.params["W_dec"]
+            W.div_(W.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            self.arch.after_step(p, enc)
+            fired = _fired_counts(enc.codes, self.arch.n_components)
+            self.rows_since_fired.add_(x_BD.shape[0]).masked_fill_(fired > 0, 0)
+            total_var = (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+            metrics = {
+                "loss": loss.detach(),
+                "mse": mse.detach(),
+                "fvu": err.sum().detach() / total_var,
+                "l0": _l0(enc.codes),
+                "dead_fraction": (self.rows_since_fired >= self.dead_window)
+                .to(torch.float32).mean(),
+            }
+            metrics.update({k: v.detach() for k, v in terms.items()})
+        self.step_count += 1
+        return metrics
+
+    def _project_decoder_grad(self):
+        """Remove the gradient component along each (unit) decoder row."""
+        W, g = self.params["W_dec"], self.params["W_dec"].grad
+        if g is not None:
+            g.sub_((g * W).sum(-1, keepdim=True) * W)
+
+    # -- state ------------------------------------------------------------------
+    def state_dict(self):
+        """Everything needed to resume, as CPU tensors (device-free)."""
+        def cpu(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().to("cpu").clone()
+            if isinstance(obj, dict):
+                return {k: cpu(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(cpu(v) for v in obj)
+            return obj
+
+        return {
+            "params": cpu(self.params),
+            "buffers": cpu(self.buffers),
+            "optimizer": cpu(self.optimizer.state_dict()),
+            "rows_since_fired": cpu(self.rows_since_fired),
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.params[k].copy_(v)
+            for k, v in state["buffers"].items():
+                self.buffers[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rows_since_fired.copy_(state["rows_since_fired"])
+        self.step_count = state["step_count"]

@@ -1,0 +1,139 @@
+"""What every SAE architecture shares: parameters, decoding, unit folding.
+
+An architecture is a small object that knows its encoder nonlinearity and its
+extra losses; the trainer (``sksae._sae_trainer``) owns the optimizer,
+schedules and dead-latent statistics. Parameters live in a plain dict of
+tensors so that the same ``encode`` serves training (``nn.Parameter`` values
+in normalised units) and inference (tensors rebuilt from the estimator's
+device-free fitted arrays, in the user's units).
+
+Tensor names follow the field's shape-suffix habit in comments:
+B rows, D input features (``n_features``), F latents (``n_components``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class SparseCodes(NamedTuple):
+    """Codes with the same number of active latents per row.
+
+    Attributes
+    ----------
+    values : Tensor of shape (B, k)
+    indices : Tensor of shape (B, k), int64
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    def to_dense(self, n_components):
+        out = self.values.new_zeros(self.values.shape[0], n_components)
+        return out.scatter_(1, self.indices, self.values)
+
+
+class EncodeOutput(NamedTuple):
+    """What an architecture's training encode returns.
+
+    Attributes
+    ----------
+    codes : Tensor (B, F) or SparseCodes
+        The latents fed to the decoder.
+    pre : Tensor (B, F)
+        Encoder pre-activations (for AuxK and statistics).
+    active : Tensor (B, F) bool or None
+        Which latents fired, when cheaper to give than to recompute.
+    """
+
+    codes: object
+    pre: torch.Tensor
+    active: object = None
+
+
+def decode(codes, W_dec_FD, b_dec_D):
+    """x_hat = codes @ W_dec + b_dec; sparse codes gather only the active atoms."""
+    if isinstance(codes, SparseCodes):
+        # embedding_bag sums k weighted rows of W_dec per sample: O(B k D) instead
+        # of the O(B F D) dense matmul, with a matching sparse backward.
+        out = F.embedding_bag(
+            codes.indices, W_dec_FD, per_sample_weights=codes.values, mode="sum"
+        )
+        return out + b_dec_D
+    return codes @ W_dec_FD + b_dec_D
+
+
+class Architecture:
+    """Base class of SAE encoders.
+
+    Subclasses set ``name`` and implement :meth:`encode`; they may add
+    parameters (:meth:`extra_parameters`), buffers (:meth:`extra_buffers`),
+    losses (:meth:`losses`) and fitted attributes (``public_names``).
+
+    Parameters
+    ----------
+    hparams : dict
+        The estimator's hyperparameters (``k``, ``alpha``, ...), already validated.
+    n_components : int
+    n_features : int
+    """
+
+    name = None
+    #: whether the sparsity coefficient is warmed up (penalty-based architectures)
+    penalty = False
+    #: whether the AuxK dead-latent loss applies (TopK family)
+    auxk = False
+    #: extra tensors exported as fitted attributes: {tensor name: attribute name}
+    public_names = {}
+    #: tensors measured in input units (divided by the normalisation scale on export)
+    input_scaled = ("b_enc", "b_dec")
+
+    def __init__(self, hparams, n_components, n_features):
+        self.hparams = hparams
+        self.n_components = n_components
+        self.n_features = n_features
+
+    # -- parameters ---------------------------------------------------------
+    def extra_parameters(self, params):
+        """Extra trainable tensors, given the initialised base ``params``."""
+        return {}
+
+    def extra_buffers(self, params):
+        """Extra non-trainable state (e.g. an EMA threshold)."""
+        return {}
+
+    # -- forward ------------------------------------------------------------
+    @staticmethod
+    def pre_activation(p, x_BD):
+        return (x_BD - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+
+    def encode(self, p, x_BD, training=False):
+        """Codes of ``x``: an :class:`EncodeOutput` when training, a dense (B, F) tensor otherwise."""
+        raise NotImplementedError
+
+    def losses(self, p, x_BD, enc, x_hat_BD, coef):
+        """Architecture-specific loss terms, as a dict of scalar tensors.
+
+        ``coef`` is the warm-up factor in [0, 1] of the sparsity coefficient.
+        """
+        return {}
+
+    def after_step(self, p, enc):
+        """Update buffers after an optimizer step (no gradients)."""
+
+    # -- units --------------------------------------------------------------
+    def fold_scale(self, p, scale):
+        """Tensors in the user's units from tensors trained on ``scale * x``."""
+        return {k: (v / scale if k in self.input_scaled else v) for k, v in p.items()}
+
+    def unfold_scale(self, p, scale):
+        """Inverse of :meth:`fold_scale`."""
+        return {k: (v * scale if k in self.input_scaled else v) for k, v in p.items()}
+
+    @staticmethod
+    def init_encoder_bias(p):
+        """Initial encoder bias (zeros); architectures may override."""
+        return torch.zeros_like(p["W_enc"][:, 0])

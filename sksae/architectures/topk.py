@@ -1,0 +1,35 @@
+"""TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)); no sparsity penalty, k sets L0.
+Dead latents are revived by the AuxK loss the trainer adds for ``auxk = True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import Architecture, EncodeOutput, SparseCodes
+
+
+def topk_codes(pre_BF, k):
+    """Top-k of ReLU(pre) per row as :class:`SparseCodes`.
+
+    Taking the top-k before the ReLU selects the same support (the ReLU is
+    monotone) and touches a (B, k) tensor instead of (B, F).
+    """
+    values, indices = torch.topk(pre_BF, k, dim=-1, sorted=False)
+    return SparseCodes(values.clamp_min(0), indices)
+
+
+class TopK(Architecture):
+    """TopK activation: keep the ``k`` largest positive pre-activations of each row."""
+
+    name = "topk"
+    auxk = True
+
+    def encode(self, p, x_BD, training=False):
+        pre = self.pre_activation(p, x_BD)
+        codes = topk_codes(pre, self.hparams["k"])
+        if training:
+            return EncodeOutput(codes, pre)
+        return codes.to_dense(pre.shape[-1])

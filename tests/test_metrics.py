@@ -1,0 +1,197 @@
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from sklearn.decomposition import MiniBatchDictionaryLearning
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from sksae.datasets import make_sparse_superposition
+from sksae.metrics import (
+    dead_fraction,
+    duplicate_fraction,
+    feature_density,
+    fraction_variance_explained,
+    fve_scorer,
+    l0,
+    make_mmcs_scorer,
+    make_sparsity_scorer,
+    match_dictionaries,
+    max_cosine_similarity,
+    mean_max_cosine_similarity,
+    relative_reconstruction_bias,
+)
+
+
+def test_fve_equals_variance_weighted_r2(rng):
+    X = rng.randn(200, 7) * rng.rand(7) * 3 + rng.randn(7)
+    X_hat = X + 0.5 * rng.randn(200, 7)
+    expected = r2_score(X, X_hat, multioutput="variance_weighted")
+    assert fraction_variance_explained(X, X_hat) == pytest.approx(expected, rel=1e-12)
+    # Hand formula: centred per input feature, summed over everything.
+    num = ((X - X_hat) ** 2).sum()
+    den = ((X - X.mean(0)) ** 2).sum()
+    assert fraction_variance_explained(X, X_hat) == pytest.approx(1 - num / den)
+    # float32 and torch inputs give the same value.
+    assert fraction_variance_explained(
+        torch.from_numpy(X.astype(np.float32)), X_hat.astype(np.float32)
+    ) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fve_is_centred_and_not_per_row(rng):
+    X = rng.randn(100, 4) + 100.0  # a large offset
+    assert fraction_variance_explained(X, np.tile(X.mean(0), (100, 1))) == 0.0
+    assert fraction_variance_explained(X, X) == 1.0
+
+
+def test_fve_degenerate_and_shape_errors():
+    X = np.ones((5, 3))
+    assert fraction_variance_explained(X, X) == 1.0
+    assert fraction_variance_explained(X, X + 1) == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        fraction_variance_explained(X, X[:, :2])
+
+
+def test_l0_density_dead_of_known_codes():
+    codes = np.array(
+        [[0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0], [0.0, 4.0, 0.0, 5.0]]
+    )
+    assert l0(codes) == pytest.approx(5 / 3)
+    np.testing.assert_allclose(feature_density(codes), [0, 2 / 3, 0, 1])
+    assert dead_fraction(codes) == 0.5
+    csr = sp.csr_matrix(codes)
+    csr.data[0] = 0.0  # an explicit zero is not active
+    assert l0(csr) == pytest.approx(4 / 3)
+    np.testing.assert_allclose(feature_density(csr), [0, 1 / 3, 0, 1])
+    assert l0(torch.from_numpy(codes)) == pytest.approx(5 / 3)
+
+
+def test_l0_of_generated_codes_matches_avg_active():
+    _, codes = make_sparse_superposition(
+        5000, 8, 30, avg_active=3, random_state=0, return_codes=True
+    )
+    assert l0(codes) == pytest.approx(3, abs=0.1)
+
+
+def test_mmcs_of_dictionary_with_itself_permuted_and_rescaled(rng):
+    D = rng.randn(20, 10)
+    perm = rng.permutation(20)
+    scaled = D[perm] * rng.uniform(0.1, 10, size=(20, 1))
+    assert mean_max_cosine_similarity(D, scaled) == pytest.approx(1.0)
+    mmcs, rate = mean_max_cosine_similarity(D, scaled, threshold=0.99)
+    assert mmcs == pytest.approx(1.0) and rate == 1.0
+    # Sign flips count only with absolute=True.
+    assert mean_max_cosine_similarity(D, -D) < 0.9
+    assert mean_max_cosine_similarity(D, -D, absolute=True) == pytest.approx(1.0)
+    # Extra learned atoms never lower MMCS; missing ones do.
+    assert mean_max_cosine_similarity(D, np.vstack([D, rng.randn(5, 10)])) == (
+        pytest.approx(1.0)
+    )
+    mmcs, rate = mean_max_cosine_similarity(np.eye(4), np.eye(4)[:3], threshold=0.9)
+    assert (mmcs, rate) == (0.75, 0.75)
+    np.testing.assert_allclose(max_cosine_similarity(np.eye(4), np.eye(4)[:3]),
+                               [1, 1, 1, 0])
+
+
+def test_match_dictionaries_recovers_permutation(rng):
+    D = rng.randn(12, 6)
+    perm = rng.permutation(12)
+    ind_a, ind_b, cos = match_dictionaries(D, 3.0 * D[perm])
+    np.testing.assert_array_equal(ind_a, np.arange(12))
+    np.testing.assert_array_equal(perm[ind_b], ind_a)
+    np.testing.assert_allclose(cos, 1.0)
+    # One-to-one: two copies of one atom cannot both be matched to it.
+    A = np.array([[1.0, 0.0], [1.0, 0.01]])
+    B = np.array([[1.0, 0.0], [0.0, 1.0]])
+    _, ind_b, cos = match_dictionaries(A, B)
+    assert sorted(ind_b) == [0, 1] and cos.min() < 0.1
+    assert mean_max_cosine_similarity(A, B) > 0.99
+    # Rectangular: as many pairs as the smaller dictionary has atoms.
+    ind_a, ind_b, cos = match_dictionaries(D[:5], D)
+    np.testing.assert_array_equal(ind_b, np.arange(5))
+    _, _, cos = match_dictionaries(D, -D[perm], absolute=True)
+    np.testing.assert_allclose(cos, 1.0)
+
+
+def test_duplicate_fraction():
+    D = np.eye(3)
+    assert duplicate_fraction(D) == 0.0
+    assert duplicate_fraction(np.vstack([D, 2 * D[:1]])) == 0.5
+    assert duplicate_fraction(np.vstack([D, -D[:1]])) == 0.0
+    assert duplicate_fraction(np.vstack([D, -D[:1]]), absolute=True) == 0.5
+    assert duplicate_fraction(D[:1]) == 0.0
+
+
+def test_relative_reconstruction_bias(rng):
+    X = rng.randn(300, 5) + 2.0
+    mean = X.mean(0)
+    assert relative_reconstruction_bias(X, X) == pytest.approx(1.0)
+    # Shrinking towards the mean by 1/2 gives gamma = 2 (codes undershoot).
+    assert relative_reconstruction_bias(X, mean + 0.5 * (X - mean)) == pytest.approx(2)
+    # Independent noise on X_hat does not bias gamma much; on the mean it is 1.
+    X_hat = X + 0.01 * rng.randn(300, 5)
+    assert relative_reconstruction_bias(X, X_hat) == pytest.approx(1.0, abs=1e-2)
+    assert np.isnan(relative_reconstruction_bias(X, np.tile(mean, (300, 1))))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    X, F = make_sparse_superposition(
+        600, 8, 12, avg_active=2, random_state=0, return_features=True
+    )
+    return X, F
+
+
+def _mbdl(**kw):
+    return MiniBatchDictionaryLearning(
+        n_components=12, alpha=0.1, max_iter=3, batch_size=64,
+        transform_algorithm="lasso_lars", transform_alpha=0.05, random_state=0, **kw
+    )
+
+
+def test_scorers_on_fitted_estimator(toy):
+    X, F = toy
+    est = _mbdl(positive_code=True).fit(X)
+    codes = est.transform(X)
+    X_hat = est.inverse_transform(codes)
+    assert fve_scorer(est, X) == pytest.approx(fraction_variance_explained(X, X_hat))
+    budget_ok = make_sparsity_scorer(l0(codes) + 1)
+    assert budget_ok(est, X) == pytest.approx(fve_scorer(est, X))
+    tight = make_sparsity_scorer(l0(codes) / 2, penalty=0.5)
+    assert tight(est, X) == pytest.approx(fve_scorer(est, X) - 0.5)
+    assert make_sparsity_scorer(l0(codes) / 2, penalty=np.inf)(est, X) == -np.inf
+    mmcs = make_mmcs_scorer(F)(est, X)
+    assert mmcs == pytest.approx(mean_max_cosine_similarity(F, est.components_))
+    rate = make_mmcs_scorer(F, threshold=0.9)(est, X)
+    assert rate == pytest.approx(
+        mean_max_cosine_similarity(F, est.components_, threshold=0.9)[1]
+    )
+    # A Pipeline ending in the dictionary learner works too.
+    pipe = make_pipeline(FunctionTransformer(), _mbdl()).fit(X)
+    assert make_mmcs_scorer(F, absolute=True)(pipe, X) == pytest.approx(
+        mean_max_cosine_similarity(F, pipe[-1].components_, absolute=True)
+    )
+    assert -1 <= fve_scorer(pipe, X) <= 1
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_scorers_in_grid_search(toy, n_jobs):
+    X, F = toy
+    for scorer in (make_mmcs_scorer(F), make_sparsity_scorer(3.0), fve_scorer):
+        assert pickle.loads(pickle.dumps(scorer)) is not None
+    scoring = {
+        "fve": fve_scorer,
+        "sparse": make_sparsity_scorer(3.0),
+        "mmcs": make_mmcs_scorer(F, absolute=True),
+    }
+    search = GridSearchCV(
+        _mbdl(), {"alpha": [0.05, 0.5]}, scoring=scoring, refit="mmcs", cv=2,
+        n_jobs=n_jobs,
+    ).fit(X)
+    for name in scoring:
+        scores = search.cv_results_[f"mean_test_{name}"]
+        assert np.all(np.isfinite(scores)) and np.all(scores <= 1)
