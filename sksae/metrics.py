@@ -577,7 +577,7 @@ class _SparsityScorer:
 @validate_params(
     {
         "l0_budget": [Interval(Real, 0, None, closed="neither")],
-        "penalty": [Interval(Real, 0, None, closed="left")],
+        "penalty": [Interval(Real, 0, None, closed="both")],  # inf allowed
     },
     prefer_skip_nested_validation=True,
 )

@@ -26,6 +26,11 @@ from sksae.metrics import (
     relative_reconstruction_bias,
 )
 
+# MiniBatchDictionaryLearning is run with tiny budgets to keep the tests fast.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::sklearn.exceptions.ConvergenceWarning"
+)
+
 
 def test_fve_equals_variance_weighted_r2(rng):
     X = rng.randn(200, 7) * rng.rand(7) * 3 + rng.randn(7)
@@ -148,7 +153,7 @@ def toy():
 
 def _mbdl(**kw):
     return MiniBatchDictionaryLearning(
-        n_components=12, alpha=0.1, max_iter=3, batch_size=64,
+        n_components=12, alpha=0.1, max_iter=3, batch_size=64, fit_algorithm="cd",
         transform_algorithm="lasso_lars", transform_alpha=0.05, random_state=0, **kw
     )
 
