@@ -1,0 +1,505 @@
+"""DictionaryLearnerGPU: scikit-learn's minibatch dictionary learning on torch.
+
+Same parameters, defaults and results as
+:class:`sklearn.decomposition.MiniBatchDictionaryLearning` (scikit-learn 1.9),
+plus ``device``. The numerical kernels live in :mod:`sksae.coders` (sparse
+coding) and :mod:`sksae._online` (initialisation, sufficient statistics,
+dictionary update); the minibatch loop and its early stopping are the shared
+:mod:`sksae._engine`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions, validate_params
+from sklearn.utils.validation import _num_features, check_is_fitted, validate_data
+
+from ._base import (
+    as_tensor,
+    batched_apply,
+    inference_chunk_rows,
+    make_generator,
+    resolve_device,
+    to_numpy,
+    torch_dtype,
+)
+from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
+from ._online import init_dictionary, update_dictionary, update_stats
+from .coders import check_positive_coding, encode
+
+__all__ = ["DictionaryLearnerGPU", "sparse_encode"]
+
+_ALGORITHMS = {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"}
+
+
+def _code_rows(X, D, algorithm, *, n_nonzero_coefs, alpha, max_iter, positive, device,
+               init=None):
+    """Codes of numpy ``X`` on numpy ``D``, batched over rows on ``device``."""
+    dtype = torch_dtype(X.dtype)
+    Dt = as_tensor(D, device, dtype)
+    gram = Dt @ Dt.T
+    flags, offset = [], 0
+
+    def fn(xb):
+        nonlocal offset
+        ib = None if init is None else as_tensor(init[offset:offset + len(xb)], device, dtype)
+        offset += len(xb)
+        code, ok = encode(xb, Dt, algorithm, n_nonzero_coefs=n_nonzero_coefs, alpha=alpha,
+                          gram=gram, max_iter=max_iter, positive=positive, init=ib)
+        flags.append(ok)
+        return code
+
+    chunk = min(inference_chunk_rows(D.shape[0], X.dtype.itemsize), 4096)
+    code = batched_apply(fn, X, device=device, dtype=dtype, chunk_rows=chunk)
+    if not all(flags):
+        warnings.warn(
+            f"{algorithm} did not converge in max_iter={max_iter} iterations for some "
+            "rows; increase max_iter (transform_max_iter).", ConvergenceWarning,
+            stacklevel=3,
+        )
+    return code
+
+
+@validate_params(
+    {
+        "X": ["array-like"],
+        "dictionary": ["array-like"],
+        "gram": ["array-like", None],
+        "cov": ["array-like", None],
+        "algorithm": [StrOptions(_ALGORITHMS)],
+        "n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left"), None],
+        "copy_cov": ["boolean"],
+        "init": ["array-like", None],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "n_jobs": [Integral, None],
+        "check_input": ["boolean"],
+        "verbose": ["verbose"],
+        "positive": ["boolean"],
+        "device": [str, torch.device],
+    },
+    prefer_skip_nested_validation=True,
+)
+def sparse_encode(X, dictionary, *, gram=None, cov=None, algorithm="lasso_lars",
+                  n_nonzero_coefs=None, alpha=None, copy_cov=True, init=None,
+                  max_iter=1000, n_jobs=None, check_input=True, verbose=0,
+                  positive=False, device="auto"):
+    """Sparse coding on torch: :func:`sklearn.decomposition.sparse_encode`'s contract.
+
+    Each row of the result is the solution of a sparse coding problem, so that
+    ``X ~= code @ dictionary``. ``lasso_lars`` and ``lasso_cd`` both solve
+    ``0.5 ||x - dictionary.T u||^2 + alpha ||u||_1`` to a tight duality gap
+    (with one fast solver); ``omp`` and ``lars`` return scikit-learn's codes.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Data matrix.
+    dictionary : array-like of shape (n_components, n_features)
+        Atoms, one per row (unit norm for meaningful ``alpha``).
+    gram : array-like of shape (n_components, n_components), default=None
+        Precomputed ``dictionary @ dictionary.T``.
+    cov : array-like of shape (n_components, n_samples), default=None
+        Precomputed ``dictionary @ X.T``.
+    algorithm : {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"}, \
+            default="lasso_lars"
+        Coding method, as in scikit-learn.
+    n_nonzero_coefs : int, default=None
+        Atoms per row for ``lars`` and ``omp``; None means
+        ``min(max(n_features / 10, 1), n_components)``.
+    alpha : float, default=None
+        L1 penalty (lasso) or threshold (``threshold``); None means 1.
+    copy_cov : bool, default=True
+        Accepted for compatibility; ``cov`` is never modified.
+    init : array-like of shape (n_samples, n_components), default=None
+        Warm start for the lasso coders.
+    max_iter : int, default=1000
+        Maximum number of solver sweeps for the lasso coders.
+    n_jobs : int, default=None
+        Accepted for compatibility; torch uses its own threads.
+    check_input : bool, default=True
+        Validate ``X`` and ``dictionary``.
+    verbose : int, default=0
+        Accepted for compatibility.
+    positive : bool, default=False
+        Non-negative codes (lasso and threshold only).
+    device : str or torch.device, default="auto"
+        Where to compute.
+
+    Returns
+    -------
+    code : ndarray of shape (n_samples, n_components)
+        Same floating dtype as ``X`` (float32 stays float32).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksae import sparse_encode
+    >>> X = np.array([[-1, -1, -1], [0, 0, 3]])
+    >>> dictionary = np.array([[0, 1, 0], [-1, -1, 2], [1, 1, 1], [0, 1, 1], [0, 2, 1]],
+    ...                       dtype=np.float64)
+    >>> sparse_encode(X, dictionary, alpha=1e-10, device="cpu").round(6)
+    array([[ 0.,  0., -1.,  0.,  0.],
+           [ 0.,  1.,  1.,  0.,  0.]])
+    """
+    if check_input:
+        dictionary = check_array(dictionary, dtype=[np.float64, np.float32])
+        X = check_array(X, dtype=[np.float64, np.float32])
+    else:
+        X, dictionary = np.asarray(X), np.asarray(dictionary)
+    if dictionary.shape[1] != X.shape[1]:
+        raise ValueError(
+            "Dictionary and X have different numbers of features: "
+            f"dictionary.shape: {dictionary.shape} X.shape: {X.shape}"
+        )
+    check_positive_coding(algorithm, positive)
+    dictionary = dictionary.astype(X.dtype, copy=False)
+    if init is not None:
+        init = check_array(init, dtype=X.dtype)
+    # gram and cov are recomputed on the device: cheaper than moving them.
+    return _code_rows(X, dictionary, algorithm, n_nonzero_coefs=n_nonzero_coefs,
+                      alpha=alpha, max_iter=max_iter, positive=positive,
+                      device=resolve_device(device), init=init)
+
+
+class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Minibatch dictionary learning on torch, a drop-in for scikit-learn's.
+
+    Finds a dictionary ``components_`` (atoms of unit norm at most) and sparse
+    codes ``U`` minimising ``0.5 ||X - U components_||_F^2 + alpha ||U||_1,1`` by
+    the online algorithm of Mairal et al. (2009, 2010), exactly as
+    :class:`sklearn.decomposition.MiniBatchDictionaryLearning` does, with every
+    minibatch coded at once on ``device``. ``DictionaryLearnerGPU(
+    **MiniBatchDictionaryLearning(...).get_params())`` works.
+
+    Parameters
+    ----------
+    n_components : int, default=None
+        Number of atoms; None means ``n_features``.
+    alpha : float, default=1
+        Sparsity penalty.
+    max_iter : int, default=1000
+        Maximum number of passes over the data (early stopping may end sooner).
+    fit_algorithm : {"lars", "cd"}, default="lars"
+        Coder used during fit (``"lasso_" + fit_algorithm``); both reach the
+        lasso optimum here.
+    n_jobs : int, default=None
+        Accepted for compatibility; torch uses its own threads.
+    batch_size : int, default=256
+        Rows per minibatch.
+    shuffle : bool, default=True
+        Shuffle the rows once before cycling through them.
+    dict_init : ndarray of shape (n_components, n_features), default=None
+        Initial dictionary (else a randomized SVD of ``X``).
+    transform_algorithm : {"lasso_lars", "lasso_cd", "lars", "omp", \
+            "threshold"}, default="omp"
+        Coder used by :meth:`transform`.
+    transform_n_nonzero_coefs : int, default=None
+        Atoms per row for ``lars`` and ``omp``; None means
+        ``min(max(n_features / 10, 1), n_components)``.
+    transform_alpha : float, default=None
+        Penalty or threshold of :meth:`transform`; None means ``alpha``.
+    verbose : bool or int, default=False
+        Progress bar during fit.
+    split_sign : bool, default=False
+        Return ``[max(U, 0), max(-U, 0)]`` from :meth:`transform`.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the initialisation, the shuffle and atom resampling.
+    positive_code : bool, default=False
+        Non-negative codes.
+    positive_dict : bool, default=False
+        Non-negative atoms.
+    transform_max_iter : int, default=1000
+        Maximum solver iterations of the lasso coders.
+    callback : callable, default=None
+        Called after every minibatch step with the loop's locals.
+    tol : float, default=1e-3
+        Stop when ``||D_new - D_old||_F / n_components <= tol`` (0 disables).
+    max_no_improvement : int, default=10
+        Stop after this many steps without improvement of the smoothed batch
+        cost (None disables).
+    device : str or torch.device, default="auto"
+        Where to compute: "auto" (CUDA when available), "cpu", "cuda", ...
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        The atoms (numpy, whatever the device).
+    n_iter_ : int
+        Number of passes over the data.
+    n_steps_ : int
+        Number of minibatch steps.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when ``X`` has string column names.
+
+    See Also
+    --------
+    sklearn.decomposition.MiniBatchDictionaryLearning : The CPU original.
+    sparse_encode : The coders as a function.
+
+    References
+    ----------
+    J. Mairal, F. Bach, J. Ponce, G. Sapiro. Online dictionary learning for
+    sparse coding. ICML 2009; Online learning for matrix factorization and
+    sparse coding. JMLR 11, 2010.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksae import DictionaryLearnerGPU
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.randn(100, 8)
+    >>> dl = DictionaryLearnerGPU(n_components=5, alpha=0.1, max_iter=3,
+    ...                           random_state=0, device="cpu").fit(X)
+    >>> dl.components_.shape
+    (5, 8)
+    >>> dl.transform(X[:2]).shape
+    (2, 5)
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "fit_algorithm": [StrOptions({"cd", "lars"})],
+        "n_jobs": [None, Integral],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "dict_init": [None, np.ndarray],
+        "transform_algorithm": [StrOptions(_ALGORITHMS)],
+        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
+        "verbose": ["verbose"],
+        "split_sign": ["boolean"],
+        "random_state": ["random_state"],
+        "positive_code": ["boolean"],
+        "positive_dict": ["boolean"],
+        "transform_max_iter": [Interval(Integral, 0, None, closed="left")],
+        "callback": [None, callable],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "max_no_improvement": [Interval(Integral, 0, None, closed="left"), None],
+        "device": [str, torch.device],
+    }
+
+    def __init__(self, n_components=None, *, alpha=1, max_iter=1_000, fit_algorithm="lars",
+                 n_jobs=None, batch_size=256, shuffle=True, dict_init=None,
+                 transform_algorithm="omp", transform_n_nonzero_coefs=None,
+                 transform_alpha=None, verbose=False, split_sign=False, random_state=None,
+                 positive_code=False, positive_dict=False, transform_max_iter=1000,
+                 callback=None, tol=1e-3, max_no_improvement=10, device="auto"):
+        self.n_components = n_components
+        self.alpha = alpha
+        self.max_iter = max_iter
+        self.fit_algorithm = fit_algorithm
+        self.n_jobs = n_jobs
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.dict_init = dict_init
+        self.transform_algorithm = transform_algorithm
+        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
+        self.transform_alpha = transform_alpha
+        self.verbose = verbose
+        self.split_sign = split_sign
+        self.random_state = random_state
+        self.positive_code = positive_code
+        self.positive_dict = positive_dict
+        self.transform_max_iter = transform_max_iter
+        self.callback = callback
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.device = device
+
+    # -- fitting -----------------------------------------------------------------
+    def _validate_before_data(self, X):
+        """Every check that can fail, run before any fitted attribute changes."""
+        check_positive_coding(self.fit_algorithm, self.positive_code)
+        device = resolve_device(self.device)
+        n_features = _num_features(X)
+        n_components = self.n_components if self.n_components is not None else n_features
+        if self.dict_init is not None and self.dict_init.shape[1] != n_features:
+            raise ValueError(
+                f"dict_init has {self.dict_init.shape[1]} features, X has {n_features}."
+            )
+        return device, n_components
+
+    def _start(self, X, device, n_components, random_state):
+        """Initial dictionary and zeroed sufficient statistics, as tensors."""
+        dtype = torch_dtype(X.dtype)
+        Xt = as_tensor(X, device, dtype)
+        dict_init = None if self.dict_init is None else as_tensor(
+            check_array(self.dict_init, dtype=X.dtype), device, dtype)
+        gen = make_generator(random_state) if dict_init is None else None
+        D = init_dictionary(Xt, n_components, gen, dict_init)
+        A = torch.zeros(n_components, n_components, dtype=dtype, device=device)
+        B = torch.zeros(X.shape[1], n_components, dtype=dtype, device=device)
+        return D, A, B
+
+    def _step(self, Xb, D, A, B, step, random_state):
+        """One minibatch step (scikit-learn's ``_minibatch_step``); returns the batch cost."""
+        code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,
+                         max_iter=self.transform_max_iter, positive=self.positive_code)
+        resid = torch.addmm(Xb, code, D, alpha=-1.0)
+        cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
+        update_stats(A, B, Xb, code, step)
+        update_dictionary(D, A, B, Xb, random_state, positive=self.positive_dict)
+        return cost
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Learn the dictionary from ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data. float32 stays float32; other types become float64.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        device, n_components = self._validate_before_data(X)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C")
+        random_state = check_random_state(self.random_state)
+        D, A, B = self._start(X, device, n_components, random_state)
+        batch_size = min(self.batch_size, X.shape[0])
+        gen = make_generator(random_state) if self.shuffle else None
+        source = BatchSource(X, batch_size, device, D.dtype, gen,
+                             shuffle="once" if self.shuffle else "none")
+        stopper = EarlyStopping(X.shape[0], batch_size, tol=self.tol,
+                                max_no_improvement=self.max_no_improvement)
+        old = D.clone()
+
+        def step(batch, i, total):
+            old.copy_(D)
+            return {"loss": self._step(batch, D, A, B, i, random_state)}
+
+        def change():
+            return float(torch.linalg.matrix_norm(D - old)) / n_components
+
+        result = run_minibatch_loop(step, source, max_epochs=self.max_iter, stopper=stopper,
+                                    callback=self.callback, verbose=int(self.verbose),
+                                    desc="DictionaryLearnerGPU", param_change=change)
+        self.n_steps_ = result["n_steps"]
+        self.n_iter_ = int(np.ceil(self.n_steps_ / source.steps_per_epoch))
+        self._set_state(D, A, B, random_state)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Update the dictionary with one minibatch ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            One minibatch.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Updated estimator.
+        """
+        first = not hasattr(self, "components_")
+        device, n_components = self._validate_before_data(X)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=first)
+        if first:
+            random_state = check_random_state(self.random_state)
+            D, A, B = self._start(X, device, n_components, random_state)
+            n_steps = 0
+        else:
+            dtype = torch_dtype(X.dtype)
+            random_state = self._random_state
+            D, A, B = (as_tensor(a, device, dtype) for a in (self.components_, self._A, self._B))
+            D, A, B = D.clone(), A.clone(), B.clone()
+            n_steps = self.n_steps_
+        self._step(as_tensor(X, device, D.dtype), D, A, B, n_steps, random_state)
+        self.n_steps_ = n_steps + 1
+        self.n_iter_ = getattr(self, "n_iter_", 0)
+        self._set_state(D, A, B, random_state)
+        return self
+
+    def _set_state(self, D, A, B, random_state):
+        # Device-free numpy state: a model fitted on a GPU unpickles on a CPU.
+        self.components_ = to_numpy(D)
+        self._A, self._B = to_numpy(A), to_numpy(B)
+        self._random_state = random_state
+
+    # -- coding ------------------------------------------------------------------
+    def transform(self, X):
+        """Encode ``X`` as sparse combinations of the atoms.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to encode.
+
+        Returns
+        -------
+        code : ndarray of shape (n_samples, n_components)
+            Codes (``2 * n_components`` columns with ``split_sign``), in ``X``'s
+            floating dtype.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        check_positive_coding(self.transform_algorithm, self.positive_code)
+        alpha = self.alpha if self.transform_alpha is None else self.transform_alpha
+        code = _code_rows(X, self.components_.astype(X.dtype, copy=False),
+                          self.transform_algorithm,
+                          n_nonzero_coefs=self.transform_n_nonzero_coefs, alpha=alpha,
+                          max_iter=self.transform_max_iter, positive=self.positive_code,
+                          device=resolve_device(self.device))
+        if self.split_sign:
+            code = np.hstack([np.maximum(code, 0), -np.minimum(code, 0)])
+        return code
+
+    def inverse_transform(self, X):
+        """Map codes back to data space: ``X @ components_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+            Codes (``2 * n_components`` columns with ``split_sign``).
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        code = check_array(X, dtype=[np.float64, np.float32])
+        expected = self.components_.shape[0] * (2 if self.split_sign else 1)
+        if code.shape[1] != expected:
+            raise ValueError(
+                "The number of components in the code is different from the number of "
+                f"components in the dictionary. Expected {expected}, got {code.shape[1]}."
+            )
+        if self.split_sign:
+            half = code.shape[1] // 2
+            code = code[:, :half] - code[:, half:]
+        return code @ self.components_.astype(code.dtype, copy=False)
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0] * (2 if self.split_sign else 1)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
