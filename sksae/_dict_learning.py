@@ -328,9 +328,13 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """Every check that can fail, run before any fitted attribute changes."""
         check_positive_coding(self.fit_algorithm, self.positive_code)
         device = resolve_device(self.device)
-        n_features = _num_features(X)
+        try:
+            n_features = _num_features(X)
+        except TypeError:
+            n_features = None  # validate_data raises scikit-learn's error for this X
         n_components = self.n_components if self.n_components is not None else n_features
-        if self.dict_init is not None and self.dict_init.shape[1] != n_features:
+        if (self.dict_init is not None and n_features is not None
+                and self.dict_init.shape[1] != n_features):
             raise ValueError(
                 f"dict_init has {self.dict_init.shape[1]} features, X has {n_features}."
             )
@@ -376,6 +380,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """
         device, n_components = self._validate_before_data(X)
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C")
+        n_components = n_components or X.shape[1]
         random_state = check_random_state(self.random_state)
         D, A, B = self._start(X, device, n_components, random_state)
         batch_size = min(self.batch_size, X.shape[0])
@@ -420,6 +425,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         first = not hasattr(self, "components_")
         device, n_components = self._validate_before_data(X)
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=first)
+        n_components = n_components or X.shape[1]
         if first:
             random_state = check_random_state(self.random_state)
             D, A, B = self._start(X, device, n_components, random_state)

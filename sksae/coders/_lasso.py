@@ -104,7 +104,10 @@ def _polish(Gw, cw, uw, alpha):
     eye = torch.eye(W, dtype=uw.dtype, device=uw.device)
     M = torch.where(on.unsqueeze(-1) & on.unsqueeze(1), Gw, eye)
     rhs = torch.where(on, cw - alpha * sign, torch.zeros_like(cw))
-    sol, info = torch.linalg.solve_ex(M, rhs)
+    # Cholesky: the block is a Gram (SPD unless atoms are dependent, which
+    # the factorisation reports and the row then keeps its iterate).
+    chol, info = torch.linalg.cholesky_ex(M)
+    sol = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
     sol = torch.where(on, sol, torch.zeros_like(sol))
     ok = (info == 0) & torch.isfinite(sol).all(dim=1)
     cross = on & (sol * sign <= 0)
@@ -160,18 +163,31 @@ def lasso(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter=1000
     x2 = X.to(torch.float64).square().sum(dim=1)
     rows = torch.arange(n, device=X.device)
     sweeps_left = int(max_iter)
-    converged = False
+    converged = True
+    ref_gap = torch.full((n,), float("inf"), dtype=torch.float64, device=X.device)
+    outer = 0
     while True:
         gap, primal, corr = _duality_gap(X[rows], D, code[rows], alpha, positive)
         # The floor keeps float32 from chasing rounding noise.
         done = gap <= torch.maximum(tol * primal, 10 * eps * x2[rows])
-        rows = rows[~done]
+        # Nearly dependent atoms make coordinate descent crawl; a row whose gap
+        # has not halved in 20 outer iterations is given up (reported as not
+        # converged) rather than holding the whole batch back.
+        stalled = torch.zeros_like(done)
+        if outer % 20 == 0:
+            stalled = ~done & (gap > 0.5 * ref_gap[rows])
+            ref_gap[rows] = gap
+        outer += 1
+        if bool(stalled.any()):
+            converged = False
+        keep = ~done & ~stalled
+        rows = rows[keep]
         if rows.numel() == 0:
-            converged = True
             break
         if sweeps_left <= 0:
+            converged = False
             break
-        corr = corr[~done]
+        corr = corr[keep]
         sub = code[rows]
         viol = (corr.clamp(min=0) if positive else corr.abs()) - alpha
         support = sub != 0
