@@ -197,6 +197,7 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
         nonlocal stop
         if not pending:
             return
+        # every step must report the same metric names, or the records misalign
         stacked = {k: _stack([p[1][k] for p in pending]) for k in pending[0][1]}
         for k, v in stacked.items():
             records.setdefault(k, []).append(v)

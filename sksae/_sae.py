@@ -54,20 +54,49 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     ----------
     n_components : int, default=None
         Number of dictionary atoms (latents). None means ``8 * n_features``.
-    architecture : {"topk", "relu"}, default="topk"
-        Encoder nonlinearity and sparsity mechanism. ``"topk"`` keeps the ``k``
-        largest activations per row (Gao et al. 2024); ``"relu"`` is a ReLU with
-        an L1 penalty of weight ``alpha`` on the decoder-norm-weighted codes.
+    architecture : {"topk", "batchtopk", "jumprelu", "gated", "relu"}, default="topk"
+        Encoder nonlinearity and sparsity mechanism.
+
+        - ``"topk"``: keep the ``k`` largest activations per row (Gao et al. 2024).
+        - ``"batchtopk"``: keep the ``k * batch_size`` largest activations of a
+          training batch (Bussmann et al. 2024); ``transform`` keeps the
+          activations above the learned ``threshold_``, row by row.
+        - ``"jumprelu"``: ``z = a * 1[a > threshold]`` with learned per-latent
+          thresholds and an L0 penalty ``l0_coefficient``, trained with
+          straight-through estimators (Rajamanoharan et al. 2024b).
+        - ``"gated"``: a gate with an L1 penalty ``alpha`` decides which latents
+          fire, an unpenalised magnitude path with shared weights how much
+          (Rajamanoharan et al. 2024a).
+        - ``"relu"``: ReLU with an L1 penalty of weight ``alpha`` on the
+          decoder-norm-weighted codes (shrinks the codes).
     k : int, default=32
-        Number of active latents per row (L0). Only used when
-        ``architecture="topk"``. Must not exceed the number of components.
+        Number of active latents per row (L0; on average over a batch for
+        ``"batchtopk"``). Only used when ``architecture="topk"`` or
+        ``"batchtopk"``. Must not exceed the number of components.
     alpha : float, default=5.0
-        L1 coefficient. Only used when ``architecture="relu"``. In normalised
-        units (``normalize=True``: E||x||^2 = n_features); warmed up linearly
-        over the first 5% of steps.
+        L1 coefficient. Only used when ``architecture="relu"`` or ``"gated"``
+        (on the gate activations). In normalised units (``normalize=True``:
+        E||x||^2 = n_features); warmed up linearly over the first 5% of steps.
+    l0_coefficient : float, default=2.0
+        Weight of the L0 penalty. Only used when ``architecture="jumprelu"``.
+        In normalised units; warmed up linearly over the first 5% of steps.
+    bandwidth : float, default=0.05
+        Width of the rectangle kernel of the straight-through estimators. Only
+        used when ``architecture="jumprelu"``. In normalised units, where a
+        typical activation is of order 1 (the peers' 0.001 is for inputs
+        normalised to E||x||^2 = 1, i.e. ``sqrt(n_features)`` times smaller).
+    threshold_init : float, default=0.5
+        Initial threshold of every latent. Only used when
+        ``architecture="jumprelu"``. In normalised units.
+    threshold_momentum : float, default=0.999
+        Momentum of the moving average of the smallest kept activation that
+        becomes the inference threshold. Only used when
+        ``architecture="batchtopk"``. The first ``1 / (1 - threshold_momentum)``
+        batches are averaged with equal weights.
     learning_rate : "auto" or float, default="auto"
         Adam learning rate. ``"auto"`` is ``2e-4 / sqrt(n_components / 2**14)``
-        (Gao et al. 2024's scaling law) for ``"topk"`` and ``1e-3`` for ``"relu"``.
+        (Gao et al. 2024's scaling law) for ``"topk"`` and ``"batchtopk"``,
+        and ``1e-3`` for the penalty-based architectures.
     batch_size : int, default=1024
         Rows per optimizer step.
     max_iter : int, default=30
@@ -92,6 +121,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     auxk_alpha : float, default=1/32
         Weight of the AuxK loss that revives dead latents (TopK family only).
         A latent is dead when it has not fired for ``dead_window`` rows.
+    resample_dead : int or None, default=None
+        Every ``resample_dead`` steps, re-initialise the dead latents (any
+        architecture; Bricken et al. 2023): inputs are drawn with probability
+        proportional to their squared reconstruction error, the decoder row
+        becomes the unit direction of ``x - b_dec``, the encoder row that
+        direction times 0.2 times the mean norm of the alive encoder rows, the
+        biases (and architecture-specific per-latent parameters) their initial
+        values, and their Adam state is reset. None disables it.
     dead_window : int or "auto", default="auto"
         Rows without firing after which a latent is dead. ``"auto"`` is
         ``min(10_000_000, n_samples)``: one pass over a small data set, the
@@ -120,6 +157,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Encoder bias ``b_enc`` (user units).
     decoder_bias_ : ndarray of shape (n_features,)
         Decoder bias ``b_dec``, subtracted before encoding and added after decoding.
+    threshold_ : ndarray of shape (n_components,) or float ndarray of shape ()
+        Activation thresholds (user units): per latent for ``"jumprelu"``, one
+        shared value for ``"batchtopk"``. Only set for those architectures.
+    mag_scale_ : ndarray of shape (n_components,)
+        ``exp(r_mag)``, the magnitude path's rescaling of the gate's weights.
+        Only set when ``architecture="gated"``.
+    mag_bias_ : ndarray of shape (n_components,)
+        Bias of the magnitude path (user units). Only set when
+        ``architecture="gated"``.
     n_components_ : int
         The resolved number of atoms.
     input_scale_ : float
@@ -170,6 +216,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "architecture": [StrOptions(set(architectures.REGISTRY))],
         "k": [Interval(Integral, 1, None, closed="left")],
         "alpha": [Interval(Real, 0, None, closed="left")],
+        "l0_coefficient": [Interval(Real, 0, None, closed="left")],
+        "bandwidth": [Interval(Real, 0, None, closed="neither")],
+        "threshold_init": [Interval(Real, 0, None, closed="neither")],
+        "threshold_momentum": [Interval(Real, 0, 1, closed="left")],
         "learning_rate": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
@@ -178,6 +228,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "init": [StrOptions({"data", "random"}), "array-like"],
         "normalize": ["boolean"],
         "auxk_alpha": [Interval(Real, 0, None, closed="left")],
+        "resample_dead": [Interval(Integral, 1, None, closed="left"), None],
         "dead_window": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "random_state": ["random_state"],
@@ -193,6 +244,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         architecture="topk",
         k=32,
         alpha=5.0,
+        l0_coefficient=2.0,
+        bandwidth=0.05,
+        threshold_init=0.5,
+        threshold_momentum=0.999,
         learning_rate="auto",
         batch_size=1024,
         max_iter=30,
@@ -201,6 +256,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         init="data",
         normalize=True,
         auxk_alpha=1 / 32,
+        resample_dead=None,
         dead_window="auto",
         device="auto",
         random_state=None,
@@ -212,6 +268,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.architecture = architecture
         self.k = k
         self.alpha = alpha
+        self.l0_coefficient = l0_coefficient
+        self.bandwidth = bandwidth
+        self.threshold_init = threshold_init
+        self.threshold_momentum = threshold_momentum
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -220,6 +280,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.init = init
         self.normalize = normalize
         self.auxk_alpha = auxk_alpha
+        self.resample_dead = resample_dead
         self.dead_window = dead_window
         self.device = device
         self.random_state = random_state
@@ -363,6 +424,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         def step(batch, i, total):
             out = trainer.step(batch * scale if scale != 1.0 else batch)
             out["lr"] = trainer.optimizer.param_groups[0]["lr"]
+            if self.resample_dead is not None:
+                out["resampled"] = float(
+                    trainer.step_count % self.resample_dead == 0
+                    and self._resample(trainer, X, scale, device, dtype, generator))
             return out
 
         result = run_minibatch_loop(
@@ -382,6 +447,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "rng": rng.get_state(),
         }
 
+    @staticmethod
+    def _resample(trainer, X, scale, device, dtype, generator):
+        """Resample dead latents from up to ``_SAMPLE_ROWS`` random rows of ``X``."""
+        rows = torch.randperm(X.shape[0], generator=generator)[:_SAMPLE_ROWS].numpy()
+        sample = torch.as_tensor(X[np.sort(rows)]).to(device, dtype) * scale
+        return trainer.resample_dead_latents(sample, generator)
+
     def _export(self, arch, trainer, scale, dtype):
         """Fitted attributes in the user's units, as numpy arrays of ``dtype``."""
         p = {k: v.detach() for k, v in {**trainer.params, **trainer.buffers}.items()}
@@ -391,24 +463,24 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             setattr(self, attr, p[tensor_name].to("cpu", torch.float64).numpy().astype(dtype))
 
     def _record(self, result, steps_per_epoch, resume):
-        records = result["records"]
-        prev = getattr(self, "history_", None) if resume else None
-        step_hist = {k: v for k, v in records.items()}
+        """Per-step records and their per-epoch means, appended when resuming."""
+        prev = self.history_["step"] if resume and hasattr(self, "history_") else None
+        first_epoch = prev["epoch"][-1] + 1 if prev is not None and len(prev["epoch"]) else 0
+        records = dict(result["records"])
+        n_new = result["n_steps"]
+        records["epoch"] = first_epoch + np.arange(n_new) // steps_per_epoch
         if prev is not None:
-            step_hist = {k: np.concatenate([prev["step"].get(k, np.full(0, np.nan)), v])
-                         for k, v in step_hist.items()}
-        n_steps = len(step_hist.get("loss", ()))
-        n_epochs = math.ceil(n_steps / steps_per_epoch) if n_steps else 0
-        epoch_hist = {
-            k: np.array([v[e * steps_per_epoch:(e + 1) * steps_per_epoch].mean()
-                         for e in range(n_epochs)])
-            for k, v in step_hist.items()
-        }
-        self.history_ = {"step": step_hist, "epoch": epoch_hist}
-        self.loss_curve_ = step_hist.get("loss", np.zeros(0))
-        self.n_steps_ = (getattr(self, "n_steps_", 0) if resume else 0) + result["n_steps"]
-        self.n_iter_ = (getattr(self, "n_iter_", 0) if resume else 0) + math.ceil(
-            result["n_epochs"])
+            records = {k: np.concatenate([prev.get(k, np.full(len(prev["epoch"]), np.nan)), v])
+                       for k, v in records.items()}
+        epochs, starts = np.unique(records["epoch"], return_index=True)
+        ends = np.append(starts[1:], len(records["epoch"]))
+        epoch_hist = {k: np.array([v[a:b].mean() for a, b in zip(starts, ends)])
+                      for k, v in records.items() if k != "epoch"}
+        epoch_hist["epoch"] = epochs
+        self.history_ = {"step": records, "epoch": epoch_hist}
+        self.loss_curve_ = records.get("loss", np.zeros(0))
+        self.n_steps_ = (self.n_steps_ if resume else 0) + n_new
+        self.n_iter_ = (self.n_iter_ if resume else 0) + math.ceil(result["n_epochs"])
 
     # -------------------------------------------------------------- inference
     def _inference_params(self, device, dtype):

@@ -151,7 +151,8 @@ class SAETrainer:
         """AuxK: reconstruct the residual from the top dead latents (no b_dec)."""
         dead = self.rows_since_fired >= self.dead_window
         if not is_accelerator(self.device) and not bool(dead.any()):
-            return None  # free check on the CPU; on GPUs the zero loss avoids a sync
+            # a free check on the CPU; on GPUs computing the zero loss avoids a sync
+            return x_BD.new_zeros(())
         masked = pre_BF.masked_fill(~dead, float("-inf"))
         vals, idx = torch.topk(masked, self.k_aux, dim=-1, sorted=False)
         vals = torch.nan_to_num(vals.clamp_min(0), neginf=0.0)
@@ -175,9 +176,7 @@ class SAETrainer:
             x_hat = decode(enc.codes, p["W_dec"], p["b_dec"]).to(x_BD.dtype)
             terms = self.arch.losses(p, x_BD, enc, x_hat, self.coef_at(step))
             if self.arch.auxk and self.auxk_alpha > 0:
-                aux = self.auxk_loss(enc.pre, x_BD, x_hat)
-                if aux is not None:
-                    terms["auxk"] = aux
+                terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat)
         err = (x_hat - x_BD).pow(2).sum(-1)
         mse = err.mean()
         loss = mse + sum(t.to(mse.dtype) for t in terms.values())
@@ -206,6 +205,57 @@ class SAETrainer:
             metrics.update({k: v.detach() for k, v in terms.items()})
         self.step_count += 1
         return metrics
+
+    @torch.no_grad()
+    def resample_dead_latents(self, x_ND, generator=None):
+        """Re-initialise the dead latents from badly reconstructed inputs (Bricken et al. 2023).
+
+        Inputs of ``x`` (normalised units) are drawn with probability proportional
+        to their squared reconstruction error ||x - x_hat||^2; for a dead latent
+        drawing ``x``, the decoder row becomes ``u = (x - b_dec) / ||x - b_dec||``,
+        the encoder row ``0.2 * mean alive encoder row norm * u``, the encoder
+        bias 0, and every other per-latent parameter its initial value
+        (``arch.extra_parameters``); the Adam moments of those rows are zeroed
+        and their dead counters restarted. Works for every architecture.
+
+        Returns the number of latents resampled.
+        """
+        dead = self.rows_since_fired >= self.dead_window
+        idx = dead.nonzero().flatten()
+        n_dead = idx.numel()
+        if n_dead == 0:
+            return 0
+        p = {**self.params, **self.buffers}
+        errors = []
+        for chunk in x_ND.split(4096):
+            codes = self.arch.encode(p, chunk, training=False)
+            x_hat = decode(codes, p["W_dec"], p["b_dec"])
+            errors.append((chunk - x_hat).pow(2).sum(-1))
+        weights = torch.cat(errors).to("cpu", torch.float64)
+        if not bool(weights.sum() > 0):
+            weights = torch.ones_like(weights)
+        rows = torch.multinomial(weights, n_dead, replacement=n_dead > weights.numel(),
+                                 generator=generator).to(x_ND.device)
+        u = x_ND[rows] - p["b_dec"]
+        u = _unit_rows(u).to(self.params["W_dec"].dtype)
+        W_enc = self.params["W_enc"]
+        enc_norm = W_enc[~dead].norm(dim=-1).mean() if bool((~dead).any()) else 1.0
+        self.params["W_dec"][idx] = u
+        W_enc[idx] = 0.2 * enc_norm * u
+        self.params["b_enc"][idx] = 0
+        touched = ["W_dec", "W_enc", "b_enc"]
+        n_components = self.arch.n_components
+        for name, init in self.arch.extra_parameters(self.params).items():
+            if name in self.params and init.ndim and init.shape[0] == n_components:
+                self.params[name][idx] = init[idx].to(self.params[name].dtype)
+                touched.append(name)
+        for name in touched:
+            state = self.optimizer.state.get(self.params[name], {})
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in state:
+                    state[moment][idx] = 0
+        self.rows_since_fired[idx] = 0
+        return n_dead
 
     def _project_decoder_grad(self):
         """Remove the gradient component along each (unit) decoder row."""
