@@ -43,11 +43,13 @@ def default_n_nonzero_coefs(n_features, n_components):
 
 
 def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=None,
-           max_iter=1000, positive=False, init=None):
+           max_iter=1000, positive=False, init=None, tol=None):
     """Codes of the rows of ``X`` by ``algorithm`` (no input validation).
 
     Parameters follow :func:`sklearn.decomposition.sparse_encode` (``cov`` is
     here laid out as ``X @ D.T``, one row per sample).
+
+    ``tol`` is the lasso coders' relative duality-gap tolerance (None: tight).
 
     Returns
     -------
@@ -64,4 +66,4 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
         return CODERS[algorithm](X, D, gram=gram, cov=cov, n_nonzero_coefs=int(k))
     alpha = 1.0 if alpha is None else float(alpha)
     return CODERS[algorithm](X, D, gram=gram, cov=cov, alpha=alpha, positive=positive,
-                             max_iter=max_iter, init=init)
+                             max_iter=max_iter, init=init, tol=tol)
