@@ -156,7 +156,10 @@ def sparse_encode(X, dictionary, *, gram=None, cov=None, algorithm="lasso_lars",
     >>> X = np.array([[-1, -1, -1], [0, 0, 3]])
     >>> dictionary = np.array([[0, 1, 0], [-1, -1, 2], [1, 1, 1], [0, 1, 1], [0, 2, 1]],
     ...                       dtype=np.float64)
-    >>> sparse_encode(X, dictionary, alpha=1e-10, device="cpu").round(6)
+    >>> sparse_encode(X, dictionary, alpha=0.5, device="cpu").round(4)
+    array([[ 0.    ,  0.    , -0.8333,  0.    ,  0.    ],
+           [ 0.    ,  0.9167,  0.8333,  0.    ,  0.    ]])
+    >>> sparse_encode(X, dictionary, algorithm="omp", n_nonzero_coefs=2, device="cpu")
     array([[ 0.,  0., -1.,  0.,  0.],
            [ 0.,  1.,  1.,  0.,  0.]])
     """
