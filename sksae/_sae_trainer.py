@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._base import autocast, is_accelerator
+from ._kernels import gather_pre
 from .architectures import SparseCodes, decode
 
-__all__ = ["geometric_median", "init_parameters", "SAETrainer"]
+__all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "SAETrainer"]
 
 
 def geometric_median(x_ND, n_iter=20, eps=1e-8):
@@ -67,6 +67,28 @@ def init_parameters(x_sample_ND, n_components, init, generator, dtype, device):
         "b_dec": b_dec,
     }
     return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
+
+
+@torch.no_grad()
+def calibrate_encoder_scale(arch, params, buffers, x_sample_ND):
+    """Scale the encoder so that the initial reconstruction is least-squares optimal.
+
+    With W_enc = W_dec^T the initial codes are projections on non-orthogonal
+    atoms, whose sum overshoots (badly for large ``k``): the first steps then
+    only undo it. One scalar ``c = <x - b, x_hat - b> / ||x_hat - b||^2`` over a
+    sample, applied to W_enc and b_enc, starts training from the best
+    reconstruction along that direction.
+    """
+    p = {**params, **buffers}
+    x = x_sample_ND.to(params["W_dec"])
+    codes = arch.encode(p, x)
+    recon = codes @ params["W_dec"]
+    denom = recon.pow(2).sum()
+    if denom > 0:
+        c = ((x - params["b_dec"]) * recon).sum() / denom
+        if torch.isfinite(c) and c > 0:
+            params["W_enc"].mul_(c)
+            params["b_enc"].mul_(c)
 
 
 def _fired_counts(codes, n_components):
@@ -124,9 +146,10 @@ class SAETrainer:
         self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
         device = params["W_dec"].device
         self.device = device
+        # fused Adam (one pass over each tensor) on the CPU and CUDA alike
         self.optimizer = torch.optim.Adam(
             list(self.params.values()), lr=lr, betas=(0.9, 0.999),
-            foreach=is_accelerator(device),
+            fused=device.type in ("cpu", "cuda") or None,
         )
         self.rows_since_fired = torch.zeros(arch.n_components, dtype=torch.float64,
                                             device=device)
@@ -147,19 +170,42 @@ class SAETrainer:
         return min(1.0, (step + 1) / self.coef_warmup_steps)
 
     # -- losses ---------------------------------------------------------------
-    def auxk_loss(self, pre_BF, x_BD, x_hat_BD):
-        """AuxK: reconstruct the residual from the top dead latents (no b_dec)."""
+    def auxk_loss(self, pre_BF, x_BD, x_hat_BD, p=None):
+        """AuxK: reconstruct the residual from the top dead latents (no b_dec).
+
+        The dead latents' values go through the same kernels as the codes
+        (:func:`sksae._kernels.gather_pre` and :func:`decode`): sparse when the
+        architecture computed ``pre`` without a graph, so no (B, F) x (F, D)
+        product is spent on them.
+        """
+        p = {**self.params, **self.buffers} if p is None else p
         dead = self.rows_since_fired >= self.dead_window
-        if not is_accelerator(self.device) and not bool(dead.any()):
-            # a free check on the CPU; on GPUs computing the zero loss avoids a sync
-            return x_BD.new_zeros(())
-        masked = pre_BF.masked_fill(~dead, float("-inf"))
-        vals, idx = torch.topk(masked, self.k_aux, dim=-1, sorted=False)
-        vals = torch.nan_to_num(vals.clamp_min(0), neginf=0.0)
+        pre = pre_BF.detach()
+        valid = None
+        if not is_accelerator(self.device):
+            # host-side checks are free on the CPU: skip the loss when nothing
+            # is dead and select among the dead columns only when few are
+            dead_idx = dead.nonzero().flatten()
+            n_dead = dead_idx.numel()
+            if n_dead == 0:
+                return x_BD.new_zeros(())
+            if 2 * n_dead <= dead.numel():
+                sub = pre.index_select(1, dead_idx)
+                idx = dead_idx[torch.topk(sub, min(self.k_aux, n_dead), dim=-1,
+                                          sorted=False).indices]
+            else:
+                idx = torch.topk(pre.masked_fill(~dead, float("-inf")), self.k_aux,
+                                 dim=-1, sorted=False).indices
+        else:  # no host synchronisation: fixed shapes, masked picks zeroed
+            picked, idx = torch.topk(pre.masked_fill(~dead, float("-inf")), self.k_aux,
+                                     dim=-1, sorted=False)
+            valid = picked > float("-inf")
+        vals = gather_pre(pre_BF, idx, x_BD, p)
+        if valid is not None:
+            vals = torch.where(valid, vals, 0)
         e = (x_BD - x_hat_BD).detach()
-        e_hat = F.embedding_bag(idx, self.params["W_dec"],
-                                per_sample_weights=vals.to(self.params["W_dec"].dtype),
-                                mode="sum")
+        e_hat = decode(SparseCodes(vals.clamp_min(0), idx), p["W_dec"],
+                       kernels=self.arch.kernels).to(e.dtype)
         total_var = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
         scale = (dead.sum() / self.k_aux).clamp(max=1.0)
         return self.auxk_alpha * scale * (e_hat - e).pow(2).sum() / total_var
@@ -173,23 +219,23 @@ class SAETrainer:
         p = {**self.params, **self.buffers}
         with autocast(self.device, self.use_autocast):
             enc = self.arch.encode(p, x_BD, training=True)
-            x_hat = decode(enc.codes, p["W_dec"], p["b_dec"]).to(x_BD.dtype)
+            x_hat = decode(enc.codes, p["W_dec"], p["b_dec"],
+                           kernels=self.arch.kernels).to(x_BD.dtype)
             terms = self.arch.losses(p, x_BD, enc, x_hat, self.coef_at(step))
             if self.arch.auxk and self.auxk_alpha > 0:
-                terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat)
+                terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p)
         err = (x_hat - x_BD).pow(2).sum(-1)
         mse = err.mean()
         loss = mse + sum(t.to(mse.dtype) for t in terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._project_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(
-            list(self.params.values()), self.clip_norm, foreach=is_accelerator(self.device)
-        )
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip_norm,
+                                       foreach=True)
         self.optimizer.step()
         with torch.no_grad():
             W = self.params["W_dec"]
-            W.div_(W.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            W.div_(torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min_(1e-12))
             self.arch.after_step(p, enc)
             fired = _fired_counts(enc.codes, self.arch.n_components)
             self.rows_since_fired.add_(x_BD.shape[0]).masked_fill_(fired > 0, 0)
@@ -261,7 +307,9 @@ class SAETrainer:
         """Remove the gradient component along each (unit) decoder row."""
         W, g = self.params["W_dec"], self.params["W_dec"].grad
         if g is not None:
-            g.sub_((g * W).sum(-1, keepdim=True) * W)
+            # g -= (g . w) w row by row, without an (F, D) temporary
+            dots = torch.linalg.vecdot(g, W.detach(), dim=-1)
+            g.addcmul_(dots.unsqueeze(-1), W.detach(), value=-1)
 
     # -- state ------------------------------------------------------------------
     def state_dict(self):

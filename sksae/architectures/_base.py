@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from .. import _kernels
 
 
 class SparseCodes(NamedTuple):
@@ -54,16 +55,21 @@ class EncodeOutput(NamedTuple):
     active: object = None
 
 
-def decode(codes, W_dec_FD, b_dec_D):
-    """x_hat = codes @ W_dec + b_dec; sparse codes gather only the active atoms."""
+def decode(codes, W_dec_FD, b_dec_D=None, kernels="auto"):
+    """x_hat = codes @ W_dec + b_dec; sparse codes may touch only the active atoms.
+
+    ``kernels`` ("auto", "sparse" or "dense") picks, for :class:`SparseCodes`,
+    between the sparse kernels of :mod:`sksae._kernels` (O(B k D) forward and
+    backward) and a dense matmul, by :func:`sksae._kernels.use_sparse`.
+    ``b_dec_D=None`` adds no bias (the AuxK reconstruction).
+    """
     if isinstance(codes, SparseCodes):
-        # embedding_bag sums k weighted rows of W_dec per sample: O(B k D) instead
-        # of the O(B F D) dense matmul, with a matching sparse backward.
-        out = F.embedding_bag(
-            codes.indices, W_dec_FD, per_sample_weights=codes.values, mode="sum"
-        )
-        return out + b_dec_D
-    return codes @ W_dec_FD + b_dec_D
+        n_components = W_dec_FD.shape[0]
+        if _kernels.use_sparse(n_components, codes.indices.shape[-1], kernels):
+            return _kernels.sparse_decode(codes.values, codes.indices, W_dec_FD, b_dec_D)
+        codes = codes.to_dense(n_components)
+    out = codes @ W_dec_FD
+    return out if b_dec_D is None else out + b_dec_D
 
 
 class Architecture:
@@ -90,6 +96,8 @@ class Architecture:
     public_names = {}
     #: tensors measured in input units (divided by the normalisation scale on export)
     input_scaled = ("b_enc", "b_dec")
+    #: "auto", "sparse" or "dense": kernels for sparse codes (see sksae._kernels.use_sparse)
+    kernels = "auto"
 
     def __init__(self, hparams, n_components, n_features):
         self.hparams = hparams
@@ -108,7 +116,7 @@ class Architecture:
     # -- forward ------------------------------------------------------------
     @staticmethod
     def pre_activation(p, x_BD):
-        return (x_BD - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]
+        return torch.addmm(p["b_enc"], x_BD - p["b_dec"], p["W_enc"].T)
 
     def encode(self, p, x_BD, training=False):
         """Codes of ``x``: an :class:`EncodeOutput` when training, a dense (B, F) tensor otherwise."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .._kernels import gather_pre, use_sparse
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
@@ -28,8 +29,17 @@ class TopK(Architecture):
     auxk = True
 
     def encode(self, p, x_BD, training=False):
+        k = self.hparams["k"]
+        if training and use_sparse(self.n_components, k, self.kernels):
+            # sparse path: the dense product without a graph, gradients from the
+            # k selected entries only (sksae._kernels.gather_pre)
+            with torch.no_grad():
+                pre = self.pre_activation(p, x_BD)
+            indices = torch.topk(pre, k, dim=-1, sorted=False).indices
+            values = gather_pre(pre, indices, x_BD, p)
+            return EncodeOutput(SparseCodes(values.clamp_min(0), indices), pre)
         pre = self.pre_activation(p, x_BD)
-        codes = topk_codes(pre, self.hparams["k"])
+        codes = topk_codes(pre, k)
         if training:
             return EncodeOutput(codes, pre)
         return codes.to_dense(pre.shape[-1])

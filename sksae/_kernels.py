@@ -1,0 +1,261 @@
+"""Sparse kernels for the TopK family: only the active latents are touched.
+
+A TopK-family training step needs one dense product, the encoder's
+pre-activations ``pre_BF = (x - b_dec) W_enc^T + b_enc`` (2 B D F flops), and a
+selection. Everything after it (decoding, the decoder's and the encoder's
+weight gradients, the AuxK loss) involves only the ``N`` selected entries
+(``N = B k`` for TopK), so it costs O(N D) instead of O(B F D).
+
+The selected entries form a :class:`Pattern`: a CSR matrix of shape (B, F)
+given by ``indices`` (the latent of each entry, rows in order) and ``crow``
+(the B + 1 row offsets). A (B, k) index matrix is the CSR pattern with
+``crow = k * arange(B + 1)``; patterns with a variable count per row
+(BatchTopK) are given by their ``crow``. Three primitives do all the work,
+with no dense (B, F) or (F, B) product, no atomics and no host
+synchronisation:
+
+- ``S @ W`` (decode, (B, D)): :func:`torch.nn.functional.embedding_bag` with
+  per-entry weights over the bags given by ``crow``;
+- ``S^T @ Y`` (weight gradients, (F, D)): the pattern is transposed once by
+  sorting its ``N`` indices, then an ``embedding_bag`` sums the rows of ``Y``
+  into the latents' bags (instead of ``index_add_`` over an (N, D) temporary
+  or the sort inside ``embedding_bag``'s own backward);
+- ``<a_b, W_f>`` for the entries (gradient of the values): the sampled dense
+  product :func:`torch.sparse.sampled_addmm` on the CSR pattern.
+
+:func:`use_sparse` is the documented rule that picks these kernels or plain
+dense autograd; the tests check that both give the same outputs and
+gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre",
+           "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
+
+#: the sparse kernels have a fixed cost (a sort of the N indices, a CSR
+#: header); below this many latents the dense products are as cheap
+SPARSE_MIN_COMPONENTS = 512
+#: largest k / n_components for which the sparse kernels win: they do ~1/density
+#: less arithmetic than dense matmuls but run at a small fraction of their
+#: flop rate (gathers are memory bound); measured crossover on CPU is ~1/8
+SPARSE_MAX_DENSITY = 1 / 16
+
+
+def use_sparse(n_components, k, mode="auto"):
+    """Whether the sparse kernels should run for ``k`` active latents per row out of ``n_components``.
+
+    Parameters
+    ----------
+    n_components : int
+    k : int or float
+        Active latents per row (the mean for patterns with variable counts).
+    mode : {"auto", "sparse", "dense"}
+        ``"auto"`` applies the rule ``n_components >= SPARSE_MIN_COMPONENTS``
+        and ``k <= SPARSE_MAX_DENSITY * n_components``.
+    """
+    if mode == "sparse":
+        return True
+    if mode == "dense":
+        return False
+    if mode != "auto":
+        raise ValueError(f"kernels must be 'auto', 'sparse' or 'dense', got {mode!r}.")
+    return n_components >= SPARSE_MIN_COMPONENTS and k <= SPARSE_MAX_DENSITY * n_components
+
+
+class Pattern(NamedTuple):
+    """The support of sparse codes as a CSR matrix of shape (B, F).
+
+    Attributes
+    ----------
+    indices : Tensor of shape (N,), int64
+        Latent of each entry; the entries of row b are ``crow[b]:crow[b + 1]``.
+    crow : Tensor of shape (B + 1,), int64
+    n_components : int
+    """
+
+    indices: torch.Tensor
+    crow: torch.Tensor
+    n_components: int
+
+    @property
+    def n_rows(self):
+        return self.crow.shape[0] - 1
+
+    def rows(self):
+        """Row of each entry, shape (N,)."""
+        counts = self.crow.diff()
+        return torch.repeat_interleave(
+            torch.arange(self.n_rows, device=self.crow.device), counts,
+            output_size=self.indices.shape[0])
+
+    def csr(self, values):
+        """A sparse CSR tensor with this pattern and ``values``."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+            return torch.sparse_csr_tensor(
+                self.crow, self.indices, values, size=(self.n_rows, self.n_components),
+                check_invariants=False)
+
+
+def as_pattern(indices, n_components):
+    """A :class:`Pattern` from a (B, k) index matrix (or a pattern, returned as is)."""
+    if isinstance(indices, Pattern):
+        return indices
+    B, k = indices.shape
+    crow = torch.arange(0, (B + 1) * k, k, device=indices.device)
+    return Pattern(indices.reshape(-1), crow, n_components)
+
+
+# -- primitives ----------------------------------------------------------------
+def _gather_rows(pat, W_FD, weights_N):
+    """``S @ W`` (B, D) where S has ``weights`` on the pattern."""
+    return F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
+                           per_sample_weights=weights_N.to(W_FD.dtype),
+                           include_last_offset=True)
+
+
+def _scatter_rows(pat, Y_BD, weights_N):
+    """``S^T @ Y`` (F, D) where S has ``weights`` on the pattern.
+
+    The pattern is transposed by a stable sort of its indices (O(N log N) on
+    N = B k integers, cheap next to the O(N D) sums); each latent's entries then
+    form one bag of rows of ``Y``.
+    """
+    sorted_idx, order = torch.sort(pat.indices, stable=True)
+    latents = torch.arange(pat.n_components, device=sorted_idx.device)
+    offsets = torch.searchsorted(sorted_idx, latents)
+    rows = pat.rows()[order]
+    return F.embedding_bag(rows, Y_BD.contiguous(), offsets, mode="sum",
+                           per_sample_weights=weights_N[order].to(Y_BD.dtype))
+
+
+def _sampled_dots(pat, A_BD, W_FD):
+    """``<A[b], W[f]>`` for every entry (b, f) of the pattern, shape (N,)."""
+    A = A_BD.to(W_FD.dtype)
+    if A.dtype in (torch.float32, torch.float64):
+        zeros = A.new_zeros(pat.indices.shape[0])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+            out = torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0)
+        return out.values()
+    # half precision: gather in chunks that stay in cache
+    rows = pat.rows()
+    out = A.new_empty(pat.indices.shape[0])
+    step = 1 << 14
+    for s in range(0, out.shape[0], step):
+        r, i = rows[s:s + step], pat.indices[s:s + step]
+        out[s:s + step] = (A[r] * W_FD[i]).sum(-1)
+    return out
+
+
+# -- autograd functions -----------------------------------------------------
+class _SparseDecode(torch.autograd.Function):
+    """``S @ W_dec`` with S the pattern carrying ``values``."""
+
+    @staticmethod
+    def forward(ctx, values_N, W_FD, pat):
+        ctx.pat = pat
+        ctx.save_for_backward(values_N, W_FD)
+        return _gather_rows(pat, W_FD, values_N)
+
+    @staticmethod
+    def backward(ctx, grad_BD):
+        values, W = ctx.saved_tensors
+        grad = grad_BD.to(W.dtype)
+        g_values = g_W = None
+        if ctx.needs_input_grad[0]:
+            g_values = _sampled_dots(ctx.pat, grad, W).to(values.dtype)
+        if ctx.needs_input_grad[1]:
+            g_W = _scatter_rows(ctx.pat, grad, values)
+        return g_values, g_W, None
+
+
+class _GatherPre(torch.autograd.Function):
+    """Entries of ``pre = (x - b_dec) W_enc^T + b_enc`` on the pattern, sparse backward.
+
+    The forward reads the already computed ``pre`` (the one dense product of the
+    step); the backward needs only the entries' gradients g (a sparse S):
+    dW_enc = S^T (x - b_dec), db_enc = S^T 1, db_dec = -(S^T 1) W_enc, dx = S W_enc.
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BF, x_BD, W_enc_FD, b_enc_F, b_dec_D, pat):
+        ctx.pat = pat
+        ctx.save_for_backward(x_BD, W_enc_FD, b_dec_D)
+        flat = pat.rows() * pre_BF.shape[1] + pat.indices
+        return pre_BF.reshape(-1)[flat]
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        x, W, b_dec = ctx.saved_tensors
+        pat = ctx.pat
+        g = grad_N.to(W.dtype)
+        need = ctx.needs_input_grad
+        g_x = g_W = g_benc = g_bdec = None
+        if need[1]:
+            g_x = _gather_rows(pat, W, g).to(x.dtype)
+        if need[2]:
+            g_W = _scatter_rows(pat, x.to(W.dtype) - b_dec.to(W.dtype), g)
+        if need[3] or need[4]:
+            h = g.new_zeros(pat.n_components).index_add_(0, pat.indices, g)
+            g_benc = h if need[3] else None
+            g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None
+        return None, g_x, g_W, g_benc, g_bdec, None
+
+
+# -- public entry points ------------------------------------------------------
+def sparse_decode(values, indices, W_dec_FD, b_dec_D=None):
+    """``x_hat = S @ W_dec (+ b_dec)`` over the active atoms only.
+
+    Parameters
+    ----------
+    values : Tensor of shape (B, k), or (N,) with a :class:`Pattern`
+    indices : Tensor of shape (B, k), int64, or Pattern
+    W_dec_FD : Tensor of shape (F, D)
+    b_dec_D : Tensor of shape (D,) or None
+
+    Returns
+    -------
+    x_hat : Tensor of shape (B, D), in ``W_dec``'s dtype
+    """
+    pat = as_pattern(indices, W_dec_FD.shape[0])
+    out = _SparseDecode.apply(values.reshape(-1), W_dec_FD, pat)
+    return out if b_dec_D is None else out + b_dec_D
+
+
+def gather_pre(pre_BF, indices, x_BD, p):
+    """Pre-activations at ``indices`` with gradients to the encoder's parameters.
+
+    When ``pre_BF`` carries an autograd graph this is a plain ``gather`` (the
+    dense path: autograd goes back through the dense product). When it does not
+    (computed under ``torch.no_grad()`` by an architecture taking the sparse
+    path) the gradients to ``W_enc``, ``b_enc``, ``b_dec`` (and ``x``) are
+    computed from the selected entries only, assuming the base
+    pre-activation ``(x - b_dec) @ W_enc.T + b_enc``.
+
+    Parameters
+    ----------
+    pre_BF : Tensor of shape (B, F)
+    indices : Tensor of shape (B, k), int64, or Pattern
+    x_BD : Tensor of shape (B, D)
+    p : dict with ``W_enc``, ``b_enc``, ``b_dec``
+
+    Returns
+    -------
+    values : Tensor of shape (B, k) (or (N,) for a Pattern)
+    """
+    if pre_BF.requires_grad:
+        if isinstance(indices, Pattern):
+            flat = indices.rows() * pre_BF.shape[1] + indices.indices
+            return pre_BF.reshape(-1)[flat]
+        return pre_BF.gather(1, indices)
+    pat = as_pattern(indices, pre_BF.shape[1])
+    out = _GatherPre.apply(pre_BF, x_BD, p["W_enc"], p["b_enc"], p["b_dec"], pat)
+    return out if isinstance(indices, Pattern) else out.view(indices.shape)

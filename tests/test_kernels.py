@@ -1,0 +1,185 @@
+"""Sparse kernels (sksae._kernels) against plain dense autograd."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sksae import _kernels
+from sksae._kernels import Pattern, gather_pre, sparse_decode, use_sparse
+from sksae._sae_trainer import SAETrainer, init_parameters
+from sksae.architectures import REGISTRY, SparseCodes, decode
+
+TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.auxk)
+DTYPES = [torch.float64, torch.float32]
+
+
+def _tol(dtype, scale=1.0):
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-10 * scale}
+    return {"rtol": 1e-4, "atol": 1e-5 * scale}
+
+
+def _params(n_features, n_components, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"W_enc": (n_components, n_features), "b_enc": (n_components,),
+              "W_dec": (n_components, n_features), "b_dec": (n_features,)}
+    return {k: torch.randn(*s, generator=g, dtype=dtype).to(device).requires_grad_(True)
+            for k, s in shapes.items()}
+
+
+def _ragged(n_rows, n_components, max_k, device, seed=0):
+    """A CSR pattern with 0..max_k distinct latents per row."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_k + 1, (n_rows,), generator=g)
+    counts[0] = 0  # an empty row
+    rows = [torch.randperm(n_components, generator=g)[:c] for c in counts.tolist()]
+    crow = torch.zeros(n_rows + 1, dtype=torch.long)
+    crow[1:] = counts.cumsum(0)
+    return Pattern(torch.cat(rows).to(device), crow.to(device), n_components)
+
+
+def _dense(values_N, pat):
+    out = values_N.new_zeros(pat.n_rows, pat.n_components)
+    return out.index_put((pat.rows(), pat.indices), values_N)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_decode_matches_dense(device, dtype):
+    B, D, F, k = 24, 7, 50, 5
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(F, D, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    b = torch.randn(D, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    idx = torch.stack([torch.randperm(F, generator=g)[:k] for _ in range(B)]).to(device)
+    vals = torch.randn(B, k, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    grad_out = torch.randn(B, D, generator=g, dtype=dtype).to(device)
+
+    sparse = sparse_decode(vals, idx, W, b)
+    dense = vals.new_zeros(B, F).scatter(1, idx, vals) @ W + b
+    assert_close(sparse, dense, **_tol(dtype))
+    gs = torch.autograd.grad(sparse, (vals, W, b), grad_out)
+    gd = torch.autograd.grad(dense, (vals, W, b), grad_out)
+    for a, c in zip(gs, gd):
+        assert_close(a, c, **_tol(dtype, 10))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ragged_pattern_decode_and_gather(device, dtype):
+    """Variable counts per row (BatchTopK), an empty row included."""
+    B, D, F = 16, 6, 40
+    pat = _ragged(B, F, 8, device)
+    p = _params(D, F, dtype, device)
+    x = torch.randn(B, D, dtype=dtype, device=device)
+    pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+
+    def loss(pre_used):
+        vals = gather_pre(pre_used, pat, x, p).clamp_min(0)
+        if pre_used.requires_grad:  # dense reference
+            x_hat = _dense(vals, pat) @ p["W_dec"] + p["b_dec"]
+        else:
+            x_hat = sparse_decode(vals, pat, p["W_dec"], p["b_dec"])
+        return x_hat, (x_hat - x).pow(2).sum()
+
+    xs, ls = loss(pre.detach())
+    xd, ld = loss(pre)
+    assert_close(xs, xd, **_tol(dtype, 10))
+    gs = torch.autograd.grad(ls, list(p.values()))
+    gd = torch.autograd.grad(ld, list(p.values()))
+    for a, c in zip(gs, gd):
+        assert_close(a, c, **_tol(dtype, 100))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_pre_gradients(device, dtype):
+    """Sparse encoder backward equals autograd through the dense product, x included."""
+    B, D, F, k = 20, 9, 64, 4
+    p = _params(D, F, dtype, device, seed=3)
+    x = torch.randn(B, D, dtype=dtype, device=device, requires_grad=True)
+    pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+    idx = torch.topk(pre.detach(), k, dim=-1).indices
+    w = torch.randn(B, k, dtype=dtype, device=device)
+    sparse = gather_pre(pre.detach(), idx, x, p)
+    dense = gather_pre(pre, idx, x, p)
+    assert_close(sparse, dense)
+    inputs = [x, *p.values()]
+    gs = torch.autograd.grad((sparse * w).sum(), inputs, allow_unused=True)
+    gd = torch.autograd.grad((dense * w).sum(), inputs, allow_unused=True)
+    for a, c in zip(gs, gd):
+        if c is None:  # W_dec plays no part
+            assert a is None or not a.abs().any()
+        else:
+            assert_close(a, c, **_tol(dtype, 10))
+
+
+def test_duplicate_padding_indices(device):
+    """Padding entries (repeated index, value 0) add nothing, gradients included."""
+    B, D, F = 6, 5, 30
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(F, D, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    idx = torch.tensor([[3, 7, 0, 0]] * B, device=device)
+    vals = torch.randn(B, 4, generator=g, dtype=torch.float64).to(device)
+    vals[:, 2:] = 0
+    vals.requires_grad_(True)
+    out = sparse_decode(vals, idx, W)
+    ref = sparse_decode(vals[:, :2], idx[:, :2], W)
+    assert_close(out, ref)
+    gw = torch.autograd.grad(out.sum(), W)[0]
+    gw_ref = torch.autograd.grad(ref.sum(), W)[0]
+    assert_close(gw, gw_ref)
+
+
+def test_use_sparse_rule():
+    assert use_sparse(32768, 32)
+    assert not use_sparse(32768, 32768 // 4)
+    assert not use_sparse(_kernels.SPARSE_MIN_COMPONENTS - 1, 1)
+    assert use_sparse(8, 8, "sparse")
+    assert not use_sparse(10**6, 1, "dense")
+    with pytest.raises(ValueError, match="kernels"):
+        use_sparse(10, 1, "fast")
+
+
+def test_decode_dispatch(device):
+    W = torch.randn(40, 3, dtype=torch.float64, device=device)
+    idx = torch.tensor([[1, 5], [2, 39]], device=device)
+    codes = SparseCodes(torch.rand(2, 2, dtype=torch.float64, device=device), idx)
+    ref = codes.to_dense(40) @ W
+    for kernels in ("auto", "sparse", "dense"):
+        assert_close(decode(codes, W, kernels=kernels), ref)
+        assert_close(decode(codes, W, W[0], kernels=kernels), ref + W[0])
+
+
+def _trainer(name, kernels, device, dtype, n_dead):
+    D, F, B = 12, 64, 32
+    hparams = {"k": 4, "alpha": 1e-3, "threshold_momentum": 0.9, "bandwidth": 0.05,
+               "initial_threshold": 0.1}
+    arch = REGISTRY[name](hparams, F, D)
+    arch.kernels = kernels
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, D, generator=g, dtype=torch.float64)
+    params = init_parameters(x, F, "random", g, dtype, device)
+    params.update({k: v.to(device, dtype) for k, v in arch.extra_parameters(params).items()})
+    buffers = {k: v.to(device, dtype) for k, v in arch.extra_buffers(params).items()}
+    trainer = SAETrainer(arch, params, buffers, lr=0.0, total_steps=None, warmup_steps=1,
+                         auxk_alpha=1 / 32, dead_window=10, coef_warmup_steps=0)
+    trainer.rows_since_fired[:n_dead] = 100  # latents 0..n_dead-1 count as dead
+    return trainer, x[:B].to(device, dtype)
+
+
+@pytest.mark.parametrize("name", TOPK_FAMILY)
+@pytest.mark.parametrize("n_dead", [0, 5, 50])  # none, few (index_select), many (masked)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
+    """Same metrics and gradients (after projection and clipping) on both paths."""
+    sparse, x = _trainer(name, "sparse", device, dtype, n_dead)
+    dense, _ = _trainer(name, "dense", device, dtype, n_dead)
+    if name == "topk":  # the sparse path really runs: pre carries no graph
+        p = {**sparse.params, **sparse.buffers}
+        assert not sparse.arch.encode(p, x, training=True).pre.requires_grad
+        assert dense.arch.encode(p, x, training=True).pre.requires_grad
+    ms, md = sparse.step(x), dense.step(x)
+    assert set(ms) == set(md)
+    for key in ms:
+        assert_close(ms[key], md[key], **_tol(dtype), msg=key)
+    if n_dead:
+        assert float(ms["auxk"]) > 0
+    for key, param in sparse.params.items():
+        assert_close(param.grad, dense.params[key].grad, **_tol(dtype, 10), msg=key)
