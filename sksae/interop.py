@@ -1,0 +1,416 @@
+"""Exchange sparse autoencoders with SAELens and EleutherAI sparsify.
+
+- :func:`to_saelens` writes a fitted :class:`~sksae.SparseAutoencoder` as a
+  SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) that
+  ``sae_lens.SAE.load_from_disk`` reads;
+- :func:`from_saelens` reads such a folder (standard, topk, jumprelu, gated);
+- :func:`from_sparsify` reads a sparsify folder (``cfg.json`` +
+  ``sae.safetensors``, TopK).
+
+An imported SAE is a fitted :class:`~sksae.SparseAutoencoder`: ``transform``
+gives the peer library's ``encode``, ``inverse_transform`` its ``decode``,
+and it can be used as the first step of a scikit-learn Pipeline (wrap it in
+:class:`sklearn.frozen.FrozenEstimator` so that ``Pipeline.fit`` does not
+retrain it).
+
+The conventions, checked against both libraries' inference code:
+
+- SAELens: ``z = f((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc)``,
+  ``x_hat = z @ W_dec + b_dec`` with ``W_enc`` of shape ``[d_in, d_sae]`` and
+  ``W_dec`` ``[d_sae, d_in]``; ``f`` is ReLU (``"standard"``),
+  TopK-then-ReLU (``"topk"``, ``k``), ``ReLU(pre) * 1[pre > threshold]``
+  (``"jumprelu"``), or the gated encoder (``b_gate``, ``r_mag``, ``b_mag``).
+- sparsify: ``z = TopK(ReLU(encoder(x - b_dec)))`` with ``encoder.weight`` of
+  shape ``[d_sae, d_in]``, ``x_hat = z @ W_dec + b_dec``.
+
+sksae's fitted arrays are already in the user's units (the input
+normalisation is folded into them), so an export is a transpose and a
+renaming. Loading uses safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["to_saelens", "from_saelens", "from_sparsify"]
+
+SAELENS_CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_CFG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+_MAX_CFG_BYTES = 2**20
+
+
+# --------------------------------------------------------------------- helpers
+def _read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.stat().st_size > _MAX_CFG_BYTES:
+        raise ValueError(f"{path} is larger than {_MAX_CFG_BYTES} bytes: not a config.")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} does not hold a JSON object.")
+    return cfg
+
+
+def _read_tensors(path, dtype):
+    """Tensors of a safetensors file as numpy arrays of ``dtype`` (bf16 included)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist.")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}).") from None
+    out = {k: v.to(torch.float64).numpy().astype(dtype) for k, v in tensors.items()}
+    if "r_mag" in out:  # exp in float64: exp(log(s)) rounds back to s
+        out["mag_scale"] = np.exp(tensors["r_mag"].to(torch.float64).numpy()).astype(dtype)
+    return out
+
+
+def _expect(tensors, name, shape, source):
+    if name not in tensors:
+        raise ValueError(f"{source} has no tensor {name!r} (found {sorted(tensors)}).")
+    arr = tensors[name]
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{source}: {name} has shape {list(arr.shape)}; expected "
+                         f"{list(shape)}.")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{source}: {name} contains NaN or infinite values.")
+    return arr
+
+
+def _positive_int(cfg, key, source):
+    value = cfg.get(key)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{source}: {key}={value!r} is not a positive integer.")
+    return value
+
+
+def _fitted_sae(architecture, W_enc_FD, b_enc_F, W_dec_FD, b_dec_D, extra=None, *,
+                k=32, device="auto"):
+    """A fitted SparseAutoencoder holding the given weights (user units)."""
+    from ._sae import SparseAutoencoder
+
+    n_components, n_features = W_dec_FD.shape
+    sae = SparseAutoencoder(n_components=n_components, architecture=architecture,
+                            k=min(k, n_components) if architecture != "topk" else k,
+                            device=device)
+    sae._validate_params()
+    sae.components_ = np.ascontiguousarray(W_dec_FD)
+    sae.encoder_weights_ = np.ascontiguousarray(W_enc_FD)
+    sae.encoder_bias_ = b_enc_F
+    sae.decoder_bias_ = b_dec_D
+    for attr, value in (extra or {}).items():
+        setattr(sae, attr, value)
+    sae.n_components_ = n_components
+    sae.n_features_in_ = n_features
+    sae.input_scale_ = 1.0
+    sae.n_iter_ = 0
+    sae.n_steps_ = 0
+    sae.loss_curve_ = np.zeros(0)
+    sae.history_ = {"step": {}, "epoch": {}}
+    return sae
+
+
+# ---------------------------------------------------------------------- SAELens
+def to_saelens(model, path, *, dtype=None):
+    """Export a fitted SparseAutoencoder as a SAELens folder.
+
+    Writes ``cfg.json`` and ``sae_weights.safetensors`` with SAELens's tensor
+    names and shapes: ``W_enc`` ``[d_in, d_sae]``, ``W_dec`` ``[d_sae, d_in]``,
+    ``b_enc`` ``[d_sae]``, ``b_dec`` ``[d_in]``, and ``threshold`` ``[d_sae]``
+    for JumpReLU. The mapping of architectures:
+
+    ========================  ==========================================
+    sksae ``architecture``    SAELens ``architecture``
+    ========================  ==========================================
+    ``"relu"``                ``"standard"``
+    ``"topk"``                ``"topk"`` (``k``)
+    ``"jumprelu"``            ``"jumprelu"``
+    ``"batchtopk"``           ``"jumprelu"`` (the shared inference
+                              threshold copied to every latent)
+    ``"gated"``               ``"gated"`` (``b_gate``, ``r_mag``, ``b_mag``)
+    ========================  ==========================================
+
+    Every mapping is exact: SAELens's ``encode`` gives ``model.transform``.
+    ``cfg.json`` sets ``apply_b_dec_to_input=True`` and
+    ``normalize_activations="none"`` (sksae's normalisation is already folded
+    into the weights), and carries both the SAELens 6 fields and the older
+    ``activation_fn_str`` / ``activation_fn_kwargs`` ones.
+
+    Parameters
+    ----------
+    model : SparseAutoencoder
+        A fitted autoencoder.
+    path : str or path-like
+        Folder to write (created if needed).
+    dtype : {"float32", "float64"} or None, default=None
+        Dtype of the saved tensors; None keeps the model's.
+
+    Returns
+    -------
+    path : pathlib.Path
+        The folder.
+
+    See Also
+    --------
+    from_saelens : The inverse.
+    sksae.save : sksae's own format, for every estimator and all metadata.
+    """
+    from safetensors.numpy import save_file
+    from sklearn.utils.validation import check_is_fitted
+
+    import sksae
+
+    from ._sae import SparseAutoencoder
+
+    if not isinstance(model, SparseAutoencoder):
+        raise TypeError(f"to_saelens exports a SparseAutoencoder, not {type(model).__name__}.")
+    check_is_fitted(model)
+    dtype = np.dtype(dtype or model.components_.dtype)
+    if dtype.name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
+    d_sae, d_in = model.components_.shape
+    arch = model.architecture
+
+    def cast(a):
+        return np.ascontiguousarray(np.asarray(a, dtype=dtype))
+
+    tensors = {"W_enc": cast(model.encoder_weights_.T), "W_dec": cast(model.components_),
+               "b_dec": cast(model.decoder_bias_)}
+    cfg_extra, activation = {}, "relu"
+    if arch == "relu":
+        saelens_arch = "standard"
+        tensors["b_enc"] = cast(model.encoder_bias_)
+    elif arch == "topk":
+        saelens_arch, activation = "topk", "topk"
+        tensors["b_enc"] = cast(model.encoder_bias_)
+        cfg_extra["k"] = int(model.k)
+    elif arch in ("jumprelu", "batchtopk"):
+        saelens_arch = "jumprelu"
+        tensors["b_enc"] = cast(model.encoder_bias_)
+        # ReLU(pre) * 1[pre > t] equals sksae's rule for t >= 0; an unestimated
+        # batchtopk threshold (< 0) means "keep every positive activation", i.e. t = 0
+        tensors["threshold"] = cast(np.broadcast_to(
+            np.maximum(model.threshold_, 0), (d_sae,)))
+    elif arch == "gated":
+        saelens_arch = "gated"
+        tensors["b_gate"] = cast(model.encoder_bias_)
+        tensors["r_mag"] = cast(np.log(model.mag_scale_.astype(np.float64)))
+        tensors["b_mag"] = cast(model.mag_bias_)
+    else:
+        raise ValueError(f"architecture {arch!r} has no SAELens equivalent.")
+
+    meta = {"model_name": None, "hook_name": None, "hook_layer": None,
+            "hook_head_index": None, "model_class_name": None, "prepend_bos": None,
+            "context_size": None, "dataset_path": None, "neuronpedia_id": None,
+            "model_from_pretrained_kwargs": None, "exclude_special_tokens": None,
+            "seqpos_slice": None}
+    cfg = {
+        "architecture": saelens_arch,
+        "d_in": int(d_in),
+        "d_sae": int(d_sae),
+        "dtype": dtype.name,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **cfg_extra,
+        "meta": meta,
+        # the SAELens < 6 layout keeps these at the top level
+        "activation_fn_str": activation,
+        "activation_fn": activation,
+        "activation_fn_kwargs": {"k": int(model.k)} if activation == "topk" else {},
+        "finetuning_scaling_factor": False,
+        **meta,
+        "dataset_trust_remote_code": False,
+        "sae_lens_training_version": None,
+        "sksae_version": sksae.__version__,
+        "sksae_architecture": arch,
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / SAELENS_WEIGHTS))
+    (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def from_saelens(path, *, device="auto", dtype="float32"):
+    """Import a SAELens SAE folder as a fitted SparseAutoencoder.
+
+    Reads ``cfg.json`` and ``sae_weights.safetensors`` (bf16, fp16, fp32 or
+    fp64 weights). Supported SAELens architectures: ``"standard"`` (ReLU),
+    ``"topk"``, ``"jumprelu"`` (also a ``"batchtopk"`` folder saved with its
+    inference ``threshold``) and ``"gated"``; the older layout with
+    ``activation_fn_str="topk"`` and ``activation_fn_kwargs={"k": ...}`` too.
+    ``apply_b_dec_to_input=False`` is folded into the encoder bias
+    (``b_enc + b_dec @ W_enc``) and a fine-tuning ``scaling_factor`` into the
+    decoder rows, so ``transform`` still equals SAELens's ``encode`` and
+    ``inverse_transform`` its ``decode``. Folders with a run-time input
+    normalisation (``normalize_activations`` other than ``"none"``) are
+    refused: their encode depends on a statistic that is not in the folder.
+
+    SAELens's decoder rows need not have unit norm; ``components_`` keeps
+    them as saved.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The SAELens folder.
+    device : str, default="auto"
+        ``device`` parameter of the returned estimator.
+    dtype : {"float32", "float64"}, default="float32"
+        Dtype of the fitted arrays.
+
+    Returns
+    -------
+    sae : SparseAutoencoder
+        A fitted estimator (``n_iter_ = 0``, empty ``history_``,
+        ``input_scale_ = 1.0``).
+
+    See Also
+    --------
+    to_saelens : The inverse.
+    from_sparsify : Import an EleutherAI sparsify SAE.
+    """
+    folder = Path(path)
+    source = f"SAELens folder {str(folder)!r}"
+    cfg = _read_json(folder / SAELENS_CFG)
+    d_in = _positive_int(cfg, "d_in", source)
+    d_sae = _positive_int(cfg, "d_sae", source)
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in (None, "none"):
+        raise ValueError(f"{source} uses normalize_activations={norm!r}, which rescales "
+                         "inputs at run time with a statistic not stored in the folder; "
+                         "fold it into the weights with SAELens first.")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"{source} uses rescale_acts_by_decoder_norm, not supported.")
+    arch = cfg.get("architecture", "standard")
+    activation = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    tensors = _read_tensors(folder / SAELENS_WEIGHTS, np.dtype(dtype))
+
+    W_enc_DF = _expect(tensors, "W_enc", (d_in, d_sae), source)
+    W_dec_FD = _expect(tensors, "W_dec", (d_sae, d_in), source)
+    b_dec_D = _expect(tensors, "b_dec", (d_in,), source)
+    if "scaling_factor" in tensors:
+        scale = _expect(tensors, "scaling_factor", (d_sae,), source)
+        W_dec_FD = W_dec_FD * scale[:, None]
+    shift_F = b_dec_D @ W_enc_DF  # folds apply_b_dec_to_input=False into the biases
+    shift_F = np.zeros_like(shift_F) if cfg.get("apply_b_dec_to_input", True) else shift_F
+
+    extra, k = {}, 32
+    if arch == "gated":
+        b_gate = _expect(tensors, "b_gate", (d_sae,), source)
+        _expect(tensors, "r_mag", (d_sae,), source)
+        b_mag = _expect(tensors, "b_mag", (d_sae,), source)
+        mag_scale = _expect(tensors, "mag_scale", (d_sae,), source)  # exp(r_mag)
+        ours, b_enc_F = "gated", b_gate + shift_F
+        extra = {"mag_scale_": mag_scale, "mag_bias_": b_mag + mag_scale * shift_F}
+    else:
+        b_enc_F = _expect(tensors, "b_enc", (d_sae,), source) + shift_F
+        if arch in ("jumprelu", "batchtopk") and "threshold" in tensors:
+            threshold = _expect(tensors, "threshold", (d_sae,), source)
+            # SAELens: ReLU(pre) * 1[pre > t]; sksae: pre * 1[pre > t], equal for t >= 0
+            ours, extra = "jumprelu", {"threshold_": np.maximum(threshold, 0)}
+        elif arch == "topk" or (arch == "standard" and activation == "topk"):
+            ours = "topk"
+            k = cfg.get("k", kwargs.get("k"))
+            if k is None:
+                raise ValueError(f"{source} is a TopK SAE without k.")
+            k = _positive_int({"k": k}, "k", source)
+            if k > d_sae:
+                raise ValueError(f"{source}: k={k} exceeds d_sae={d_sae}.")
+        elif arch == "standard" and activation == "relu":
+            ours = "relu"
+        else:
+            raise ValueError(f"{source}: architecture {arch!r} with activation "
+                             f"{activation!r} is not supported (standard/relu, topk, "
+                             "jumprelu, gated).")
+    return _fitted_sae(ours, np.ascontiguousarray(W_enc_DF.T), b_enc_F, W_dec_FD, b_dec_D,
+                       extra, k=k, device=device)
+
+
+# --------------------------------------------------------------------- sparsify
+def from_sparsify(path, *, device="auto", dtype="float32"):
+    """Import an EleutherAI sparsify SAE folder as a fitted SparseAutoencoder.
+
+    Reads ``cfg.json`` (``k``, ``d_in``, ``num_latents``...) and
+    ``sae.safetensors`` (``encoder.weight`` ``[d_sae, d_in]``,
+    ``encoder.bias`` ``[d_sae]``, ``W_dec`` ``[d_sae, d_in]``, ``b_dec``
+    ``[d_in]``). sparsify encodes with ``TopK(ReLU(encoder(x - b_dec)))``,
+    which is sksae's ``architecture="topk"``. Transcoders, skip connections
+    and activations other than TopK are refused. A checkpoint folder holding
+    one subfolder per hookpoint is refused with the list of subfolders: pass
+    one of them.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The folder of one sparsify SAE.
+    device : str, default="auto"
+        ``device`` parameter of the returned estimator.
+    dtype : {"float32", "float64"}, default="float32"
+        Dtype of the fitted arrays.
+
+    Returns
+    -------
+    sae : SparseAutoencoder
+        A fitted estimator with ``architecture="topk"``.
+
+    See Also
+    --------
+    from_saelens : Import a SAELens SAE.
+    """
+    folder = Path(path)
+    source = f"sparsify folder {str(folder)!r}"
+    if not (folder / SPARSIFY_CFG).is_file() and folder.is_dir():
+        subs = sorted(p.name for p in folder.iterdir() if (p / SPARSIFY_CFG).is_file())
+        if subs:
+            raise ValueError(f"{source} holds one SAE per hookpoint {subs}; pass one of "
+                             "these subfolders.")
+    cfg = _read_json(folder / SPARSIFY_CFG)
+    if cfg.get("transcode"):
+        raise ValueError(f"{source} is a transcoder (it predicts another layer), not an "
+                         "autoencoder: not supported.")
+    if cfg.get("skip_connection"):
+        raise ValueError(f"{source} has a skip connection (W_skip): not supported.")
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":
+        raise ValueError(f"{source} uses activation={activation!r}; only 'topk' is "
+                         "supported.")
+    k = _positive_int(cfg, "k", source)
+    tensors = _read_tensors(folder / SPARSIFY_WEIGHTS, np.dtype(dtype))
+    if "W_skip" in tensors:
+        raise ValueError(f"{source} has a skip connection (W_skip): not supported.")
+    if "encoder.weight" not in tensors:
+        raise ValueError(f"{source} has no tensor 'encoder.weight' (found "
+                         f"{sorted(tensors)}).")
+    d_sae, d_in = tensors["encoder.weight"].shape
+    if cfg.get("d_in") is not None and _positive_int(cfg, "d_in", source) != d_in:
+        raise ValueError(f"{source}: cfg d_in={cfg['d_in']} but encoder.weight has "
+                         f"{d_in} columns.")
+    if cfg.get("num_latents") and cfg["num_latents"] != d_sae:
+        raise ValueError(f"{source}: cfg num_latents={cfg['num_latents']} but "
+                         f"encoder.weight has {d_sae} rows.")
+    if k > d_sae:
+        raise ValueError(f"{source}: k={k} exceeds the {d_sae} latents.")
+    W_enc = _expect(tensors, "encoder.weight", (d_sae, d_in), source)
+    b_enc = _expect(tensors, "encoder.bias", (d_sae,), source)
+    W_dec = _expect(tensors, "W_dec", (d_sae, d_in), source)
+    b_dec = _expect(tensors, "b_dec", (d_in,), source)
+    return _fitted_sae("topk", W_enc, b_enc, W_dec, b_dec, k=k, device=device)

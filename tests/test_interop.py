@@ -1,0 +1,195 @@
+"""SAELens and sparsify folders: export/import round trips and the peers' own formulas."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose, assert_array_equal
+from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file
+from sklearn.frozen import FrozenEstimator
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+
+from sksae import SparseAutoencoder
+from sksae.architectures import REGISTRY
+from sksae.interop import from_saelens, from_sparsify, to_saelens
+
+D_IN, D_SAE = 8, 16
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
+                "batchtopk": "jumprelu", "gated": "gated"}
+
+
+@pytest.fixture(scope="module")
+def X():
+    return np.random.RandomState(0).randn(200, D_IN).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fitted(X):
+    return {a: SparseAutoencoder(n_components=D_SAE, architecture=a, k=3, max_iter=1,
+                                 batch_size=64, random_state=0, device="cpu").fit(X)
+            for a in sorted(REGISTRY)}
+
+
+def saelens_encode(folder, x):
+    """SAELens's inference encode/decode, written from its source, in torch."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = {k: v.double() for k, v in
+         load_torch(str(folder / "sae_weights.safetensors")).items()}
+    x = torch.as_tensor(x, dtype=torch.float64)
+    sae_in = x - w["b_dec"] * cfg["apply_b_dec_to_input"]
+    arch = cfg["architecture"]
+    if arch == "gated":
+        active = (sae_in @ w["W_enc"] + w["b_gate"] > 0).double()
+        z = active * torch.relu(sae_in @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"])
+    else:
+        pre = sae_in @ w["W_enc"] + w["b_enc"]
+        if arch == "topk" or cfg.get("activation_fn_str") == "topk":  # SAELens < 6 layout
+            k = cfg.get("k") or cfg["activation_fn_kwargs"]["k"]
+            top = torch.topk(pre, k=k, dim=-1)
+            z = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+        elif arch == "jumprelu":
+            z = torch.relu(pre) * (pre > w["threshold"]).double()
+        else:
+            z = torch.relu(pre)
+    return z.numpy(), (z @ w["W_dec"] + w["b_dec"]).numpy()
+
+
+@pytest.mark.parametrize("architecture", sorted(REGISTRY))
+def test_saelens_round_trip_and_names(fitted, X, tmp_path, architecture):
+    model = fitted[architecture]
+    folder = to_saelens(model, tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == SAELENS_ARCH[architecture]
+    assert (cfg["d_in"], cfg["d_sae"]) == (D_IN, D_SAE)
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    shapes = {k: v.shape for k, v in tensors.items()}
+    assert shapes["W_enc"] == (D_IN, D_SAE) and shapes["W_dec"] == (D_SAE, D_IN)
+    assert shapes["b_dec"] == (D_IN,)
+    if architecture == "gated":
+        assert {"b_gate", "r_mag", "b_mag"} <= set(shapes) and "b_enc" not in shapes
+    else:
+        assert shapes["b_enc"] == (D_SAE,)
+    if cfg["architecture"] == "jumprelu":
+        assert shapes["threshold"] == (D_SAE,)
+    if architecture == "topk":
+        assert cfg["k"] == 3 and cfg["activation_fn_kwargs"] == {"k": 3}
+
+    imported = from_saelens(folder)
+    codes = model.transform(X)
+    assert_array_equal(imported.transform(X), codes)
+    assert_array_equal(imported.inverse_transform(codes), model.inverse_transform(codes))
+    # the peer's own formula gives the same codes and reconstruction
+    z, x_hat = saelens_encode(folder, X)
+    assert_allclose(z, codes, atol=1e-5)
+    assert_allclose(x_hat, model.inverse_transform(codes), atol=1e-4)
+
+
+def _random_saelens(folder, architecture="standard", dtype=torch.float32, **cfg_extra):
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g),
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+         "b_dec": torch.randn(D_IN, generator=g),
+         "b_enc": torch.randn(D_SAE, generator=g) * 0.1}
+    if architecture == "jumprelu":
+        w["threshold"] = torch.rand(D_SAE, generator=g)
+    folder.mkdir()
+    save_file({k: v.to(dtype).contiguous() for k, v in w.items()},
+              str(folder / "sae_weights.safetensors"))
+    cfg = {"architecture": architecture, "d_in": D_IN, "d_sae": D_SAE,
+           "apply_b_dec_to_input": True, "normalize_activations": "none", **cfg_extra}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("architecture, extra", [
+    ("standard", {}),
+    ("standard", {"apply_b_dec_to_input": False}),
+    ("jumprelu", {"apply_b_dec_to_input": False}),
+    ("standard", {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}}),
+    ("topk", {"k": 5}),
+])
+def test_saelens_folders_written_elsewhere(X, tmp_path, architecture, extra):
+    folder = _random_saelens(tmp_path / "s", architecture, **extra)
+    imported = from_saelens(folder, dtype="float64")
+    z, x_hat = saelens_encode(folder, X)
+    assert_allclose(imported.transform(X.astype(np.float64)), z, atol=1e-10)
+    assert_allclose(imported.inverse_transform(z), x_hat, atol=1e-10)
+
+
+def test_saelens_bfloat16_weights(X, tmp_path):
+    folder = _random_saelens(tmp_path / "s", "standard", dtype=torch.bfloat16)
+    imported = from_saelens(folder)
+    assert imported.components_.dtype == np.float32
+    assert_allclose(imported.transform(X), saelens_encode(folder, X)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
+    ({"architecture": "transcoder"}, "not supported"),
+    ({"d_sae": 17}, "W_enc has shape"),
+    ({"architecture": "topk"}, "without k"),
+])
+def test_saelens_unsupported_folders_are_refused(tmp_path, extra, message):
+    folder = _random_saelens(tmp_path / "s")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **extra}))
+    with pytest.raises(ValueError, match=message):
+        from_saelens(folder)
+
+
+def _random_sparsify(folder, k=4, **cfg_extra):
+    g = torch.Generator().manual_seed(1)
+    w = {"encoder.weight": torch.randn(D_SAE, D_IN, generator=g),
+         "encoder.bias": torch.randn(D_SAE, generator=g) * 0.1,
+         "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+         "b_dec": torch.randn(D_IN, generator=g)}
+    folder.mkdir(parents=True)
+    save_file(w, str(folder / "sae.safetensors"))
+    cfg = {"expansion_factor": 2, "normalize_decoder": True, "num_latents": D_SAE, "k": k,
+           "multi_topk": False, "skip_connection": False, "transcode": False,
+           "d_in": D_IN, **cfg_extra}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return w
+
+
+def test_sparsify_import_matches_its_encoder(X, tmp_path):
+    w = {k: v.double() for k, v in _random_sparsify(tmp_path / "sp").items()}
+    imported = from_sparsify(tmp_path / "sp", dtype="float64")
+    assert imported.architecture == "topk" and imported.k == 4
+    # sparsify: TopK(ReLU(encoder(x - b_dec))), decode = z @ W_dec + b_dec
+    x = torch.as_tensor(X, dtype=torch.float64)
+    pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    top = pre.topk(4, dim=-1)
+    z = torch.zeros_like(pre).scatter_(-1, top.indices, top.values).numpy()
+    assert_allclose(imported.transform(X.astype(np.float64)), z, atol=1e-10)
+    assert_allclose(imported.inverse_transform(z),
+                    (torch.as_tensor(z) @ w["W_dec"] + w["b_dec"]).numpy(), atol=1e-10)
+
+
+def test_sparsify_unsupported_folders_are_refused(tmp_path):
+    _random_sparsify(tmp_path / "ckpt" / "layers.0")
+    _random_sparsify(tmp_path / "ckpt" / "layers.1")
+    with pytest.raises(ValueError, match=r"one SAE per hookpoint \['layers.0', 'layers.1'\]"):
+        from_sparsify(tmp_path / "ckpt")
+    _random_sparsify(tmp_path / "tc", transcode=True)
+    with pytest.raises(ValueError, match="transcoder"):
+        from_sparsify(tmp_path / "tc")
+    _random_sparsify(tmp_path / "big", k=D_SAE + 1)
+    with pytest.raises(ValueError, match="exceeds"):
+        from_sparsify(tmp_path / "big")
+
+
+def test_imported_sae_in_a_pipeline(fitted, X, tmp_path):
+    imported = from_saelens(to_saelens(fitted["topk"], tmp_path / "sae"))
+    y = (X[:, 0] > 0).astype(int)
+    weights = imported.encoder_weights_.copy()
+    pipe = make_pipeline(FrozenEstimator(imported), LogisticRegression()).fit(X, y)
+    assert pipe.score(X, y) > 0.5
+    assert_array_equal(imported.encoder_weights_, weights)  # not retrained
+    assert make_pipeline(imported).transform(X).shape == (len(X), D_SAE)
+    assert imported.get_feature_names_out()[0] == "sparseautoencoder0"
