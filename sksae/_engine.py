@@ -174,7 +174,8 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
         Returns the parameter change of the last step for ``stopper.tol``;
         forces a host sync each step when the stopper uses ``tol``.
     postfix_keys : tuple of str
-        Metrics shown on the progress bar.
+        Metrics shown on the progress bar; ``"fvu"`` is shown as ``"fve"``
+        (``1 - fvu``, also added to the records).
 
     Returns
     -------
@@ -199,6 +200,8 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
             return
         # every step must report the same metric names, or the records misalign
         stacked = {k: _stack([p[1][k] for p in pending]) for k in pending[0][1]}
+        if "fvu" in stacked and "fve" not in stacked:
+            stacked["fve"] = 1.0 - stacked["fvu"]  # what users read: FVE = 1 - FVU
         for k, v in stacked.items():
             records.setdefault(k, []).append(v)
         for j, (i, _, change) in enumerate(pending):
@@ -208,7 +211,8 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
                 stop = True
         if bar is not None:
             bar.update(len(pending))
-            bar.set_postfix({k: f"{stacked[k][-1]:.4g}" for k in postfix_keys if k in stacked})
+            shown = ("fve" if k == "fvu" else k for k in postfix_keys)
+            bar.set_postfix({k: f"{stacked[k][-1]:.4g}" for k in shown if k in stacked})
         pending.clear()
 
     try:
