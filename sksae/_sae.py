@@ -22,7 +22,7 @@ from ._base import (
     torch_dtype,
 )
 from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
-from ._sae_trainer import SAETrainer, init_parameters
+from ._sae_trainer import SAETrainer, calibrate_encoder_scale, init_parameters
 
 __all__ = ["SparseAutoencoder"]
 
@@ -91,8 +91,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     threshold_momentum : float, default=0.999
         Momentum of the moving average of the smallest kept activation that
         becomes the inference threshold. Only used when
-        ``architecture="batchtopk"``. The first ``1 / (1 - threshold_momentum)``
-        batches are averaged with equal weights.
+        ``architecture="batchtopk"``. Early on the momentum is lower
+        (``n / (n + 10)`` after ``n`` steps: about the last 10% of the steps),
+        so that short fits forget the first batches.
     learning_rate : "auto" or float, default="auto"
         Adam learning rate. ``"auto"`` is ``2e-4 / sqrt(n_components / 2**14)``
         (Gao et al. 2024's scaling law) for ``"topk"`` and ``"batchtopk"``,
@@ -346,8 +347,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """Run one epoch of minibatch steps over ``X``, continuing previous training.
 
         The first call initialises the model (normalisation scale, decoder bias,
-        atoms) from ``X``. Learning-rate warm-up lasts the first 1000 steps; there
-        is no final decay, since the total length is unknown.
+        atoms) from ``X``. The learning-rate (and sparsity-penalty) warm-up lasts
+        the steps of the first call, at most 1000; there is no final decay, since
+        the total length of training is unknown.
 
         Parameters
         ----------
@@ -396,16 +398,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             params.update(arch.extra_parameters(params))
             buffers = arch.extra_buffers(params)
             params["b_enc"] = arch.init_encoder_bias(params)
+            calibrate_encoder_scale(arch, params, buffers, sample[:4096] * scale)
             dead_window = (min(_MAX_DEAD_WINDOW, n_samples) if self.dead_window == "auto"
                            else self.dead_window)
 
         total_steps = None if partial else max_epochs * steps_per_epoch
         trainer = SAETrainer(
             arch, params, buffers, lr=lr, total_steps=total_steps,
-            warmup_steps=1000 if partial else min(1000, math.ceil(0.05 * total_steps)),
+            warmup_steps=min(1000, steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
             auxk_alpha=self.auxk_alpha, dead_window=dead_window,
             coef_warmup_steps=(0 if not arch.penalty else
-                               1000 if partial else math.ceil(0.05 * total_steps)),
+                               steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
         )
         if resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
