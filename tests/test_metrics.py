@@ -183,8 +183,41 @@ def test_scorers_on_fitted_estimator(toy):
     assert -1 <= fve_scorer(pipe, X) <= 1
 
 
-@pytest.mark.parametrize("n_jobs", [1, 2])
-def test_scorers_in_grid_search(toy, n_jobs):
+def _dl_gpu():
+    from sksae import DictionaryLearnerGPU
+
+    return DictionaryLearnerGPU(
+        n_components=12, alpha=0.1, max_iter=3, batch_size=64, fit_algorithm="cd",
+        transform_algorithm="lasso_lars", transform_alpha=0.05, positive_code=True,
+        device="cpu", random_state=0,
+    )
+
+
+def _sae():
+    from sksae import SparseAutoencoder
+
+    return SparseAutoencoder(
+        n_components=12, architecture="relu", alpha=0.1, max_iter=3,
+        batch_size=64, device="cpu", random_state=0,
+    )
+
+
+@pytest.fixture
+def one_torch_thread():
+    # Tiny torch models: a second intra-op thread only adds synchronisation.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "make_estimator, n_jobs",
+    [(_mbdl, 1), (_mbdl, 2), (_dl_gpu, 1), (_sae, 1)],
+    ids=["MiniBatchDictionaryLearning", "MiniBatchDictionaryLearning-n_jobs2",
+         "DictionaryLearnerGPU", "SparseAutoencoder"],
+)
+def test_scorers_in_grid_search(toy, make_estimator, n_jobs, one_torch_thread):
     X, F = toy
     for scorer in (make_mmcs_scorer(F), make_sparsity_scorer(3.0), fve_scorer):
         assert pickle.loads(pickle.dumps(scorer)) is not None
@@ -194,9 +227,13 @@ def test_scorers_in_grid_search(toy, n_jobs):
         "mmcs": make_mmcs_scorer(F, absolute=True),
     }
     search = GridSearchCV(
-        _mbdl(), {"alpha": [0.05, 0.5]}, scoring=scoring, refit="mmcs", cv=2,
-        n_jobs=n_jobs,
+        make_estimator(), {"alpha": [0.05, 0.5]}, scoring=scoring, refit="mmcs",
+        cv=2, n_jobs=n_jobs,
     ).fit(X)
     for name in scoring:
         scores = search.cv_results_[f"mean_test_{name}"]
         assert np.all(np.isfinite(scores)) and np.all(scores <= 1)
+    best = search.best_estimator_
+    assert make_mmcs_scorer(F, absolute=True)(best, X) == pytest.approx(
+        mean_max_cosine_similarity(F, best.components_, absolute=True)
+    )
