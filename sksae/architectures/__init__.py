@@ -5,10 +5,13 @@ estimator's ``architecture`` parameter to its class.
 """
 
 from ._base import Architecture, EncodeOutput, SparseCodes, decode
+from .batchtopk import BatchTopK
+from .gated import Gated
+from .jumprelu import JumpReLU
 from .relu import ReLU
 from .topk import TopK
 
-REGISTRY = {cls.name: cls for cls in (ReLU, TopK)}
+REGISTRY = {cls.name: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, Gated)}
 
 
 def register(cls):

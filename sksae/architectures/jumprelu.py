@@ -1,0 +1,97 @@
+"""JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, "Jumping ahead").
+
+z_i = a_i * H(a_i - theta_i) with a learned per-latent threshold theta = exp(t);
+loss = ||x - x_hat||^2 + l0_coefficient * sum_i H(a_i - theta_i). H has no useful
+gradient, so both use straight-through estimators with a rectangle kernel
+K(u) = 1[|u| < 1/2] of width ``bandwidth`` (eps):
+
+- d z_i / d a_i = H(a_i - theta_i);
+- d z_i / d theta_i = -(theta_i / eps) K((a_i - theta_i) / eps);
+- d H / d theta_i = -(1 / eps) K((a_i - theta_i) / eps), and no gradient to a.
+
+The fitted ``threshold_`` is theta in the user's units (theta / scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._base import Architecture, EncodeOutput
+
+
+def _rectangle(u):
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """z = a * H(a - theta) with the pseudo-derivatives of Rajamanoharan et al."""
+
+    @staticmethod
+    def forward(ctx, a, theta, bandwidth):
+        ctx.save_for_backward(a, theta)
+        ctx.bandwidth = bandwidth
+        return a * (a > theta).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_a = (a > theta).to(a.dtype) * grad_out
+        grad_theta = -(theta / eps) * _rectangle((a - theta) / eps) * grad_out
+        return grad_a, grad_theta.sum_to_size(theta.shape), None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(a - theta) with d/d theta = -(1/eps) K((a - theta)/eps) and d/d a = 0."""
+
+    @staticmethod
+    def forward(ctx, a, theta, bandwidth):
+        ctx.save_for_backward(a, theta)
+        ctx.bandwidth = bandwidth
+        return (a > theta).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = -(1.0 / eps) * _rectangle((a - theta) / eps) * grad_out
+        return torch.zeros_like(a), grad_theta.sum_to_size(theta.shape), None
+
+
+def _theta(p):
+    """Thresholds: trained as a log, fitted (user units) as the value itself."""
+    return p["threshold"] if "threshold" in p else p["log_threshold"].exp()
+
+
+class JumpReLU(Architecture):
+    """JumpReLU activation with an L0 penalty trained by straight-through estimators."""
+
+    name = "jumprelu"
+    penalty = True
+    public_names = {"threshold": "threshold_"}
+
+    def extra_parameters(self, params):
+        t = math.log(self.hparams["threshold_init"])
+        return {"log_threshold": torch.full_like(params["b_enc"], t)}
+
+    def encode(self, p, x_BD, training=False):
+        pre = self.pre_activation(p, x_BD)
+        theta = _theta(p).to(pre.dtype)
+        if not training:
+            return pre * (pre > theta)
+        a = torch.relu(pre)
+        return EncodeOutput(JumpReLUFunction.apply(a, theta, self.hparams["bandwidth"]), pre)
+
+    def losses(self, p, x_BD, enc, x_hat_BD, coef):
+        a = torch.relu(enc.pre)
+        theta = _theta(p).to(a.dtype)
+        l0 = StepFunction.apply(a, theta, self.hparams["bandwidth"]).sum(-1).mean()
+        return {"l0_penalty": coef * self.hparams["l0_coefficient"] * l0}
+
+    def fold_scale(self, p, scale):
+        out = super().fold_scale(p, scale)
+        if "log_threshold" in p:
+            out["threshold"] = p["log_threshold"].exp() / scale
+        return out
