@@ -257,8 +257,10 @@ def make_sparse_superposition(
     if rho > 0:
         rank = min(n_components, _MAX_FACTOR_RANK)
         factor = rng.standard_normal((n_components, rank))
-        factor /= np.linalg.norm(factor, axis=1, keepdims=True)
-        threshold = ndtri(p)  # fire when z_i < Phi^-1(p_i), i.e. Phi(z_i) < p_i
+        factor *= np.sqrt(rho) / np.linalg.norm(factor, axis=1, keepdims=True)
+        factor = factor.astype(np.float32)
+        # Fire when z_i < Phi^-1(p_i), i.e. Phi(z_i) < p_i.
+        threshold = ndtri(p).astype(np.float32)
 
     X = np.empty((n_samples, n_features), dtype=dtype)
     code_chunks = []
@@ -266,10 +268,12 @@ def make_sparse_superposition(
     for start in range(0, n_samples, chunk_rows):
         rows = min(chunk_rows, n_samples - start)
         if rho > 0:
-            z = rng.standard_normal((rows, rank)) @ factor.T
-            z *= np.sqrt(rho)
-            z += np.sqrt(1.0 - rho) * rng.standard_normal((rows, n_components))
+            # z = sqrt(rho) L g + sqrt(1 - rho) e, in float32 to bound memory.
+            z = rng.standard_normal((rows, n_components), dtype=np.float32)
+            z *= np.float32(np.sqrt(1.0 - rho))
+            z += rng.standard_normal((rows, rank), dtype=np.float32) @ factor.T
             active = z < threshold
+            del z
         else:
             active = rng.random((rows, n_components), dtype=np.float32) < p
         row_ind, col_ind = np.nonzero(active)

@@ -110,3 +110,22 @@ def test_superposition_reproducible_and_options():
 def test_superposition_invalid_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_sparse_superposition(10, 4, 8, **kwargs)
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_superposition_memory_is_the_output_plus_a_chunk(correlated):
+    # Rows are generated in chunks: the peak is the output plus a bounded
+    # chunk workspace (tens of MiB), not a multiple of n_samples x n_components.
+    import tracemalloc
+
+    n, d, g = 200_000, 64, 256
+    out_bytes = n * d * 4
+    tracemalloc.start()
+    try:
+        X = make_sparse_superposition(n, d, g, correlated=correlated, random_state=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert X.nbytes == out_bytes
+    assert peak < out_bytes + 64 * 2**20
+    assert peak < n * g * 4  # less than one dense float32 code matrix
