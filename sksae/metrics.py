@@ -323,7 +323,8 @@ def max_cosine_similarity(true_atoms, learned_atoms, *, absolute=False):
 
     .. math::
 
-        m_i = \max_j \frac{\langle a_i, b_j \rangle}{\lVert a_i \rVert \lVert b_j \rVert}.
+        m_i = \max_j \frac{\langle a_i, b_j \rangle}
+                          {\lVert a_i \rVert \lVert b_j \rVert}.
 
     Parameters
     ----------
@@ -533,8 +534,9 @@ def _encode_decode(estimator, X):
 def fve_scorer(estimator, X, y=None):
     """Scorer: fraction of variance of ``X`` explained by a fitted estimator.
 
-    ``fraction_variance_explained(X, estimator.inverse_transform(estimator.transform(X)))``;
-    for ``GridSearchCV(scoring=fve_scorer)``. Without ``inverse_transform``
+    ``fraction_variance_explained(X, X_hat)`` with
+    ``X_hat = estimator.inverse_transform(estimator.transform(X))``; for
+    ``GridSearchCV(scoring=fve_scorer)``. Without ``inverse_transform``
     the reconstruction is ``codes @ components_``.
 
     Parameters
@@ -571,7 +573,10 @@ class _SparsityScorer:
         return fve - self.penalty * excess
 
     def __repr__(self):
-        return f"make_sparsity_scorer(l0_budget={self.l0_budget}, penalty={self.penalty})"
+        return (
+            f"make_sparsity_scorer(l0_budget={self.l0_budget}, "
+            f"penalty={self.penalty})"
+        )
 
 
 @validate_params(
