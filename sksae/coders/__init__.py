@@ -12,17 +12,63 @@ from __future__ import annotations
 
 from ._lars import lars
 from ._lasso import lasso, lasso_objective
+from ._lasso_lars import lasso_lars as _lasso_lars
 from ._omp import omp
 from ._threshold import threshold
 
 __all__ = ["CODERS", "encode", "check_positive_coding", "default_n_nonzero_coefs",
-           "lasso", "lasso_objective", "lars", "omp", "threshold"]
+           "lasso", "lasso_cd", "lasso_lars", "lasso_objective", "lars", "omp", "threshold"]
+
+
+def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter=1000,
+               init=None, tol=None, max_active=None, **_):
+    """Exact lasso codes: the batched LARS-lasso homotopy, then coordinate descent.
+
+    The homotopy (:func:`sksae.coders._lasso_lars.lasso_lars`) solves
+    ``0.5 ||x - D^T u||^2 + alpha ||u||_1`` exactly and is fast while the
+    active sets are small, whatever the conditioning. Its cost per step grows
+    with the square of the active set, so rows whose support passes
+    ``max_active`` atoms leave the path there, at the exact solution for a
+    larger penalty, and finish by working-set coordinate descent
+    (:func:`lasso`) from that warm start. None (default): the path runs to
+    ``alpha`` for every row.
+    """
+    n = X.shape[0]
+    G = D @ D.T if gram is None else gram
+    C = X @ D.T if cov is None else cov
+    if not max_active:
+        return _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
+                           max_iter=max_iter)
+    code, ok, rows = _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
+                                 max_iter=max_iter, max_active=max_active)
+    if rows.numel():
+        sub, ok2 = lasso(X[rows], D, gram=G, cov=C[rows], alpha=alpha, positive=positive,
+                         max_iter=max_iter, init=code[rows], tol=tol)
+        code[rows] = sub
+        ok = ok and ok2
+    return code, ok
+
+
+def lasso_cd(X, D, *, init=None, **kwargs):
+    """Lasso codes for scikit-learn's ``lasso_cd`` name.
+
+    ``lasso_cd`` and ``lasso_lars`` solve the same problem
+    ``0.5 ||x - D^T u||^2 + alpha ||u||_1``; the batched LARS-lasso homotopy
+    (:func:`lasso_lars`) solves it exactly and is the faster of the two here,
+    so it is used, except with a warm start ``init``, which only coordinate
+    descent (:func:`lasso`) can use. ``max_iter`` then counts path steps
+    (homotopy) or sweeps (coordinate descent).
+    """
+    if init is not None:
+        return lasso(X, D, init=init, **kwargs)
+    return lasso_lars(X, D, **kwargs)
 
 #: scikit-learn's algorithm names; ``lasso_lars`` and ``lasso_cd`` solve the same
-#: problem, so both use the fastest solver here.
+#: problem, so both use the exact batched homotopy (``lasso_cd`` falls back to
+#: coordinate descent for warm starts).
 CODERS = {
-    "lasso_lars": lasso,
-    "lasso_cd": lasso,
+    "lasso_lars": lasso_lars,
+    "lasso_cd": lasso_cd,
     "lars": lars,
     "omp": omp,
     "threshold": threshold,
