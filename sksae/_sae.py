@@ -77,9 +77,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         L1 coefficient. Only used when ``architecture="relu"`` or ``"gated"``
         (on the gate activations). In normalised units (``normalize=True``:
         E||x||^2 = n_features); warmed up linearly over the first 5% of steps.
-    l0_coefficient : float, default=2.0
-        Weight of the L0 penalty. Only used when ``architecture="jumprelu"``.
-        In normalised units; warmed up linearly over the first 5% of steps.
+    l0_coefficient : float, default=1.0
+        Weight of the L0 penalty (the price of one active latent, in squared
+        normalised units). Only used when ``architecture="jumprelu"``; warmed up
+        linearly over the first 5% of steps.
     bandwidth : float, default=0.05
         Width of the rectangle kernel of the straight-through estimators. Only
         used when ``architecture="jumprelu"``. In normalised units, where a
@@ -245,7 +246,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         architecture="topk",
         k=32,
         alpha=5.0,
-        l0_coefficient=2.0,
+        l0_coefficient=1.0,
         bandwidth=0.05,
         threshold_init=0.5,
         threshold_momentum=0.999,

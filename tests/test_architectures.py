@@ -16,6 +16,7 @@ from sksae import SparseAutoencoder
 from sksae._sae_trainer import SAETrainer, init_parameters
 from sksae.architectures import REGISTRY, get
 from sksae.architectures.batchtopk import batch_topk_codes
+from sksae.architectures.jumprelu import THRESHOLD_SPEED
 from sksae.datasets import make_sparse_superposition
 from sksae.metrics import relative_reconstruction_bias
 
@@ -113,7 +114,7 @@ def _identity_params(theta, dtype=torch.float64):
         "b_enc": torch.zeros(F, dtype=dtype),
         "W_dec": torch.eye(F, dtype=dtype),
         "b_dec": torch.zeros(F, dtype=dtype),
-        "log_threshold": theta.log().requires_grad_(True),
+        "log_threshold": (theta.log() / THRESHOLD_SPEED).requires_grad_(True),
     }
 
 
@@ -131,10 +132,10 @@ def test_jumprelu_straight_through_gradients_by_hand():
     np.testing.assert_allclose(enc.codes.detach(), [[0, 0.52, 0.52, 0.9], [0, 0.52, 0, 0.9]])
     enc.codes.sum().backward()
     # d z / d a = H(a - theta); d z / d theta = -(theta / eps) K((a - theta) / eps),
-    # summed over rows, times d theta / d t = theta
+    # summed over rows, times d theta / d log_threshold = THRESHOLD_SPEED * theta
     np.testing.assert_allclose(x.grad, [[0, 1, 1, 1], [0, 1, 0, 1]])
     K = torch.tensor([0.0, 2.0, 1.0, 0.0], dtype=torch.float64)  # rows where |u| < 1/2
-    np.testing.assert_allclose(p["log_threshold"].grad, -(0.5 / eps) * K * 0.5)
+    np.testing.assert_allclose(p["log_threshold"].grad, -(0.5 / eps) * K * 0.5 * THRESHOLD_SPEED)
 
     # L0 penalty: lam * mean_rows sum_i H(a_i - theta_i); d/d theta = -(1/eps) K, none to a
     p = _identity_params(theta)
@@ -144,7 +145,7 @@ def test_jumprelu_straight_through_gradients_by_hand():
     assert loss.item() == pytest.approx(lam * (3 + 2) / 2)
     grad_x, grad_t = torch.autograd.grad(loss, [x, p["log_threshold"]])
     np.testing.assert_allclose(grad_x, 0)
-    np.testing.assert_allclose(grad_t, lam * (-(1 / eps) * K / 2) * 0.5)
+    np.testing.assert_allclose(grad_t, lam * (-(1 / eps) * K / 2) * 0.5 * THRESHOLD_SPEED)
 
 
 def test_jumprelu_threshold_is_exported_in_user_units(toy):

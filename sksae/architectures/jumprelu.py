@@ -10,6 +10,13 @@ K(u) = 1[|u| < 1/2] of width ``bandwidth`` (eps):
 - d H / d theta_i = -(1 / eps) K((a_i - theta_i) / eps), and no gradient to a.
 
 The fitted ``threshold_`` is theta in the user's units (theta / scale).
+
+The trained parameter is ``log_threshold = log(theta) / THRESHOLD_SPEED``: Adam
+moves a parameter by about the learning rate per step whatever its gradient's
+size, so log theta would need ~1/lr steps to move by a factor e (the peers train
+for 10^5 steps from theta = 0.001); the factor lets scikit-learn-sized fits of a
+few hundred steps learn their thresholds. The gradients above are unchanged up
+to the chain rule d theta / d log_threshold = THRESHOLD_SPEED * theta.
 """
 
 from __future__ import annotations
@@ -60,9 +67,14 @@ class StepFunction(torch.autograd.Function):
         return torch.zeros_like(a), grad_theta.sum_to_size(theta.shape), None
 
 
+THRESHOLD_SPEED = 10.0
+
+
 def _theta(p):
-    """Thresholds: trained as a log, fitted (user units) as the value itself."""
-    return p["threshold"] if "threshold" in p else p["log_threshold"].exp()
+    """Thresholds: trained as a (scaled) log, fitted (user units) as the value itself."""
+    if "threshold" in p:
+        return p["threshold"]
+    return (THRESHOLD_SPEED * p["log_threshold"]).exp()
 
 
 class JumpReLU(Architecture):
@@ -73,7 +85,7 @@ class JumpReLU(Architecture):
     public_names = {"threshold": "threshold_"}
 
     def extra_parameters(self, params):
-        t = math.log(self.hparams["threshold_init"])
+        t = math.log(self.hparams["threshold_init"]) / THRESHOLD_SPEED
         return {"log_threshold": torch.full_like(params["b_enc"], t)}
 
     def encode(self, p, x_BD, training=False):
@@ -93,5 +105,5 @@ class JumpReLU(Architecture):
     def fold_scale(self, p, scale):
         out = super().fold_scale(p, scale)
         if "log_threshold" in p:
-            out["threshold"] = p["log_threshold"].exp() / scale
+            out["threshold"] = _theta(p) / scale
         return out
