@@ -1,0 +1,267 @@
+"""TopK SAE training throughput: sksae vs the roofline, EleutherAI sparsify and SAELens.
+
+For each shape (n_features, n_components, k, batch_size) every library trains a
+TopK SAE on the same float32 data, with the same batch size, learning rate and
+number of epochs; we report training samples/s (wall clock of the whole fit
+for sksae, initialisation included; of the step loop for the peers), the ratio
+to each peer, the ratio to the roofline, and the FVU of every model on the
+training data after training (sum ||x - x_hat||^2 / sum ||x - mean||^2).
+
+Roofline: the floor of a TopK step is one dense encoder product
+(2 B D F flops) plus the top-k selection; it is measured in the same run as
+``addmm(b_enc, x, W_enc^T)`` + ``topk`` on a batch, so the ratio does not
+depend on how loaded the machine is.
+
+Peers (imported when installed, skipped with a note otherwise; their code is
+never vendored here):
+
+- EleutherAI sparsify (``pip install eai-sparsify``): ``SparseCoder`` with
+  its own forward (TopK, AuxK, FVU loss) in a loop that follows its trainer:
+  Adam, decoder gradient projection, decoder renormalisation.
+  ``SPARSIFY_DISABLE_TRITON=1`` is set on CPU runs.
+- SAELens (``pip install sae-lens``): ``TopKTrainingSAE.training_forward_pass``
+  in a loop that follows its ``SAETrainer``: Adam, gradient clipping at 1.
+
+Data: sparse superposition, 2 n_features unit ground-truth directions, ~k/2
+active per row with uniform magnitudes, plus 1% Gaussian noise.
+
+Usage::
+
+    python benchmarks/bench_throughput.py --quick          # a few minutes on 2 cores
+    python benchmarks/bench_throughput.py --device cuda     # the same table on a GPU
+
+Measured numbers are in ``benchmarks/results/throughput.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from sksae import SparseAutoencoder
+from sksae._base import synchronize
+
+SHAPES = [(384, 3072, 32, 1024), (768, 24576, 32, 4096)]
+
+
+def make_data(n_samples, n_features, k, seed=0):
+    rng = np.random.RandomState(seed)
+    n_true = 2 * n_features
+    F = rng.randn(n_true, n_features)
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    p = 0.995 ** np.arange(n_true)
+    p = np.minimum(p / p.sum() * max(1, k // 2), 1)
+    X = np.zeros((n_samples, n_features), dtype=np.float32)
+    for s in range(0, n_samples, 8192):  # bounded memory
+        m = min(8192, n_samples - s)
+        acts = (rng.rand(m, n_true) < p) * rng.rand(m, n_true)
+        X[s:s + m] = acts @ F + 0.01 * rng.randn(m, n_features)
+    return X
+
+
+def default_lr(n_components):
+    return 2e-4 / math.sqrt(n_components / 2**14)
+
+
+def fvu(recon, X, device, chunk=1024):
+    """FVU of ``recon`` (tensor -> tensor) over the rows of X."""
+    resid = total = 0.0
+    mean = torch.as_tensor(X.mean(0, dtype=np.float64))
+    with torch.no_grad():
+        for s in range(0, X.shape[0], chunk):
+            x = torch.as_tensor(X[s:s + chunk]).to(device)
+            x_hat = recon(x).float()
+            resid += (x - x_hat).double().pow(2).sum().item()
+            total += (x.double().cpu() - mean).pow(2).sum().item()
+    return resid / total
+
+
+def timed(fn, device, reps):
+    fn()
+    synchronize(device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def roofline(n_features, n_components, k, batch_size, device, reps=7):
+    """Samples/s of the unavoidable work: dense encoder product + top-k."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, n_features, generator=g).to(device)
+    W = torch.randn(n_components, n_features, generator=g).to(device)
+    b = torch.zeros(n_components, device=device)
+
+    def work():
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            pre = torch.addmm(b, x, W.T)
+        torch.topk(pre, k, dim=-1, sorted=False)
+
+    return batch_size / timed(work, device, reps)
+
+
+def batches(X, batch_size, epochs, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.as_tensor(X).to(device)
+    for _ in range(epochs):
+        order = torch.randperm(X.shape[0], generator=g).to(device)
+        for s in range(0, X.shape[0], batch_size):
+            yield data[order[s:s + batch_size]]
+
+
+# -- sksae ----------------------------------------------------------------------
+def run_sksae(X, n_components, k, batch_size, epochs, device):
+    sae = SparseAutoencoder(n_components=n_components, k=k, batch_size=batch_size,
+                            max_iter=epochs, tol=0.0, max_no_improvement=None,
+                            random_state=0, device=str(device))
+    synchronize(device)
+    t0 = time.perf_counter()
+    sae.fit(X)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    p = {n: torch.as_tensor(getattr(sae, a)).to(device) for n, a in [
+        ("W_enc", "encoder_weights_"), ("b_enc", "encoder_bias_"),
+        ("W_dec", "components_"), ("b_dec", "decoder_bias_")]}
+
+    def recon(x):
+        pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+        v, i = torch.topk(pre, k, dim=-1, sorted=False)
+        return torch.nn.functional.embedding_bag(i, p["W_dec"], per_sample_weights=v.clamp_min(0),
+                                                 mode="sum") + p["b_dec"]
+
+    return seconds, recon
+
+
+# -- EleutherAI sparsify ------------------------------------------------------------
+def run_sparsify(X, n_components, k, batch_size, epochs, device):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    cfg = SparseCoderConfig(num_latents=n_components, k=k)
+    sae = SparseCoder(X.shape[1], cfg, device=device, dtype=torch.float32)
+    sae.b_dec.data = torch.as_tensor(X[:4096].mean(0)).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n_components))
+    since_fired = torch.zeros(n_components, dtype=torch.long, device=device)
+    dead_threshold = 10_000_000  # sparsify's default, in tokens
+    use_autocast = device.type == "cuda"
+    synchronize(device)
+    t0 = time.perf_counter()
+    for x in batches(X, batch_size, epochs, device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
+            out = sae(x, dead_mask=since_fired > dead_threshold)
+            loss = out.fvu + 1 / 32 * out.auxk_loss
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            since_fired += x.shape[0]
+            since_fired[out.latent_indices.flatten()] = 0
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return seconds, lambda x: sae(x).sae_out
+
+
+# -- SAELens ----------------------------------------------------------------------
+def run_saelens(X, n_components, k, batch_size, epochs, device):
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    torch.manual_seed(0)
+    cfg = TopKTrainingSAEConfig(d_in=X.shape[1], d_sae=n_components, k=k,
+                                device=str(device))
+    sae = TopKTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n_components), betas=(0.9, 0.999))
+    since_fired = torch.zeros(n_components, device=device)
+    dead_window = 1000  # SAELens's default dead_feature_window, in steps
+    use_autocast = device.type == "cuda"
+    synchronize(device)
+    t0 = time.perf_counter()
+    for step, x in enumerate(batches(X, batch_size, epochs, device)):
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
+            out = sae.training_forward_pass(step_input=TrainStepInput(
+                sae_in=x, coefficients={}, dead_neuron_mask=since_fired > dead_window,
+                n_training_steps=step, is_logging_step=False))
+        with torch.no_grad():
+            fired = out.feature_acts.bool().any(0)
+            since_fired += 1
+            since_fired[fired] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return seconds, lambda x: sae(x)
+
+
+PEERS = {"sparsify": ("sparsify", run_sparsify), "SAELens": ("sae_lens", run_saelens)}
+
+
+def available(module):
+    try:
+        importlib.import_module(module)
+        return None
+    except Exception as exc:  # not installed, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows and epochs")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", default="0,1", help="indices into SHAPES")
+    parser.add_argument("--peers", default="sparsify,SAELens")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f", {torch.get_num_threads()} threads"))
+    for i in [int(s) for s in args.shapes.split(",")]:
+        D, F, k, B = SHAPES[i]
+        large = F > 8192
+        if device.type == "cuda":
+            n_samples, epochs = (2**17, 3) if not args.quick else (2**16, 2)
+        elif args.quick:
+            n_samples, epochs = (8 * B, 1) if large else (16 * B, 2)
+        else:
+            n_samples, epochs = (16 * B, 1) if large else (64 * B, 3)
+        X = make_data(n_samples, D, k)
+        rows = n_samples * epochs
+        print(f"\n== n_features={D} n_components={F} k={k} batch={B}: "
+              f"{n_samples} rows x {epochs} epochs ==")
+        roof = roofline(D, F, k, B, device)
+        results = {}
+        sec, recon = run_sksae(X, F, k, B, epochs, device)
+        results["sksae"] = (rows / sec, fvu(recon, X, device))
+        for name in [p for p in args.peers.split(",") if p]:
+            module, fn = PEERS[name]
+            why = available(module)
+            if why is not None:
+                print(f"  {name}: skipped, not importable ({why})")
+                continue
+            sec, recon = fn(X, F, k, B, epochs, device)
+            results[name] = (rows / sec, fvu(recon, X, device))
+        ours = results["sksae"][0]
+        print(f"  {'':10s} {'samples/s':>11s} {'FVU':>7s} {'sksae/this':>10s} {'/roofline':>9s}")
+        print(f"  {'roofline':10s} {roof:11.0f} {'':>7s} {ours / roof:10.2f} {1:9.2f}")
+        for name, (sps, f) in results.items():
+            print(f"  {name:10s} {sps:11.0f} {f:7.4f} {ours / sps:10.2f} {sps / roof:9.2f}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
