@@ -65,11 +65,15 @@ def _fit(args):
 
     X = _load_rows(args.acts)
     lr = args.learning_rate if args.learning_rate == "auto" else float(args.learning_rate)
+    # penalty weights left unset keep the estimator's defaults
+    penalties = {k: v for k, v in (("alpha", args.alpha), ("l0_coefficient",
+                                                           args.l0_coefficient))
+                 if v is not None}
     sae = SparseAutoencoder(
         n_components=args.n_components, architecture=args.architecture, k=args.k,
-        alpha=args.alpha, l0_coefficient=args.l0_coefficient, learning_rate=lr,
-        batch_size=args.batch_size, max_iter=args.max_iter, device=args.device,
-        random_state=args.random_state, verbose=0 if args.quiet else 1)
+        learning_rate=lr, batch_size=args.batch_size, max_iter=args.max_iter,
+        device=args.device, random_state=args.random_state,
+        verbose=0 if args.quiet else 1, **penalties)
     print(f"Fitting {sae.architecture} SAE on {X.shape[0]} rows x {X.shape[1]} features "
           f"({args.acts}, memory-mapped)")
     start = time.perf_counter()
@@ -190,8 +194,10 @@ def build_parser():
     fit.add_argument("--n-components", type=int, default=None,
                      help="dictionary size (default: 8 x n_features)")
     fit.add_argument("--k", type=int, default=32, help="active latents (topk, batchtopk)")
-    fit.add_argument("--alpha", type=float, default=5.0, help="L1 weight (relu, gated)")
-    fit.add_argument("--l0-coefficient", type=float, default=2.0, help="L0 weight (jumprelu)")
+    fit.add_argument("--alpha", type=float, default=None,
+                     help="L1 weight (relu, gated; default: the estimator's)")
+    fit.add_argument("--l0-coefficient", type=float, default=None,
+                     help="L0 weight (jumprelu; default: the estimator's)")
     fit.add_argument("--learning-rate", default="auto")
     fit.add_argument("--batch-size", type=int, default=1024)
     fit.add_argument("--max-iter", type=int, default=30, help="epochs")
