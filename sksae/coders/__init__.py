@@ -10,6 +10,8 @@ converged. :data:`CODERS` maps scikit-learn's algorithm names to them;
 
 from __future__ import annotations
 
+import torch
+
 from ._lars import lars
 from ._lasso import lasso, lasso_objective
 from ._lasso_lars import lasso_lars as _lasso_lars
@@ -24,7 +26,9 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
                init=None, tol=None, max_active=None, **_):
     """Exact lasso codes: the batched LARS-lasso homotopy, then coordinate descent.
 
-    The homotopy (:func:`sksae.coders._lasso_lars.lasso_lars`) solves
+    With orthogonal atoms (to rounding) the problem separates: soft
+    thresholding. Otherwise the homotopy
+    (:func:`sksae.coders._lasso_lars.lasso_lars`) solves
     ``0.5 ||x - D^T u||^2 + alpha ||u||_1`` exactly and is fast while the
     active sets are small, whatever the conditioning. Its cost per step grows
     with the square of the active set, so rows whose support passes
@@ -36,6 +40,16 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     n = X.shape[0]
     G = D @ D.T if gram is None else gram
     C = X @ D.T if cov is None else cov
+    K = G.shape[0]
+    off = G - torch.diag_embed(G.diagonal())
+    if K > 1 and float(off.abs().max()) <= 1e-6 * float(G.diagonal().max().clamp(min=1e-30)):
+        # Orthogonal atoms (to rounding), e.g. the SVD initialisation of fit: the
+        # lasso is separable and soft thresholding divided by ||d_j||^2 solves it.
+        diag = G.diagonal()
+        start = C.clamp(min=0) if positive else C
+        start = torch.sign(start) * (start.abs() - alpha).clamp(min=0)
+        start = torch.where(diag > 0, start / diag.clamp(min=1e-30), 0.0)
+        return start, True
     if not max_active:
         return _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
                            max_iter=max_iter)

@@ -57,6 +57,7 @@ class _Path:
         self.idx = torch.zeros(nw, self.cap, dtype=torch.long, device=dev)
         self.sgn = torch.zeros(nw, self.cap, dtype=dt, device=dev)
         self.u = torch.zeros(nw, self.cap, dtype=dt, device=dev)
+        self.t = torch.zeros(nw, self.cap, dtype=dt, device=dev)
         self.Linv = _eye_batch(nw, self.cap, dt, dev)
         self.n_act = torch.zeros(nw, dtype=torch.long, device=dev)
         self.cand = usable.expand(nw, K).clone()
@@ -70,54 +71,57 @@ class _Path:
         new = min(max(2 * self.cap, need), self.G.shape[0])
         nw, pad = self.idx.shape[0], new - self.cap
         z = lambda t: torch.cat([t, t.new_zeros(nw, pad)], dim=1)  # noqa: E731
-        self.idx, self.sgn, self.u = z(self.idx), z(self.sgn), z(self.u)
+        self.idx, self.sgn, self.u, self.t = z(self.idx), z(self.sgn), z(self.u), z(self.t)
         Linv = _eye_batch(nw, new, self.dtype, self.device)
         Linv[:, : self.cap, : self.cap] = self.Linv
         self.Linv = Linv
         self.cap = new
 
     def keep(self, mask):
-        for name in ("C", "r", "idx", "sgn", "u", "Linv", "n_act", "cand", "blocked"):
+        for name in ("C", "r", "idx", "sgn", "u", "t", "Linv", "n_act", "cand", "blocked"):
             setattr(self, name, getattr(self, name)[mask])
 
-    def append(self, e, j, m):
-        """Add atom ``j[i]`` to row ``e[i]``'s active set (``m`` = current max size)."""
-        if e.numel() == 0:
-            return
-        slot = self.n_act[e]
+    def append(self, ent, j, m):
+        """Add atom ``j[i]`` to the active set of every row ``i`` with ``ent[i]``.
+
+        Works on all rows at once (rows not entering write the identity
+        padding they already hold), so no per-row gather of the factors.
+        ``m`` is the current largest active set.
+        """
         self._grow(m + 1)
-        G = self.G
+        G, dev = self.G, self.device
+        nw = ent.shape[0]
+        rows = torch.arange(nw, device=dev)
+        slot = self.n_act
         gjj = G[j, j]
         if m > 0:
-            act = self.idx[e, :m]
-            valid = torch.arange(m, device=self.device) < slot[:, None]
-            b = torch.where(valid, G[act, j[:, None]], 0.0)
-            Lm = self.Linv[e, :m, :m]
+            valid = (torch.arange(m, device=dev) < slot[:, None]) & ent[:, None]
+            b = torch.where(valid, G[self.idx[:, :m], j[:, None]], 0.0)
+            Lm = self.Linv[:, :m, :m]
             l = torch.bmm(Lm, b.unsqueeze(-1)).squeeze(-1)
             lkk2 = gjj - l.square().sum(dim=1)
         else:
-            lkk2 = gjj.clone()
+            lkk2 = gjj
         # A (numerically) dependent atom is dropped for good, as lars_path does.
-        ok = lkk2 > 1e-9 * gjj
-        self.cand[e, j] = False
-        if not bool(ok.all()):
-            e, j, slot, lkk2 = e[ok], j[ok], slot[ok], lkk2[ok]
-            if m > 0:
-                l, Lm = l[ok], Lm[ok]
-            if e.numel() == 0:
-                return
-        inv_lkk = lkk2.rsqrt()
-        row = torch.zeros(e.numel(), self.cap, dtype=self.dtype, device=self.device)
+        ok = ent & (lkk2 > 1e-9 * gjj)
+        self.cand[rows, j] = self.cand[rows, j] & ~ent
+        inv_lkk = torch.where(ok, lkk2.clamp(min=1e-300).rsqrt(), 1.0)
+        row = torch.zeros(nw, self.cap, dtype=self.dtype, device=dev)
+        sj = self.r[rows, j]
+        sj = torch.where(ok, torch.ones_like(sj) if self.positive else torch.sign(sj), 0.0)
         if m > 0:
-            row[:, :m] = -torch.bmm(l.unsqueeze(1), Lm).squeeze(1) * inv_lkk[:, None]
-        ar = torch.arange(e.numel(), device=self.device)
-        row[ar, slot] = inv_lkk
-        self.Linv[e, slot] = row
-        self.idx[e, slot] = j
-        rj = self.r[e, j]
-        self.sgn[e, slot] = torch.ones_like(rj) if self.positive else torch.sign(rj)
-        self.u[e, slot] = 0.0
-        self.n_act[e] += 1
+            head = torch.bmm(l.unsqueeze(1), Lm).squeeze(1)
+            head = torch.where(ok[:, None], head * -inv_lkk[:, None], 0.0)
+            row[:, :m] = head
+            t_new = (head * self.sgn[:, :m]).sum(dim=1) + inv_lkk * sj
+        else:
+            t_new = inv_lkk * sj
+        row[rows, slot] = inv_lkk
+        self.Linv[rows, slot] = row
+        self.idx[rows, slot] = torch.where(ok, j, 0)
+        self.sgn[rows, slot] = sj
+        self.t[rows, slot] = t_new
+        self.n_act += ok.long()
 
     def remove(self, d, i, m):
         """Drop slot ``i[k]`` of row ``d[k]`` and refactorise those rows."""
@@ -134,7 +138,9 @@ class _Path:
         self.sgn[d] = torch.where(valid, self.sgn[d].gather(1, src), 0.0)
         self.u[d] = torch.where(valid, self.u[d].gather(1, src), 0.0)
         self.n_act[d] = n_new
-        self.Linv[d] = self._factor(self.idx[d], n_new)
+        Linv = self._factor(self.idx[d], n_new)
+        self.Linv[d] = Linv
+        self.t[d] = torch.bmm(Linv, self.sgn[d].unsqueeze(-1)).squeeze(-1)
 
     def _factor(self, idx, n_act):
         """Inverse Cholesky factors of the active Gram blocks (identity-padded)."""
@@ -148,9 +154,8 @@ class _Path:
 
     # -- the path ----------------------------------------------------------------
     def direction(self, m):
-        Lm = self.Linv[:, :m, :m]
-        t = torch.bmm(Lm, self.sgn[:, :m].unsqueeze(-1))
-        w = torch.bmm(Lm.transpose(1, 2), t).squeeze(-1)
+        # w = L^{-T} t with t = L^{-1} s kept up to date by append/remove.
+        w = torch.bmm(self.t[:, None, :m], self.Linv[:, :m, :m]).squeeze(1)
         idx = self.idx[:, :m]
         if self.dense_route(m):
             wd = torch.zeros_like(self.r).scatter_add_(1, idx, w)
@@ -225,11 +230,11 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     # Gathering G[:, A] costs |A| K per row; the dense route (w D_A) D^T costs
     # about 2 F K at matmul speed: switch once the active sets are large.
     def dense_route(m):
-        return m * 8 > min(F, K)
+        return m * 16 > min(F, K)
 
     P = _Path(C[pos], G, Dw, usable, alpha, positive, dense_route)
     lam, j0 = lam[pos], j0[pos]
-    P.append(torch.arange(pos.numel(), device=dev), j0, 0)
+    P.append(torch.ones(pos.numel(), dtype=torch.bool, device=dev), j0, 0)
     done = torch.zeros(pos.numel(), dtype=torch.bool, device=dev)
     inf = float("inf")
     converged = True
@@ -300,11 +305,10 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         new_done = fin & ~done
         done = fin
         # Events.
-        e = enter.nonzero().flatten()
         d = drop.nonzero().flatten()
         if d.numel():
             P.u[d, i_out[d]] = 0.0
-        P.append(e, j_in[e], m)
+        P.append(enter, j_in, m)
         P.remove(d, i_out[d], max(m, 1))
         n_done = int(done.sum())
         if n_done == done.numel():
