@@ -19,13 +19,13 @@ version (a few minutes on 2 cores; scikit-learn dominates the run time).
 
 Measured (2 shared, noisy CPU cores, torch 2.13 CPU, scikit-learn 1.9.1; see
 benchmarks/results/dictionary_learning.txt for the full output), ``--quick
---threads 1``, one pass over 2,000 rows (toy with 256 atoms):
+--threads 1``, one pass over 2,000 rows (toy with 256 atoms), with the batched
+LARS-lasso homotopy:
 
-    toy    fit x5.4  omp x3.1  lasso x4.1  held-out objective sksae/sklearn 1.0024
-    china  fit x1.1  omp x7.9  lasso x0.3  held-out objective sksae/sklearn 1.0040
+    toy    fit x3.8  omp x2.0  lasso x2.3  held-out objective sksae/sklearn 1.0024
+    china  fit x14.3 omp x12.2 lasso x6.3  held-out objective sksae/sklearn 1.0038
 
-The 20x target is not reached on CPU: the lasso coder's per-coordinate sweeps
-dominate (see the results file). With 2 torch threads on the oversubscribed
+The 20x target is not reached on CPU (see the results file). With 2 torch threads on the oversubscribed
 shared machine sksae was several times slower still.
 """
 
@@ -118,8 +118,9 @@ def main(argv=None):
     parser.add_argument("--n-samples", type=int, default=None)
     parser.add_argument("--max-iter", type=int, default=1, help="passes over the data")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1 is fastest on a busy machine)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: torch's; pass 1 on a busy "
+                             "shared machine, where extra threads stall)")
     parser.add_argument("--only", choices=["toy", "china"], default=None)
     parser.add_argument("--skip-sklearn", action="store_true")
     args = parser.parse_args(argv)
