@@ -48,9 +48,12 @@ SPARSE_MIN_COMPONENTS = 512
 #: flop rate (gathers are memory bound); measured crossover on CPU is ~1/8
 SPARSE_MAX_DENSITY = 1 / 16
 
+# torch's notes that CSR tensors are beta and that we skip their invariant checks
+_BETA_WARNINGS = ".*Sparse (CSR tensor support|invariant checks).*"
+
 
 def use_sparse(n_components, k, mode="auto"):
-    """Whether the sparse kernels should run for ``k`` active latents per row out of ``n_components``.
+    """Whether to run the sparse kernels for ``k`` active latents out of ``n_components``.
 
     Parameters
     ----------
@@ -99,7 +102,7 @@ class Pattern(NamedTuple):
     def csr(self, values):
         """A sparse CSR tensor with this pattern and ``values``."""
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+            warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
             return torch.sparse_csr_tensor(
                 self.crow, self.indices, values, size=(self.n_rows, self.n_components),
                 check_invariants=False)
@@ -163,7 +166,7 @@ def _sampled_dots(pat, A_BD, W_FD):
     if A.dtype in (torch.float32, torch.float64):
         zeros = A.new_zeros(pat.indices.shape[0])
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+            warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
             out = torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0)
         return out.values()
     # half precision: gather in chunks that stay in cache
