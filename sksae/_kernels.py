@@ -45,7 +45,7 @@ __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre",
 SPARSE_MIN_COMPONENTS = 512
 #: largest k / n_components for which the sparse kernels win: they do ~1/density
 #: less arithmetic than dense matmuls but run at a small fraction of their
-#: flop rate (gathers are memory bound); measured crossover on CPU is ~1/8
+#: flop rate (gathers are memory bound); a conservative guess, not yet measured
 SPARSE_MAX_DENSITY = 1 / 16
 
 # torch's notes that CSR tensors are beta and that we skip their invariant checks
