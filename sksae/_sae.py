@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -366,6 +367,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         with restore_on_failure(self):
             resume = hasattr(self, "_train_state")
+            if not resume and hasattr(self, "components_"):
+                warnings.warn(
+                    "This model has no training state (it was loaded with sksae.load or "
+                    "imported); partial_fit starts a new training run. Pass "
+                    "init=model.components_ to start from its atoms.", UserWarning)
             X = self._validate(X, reset=not resume)
             self._train(X, max_epochs=1, resume=resume, partial=True)
         return self

@@ -36,6 +36,8 @@ def test_docs_build_without_warnings(tmp_path):
                                                              "auto_examples"))
     # conf.py points sphinx-gallery at ../examples relative to the copy
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    # pages include benchmark results from ../benchmarks/results
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
     status = build_main(["-W", "--keep-going", "-q", "-b", "html",
                          "-D", "plot_gallery=0", str(src), str(tmp_path / "html")])
     assert status == 0
