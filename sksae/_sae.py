@@ -100,19 +100,25 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Adam learning rate. ``"auto"`` is ``2e-4 / sqrt(n_components / 2**14)``
         (Gao et al. 2024's scaling law) for ``"topk"`` and ``"batchtopk"``,
         and ``1e-3`` for the penalty-based architectures.
-    batch_size : int, default=1024
-        Rows per optimizer step.
-    max_iter : int, default=30
-        Maximum number of epochs (passes over the training data).
+    batch_size : int, default=256
+        Rows per optimizer step. Small batches take more steps per pass, which
+        recovers features from a few passes over small data sets faster; on a
+        GPU with millions of rows, 4096 is the peers' choice.
+    max_iter : int, default=20
+        Maximum number of epochs (passes over the training data). The learning
+        rate decays to zero over the last 20% of the ``max_iter`` epochs.
     tol : float, default=0.0
         Stop when the Frobenius norm of the change of the decoder in one step,
         divided by ``n_components``, is at most ``tol`` (scikit-learn's minibatch
         dictionary learning rule). 0 disables this criterion.
-    max_no_improvement : int or None, default=10
+    max_no_improvement : int or None, default=None
         Stop after this many consecutive steps without a new minimum of the
         exponentially weighted average of the batch loss (weight
         ``batch_size / (n_samples + 1)``, the first epoch or 100 steps ignored),
-        as scikit-learn's ``MiniBatchDictionaryLearning``. None disables it.
+        as scikit-learn's ``MiniBatchDictionaryLearning``. None (the default)
+        disables it: SGD losses are noisy, and stopping early also skips the
+        final learning-rate decay, so by default training runs ``max_iter``
+        epochs. Values of 100 or more suit SAEs.
     init : {"data", "random"} or array-like of shape (n_components, n_features), default="data"
         Initial decoder atoms. ``"data"`` takes random centred training rows
         (Sharkey et al. 2022: faster early feature recovery); ``"random"`` draws
@@ -252,10 +258,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         threshold_init=0.5,
         threshold_momentum=0.999,
         learning_rate="auto",
-        batch_size=1024,
-        max_iter=30,
+        batch_size=256,
+        max_iter=20,
         tol=0.0,
-        max_no_improvement=10,
+        max_no_improvement=None,
         init="data",
         normalize=True,
         auxk_alpha=1 / 32,
