@@ -16,6 +16,10 @@ import torch
 __all__ = ["omp"]
 
 
+# Rows per block: the per-row projected Gram columns V (k, K) stay within this.
+_BLOCK_BYTES = 32 * 2**20
+
+
 def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, **_):
     """Greedy sparse codes with at most ``n_nonzero_coefs`` atoms per row.
 
@@ -39,49 +43,76 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, **_):
     G = D @ D.T if gram is None else gram
     C = X @ D.T if cov is None else cov
     k = int(n_nonzero_coefs)
-    eps = torch.finfo(G.dtype).eps
-    rows = torch.arange(n, device=X.device)
-    L = torch.zeros(n, k, k, dtype=G.dtype, device=X.device)
-    idx = torch.zeros(n, k, dtype=torch.long, device=X.device)
-    gamma = torch.zeros(n, k, dtype=G.dtype, device=X.device)
-    live = torch.ones(n, dtype=torch.bool, device=X.device)
-    resid_corr = C
+    code = torch.zeros(n, K, dtype=G.dtype, device=X.device)
+    if n == 0 or k == 0 or K == 0:
+        return code, True
+    block = max(1, _BLOCK_BYTES // max(1, k * K * G.element_size()))
+    for s in range(0, n, block):
+        code[s:s + block] = _omp_block(C[s:s + block], G, k)
+    return code, True
+
+
+def _omp_block(C, G, k):
+    """OMP on one block of rows, by projected Gram columns (no LAPACK in the loop).
+
+    With ``L`` the Cholesky factor of the active Gram block ``G_AA``, keep per
+    row ``V = L^{-1} G[A, :]`` (one row per active atom) and ``z = L^{-1} c_A``.
+    Then the residual correlations are ``c - V^T z``, and adding atom ``j``
+    appends ``l = V[:, j]`` to ``L`` (``l_kk^2 = G_jj - |l|^2``), the row
+    ``(G[j] - l^T V) / l_kk`` to ``V`` and ``(c_j - l . z) / l_kk`` to ``z``:
+    the correlations drop by that row times that entry (rank one, O(|A| K)
+    per row instead of a K x K product). The coefficients are
+    ``L^{-T} z``, one triangular solve at the end.
+    """
+    n, K = C.shape
+    dt, dev = G.dtype, C.device
+    eps = torch.finfo(dt).eps
+    rows = torch.arange(n, device=dev)
+    V = torch.zeros(n, k, K, dtype=dt, device=dev)
+    L = torch.zeros(n, k, k, dtype=dt, device=dev)
+    z = torch.zeros(n, k, dtype=dt, device=dev)
+    idx = torch.zeros(n, k, dtype=torch.long, device=dev)
+    live = torch.ones(n, dtype=torch.bool, device=dev)
+    gdiag = G.diagonal()
+    resid_corr = C.clone()
+    n_active = 0
     for s in range(k):
         lam = resid_corr.abs().argmax(dim=1)
         picked = resid_corr[rows, lam]
         stop = picked.square() < eps
         if s > 0:
             stop |= (idx[:, :s] == lam[:, None]).any(dim=1)
-            g_new = G[idx[:, :s], lam[:, None]]  # (n, s): Gram of the new atom with the active ones
-            w = torch.linalg.solve_triangular(L[:, :s, :s], g_new.unsqueeze(-1), upper=False)
-            w = w.squeeze(-1)
-            lkk = G[lam, lam] - w.square().sum(dim=1)
+            w = V[rows, :s, lam]  # L^{-1} G[A, lam]
+            lkk = gdiag[lam] - w.square().sum(dim=1)
             stop |= lkk <= eps
         else:
             w = None
-            lkk = G[lam, lam]
+            lkk = gdiag[lam]
         live = live & ~stop
         if not bool(live.any()):
             break
-        # Rows that stopped keep their factor; give them a harmless diagonal so
-        # the batched triangular solves stay finite.
+        lk = lkk.clamp(min=eps).sqrt()
+        inv = torch.where(live, 1.0 / lk, 0.0)
+        g = G[lam]
+        c_new = C[rows, lam]
         if w is not None:
-            L[:, s, :s] = torch.where(live[:, None], w, torch.zeros_like(w))
-        L[:, s, s] = torch.where(live, lkk.clamp(min=eps).sqrt(), torch.ones_like(lkk))
+            w = torch.where(live[:, None], w, 0.0)
+            g = torch.baddbmm(g.unsqueeze(1), w.unsqueeze(1), V[:, :s], alpha=-1.0).squeeze(1)
+            c_new = c_new - (w * z[:, :s]).sum(dim=1)
+            L[:, s, :s] = w
+        v = g.mul_(inv[:, None])
+        V[:, s] = v
+        zs = c_new * inv
+        z[:, s] = zs
+        # Rows that stopped get a unit diagonal and z = 0: a zero coefficient.
+        L[:, s, s] = torch.where(live, lk, 1.0)
         idx[:, s] = torch.where(live, lam, idx[:, s - 1] if s > 0 else lam)
-        active_c = C.gather(1, idx[:, : s + 1]).unsqueeze(-1)
-        sol = torch.cholesky_solve(active_c, L[:, : s + 1, : s + 1]).squeeze(-1)
-        gamma[:, : s + 1] = torch.where(live[:, None], sol, gamma[:, : s + 1])
-        # Correlations of the residual: c - gamma G[active], as one dense matmul
-        # (a gather of the active Gram rows per step costs more than the GEMM).
-        dense = torch.zeros(n, K, dtype=G.dtype, device=X.device)
-        dense.scatter_add_(1, idx[:, : s + 1], gamma[:, : s + 1])
-        resid_corr = torch.addmm(C, dense, G, alpha=-1.0)
+        resid_corr.addcmul_(v, zs[:, None], value=-1.0)
         n_active = s + 1
-    else:
-        n_active = k
-    code = torch.zeros(n, K, dtype=G.dtype, device=X.device)
-    if k > 0 and n_active > 0:
-        # Stopped rows carry zeros in gamma beyond their own support.
-        code.scatter_add_(1, idx[:, :n_active], gamma[:, :n_active])
-    return code, True
+    code = torch.zeros(n, K, dtype=dt, device=dev)
+    if n_active:
+        Lm = L[:, :n_active, :n_active]
+        gamma = torch.linalg.solve_triangular(Lm.transpose(1, 2), z[:, :n_active].unsqueeze(-1),
+                                              upper=True).squeeze(-1)
+        code.scatter_add_(1, idx[:, :n_active], gamma)
+    return code
