@@ -37,6 +37,8 @@ __all__ = ["lasso_lars"]
 # Atoms whose squared norm is below this never enter (zero atoms of a padded
 # dictionary): they carry no signal and would make the active Gram singular.
 _NULL_ATOM = 1e-12
+# Slots per chunk of the per-row projected Gram rows V.
+_CHUNK = 16
 
 
 def _eye_batch(n, m, dtype, device):
@@ -53,12 +55,17 @@ class _Path:
         dt, dev = C.dtype, C.device
         self.C = C
         self.r = C.clone()
-        self.cap = 8
+        self.cap = _CHUNK
         self.idx = torch.zeros(nw, self.cap, dtype=torch.long, device=dev)
         self.sgn = torch.zeros(nw, self.cap, dtype=dt, device=dev)
         self.u = torch.zeros(nw, self.cap, dtype=dt, device=dev)
         self.t = torch.zeros(nw, self.cap, dtype=dt, device=dev)
         self.Linv = _eye_batch(nw, self.cap, dt, dev)
+        # V = L^{-1} G[A, :] (zero rows past the active set) and a = V^T t = G[:, A] w,
+        # the rates of change of the correlations, kept up to date by append/remove.
+        # V is stored in chunks of _CHUNK slots, so growing it copies nothing.
+        self.Vc = [torch.zeros(nw, _CHUNK, K, dtype=dt, device=dev)]
+        self.a = torch.zeros(nw, K, dtype=dt, device=dev)
         self.n_act = torch.zeros(nw, dtype=torch.long, device=dev)
         self.cand = usable.expand(nw, K).clone()
         self.blocked = torch.full((nw,), -1, dtype=torch.long, device=dev)
@@ -68,18 +75,39 @@ class _Path:
     def _grow(self, need):
         if need <= self.cap:
             return
-        new = min(max(2 * self.cap, need), self.G.shape[0])
+        new = self.cap + _CHUNK
         nw, pad = self.idx.shape[0], new - self.cap
         z = lambda t: torch.cat([t, t.new_zeros(nw, pad)], dim=1)  # noqa: E731
         self.idx, self.sgn, self.u, self.t = z(self.idx), z(self.sgn), z(self.u), z(self.t)
         Linv = _eye_batch(nw, new, self.dtype, self.device)
         Linv[:, : self.cap, : self.cap] = self.Linv
         self.Linv = Linv
+        self.Vc.append(self.Vc[0].new_zeros(nw, _CHUNK, self.Vc[0].shape[2]))
         self.cap = new
 
     def keep(self, mask):
-        for name in ("C", "r", "idx", "sgn", "u", "t", "Linv", "n_act", "cand", "blocked"):
+        for name in ("C", "r", "idx", "sgn", "u", "t", "Linv", "a", "n_act", "cand", "blocked"):
             setattr(self, name, getattr(self, name)[mask])
+        self.Vc = [c[mask] for c in self.Vc]
+
+    # -- V in chunks -------------------------------------------------------------
+    def _v_col(self, rows, j, m):
+        """``V[rows, :m, j]``."""
+        n_c = -(-m // _CHUNK)
+        return torch.cat([c[rows, :, j] for c in self.Vc[:n_c]], dim=1)[:, :m]
+
+    def _v_left(self, base, l, m):
+        """``base - l^T V[:, :m]`` (one batched product per chunk)."""
+        out = base.unsqueeze(1)
+        for ci in range(-(-m // _CHUNK)):
+            lo, hi = ci * _CHUNK, min(m, (ci + 1) * _CHUNK)
+            out = torch.baddbmm(out, l[:, None, lo:hi], self.Vc[ci][:, : hi - lo], alpha=-1.0)
+        return out.squeeze(1)
+
+    def _v_set_rows(self, d, V):
+        """``V[d] = V`` for rows ``d`` (V of shape (len(d), cap, K))."""
+        for ci, c in enumerate(self.Vc):
+            c[d] = V[:, ci * _CHUNK:(ci + 1) * _CHUNK]
 
     def append(self, ent, j, m):
         """Add atom ``j[i]`` to the active set of every row ``i`` with ``ent[i]``.
@@ -95,10 +123,9 @@ class _Path:
         slot = self.n_act
         gjj = G[j, j]
         if m > 0:
-            valid = (torch.arange(m, device=dev) < slot[:, None]) & ent[:, None]
-            b = torch.where(valid, G[self.idx[:, :m], j[:, None]], 0.0)
+            # l = L^{-1} G[A, j] is column j of V (zero past the active set).
+            l = torch.where(ent[:, None], self._v_col(rows, j, m), 0.0)
             Lm = self.Linv[:, :m, :m]
-            l = torch.bmm(Lm, b.unsqueeze(-1)).squeeze(-1)
             lkk2 = gjj - l.square().sum(dim=1)
         else:
             lkk2 = gjj
@@ -118,6 +145,16 @@ class _Path:
             t_new = inv_lkk * sj
         row[rows, slot] = inv_lkk
         self.Linv[rows, slot] = row
+        # New row of V: (G[j] - l^T V) / l_kk; a gains it times the new entry of t.
+        vrow = G[j]
+        if m > 0:
+            vrow = self._v_left(vrow, l, m)
+        vrow = vrow * torch.where(ok, inv_lkk, 0.0)[:, None]
+        ci = slot // _CHUNK
+        for c in range(int(ci.min()), int(ci.max()) + 1):
+            sel = (ci == c).nonzero().flatten()
+            self.Vc[c][sel, slot[sel] - c * _CHUNK] = vrow[sel]
+        self.a.addcmul_(vrow, torch.where(ok, t_new, 0.0)[:, None])
         self.idx[rows, slot] = torch.where(ok, j, 0)
         self.sgn[rows, slot] = sj
         self.t[rows, slot] = t_new
@@ -140,7 +177,12 @@ class _Path:
         self.n_act[d] = n_new
         Linv = self._factor(self.idx[d], n_new)
         self.Linv[d] = Linv
-        self.t[d] = torch.bmm(Linv, self.sgn[d].unsqueeze(-1)).squeeze(-1)
+        t = torch.bmm(Linv, self.sgn[d].unsqueeze(-1)).squeeze(-1)
+        self.t[d] = t
+        V = torch.bmm(Linv, self.G[self.idx[d]])
+        V = torch.where(valid[:, :, None], V, 0.0)
+        self._v_set_rows(d, V)
+        self.a[d] = torch.bmm(t.unsqueeze(1), V).squeeze(1)
 
     def _factor(self, idx, n_act):
         """Inverse Cholesky factors of the active Gram blocks (identity-padded)."""
@@ -156,14 +198,7 @@ class _Path:
     def direction(self, m):
         # w = L^{-T} t with t = L^{-1} s kept up to date by append/remove.
         w = torch.bmm(self.t[:, None, :m], self.Linv[:, :m, :m]).squeeze(1)
-        idx = self.idx[:, :m]
-        if self.dense_route(m):
-            wd = torch.zeros_like(self.r).scatter_add_(1, idx, w)
-            D = self.D
-            a = (wd @ D) @ D.T if D.shape[1] < D.shape[0] else wd @ self.G
-        else:
-            a = torch.bmm(w.unsqueeze(1), self.G[idx]).squeeze(1)
-        return w, a
+        return w, self.a
 
     def solve_exact(self, lam):
         """``G_AA^{-1} (c_A - lam s_A)`` per row, slots layout."""
