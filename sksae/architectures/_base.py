@@ -116,7 +116,9 @@ class Architecture:
     # -- forward ------------------------------------------------------------
     @staticmethod
     def pre_activation(p, x_BD):
-        return torch.addmm(p["b_enc"], x_BD - p["b_dec"], p["W_enc"].T)
+        centred = x_BD - p["b_dec"]
+        with _kernels._parallel(centred):  # the step's one dense product: every thread
+            return torch.addmm(p["b_enc"], centred, p["W_enc"].T)
 
     def encode(self, p, x_BD, training=False):
         """Codes of ``x``: an :class:`EncodeOutput` when training, a dense (B, F) tensor otherwise."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _kernels
 from .._kernels import gather_pre, use_sparse
 from ._base import Architecture, EncodeOutput, SparseCodes
 
@@ -18,7 +19,8 @@ def topk_codes(pre_BF, k):
     Taking the top-k before the ReLU selects the same support (the ReLU is
     monotone) and touches a (B, k) tensor instead of (B, F).
     """
-    values, indices = torch.topk(pre_BF, k, dim=-1, sorted=False)
+    with _kernels._parallel(pre_BF):
+        values, indices = torch.topk(pre_BF, k, dim=-1, sorted=False)
     return SparseCodes(values.clamp_min(0), indices)
 
 
@@ -35,7 +37,8 @@ class TopK(Architecture):
             # k selected entries only (sksae._kernels.gather_pre)
             with torch.no_grad():
                 pre = self.pre_activation(p, x_BD)
-            indices = torch.topk(pre, k, dim=-1, sorted=False).indices
+            with _kernels._parallel(pre):  # a (B, F) pass: every thread
+                indices = torch.topk(pre, k, dim=-1, sorted=False).indices
             values = gather_pre(pre, indices, x_BD, p)
             return EncodeOutput(SparseCodes(values.clamp_min(0), indices), pre)
         pre = self.pre_activation(p, x_BD)
