@@ -24,6 +24,7 @@ from ._base import (
 )
 from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
 from ._sae_trainer import SAETrainer, calibrate_encoder_scale, init_parameters
+from .metrics import fraction_variance_explained
 
 __all__ = ["SparseAutoencoder"]
 
@@ -575,13 +576,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         score : float
         """
-        X = self._validate(X, reset=False) if hasattr(self, "n_features_in_") else X
-        X_hat = self.inverse_transform(self.transform(X))
-        resid = np.square(X - X_hat, dtype=np.float64).sum()
-        total = np.square(X - X.mean(axis=0, dtype=np.float64)).sum()
-        if total == 0:
-            return 1.0 if resid == 0 else 0.0
-        return float(1.0 - resid / total)
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        return fraction_variance_explained(X, self.inverse_transform(self.transform(X)))
 
     @property
     def _n_features_out(self):
