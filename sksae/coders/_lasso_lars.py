@@ -96,7 +96,8 @@ class _Path:
     def _v_col(self, rows, j, m):
         """``V[rows, :m, j]``."""
         n_c = -(-m // _CHUNK)
-        return torch.cat([c[rows, :, j] for c in self.Vc[:n_c]], dim=1)[:, :m]
+        jj = j[:, None, None].expand(j.shape[0], _CHUNK, 1)
+        return torch.cat([c.gather(2, jj) for c in self.Vc[:n_c]], dim=1)[:, :m, 0]
 
     def _v_left(self, base, l, m):
         """``base - l^T V[:, :m]`` (one batched product per chunk)."""
@@ -148,7 +149,7 @@ class _Path:
         row[rows, slot] = inv_lkk
         self.Linv[rows, slot] = row
         # New row of V: (G[j] - l^T V) / l_kk; a gains it times the new entry of t.
-        vrow = G[j]
+        vrow = G.index_select(0, j)
         if m > 0:
             vrow = self._v_left(vrow, l, m)
         vrow = vrow * torch.where(ok, inv_lkk, 0.0)[:, None]
@@ -306,13 +307,15 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         # Step at which each candidate's correlation reaches lambda: (lam -+ r) / (1 -+ a)
         # where 1 -+ a > 1e-12, else +inf. Written without boolean masks (masked
         # selects over the (rows, K) block are ~10x slower than arithmetic on the CPU):
-        # a denominator at or below 1e-12 is set to 0, giving +inf (or NaN for a zero
-        # numerator, mapped to +inf).
-        d_in = (lam_ - r).clamp_(min=0).div_(torch.nn.functional.threshold(1.0 - a, 1e-12, 0.0))
+        # a denominator at or below 1e-12 is set to 0 and the numerator is at least
+        # 1e-300 (a zero step stays zero to 1e-300), so the quotient is +inf there.
+        d_in = (lam_ - r).clamp_(min=1e-300).div_(
+            torch.nn.functional.threshold(1.0 - a, 1e-12, 0.0))
         if not positive:
-            d2 = (lam_ + r).clamp_(min=0).div_(torch.nn.functional.threshold(1.0 + a, 1e-12, 0.0))
-            d_in = torch.fmin(d_in, d2)
-        d_in = torch.nan_to_num_(d_in, nan=inf).add_(P.pen)
+            d2 = (lam_ + r).clamp_(min=1e-300).div_(
+                torch.nn.functional.threshold(1.0 + a, 1e-12, 0.0))
+            d_in = torch.minimum(d_in, d2)
+        d_in = d_in.add_(P.pen)
         blk = P.blocked >= 0
         if bool(blk.any()):
             br = blk.nonzero().flatten()
