@@ -15,7 +15,7 @@ import math
 import torch
 
 from ._base import autocast, is_accelerator
-from ._kernels import _serial, gather_pre
+from ._kernels import _parallel, _serial, gather_pre
 from .architectures import SparseCodes, decode
 
 __all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "SAETrainer"]
@@ -26,7 +26,7 @@ def geometric_median(x_ND, n_iter=20, eps=1e-8):
     y = x_ND.mean(0)
     for _ in range(n_iter):
         w = 1.0 / (x_ND - y).norm(dim=-1).clamp_min(eps)
-        y_new = (w[:, None] * x_ND).sum(0) / w.sum()
+        y_new = (w @ x_ND) / w.sum()
         if (y_new - y).norm() <= 1e-6 * y.norm().clamp_min(eps):
             return y_new
         y = y_new
@@ -204,6 +204,7 @@ class SAETrainer:
         (:func:`sksae._kernels.gather_pre` and :func:`decode`): sparse when the
         architecture computed ``pre`` without a graph, so no (B, F) x (F, D)
         product is spent on them.
+        ``pre_BF`` without an autograd graph may be overwritten (masked in place).
         """
         p = {**self.params, **self.buffers} if p is None else p
         dead = self.rows_since_fired >= self.dead_window
@@ -221,8 +222,11 @@ class SAETrainer:
                 idx = dead_idx[torch.topk(sub, min(self.k_aux, n_dead), dim=-1,
                                           sorted=False).indices]
             else:
-                idx = torch.topk(pre.masked_fill(~dead, float("-inf")), self.k_aux,
-                                 dim=-1, sorted=False).indices
+                # pre without a graph (sparse path) is not read again: mask it in place
+                masked = (pre.masked_fill_ if not pre_BF.requires_grad else pre.masked_fill)
+                with _parallel(pre):
+                    idx = torch.topk(masked(~dead, float("-inf")), self.k_aux,
+                                     dim=-1, sorted=False).indices
         else:  # no host synchronisation: fixed shapes, masked picks zeroed
             picked, idx = torch.topk(pre.masked_fill(~dead, float("-inf")), self.k_aux,
                                      dim=-1, sorted=False)
