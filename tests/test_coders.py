@@ -110,3 +110,29 @@ def test_errors(rng):
 
 def test_registry_names():
     assert set(CODERS) == {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"}
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_lasso_lars_large_supports_match_sklearn(positive, rng):
+    # Supports beyond 16 atoms (several chunks of the homotopy's projected Gram rows,
+    # with atoms leaving the path) and more atoms than features.
+    X, D = _problem(rng, n=30, n_features=40, n_components=80)
+    alpha = 0.02
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref = sk_sparse_encode(X, D, algorithm="lasso_lars", alpha=alpha, positive=positive)
+    got = sparse_encode(X, D, algorithm="lasso_lars", alpha=alpha, positive=positive,
+                        device="cpu")
+    assert (ref != 0).sum(axis=1).max() > 16
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    obj_ref = float(lasso_objective(Xt, Dt, torch.from_numpy(ref), alpha).sum())
+    obj = float(lasso_objective(Xt, Dt, torch.from_numpy(got), alpha).sum())
+    assert obj <= obj_ref * (1 + 1e-6)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_omp_many_atoms_matches_sklearn(rng):
+    X, D = _problem(rng, n=25, n_features=40, n_components=90)
+    ref = sk_sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=20)
+    got = sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=20, device="cpu")
+    np.testing.assert_allclose(got, ref, atol=1e-9)
