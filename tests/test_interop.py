@@ -82,7 +82,10 @@ def test_saelens_round_trip_and_names(fitted, X, tmp_path, architecture):
     imported = from_saelens(folder)
     codes = model.transform(X)
     assert_array_equal(imported.transform(X), codes)
-    assert_array_equal(imported.inverse_transform(codes), model.inverse_transform(codes))
+    # float32 GEMMs on a GPU are not bitwise reproducible between calls (cuBLAS may
+    # pick another reduction order): seen at 2e-7 on an H100, exact on the CPU
+    assert_allclose(imported.inverse_transform(codes), model.inverse_transform(codes),
+                    rtol=1e-6, atol=1e-6)
     # the peer's own formula gives the same codes and reconstruction
     z, x_hat = saelens_encode(folder, X)
     assert_allclose(z, codes, atol=1e-5)
