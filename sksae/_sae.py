@@ -388,33 +388,24 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         arch, n_components, lr = self._resolve(n_features)
         device = resolve_device(self.device)
         dtype = torch.float32
-        rng = check_random_state(self.random_state)
         if resume:
             state = self._train_state
+            # a private generator: with random_state=None, check_random_state returns
+            # numpy's global one, whose state must not be rewound
+            rng = np.random.RandomState()
             rng.set_state(state["rng"])
-        generator = make_generator(rng)
-
-        steps_per_epoch = math.ceil(n_samples / min(self.batch_size, n_samples))
-        if resume:
-            scale = state["scale"]
+            scale, dead_window = state["scale"], state["dead_window"]
             params = {k: v.to(device, dtype) for k, v in state["trainer"]["params"].items()}
             buffers = {k: v.to(device, dtype) for k, v in state["trainer"]["buffers"].items()}
-            dead_window = state["dead_window"]
+            generator = make_generator(rng)
         else:
-            sample = X[rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False)]
-            sample = torch.as_tensor(sample, dtype=torch.float64)
-            scale = 1.0
-            if self.normalize:
-                sq = sample.pow(2).sum(-1).mean().item()
-                scale = math.sqrt(n_features / sq) if sq > 0 else 1.0
-            params = init_parameters(sample * scale, n_components, self.init, generator,
-                                     dtype, device)
-            params.update(arch.extra_parameters(params))
-            buffers = arch.extra_buffers(params)
-            params["b_enc"] = arch.init_encoder_bias(params)
-            calibrate_encoder_scale(arch, params, buffers, sample[:4096] * scale)
+            rng = check_random_state(self.random_state)
+            generator = make_generator(rng)
+            params, buffers, scale = self._initial_parameters(
+                X, arch, n_components, rng, generator, device, dtype)
             dead_window = (min(_MAX_DEAD_WINDOW, n_samples) if self.dead_window == "auto"
                            else self.dead_window)
+        steps_per_epoch = math.ceil(n_samples / min(self.batch_size, n_samples))
 
         total_steps = None if partial else max_epochs * steps_per_epoch
         trainer = SAETrainer(
@@ -463,6 +454,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "dead_window": dead_window,
             "rng": rng.get_state(),
         }
+
+    def _initial_parameters(self, X, arch, n_components, rng, generator, device, dtype):
+        """Normalisation scale and initial tensors (training units) from a sample of ``X``."""
+        n_samples, n_features = X.shape
+        sample = X[rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False)]
+        sample = torch.as_tensor(sample, dtype=torch.float64)
+        scale = 1.0
+        if self.normalize:
+            sq = sample.pow(2).sum(-1).mean().item()
+            scale = math.sqrt(n_features / sq) if sq > 0 else 1.0
+        sample = sample * scale
+        params = init_parameters(sample, n_components, self.init, generator, dtype, device)
+        params.update(arch.extra_parameters(params))
+        buffers = arch.extra_buffers(params)
+        params["b_enc"] = arch.init_encoder_bias(params)
+        calibrate_encoder_scale(arch, params, buffers, sample[:4096])
+        return params, buffers, scale
 
     @staticmethod
     def _resample(trainer, X, scale, device, dtype, generator):

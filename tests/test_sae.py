@@ -291,3 +291,14 @@ def test_invalid_parameters_are_named():
         SparseAutoencoder(architecture="nope").fit(X)
     with pytest.raises(ValueError, match="batch_size"):
         SparseAutoencoder(batch_size=0).fit(X)
+
+
+def test_resuming_does_not_touch_numpy_global_random_state(toy):
+    X, _ = toy
+    sae = SparseAutoencoder(n_components=48, k=4, max_iter=1, batch_size=256).fit(X)
+    np.random.seed(123)
+    expected = np.random.RandomState(123)
+    expected.rand(3)
+    np.random.rand(3)
+    sae.partial_fit(X[:512])
+    assert np.random.rand() == expected.rand()
