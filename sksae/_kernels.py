@@ -37,6 +37,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._base import is_accelerator
+
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre",
            "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
 
@@ -52,7 +54,7 @@ SPARSE_MAX_DENSITY = 1 / 16
 _BETA_WARNINGS = ".*Sparse (CSR tensor support|invariant checks).*"
 
 
-def use_sparse(n_components, k, mode="auto"):
+def use_sparse(n_components, k, mode="auto", device=None):
     """Whether to run the sparse kernels for ``k`` active latents out of ``n_components``.
 
     Parameters
@@ -62,7 +64,10 @@ def use_sparse(n_components, k, mode="auto"):
         Active latents per row (the mean for patterns with variable counts).
     mode : {"auto", "sparse", "dense"}
         ``"auto"`` applies the rule ``n_components >= SPARSE_MIN_COMPONENTS``
-        and ``k <= SPARSE_MAX_DENSITY * n_components``.
+        and ``k <= SPARSE_MAX_DENSITY * n_components`` on the CPU, and picks the
+        dense path on accelerators.
+    device : torch.device or str, default=None
+        Where the step runs (None: the CPU rule).
     """
     if mode == "sparse":
         return True
@@ -70,6 +75,11 @@ def use_sparse(n_components, k, mode="auto"):
         return False
     if mode != "auto":
         raise ValueError(f"kernels must be 'auto', 'sparse' or 'dense', got {mode!r}.")
+    if device is not None and is_accelerator(device):
+        # measured on an H100 (benchmarks/results/kernel_rule.txt): the dense step is
+        # 1.5-3x faster at every shape up to 24576 latents; the sparse kernels' sorts
+        # and gathers are many small launches, and a step there is launch-bound
+        return False
     return n_components >= SPARSE_MIN_COMPONENTS and k <= SPARSE_MAX_DENSITY * n_components
 
 

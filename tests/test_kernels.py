@@ -131,6 +131,10 @@ def test_use_sparse_rule():
     assert use_sparse(32768, 32)
     assert not use_sparse(32768, 32768 // 4)
     assert not use_sparse(_kernels.SPARSE_MIN_COMPONENTS - 1, 1)
+    # accelerators take the dense path in "auto" (launch-bound steps; measured on an H100)
+    assert use_sparse(32768, 32, device=torch.device("cpu"))
+    assert not use_sparse(32768, 32, device=torch.device("cuda"))
+    assert use_sparse(32768, 32, "sparse", device=torch.device("cuda"))
     assert use_sparse(8, 8, "sparse")
     assert not use_sparse(10**6, 1, "dense")
     with pytest.raises(ValueError, match="kernels"):

@@ -65,7 +65,8 @@ def decode(codes, W_dec_FD, b_dec_D=None, kernels="auto"):
     """
     if isinstance(codes, SparseCodes):
         n_components = W_dec_FD.shape[0]
-        if _kernels.use_sparse(n_components, codes.indices.shape[-1], kernels):
+        if _kernels.use_sparse(n_components, codes.indices.shape[-1], kernels,
+                              W_dec_FD.device):
             return _kernels.sparse_decode(codes.values, codes.indices, W_dec_FD, b_dec_D)
         codes = codes.to_dense(n_components)
     out = codes @ W_dec_FD

@@ -32,7 +32,7 @@ class TopK(Architecture):
 
     def encode(self, p, x_BD, training=False):
         k = self.hparams["k"]
-        if training and use_sparse(self.n_components, k, self.kernels):
+        if training and use_sparse(self.n_components, k, self.kernels, x_BD.device):
             # sparse path: the dense product without a graph, gradients from the
             # k selected entries only (sksae._kernels.gather_pre)
             with torch.no_grad():
