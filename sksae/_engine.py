@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ._base import as_tensor, is_accelerator
+from ._kernels import _serial
 
 __all__ = ["EarlyStopping", "BatchSource", "run_minibatch_loop"]
 
@@ -89,16 +90,21 @@ class BatchSource:
     shuffle : {"epoch", "once", "none"}
         Reshuffle every epoch (SGD), shuffle once then cycle (scikit-learn's
         minibatch dictionary learning), or keep the order.
+    scale : float, default=1.0
+        Every batch is multiplied by ``scale`` (the same values as
+        ``batch * scale``; on the CPU in place in the gathered batch, on one
+        intra-op thread: a second one costs more than it saves on such a pass).
     """
 
     def __init__(self, X, batch_size, device, dtype, generator, shuffle="epoch",
-                 max_device_bytes=2 * 2**30):
+                 max_device_bytes=2 * 2**30, scale=1.0):
         self.n_samples = X.shape[0]
         self.batch_size = min(batch_size, self.n_samples)
         self.device = device
         self.dtype = dtype
         self.generator = generator
         self.shuffle = shuffle
+        self.scale = scale
         self._on_device = not is_accelerator(device) or X.nbytes <= max_device_bytes
         host = as_tensor(X, "cpu")
         self._data = as_tensor(host, device, dtype) if self._on_device else host
@@ -116,6 +122,29 @@ class BatchSource:
             order = torch.randperm(self.n_samples, generator=self.generator)
         else:
             order = self._order
+        scale = self.scale
+        if self._on_device and self._data.device.type == "cpu":
+            # CPU: gather (and scale) on one thread; the batch is a fresh copy
+            # unless it is a slice, so the scale is applied in place
+            if order is not None and order.device != self._data.device:
+                order = order.to(self._data.device)
+            for start in range(0, self.n_samples, self.batch_size):
+                with _serial(self._data):
+                    if order is None:
+                        batch = self._data[start:start + self.batch_size]
+                        if batch.dtype != self.dtype:
+                            batch = batch.to(self.dtype)
+                        if scale != 1.0:
+                            batch = batch * scale
+                    else:
+                        batch = self._data.index_select(
+                            0, order[start:start + self.batch_size])
+                        if batch.dtype != self.dtype:
+                            batch = batch.to(self.dtype)
+                        if scale != 1.0:
+                            batch.mul_(scale)
+                yield batch
+            return
         for start in range(0, self.n_samples, self.batch_size):
             if order is None:
                 idx = slice(start, start + self.batch_size)
@@ -130,13 +159,16 @@ class BatchSource:
                 batch = batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
             elif batch.dtype != self.dtype:
                 batch = batch.to(self.dtype)
+            if scale != 1.0:
+                batch = batch * scale
             yield batch
 
 
 def _stack(values):
     """One host transfer for a list of scalar tensors (or floats)."""
     if isinstance(values[0], torch.Tensor):
-        return torch.stack([v.detach().reshape(()).double() for v in values]).cpu().numpy()
+        # stack first (promoting dtypes, exactly), then one conversion and one transfer
+        return torch.stack([v.detach().reshape(()) for v in values]).double().cpu().numpy()
     return np.asarray(values, dtype=np.float64)
 
 
@@ -168,8 +200,9 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
         0 silent; >= 1 a progress bar with live metrics.
     desc : str
     sync_every : int or None
-        Steps between host synchronisations; 1 on the CPU, 32 on accelerators
-        by default.
+        Steps between host synchronisations; 32 on accelerators by default, and
+        on the CPU 1 when a ``callback`` or a ``stopper`` that can stop needs the
+        values of each step, 32 otherwise (the records are the same).
     param_change : callable or None
         Returns the parameter change of the last step for ``stopper.tol``;
         forces a host sync each step when the stopper uses ``tol``.
@@ -185,8 +218,11 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
     """
     steps_per_epoch = source.steps_per_epoch
     total = max_epochs * steps_per_epoch
+    if stopper is not None and not (stopper.tol > 0 or stopper.max_no_improvement is not None):
+        stopper = None  # it never stops: skip its per-step bookkeeping
     if sync_every is None:
-        sync_every = 32 if is_accelerator(source.device) else 1
+        per_step = stopper is not None or callback is not None
+        sync_every = 1 if per_step and not is_accelerator(source.device) else 32
     needs_change = stopper is not None and stopper.tol > 0 and param_change is not None
     if needs_change:
         sync_every = 1

@@ -184,12 +184,37 @@ def _scatter_rows(pat, Y_BD, weights_N):
     N = B k integers, cheap next to the O(N D) sums); each latent's entries then
     form one bag of rows of ``Y``.
     """
-    sorted_idx, order = torch.sort(pat.indices, stable=True)
+    order, offsets, rows = _transpose(pat)
+    return F.embedding_bag(rows, Y_BD.contiguous(), offsets, mode="sum",
+                           per_sample_weights=weights_N[order].to(Y_BD.dtype))
+
+
+def _transpose(pat):
+    """``(order, offsets, rows)`` of the transposed pattern, computed once per pattern.
+
+    A step transposes the same codes' pattern twice (the decoder's and the
+    encoder's weight gradients): the result is kept on the indices tensor's
+    base (so it lives as long as the indices and cannot be confused with other
+    ones), keyed by its version, position and the row offsets.
+    """
+    idx = pat.indices
+    base = idx._base if idx._base is not None else idx
+    key = (base._version, idx.storage_offset(), idx.shape[0], idx.stride(0), pat.n_components,
+           pat.crow.shape[0])
+    cached = getattr(base, "_sksae_transpose", None)
+    if cached is not None and cached[0] == key and (
+            cached[1] is pat.crow or torch.equal(cached[1], pat.crow)):
+        return cached[2]
+    sorted_idx, order = torch.sort(idx, stable=True)
     latents = torch.arange(pat.n_components, device=sorted_idx.device)
     offsets = torch.searchsorted(sorted_idx, latents)
     rows = pat.rows()[order]
-    return F.embedding_bag(rows, Y_BD.contiguous(), offsets, mode="sum",
-                           per_sample_weights=weights_N[order].to(Y_BD.dtype))
+    out = (order, offsets, rows)
+    try:
+        base._sksae_transpose = (key, pat.crow, out)
+    except (AttributeError, RuntimeError):  # e.g. tensors that take no attributes
+        pass
+    return out
 
 
 def _sampled_dots(pat, A_BD, W_FD):

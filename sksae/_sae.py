@@ -418,7 +418,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
 
-        source = BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch")
+        # the batches come normalised (multiplied by scale in the gather)
+        source = BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch",
+                             scale=scale)
         stopper = None if partial else EarlyStopping(
             n_samples, source.batch_size, self.tol, self.max_no_improvement)
         prev = {}
@@ -430,7 +432,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return change
 
         def step(batch, i, total):
-            out = trainer.step(batch * scale if scale != 1.0 else batch)
+            out = trainer.step(batch)
             out["lr"] = trainer.optimizer.param_groups[0]["lr"]
             if self.resample_dead is not None:
                 out["resampled"] = float(
