@@ -186,7 +186,7 @@ def _scatter_rows(pat, Y_BD, weights_N):
     """
     order, offsets, rows = _transpose(pat)
     return F.embedding_bag(rows, Y_BD.contiguous(), offsets, mode="sum",
-                           per_sample_weights=weights_N[order].to(Y_BD.dtype))
+                           per_sample_weights=weights_N.index_select(0, order).to(Y_BD.dtype))
 
 
 def _transpose(pat):
@@ -208,7 +208,7 @@ def _transpose(pat):
     sorted_idx, order = torch.sort(idx, stable=True)
     latents = torch.arange(pat.n_components, device=sorted_idx.device)
     offsets = torch.searchsorted(sorted_idx, latents)
-    rows = pat.rows()[order]
+    rows = pat.rows().index_select(0, order)
     out = (order, offsets, rows)
     try:
         base._sksae_transpose = (key, pat.crow, out)
@@ -274,7 +274,7 @@ class _GatherPre(torch.autograd.Function):
         ctx.save_for_backward(x_BD, W_enc_FD, b_dec_D)
         with _serial(pre_BF):
             flat = pat.rows() * pre_BF.shape[1] + pat.indices
-            return pre_BF.reshape(-1)[flat]
+            return torch.take(pre_BF, flat)
 
     @staticmethod
     def backward(ctx, grad_N):

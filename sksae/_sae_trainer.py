@@ -271,7 +271,8 @@ class SAETrainer:
         loss.backward()
         self._project_decoder_grad()
         self._clip_grad_norm()
-        self.optimizer.step()
+        with _parallel(x_BD):  # fused Adam: one pass over every parameter, every thread
+            self.optimizer.step()
         with torch.no_grad():
             W = self.params["W_dec"]
             W.div_(torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min_(1e-12))
