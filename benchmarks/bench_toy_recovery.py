@@ -22,27 +22,12 @@ import argparse
 import platform
 import time
 
-import numpy as np
 import torch
 from sklearn.decomposition import MiniBatchDictionaryLearning
 
 from sksae import SparseAutoencoder
-from sksae._demo import format_table
+from sksae._demo import evaluate_recovery, format_table
 from sksae.datasets import make_sparse_superposition
-from sksae.metrics import fraction_variance_explained, l0, mean_max_cosine_similarity
-
-
-def evaluate(name, model, seconds, X_test, features):
-    codes = model.transform(X_test)
-    mmcs, rec = mean_max_cosine_similarity(features, model.components_, threshold=0.9)
-    return {
-        "model": name,
-        "fit s": seconds,
-        "MMCS": mmcs,
-        "recovered@0.9": rec,
-        "held-out FVE": fraction_variance_explained(X_test, model.inverse_transform(codes)),
-        "L0": l0(codes),
-    }
 
 
 def main(argv=None):
@@ -73,7 +58,8 @@ def main(argv=None):
     for name, model in models:
         start = time.perf_counter()
         model.fit(X_train)
-        rows.append(evaluate(name, model, time.perf_counter() - start, X_test, features))
+        rows.append(evaluate_recovery(name, model, X_test, features,
+                                     time.perf_counter() - start))
     print(format_table(rows))
     sae, mbdl = rows
     time_ratio = mbdl["fit s"] / sae["fit s"]

@@ -115,7 +115,7 @@ def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
 
     from sklearn.decomposition import MiniBatchDictionaryLearning
 
-    from ._demo import _evaluate, format_table
+    from ._demo import evaluate_recovery, format_table
     from ._dict_learning import DictionaryLearnerGPU
     from ._sae import SparseAutoencoder
     from .architectures import REGISTRY
@@ -151,7 +151,7 @@ def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
         start = time.perf_counter()
         model.transform(X_test)
         rate = len(X_test) / max(time.perf_counter() - start, 1e-9)
-        row = _evaluate(name, model, X_test, features, seconds)
+        row = evaluate_recovery(name, model, X_test, features, seconds)
         row["transform rows/s"] = f"{rate:,.0f}"
         rows.append(row)
         print(f"  {name}: {seconds:.1f} s", flush=True)
