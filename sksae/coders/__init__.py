@@ -23,21 +23,16 @@ __all__ = ["CODERS", "encode", "check_positive_coding", "default_n_nonzero_coefs
 
 
 def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter=1000,
-               init=None, tol=None, max_active=None, **_):
-    """Exact lasso codes: the batched LARS-lasso homotopy, then coordinate descent.
+               init=None, tol=None, **_):
+    """Exact lasso codes: the batched LARS-lasso homotopy.
 
     With orthogonal atoms (to rounding) the problem separates: soft
     thresholding. Otherwise the homotopy
-    (:func:`sksae.coders._lasso_lars.lasso_lars`) solves
-    ``0.5 ||x - D^T u||^2 + alpha ||u||_1`` exactly and is fast while the
-    active sets are small, whatever the conditioning. Its cost per step grows
-    with the square of the active set, so rows whose support passes
-    ``max_active`` atoms leave the path there, at the exact solution for a
-    larger penalty, and finish by working-set coordinate descent
-    (:func:`lasso`) from that warm start. None (default): the path runs to
-    ``alpha`` for every row.
+    (:func:`sksae.coders._lasso_lars.lasso_lars`, on working sets of atoms)
+    solves ``0.5 ||x - D^T u||^2 + alpha ||u||_1`` exactly, whatever the
+    conditioning. ``init`` and ``tol`` are accepted for a common signature and
+    not needed by an exact solver.
     """
-    n = X.shape[0]
     G = D @ D.T if gram is None else gram
     C = X @ D.T if cov is None else cov
     K = G.shape[0]
@@ -50,17 +45,8 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         start = torch.sign(start) * (start.abs() - alpha).clamp(min=0)
         start = torch.where(diag > 0, start / diag.clamp(min=1e-30), 0.0)
         return start, True
-    if not max_active:
-        return _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
-                           max_iter=max_iter)
-    code, ok, rows = _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
-                                 max_iter=max_iter, max_active=max_active)
-    if rows.numel():
-        sub, ok2 = lasso(X[rows], D, gram=G, cov=C[rows], alpha=alpha, positive=positive,
-                         max_iter=max_iter, init=code[rows], tol=tol)
-        code[rows] = sub
-        ok = ok and ok2
-    return code, ok
+    return _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
+                       max_iter=max_iter)
 
 
 def lasso_cd(X, D, *, init=None, **kwargs):
