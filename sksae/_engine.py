@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._base import as_tensor, is_accelerator
-from ._kernels import _serial
+from ._threads import serial as _serial
 
 __all__ = ["EarlyStopping", "BatchSource", "run_minibatch_loop"]
 

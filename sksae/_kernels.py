@@ -30,7 +30,6 @@ gradients.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import NamedTuple
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import is_accelerator
+from ._threads import serial as _serial
 
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre",
            "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
@@ -125,48 +125,6 @@ def as_pattern(indices, n_components):
     B, k = indices.shape
     crow = torch.arange(0, (B + 1) * k, k, device=indices.device)
     return Pattern(indices.reshape(-1), crow, n_components)
-
-
-#: intra-op threads outside the outermost :func:`_serial` block (None outside)
-_outer_threads = None
-
-
-@contextlib.contextmanager
-def _serial(t):
-    """Run the block on one intra-op thread when ``t`` is on the CPU.
-
-    The sparse kernels and a step's elementwise work are short, memory-bound
-    passes: a second thread gains little on them, while waking it costs a
-    scheduler quantum per op on a loaded machine (measured: 16-20 ms instead of
-    1-2 ms per op on 2 busy cores). The dense products get every thread back
-    through :func:`_parallel`. Nested blocks are no-ops.
-    """
-    global _outer_threads
-    n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1:
-        yield
-        return
-    prev, _outer_threads = _outer_threads, n
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        _outer_threads = prev
-        torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def _parallel(t):
-    """Inside a :func:`_serial` block, run the block (a dense product) on every thread."""
-    n = _outer_threads
-    if n is None or t.device.type != "cpu":
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(1)
 
 
 # -- primitives ----------------------------------------------------------------

@@ -15,7 +15,8 @@ import math
 import torch
 
 from ._base import autocast, is_accelerator
-from ._kernels import _parallel, _serial, gather_pre
+from ._kernels import gather_pre
+from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 
 __all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "SAETrainer"]
@@ -224,7 +225,7 @@ class SAETrainer:
             else:
                 # pre without a graph (sparse path) is not read again: mask it in place
                 masked = (pre.masked_fill_ if not pre_BF.requires_grad else pre.masked_fill)
-                with _parallel(pre):
+                with parallel(pre, "auxk top-k"):
                     idx = torch.topk(masked(~dead, float("-inf")), self.k_aux,
                                      dim=-1, sorted=False).indices
         else:  # no host synchronisation: fixed shapes, masked picks zeroed
@@ -245,11 +246,11 @@ class SAETrainer:
     def step(self, x_BD):
         """One optimizer step on a normalised batch; returns scalar metric tensors.
 
-        On the CPU the step runs on one intra-op thread except the dense encoder
-        product (:func:`sksae._kernels._serial`): its other operations are short
-        passes that a second thread slows down on a busy machine.
+        On the CPU the step runs on one intra-op thread (:mod:`sksae._threads`):
+        its dense operations (encoder product, top-k, Adam) take more threads
+        only where measured faster on this machine's current load.
         """
-        with _serial(x_BD):
+        with serial(x_BD):
             return self._step(x_BD)
 
     def _step(self, x_BD):
@@ -271,7 +272,7 @@ class SAETrainer:
         loss.backward()
         self._project_decoder_grad()
         self._clip_grad_norm()
-        with _parallel(x_BD):  # fused Adam: one pass over every parameter, every thread
+        with parallel(self.params["W_dec"], "adam"):  # fused: one pass over every parameter
             self.optimizer.step()
         with torch.no_grad():
             W = self.params["W_dec"]

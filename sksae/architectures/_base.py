@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _kernels
+from .._threads import parallel
 
 
 class SparseCodes(NamedTuple):
@@ -118,7 +119,7 @@ class Architecture:
     @staticmethod
     def pre_activation(p, x_BD):
         centred = x_BD - p["b_dec"]
-        with _kernels._parallel(centred):  # the step's one dense product: every thread
+        with parallel(centred, "encoder product"):
             return torch.addmm(p["b_enc"], centred, p["W_enc"].T)
 
     def encode(self, p, x_BD, training=False):

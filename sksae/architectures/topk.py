@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _kernels
 from .._kernels import gather_pre, use_sparse
+from .._threads import parallel
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
@@ -19,7 +19,7 @@ def topk_codes(pre_BF, k):
     Taking the top-k before the ReLU selects the same support (the ReLU is
     monotone) and touches a (B, k) tensor instead of (B, F).
     """
-    with _kernels._parallel(pre_BF):
+    with parallel(pre_BF, "top-k"):
         values, indices = torch.topk(pre_BF, k, dim=-1, sorted=False)
     return SparseCodes(values.clamp_min(0), indices)
 
@@ -37,7 +37,7 @@ class TopK(Architecture):
             # k selected entries only (sksae._kernels.gather_pre)
             with torch.no_grad():
                 pre = self.pre_activation(p, x_BD)
-            with _kernels._parallel(pre):  # a (B, F) pass: every thread
+            with parallel(pre, "top-k"):
                 indices = torch.topk(pre, k, dim=-1, sorted=False).indices
             values = gather_pre(pre, indices, x_BD, p)
             return EncodeOutput(SparseCodes(values.clamp_min(0), indices), pre)

@@ -1,0 +1,138 @@
+"""Intra-op threads of a CPU training step: one by default, more where measured faster.
+
+A training step is a few dense operations (the encoder product, the top-k,
+Adam) among many short memory-bound passes. On a quiet machine the dense ones
+run 1.5-2x faster on two threads than on one. On a machine whose cores are
+busy with other work they run 5-40x *slower* on two (measured on this
+project's 2-core machines: Adam 0.8 ms on one thread, 31 ms on two, while one
+other process used a core): OpenMP threads spin and wait for each other at
+every barrier, and one of them waits for the scheduler.
+
+So the step runs on one thread (:func:`serial`) and each dense operation asks
+:func:`parallel` for the faster of one thread and all of them, measured on
+the previous calls at the same call site and shape. The choice is re-measured
+now and then (less often while it keeps being confirmed), so a fit follows
+the machine's load as it changes. The thread count does not change results:
+the operations routed here (MKL's GEMM split over output blocks, top-k,
+fused Adam, elementwise) give the same bits on any number of threads, which
+``tests/test_threads.py`` checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+__all__ = ["serial", "parallel", "ThreadChooser"]
+
+#: intra-op threads outside the outermost :func:`serial` block (None outside)
+_outer_threads = None
+#: one chooser per (call site, shape, dtype)
+_choosers = {}
+
+
+class ThreadChooser:
+    """Picks 1 or ``n`` threads for one call site from measured durations.
+
+    Each option's duration is an exponentially weighted average of its recent
+    calls; the faster one is used, and the other is tried again after
+    ``explore`` calls. The interval doubles (up to ``max_explore``) each time a
+    trial confirms the choice and falls back to ``min_explore`` when it
+    changes it, so a much slower option costs little once known.
+
+    Parameters
+    ----------
+    min_explore, max_explore : int
+        Bounds of the number of calls between two trials of the other option.
+    smoothing : float
+        Weight of the newest duration in the running average.
+    """
+
+    def __init__(self, min_explore=8, max_explore=256, smoothing=0.3):
+        self.min_explore = min_explore
+        self.max_explore = max_explore
+        self.smoothing = smoothing
+        self.seconds = {}
+        self.choice = None
+        self.explore = min_explore
+        self.since_trial = 0
+
+    def pick(self, n):
+        """Thread count for the next call, 1 or ``n``."""
+        for option in (n, 1):  # each option measured once before any choice
+            if option not in self.seconds:
+                return option
+        if self.since_trial >= self.explore:
+            return 1 if self.choice == n else n
+        return self.choice
+
+    def record(self, option, seconds):
+        """Account one call of ``option`` threads that took ``seconds``."""
+        old = self.seconds.get(option)
+        trial = self.choice is not None and option != self.choice
+        self.seconds[option] = (seconds if old is None or trial
+                                else old + self.smoothing * (seconds - old))
+        if len(self.seconds) < 2:
+            return
+        best = min(self.seconds, key=self.seconds.get)
+        if trial:
+            self.since_trial = 0
+            self.explore = (self.min_explore if best != self.choice
+                            else min(2 * self.explore, self.max_explore))
+        else:
+            self.since_trial += 1
+        self.choice = best
+
+
+@contextlib.contextmanager
+def serial(t):
+    """Run the block on one intra-op thread when ``t`` is on the CPU.
+
+    Nested blocks are no-ops; :func:`parallel` inside may take threads back.
+    """
+    global _outer_threads
+    n = torch.get_num_threads()
+    if t.device.type != "cpu" or n == 1 or _outer_threads is not None:
+        yield
+        return
+    _outer_threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _outer_threads = None
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def parallel(t, site):
+    """Inside a :func:`serial` block, run the block on the measured-faster thread count.
+
+    Parameters
+    ----------
+    t : Tensor
+        The operation's main operand: its device, shape and dtype key the
+        measurements together with ``site``.
+    site : str
+        Name of the call site (e.g. ``"encoder product"``).
+    """
+    n = _outer_threads
+    if n is None or t.device.type != "cpu":
+        yield
+        return
+    key = (site, tuple(t.shape), t.dtype)
+    chooser = _choosers.get(key)
+    if chooser is None:
+        chooser = _choosers[key] = ThreadChooser()
+    option = chooser.pick(n)
+    if option != 1:
+        torch.set_num_threads(option)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        chooser.record(option, time.perf_counter() - start)
+        if option != 1:
+            torch.set_num_threads(1)
