@@ -36,8 +36,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     G = D @ D.T if gram is None else gram
     C = X @ D.T if cov is None else cov
     K = G.shape[0]
-    off = G - torch.diag_embed(G.diagonal())
-    if K > 1 and float(off.abs().max()) <= 1e-6 * float(G.diagonal().max().clamp(min=1e-30)):
+    if K > 1 and _orthogonal(G):
         # Orthogonal atoms (to rounding), e.g. the SVD initialisation of fit: the
         # lasso is separable and soft thresholding divided by ||d_j||^2 solves it.
         diag = G.diagonal()
@@ -47,6 +46,16 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         return start, True
     return _lasso_lars(X, D, gram=G, cov=C, alpha=alpha, positive=positive,
                        max_iter=max_iter)
+
+
+def _orthogonal(G):
+    """Whether the atoms are orthogonal to rounding (off-diagonal Gram ~ 0)."""
+    tol = 1e-6 * float(G.diagonal().max().clamp(min=1e-30))
+    # The first column settles the usual case (not orthogonal) in O(K).
+    if float(G[1:, 0].abs().max()) > tol:
+        return False
+    off = G - torch.diag_embed(G.diagonal())
+    return float(off.abs().max()) <= tol
 
 
 def lasso_cd(X, D, *, init=None, **kwargs):

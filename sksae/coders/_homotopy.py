@@ -41,19 +41,19 @@ _CHUNK = 8
 class _State:
     """Path state of the rows still running; active slots are ``0..n_act-1``."""
 
-    def __init__(self, C, G, lam, alpha, positive, usable, scan_dtype):
+    def __init__(self, C, G, Gs, lam, alpha, positive, usable):
         n, K = C.shape
         self.G, self.alpha, self.positive = G, alpha, positive
         self.K = G.shape[0]
         self.Gdiag, self.Gflat = G.diagonal(), G.reshape(-1)
-        dt, dev = C.dtype, C.device
+        dt, dev, scan_dtype = G.dtype, C.device, C.dtype
         self.dtype, self.device = dt, dev
-        self.C, self.lam = C, lam
+        self.lam = lam
         # The scan over all atoms (correlations r, rates a, entering steps) runs in
         # scan_dtype; the active-set algebra (H, u, lambda, steps) in C's dtype.
         self.sdt = scan_dtype
-        self.Gs = G.to(scan_dtype)
-        self.r = C.to(scan_dtype, copy=True)
+        self.Gs = Gs
+        self.r = C.clone()
         self.tiny = torch.finfo(scan_dtype).tiny
         self.scratch = [torch.empty(n, K, dtype=scan_dtype, device=dev) for _ in range(3)]
         self.cap = _CHUNK
@@ -75,7 +75,7 @@ class _State:
         self.cap += _CHUNK
 
     def keep(self, mask):
-        for name in ("C", "r", "lam", "idx", "sg", "u", "H", "pen", "n_act", "blocked"):
+        for name in ("r", "lam", "idx", "sg", "u", "H", "pen", "n_act", "blocked"):
             setattr(self, name, getattr(self, name)[mask])
 
     # -- linear algebra on the active set ------------------------------------------
@@ -149,21 +149,22 @@ def _one(t):
     return torch.ones(1, 1, dtype=t.dtype, device=t.device)
 
 
-def homotopy(C, G, alpha, positive, max_iter, usable, scan_dtype=None):
+def homotopy(C, G, Gs, alpha, positive, max_iter, usable):
     """Run the batched path; return the final active sets and signs per row.
 
     Parameters
     ----------
     C : Tensor (n, K)
-        Correlations ``D x`` of each row with the atoms.
+        Correlations ``D x`` of each row with the atoms, in the scan dtype.
     G : Tensor (K, K)
-        Gram matrix of the atoms.
+        Gram matrix of the atoms in the precision of the active-set algebra.
+    Gs : Tensor (K, K)
+        The same in the scan dtype: the per-atom scan (correlations, rates,
+        entering steps) runs in the input's precision. float32 halves the
+        memory traffic of the passes over (rows, K); the events it finds are
+        those of the path of the float32 data, as scikit-learn's on float32.
     usable : Tensor (K,) bool
         Atoms allowed to enter.
-    scan_dtype : torch.dtype, default=None
-        Precision of the per-atom scan (None: ``C``'s). float32 halves the memory
-        traffic of the passes over (rows, K); the events it finds are those of
-        a path on data rounded to float32, as scikit-learn's float32 path.
 
     Returns
     -------
@@ -179,13 +180,14 @@ def homotopy(C, G, alpha, positive, max_iter, usable, scan_dtype=None):
     score = C.clamp(min=0) if positive else C.abs()
     score = torch.where(usable, score, -1.0)
     lam0, j0 = score.max(dim=1)
+    lam0 = lam0.to(G.dtype)
     live = lam0 > alpha
     empty = (~live).nonzero().flatten()
     results = []
     if empty.numel() == n:
         return results, empty, True
     pos = live.nonzero().flatten()
-    P = _State(C[pos], G, lam0[pos], alpha, positive, usable, scan_dtype or C.dtype)
+    P = _State(C[pos], G, Gs, lam0[pos], alpha, positive, usable)
     P.append(torch.arange(pos.numel(), device=dev), j0[pos])
     converged = True
     done = torch.zeros(pos.numel(), dtype=torch.bool, device=dev)
@@ -276,7 +278,7 @@ def resolve_on_support(idx, sg, u, lam, G, C_full):
     eye = torch.eye(cap, dtype=G.dtype, device=G.device)
     both = on.unsqueeze(-1) & on.unsqueeze(1)
     GAA = torch.where(both, G[idx.unsqueeze(-1), idx.unsqueeze(1)], eye)
-    rhs = torch.where(on, C_full.gather(1, idx) - lam[:, None] * sg, 0.0)
+    rhs = torch.where(on, C_full.gather(1, idx).to(G.dtype) - lam[:, None] * sg, 0.0)
     L, info = torch.linalg.cholesky_ex(GAA)
     sol = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
     good = (info == 0) & ((sol * sg > 0) | ~on).all(dim=1) & torch.isfinite(sol).all(dim=1)

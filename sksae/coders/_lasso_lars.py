@@ -51,28 +51,28 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         (its code is then the path point reached).
     """
     n, K = X.shape[0], D.shape[0]
-    # The path is computed in float64: its events compare small differences of
-    # correlations, which float32 resolves poorly on ill-conditioned atoms.
-    wd = torch.float64
-    Dw = D.to(wd)
-    G = Dw @ Dw.T if gram is None else gram.to(wd)
-    C = X.to(wd) @ Dw.T if cov is None else cov.to(wd)
-    out = torch.zeros(n, K, dtype=wd, device=X.device)
+    G = D @ D.T if gram is None else gram
+    C = X @ D.T if cov is None else cov
+    # The active-set algebra runs in float64: events compare small differences
+    # of correlations, which float32 resolves poorly on ill-conditioned atoms.
+    # The scan over all atoms stays in the input's precision (see homotopy).
+    G64 = G.to(torch.float64)
+    out = torch.zeros(n, K, dtype=torch.float64, device=X.device)
     if n == 0 or K == 0:
         return out.to(X.dtype), True
     alpha = float(alpha)
-    usable = G.diagonal() > _NULL_ATOM
+    usable = G64.diagonal() > _NULL_ATOM
     converged = True
-    # On CPU, blocks of rows whose (rows, n_components) float64 correlations stay
+    # On CPU, blocks of rows whose (rows, n_components) correlations stay
     # cache-sized: a path step makes ~10 passes over them, and 2,000 x 1,024 rows
     # ran 1.3x slower per row than 512 x 1,024.
     block = n if X.device.type != "cpu" else max(256, _BLOCK_BYTES // (8 * K))
     for start in range(0, n, block):
         Cb = C[start:start + block]
-        results, _, ok = homotopy(Cb, G, alpha, positive, max_iter, usable, scan_dtype=X.dtype)
+        results, _, ok = homotopy(Cb, G64, G, alpha, positive, max_iter, usable)
         converged &= ok
         for pos, idx, sg, u, lam in results:
-            coef = resolve_on_support(idx, sg, u, lam, G, Cb[pos])
+            coef = resolve_on_support(idx, sg, u, lam, G64, Cb[pos])
             rows = (pos + start)[:, None].expand_as(idx)
             out.index_put_((rows, idx), coef, accumulate=True)
     return out.to(X.dtype), converged
