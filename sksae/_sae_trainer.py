@@ -134,6 +134,21 @@ def _l0(codes):
     return (v > 0).to(torch.float32).sum(-1).mean()
 
 
+def _adam(params, lr, device):
+    """Adam (0.9, 0.999), fused (one pass over each tensor) where this torch has the kernel.
+
+    torch has fused Adam for CUDA since 2.0 and for the CPU since 2.4; elsewhere
+    (older torch, other devices) the multi-tensor implementation gives the
+    same updates up to rounding.
+    """
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        except RuntimeError:  # no fused kernel for this device in this torch
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
 class SAETrainer:
     """Owns the parameters in training units, Adam, schedules and dead-latent stats.
 
@@ -174,11 +189,7 @@ class SAETrainer:
         self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
         device = params["W_dec"].device
         self.device = device
-        # fused Adam (one pass over each tensor) on the CPU and CUDA alike
-        self.optimizer = torch.optim.Adam(
-            list(self.params.values()), lr=lr, betas=(0.9, 0.999),
-            fused=device.type in ("cpu", "cuda") or None,
-        )
+        self.optimizer = _adam(list(self.params.values()), lr, device)
         self.rows_since_fired = torch.zeros(arch.n_components, dtype=torch.float64,
                                             device=device)
         self.step_count = 0
