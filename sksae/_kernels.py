@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import is_accelerator
+from ._threads import parallel
 from ._threads import serial as _serial
 
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre",
@@ -130,9 +131,10 @@ def as_pattern(indices, n_components):
 # -- primitives ----------------------------------------------------------------
 def _gather_rows(pat, W_FD, weights_N):
     """``S @ W`` (B, D) where S has ``weights`` on the pattern."""
-    return F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
-                           per_sample_weights=weights_N.to(W_FD.dtype),
-                           include_last_offset=True)
+    weights = weights_N.to(W_FD.dtype)
+    with parallel(weights, "gather rows"):
+        return F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
+                               per_sample_weights=weights, include_last_offset=True)
 
 
 def _scatter_rows(pat, Y_BD, weights_N):
@@ -143,8 +145,10 @@ def _scatter_rows(pat, Y_BD, weights_N):
     form one bag of rows of ``Y``.
     """
     order, offsets, rows = _transpose(pat)
-    return F.embedding_bag(rows, Y_BD.contiguous(), offsets, mode="sum",
-                           per_sample_weights=weights_N.index_select(0, order).to(Y_BD.dtype))
+    Y = Y_BD.contiguous()
+    with parallel(Y, "scatter rows"):
+        return F.embedding_bag(rows, Y, offsets, mode="sum",
+                               per_sample_weights=weights_N.index_select(0, order).to(Y.dtype))
 
 
 def _transpose(pat):
@@ -182,7 +186,8 @@ def _sampled_dots(pat, A_BD, W_FD):
         zeros = A.new_zeros(pat.indices.shape[0])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
-            out = torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0)
+            with parallel(A, "sampled dots"):
+                out = torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0)
         return out.values()
     # half precision: gather in chunks that stay in cache
     rows = pat.rows()
