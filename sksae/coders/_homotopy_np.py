@@ -39,7 +39,6 @@ class _State:
         self.n_act = np.zeros(n, dtype=np.int64)
         self.blocked = np.full(n, -1, dtype=np.int64)
         self.any_blocked = False
-        self.max_act = 0
         self.scratch = [np.empty((n, K), dtype=C.dtype) for _ in range(3)]
         self.one = torch.ones(1, 1, dtype=Gs.dtype)
 
@@ -55,21 +54,22 @@ class _State:
         for name in ("r", "lam", "idx", "sg", "u", "H", "pen", "n_act", "blocked"):
             setattr(self, name, getattr(self, name)[mask])
 
-    def rates(self, w):
-        """``a = G[:, A] w`` for every row, (rows, K)."""
-        return F.embedding_bag(torch.from_numpy(self.idx), self.Gs,
+    def rates(self, w, m):
+        """``a = G[:, A] w`` for every row, (rows, K); ``w`` over the first m slots."""
+        return F.embedding_bag(torch.from_numpy(self.idx[:, :m]), self.Gs,
                                per_sample_weights=torch.from_numpy(w.astype(self.sdt)),
                                mode="sum").numpy()
 
     def append(self, e, j):
         """Atom ``j[k]`` enters the active set of row ``e[k]``."""
-        if self.max_act >= self.cap:
-            self._grow()
         slot = self.n_act[e]
+        m = int(slot.max()) + 1  # active width after the update
+        if m > self.cap:
+            self._grow()
         gjj = self.Gdiag[j]
         # g = G[A, j]; entries past the active set meet zero rows of H.
-        g = self.G[self.idx[e], j[:, None]]
-        He = self.H[e]
+        g = self.G[self.idx[e, :m], j[:, None]]
+        He = self.H[e, :m, :m]
         y = np.matmul(g[:, None, :], He)[:, 0]
         lkk2 = gjj - np.einsum("ij,ij->i", g, y)
         self.pen[e, j] = np.inf
@@ -87,17 +87,16 @@ class _State:
         He[ar, slot, :] = -yi
         He[ar, :, slot] = -yi
         He[ar, slot, slot] = inv
-        self.H[e] = He
+        self.H[e, :m, :m] = He
         self.sg[e, slot] = 1.0 if self.positive else np.sign(self.r[e, j])
         self.idx[e, slot] = j
         self.u[e, slot] = 0.0
         self.n_act[e] = slot + 1
-        self.max_act = max(self.max_act, int(slot.max()) + 1)
 
-    def remove(self, d, q):
+    def remove(self, d, q, m):
         """Drop slot ``q[k]`` of row ``d[k]``: downdate ``H``, move the last slot into q."""
         ar = np.arange(d.size)
-        Hd = self.H[d]
+        Hd = self.H[d, :m, :m]
         hq = Hd[ar, q].copy()  # row q (= column q)
         Hd -= hq[:, :, None] * (hq / hq[ar, q][:, None])[:, None, :]
         # Row and column q are now zero: move the last active slot into q.
@@ -106,7 +105,7 @@ class _State:
         Hd[ar, :, q] = Hd[ar, :, last]
         Hd[ar, last, :] = 0.0
         Hd[ar, :, last] = 0.0
-        self.H[d] = Hd
+        self.H[d, :m, :m] = Hd
         atom = self.idx[d, q]
         for x in (self.idx, self.sg, self.u):
             x[d, q] = x[d, last]
@@ -117,9 +116,33 @@ class _State:
         self.any_blocked = True
         self.n_act[d] = last
 
+    def exact(self, rows, c):
+        """``G_AA^{-1} (c_A - lam s_A)`` for ``rows``, by ``H`` and one refinement step.
+
+        ``c`` holds the rows' correlations with all atoms. The refinement with the
+        Gram block removes the drift of ``H`` (updates and downdates along the
+        path). Rows where the exact point flips a sign (degenerate) keep their
+        path point.
+        """
+        m = max(int(self.n_act[rows].max()), 1)
+        idx, sg, H = self.idx[rows, :m], self.sg[rows, :m], self.H[rows, :m, :m]
+        on = sg != 0
+        b = np.where(on, np.take_along_axis(c, idx, 1) - self.lam[rows, None] * sg, 0.0)
+        u = np.matmul(H, b[:, :, None])[:, :, 0]
+        GAA = self.G[idx[:, :, None], idx[:, None, :]] * (on[:, :, None] & on[:, None, :])
+        res = b - np.matmul(GAA, u[:, :, None])[:, :, 0]
+        u += np.matmul(H, res[:, :, None])[:, :, 0]
+        good = ((u * sg > 0) | ~on).all(axis=1) & np.isfinite(u).all(axis=1)
+        return idx, np.where(good[:, None], u, self.u[rows, :m])
+
 
 def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
-    """:func:`sksae.coders._homotopy.homotopy` for CPU tensors (same contract)."""
+    """:func:`sksae.coders._homotopy.homotopy` for CPU tensors.
+
+    Same arguments; the results are chunks ``(pos, idx, coef)`` of finished rows
+    with their exact codes per slot (the re-solve on the final support is done
+    here, from the maintained inverse Gram blocks).
+    """
     Cn, Gn, us = C.numpy(), G.numpy(), usable.numpy()
     n = Cn.shape[0]
     score = np.maximum(Cn, 0) if positive else np.abs(Cn)
@@ -140,14 +163,17 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
     def flush(mask):
         rows = np.flatnonzero(mask)
         if rows.size:
-            results.append((t(pos[rows]), t(P.idx[rows]), t(P.sg[rows]), t(P.u[rows]),
-                            t(P.lam[rows])))
+            idx, coef = P.exact(rows, Cn[pos[rows]])
+            results.append((t(pos[rows]), t(idx), t(coef)))
 
     for _ in range(max_iter):
         nr = done.size
         ar = np.arange(nr)
-        w = np.matmul(P.sg[:, None, :], P.H)[:, 0]
-        a = P.rates(w)
+        # Everything on the slots works on the first m (the widest active set).
+        m = max(int(P.n_act.max()), 1)
+        u = P.u[:, :m]
+        w = np.matmul(P.sg[:, None, :m], P.H[:, :m, :m])[:, 0]
+        a = P.rates(w, m)
         r = P.r
         # The entering step of each candidate, as in _homotopy (see there): the
         # passes over (rows, K) run as torch ops on zero-copy views (numpy's sign
@@ -173,13 +199,13 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
         din = d_in[ar, j_in]
         # Leaving: an active coefficient crossing zero, at -u / w > 0.
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = -P.u / w
+            ratio = -u / w
         ratio = np.where(ratio > 0, ratio, np.inf)
         i_out = ratio.argmin(axis=1)
         ev = np.stack([np.where(done, 0.0, P.lam - alpha), din, ratio[ar, i_out]], axis=1)
         kind = ev.argmin(axis=1)
         step = ev[ar, kind]
-        P.u += step[:, None] * w
+        u += step[:, None] * w
         P.lam = P.lam - step
         rt.addcmul_(t(step.astype(P.sdt))[:, None], at, value=-1.0)
         fin = kind == 0
@@ -189,7 +215,7 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
         if d.size:
             q = i_out[d]
             P.u[d, q] = 0.0
-            P.remove(d, q)
+            P.remove(d, q, m)
         e = np.flatnonzero(kind == 1)
         if e.size:
             P.append(e, j_in[e])

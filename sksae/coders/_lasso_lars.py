@@ -81,6 +81,10 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         converged &= ok
         if not results:
             continue
+        if engine == "numpy":
+            for pos, idx, coef in results:
+                _scatter(out, pos + start, idx, coef)
+            continue
         # One exact solve for all finished chunks (padded to the widest).
         cap = max(r[1].shape[1] for r in results)
         pad = lambda x: torch.nn.functional.pad(x, (0, cap - x.shape[1]))  # noqa: E731
@@ -88,5 +92,10 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
                            for i in range(4))
         lam = torch.cat([r[4] for r in results])
         coef = resolve_on_support(idx, sg, u, lam, G64, Cb[pos])
-        out.index_put_(((pos + start)[:, None].expand_as(idx), idx), coef, accumulate=True)
+        _scatter(out, pos + start, idx, coef)
     return out.to(X.dtype), converged
+
+
+def _scatter(out, rows, idx, coef):
+    # Unused slots hold zero coefficients, so accumulating them is harmless.
+    out.index_put_((rows[:, None].expand_as(idx), idx), coef, accumulate=True)
