@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ._omp_np import omp_block_np
 from ._ops import argmax_abs
 
 __all__ = ["omp"]
@@ -27,7 +28,7 @@ _BLOCK_BYTES = 8 * 2**20
 _PANEL = 128
 
 
-def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, **_):
+def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
     """Greedy sparse codes with at most ``n_nonzero_coefs`` atoms per row.
 
     Parameters
@@ -39,6 +40,9 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, **_):
     cov : Tensor of shape (n_samples, n_components), default=None
         Precomputed ``X @ D.T``.
     n_nonzero_coefs : int, default=1
+    engine : {"torch", "numpy"}, default=None
+        None picks numpy for the small per-row algebra of CPU tensors (same
+        steps, less dispatch overhead; :mod:`._omp_np`) and torch otherwise.
 
     Returns
     -------
@@ -54,9 +58,12 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, **_):
     if n == 0 or k == 0 or K == 0:
         return code, True
     block = max(1, _BLOCK_BYTES // max(1, K * G.element_size()))
+    if engine is None:
+        engine = "numpy" if X.device.type == "cpu" else "torch"
     panels = [(lo, G[:, lo:lo + _PANEL].contiguous()) for lo in range(0, K, _PANEL)]
+    run = omp_block_np if engine == "numpy" else _omp_block
     for s in range(0, n, block):
-        _omp_block(C[s:s + block], G, k, panels, code[s:s + block])
+        run(C[s:s + block], G, k, panels, code[s:s + block])
     return code, True
 
 
