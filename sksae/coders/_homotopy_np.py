@@ -41,6 +41,7 @@ class _State:
         self.any_blocked = False
         self.scratch = [np.empty((n, K), dtype=C.dtype) for _ in range(3)]
         self.one = torch.ones(1, 1, dtype=Gs.dtype)
+        self._views()
 
     def _grow(self):
         c = _CHUNK
@@ -53,12 +54,22 @@ class _State:
     def keep(self, mask):
         for name in ("r", "lam", "idx", "sg", "u", "H", "pen", "n_act", "blocked"):
             setattr(self, name, getattr(self, name)[mask])
+        self._views()
+
+    def _views(self):
+        """Torch views of the (rows, K) arrays the scan works on (no copies)."""
+        nr = self.r.shape[0]
+        self.rt, self.pt = torch.from_numpy(self.r), torch.from_numpy(self.pen)
+        self.bt = [torch.from_numpy(b[:nr]) for b in self.scratch]
+        self.offsets = torch.arange(nr, dtype=torch.long)
 
     def rates(self, w, m):
         """``a = G[:, A] w`` for every row, (rows, K); ``w`` over the first m slots."""
-        return F.embedding_bag(torch.from_numpy(self.idx[:, :m]), self.Gs,
-                               per_sample_weights=torch.from_numpy(w.astype(self.sdt)),
-                               mode="sum").numpy()
+        # torch.embedding_bag itself (mode 0 = sum) skips the checks of the
+        # functional wrapper, ~10 us a call here.
+        idx = torch.from_numpy(np.ascontiguousarray(self.idx[:, :m]).reshape(-1))
+        return torch.embedding_bag(self.Gs, idx, self.offsets * m, False, 0, False,
+                                   torch.from_numpy(w.astype(self.sdt).reshape(-1)))[0]
 
     def append(self, e, j):
         """Atom ``j[k]`` enters the active set of row ``e[k]``."""
@@ -143,6 +154,12 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
     with their exact codes per slot (the re-solve on the final support is done
     here, from the maintained inverse Gram blocks).
     """
+    # Divisions by zero give the +inf steps the path relies on.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _path(C, G, Gs, alpha, positive, max_iter, usable)
+
+
+def _path(C, G, Gs, alpha, positive, max_iter, usable):
     Cn, Gn, us = C.numpy(), G.numpy(), usable.numpy()
     n = Cn.shape[0]
     score = np.maximum(Cn, 0) if positive else np.abs(Cn)
@@ -173,13 +190,12 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
         m = max(int(P.n_act.max()), 1)
         u = P.u[:, :m]
         w = np.matmul(P.sg[:, None, :m], P.H[:, :m, :m])[:, 0]
-        a = P.rates(w, m)
-        r = P.r
+        at = P.rates(w, m)
         # The entering step of each candidate, as in _homotopy (see there): the
         # passes over (rows, K) run as torch ops on zero-copy views (numpy's sign
         # and maximum are up to 40x slower on float32 here).
-        rt, at, pt = t(r), t(a), t(P.pen)
-        b1, b2, b3 = (t(b[:nr]) for b in P.scratch)
+        rt, pt = P.rt, P.pt
+        b1, b2, b3 = P.bt
         lam_ = t(P.lam[:, None].astype(P.sdt))
         if positive:
             d_in = torch.sub(lam_, rt, out=b1).clamp_(min=P.tiny)
@@ -198,8 +214,7 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
         j_in = d_in.argmin(axis=1)
         din = d_in[ar, j_in]
         # Leaving: an active coefficient crossing zero, at -u / w > 0.
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = -u / w
+        ratio = -u / w
         ratio = np.where(ratio > 0, ratio, np.inf)
         i_out = ratio.argmin(axis=1)
         ev = np.stack([np.where(done, 0.0, P.lam - alpha), din, ratio[ar, i_out]], axis=1)
@@ -223,7 +238,9 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
         if n_done == nr:
             flush(done)
             return results, empty, True
-        if n_done * 2 >= nr and new_done.any():
+        # Compaction costs a copy of the state; below 64 rows carrying finished
+        # rows along is cheaper.
+        if n_done * 2 >= nr and nr >= 64 and new_done.any():
             flush(done)
             keep = ~done
             P.keep(keep)
