@@ -372,10 +372,13 @@ class SAETrainer:
         """Remove the gradient component along each (unit) decoder row."""
         W, g = self.params["W_dec"], self.params["W_dec"].grad
         if g is not None:
-            # g -= (g . w) w row by row, without an (F, D) temporary
-            # (a product and a row sum: several times faster than linalg.vecdot on the CPU)
-            dots = (g * W.detach()).sum(-1, keepdim=True)
-            g.addcmul_(dots, W.detach(), value=-1)
+            # g -= (g . w) w row by row: a product (into a reused buffer on the CPU)
+            # and a row sum, as fast as linalg.vecdot and without its fresh (F, D) temporary
+            W = W.detach()
+            out = (self.arch.scratch("decoder grad product", W.shape, W)
+                   if W.device.type == "cpu" else None)
+            dots = torch.mul(g, W, out=out).sum(-1, keepdim=True)
+            g.addcmul_(dots, W, value=-1)
 
     # -- state ------------------------------------------------------------------
     def state_dict(self):

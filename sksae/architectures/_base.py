@@ -117,10 +117,27 @@ class Architecture:
 
     # -- forward ------------------------------------------------------------
     @staticmethod
-    def pre_activation(p, x_BD):
+    def pre_activation(p, x_BD, out=None):
         centred = x_BD - p["b_dec"]
         with parallel(centred, "encoder product"):
-            return torch.addmm(p["b_enc"], centred, p["W_enc"].T)
+            return torch.addmm(p["b_enc"], centred, p["W_enc"].T, out=out)
+
+    def scratch(self, name, shape, like):
+        """A tensor of ``shape`` reused by every training step (contents undefined).
+
+        For the step's large temporaries on the CPU, such as the (B, F)
+        pre-activations: a fresh allocation of many MiB is returned to the
+        system when freed, so each step paid its page faults again (measured:
+        ~100k faults and 8% of a step at 4096 x 24576; a product over (F, D)
+        took 54 ms fresh and 15 ms in a reused buffer). Architecture objects
+        live for one fit and are not pickled, so neither are these buffers.
+        """
+        bufs = self.__dict__.setdefault("_scratch", {})
+        buf = bufs.get(name)
+        if (buf is None or buf.shape != shape or buf.dtype != like.dtype
+                or buf.device != like.device):
+            buf = bufs[name] = like.new_empty(shape)
+        return buf
 
     def encode(self, p, x_BD, training=False):
         """Codes of ``x``: an :class:`EncodeOutput` when training, a dense (B, F) tensor otherwise."""

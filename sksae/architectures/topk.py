@@ -36,7 +36,9 @@ class TopK(Architecture):
             # sparse path: the dense product without a graph, gradients from the
             # k selected entries only (sksae._kernels.gather_pre)
             with torch.no_grad():
-                pre = self.pre_activation(p, x_BD)
+                out = (self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
+                       if x_BD.device.type == "cpu" else None)
+                pre = self.pre_activation(p, x_BD, out=out)
             with parallel(pre, "top-k"):
                 indices = torch.topk(pre, k, dim=-1, sorted=False).indices
             values = gather_pre(pre, indices, x_BD, p)
