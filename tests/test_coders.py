@@ -136,3 +136,42 @@ def test_omp_many_atoms_matches_sklearn(rng):
     ref = sk_sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=20)
     got = sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=20, device="cpu")
     np.testing.assert_allclose(got, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+@pytest.mark.parametrize("positive", [False, True])
+def test_lasso_lars_engines_match_sklearn(engine, positive, rng):
+    # Both implementations of the path (numpy is the CPU default, torch runs on
+    # other devices), float32 scan included.
+    from sksae.coders._lasso_lars import lasso_lars as path
+
+    for dtype in (np.float64, np.float32):
+        X, D = _problem(rng, n=30, n_features=40, n_components=80, dtype=dtype)
+        alpha = 0.05
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            ref = sk_sparse_encode(X.astype(np.float64), D.astype(np.float64),
+                                   algorithm="lasso_lars", alpha=alpha, positive=positive)
+        got, ok = path(torch.from_numpy(X), torch.from_numpy(D), alpha=alpha,
+                       positive=positive, engine=engine)
+        assert ok and got.dtype == torch.from_numpy(X).dtype
+        Xt, Dt = torch.from_numpy(X).double(), torch.from_numpy(D).double()
+        obj_ref = float(lasso_objective(Xt, Dt, torch.from_numpy(ref), alpha).sum())
+        obj = float(lasso_objective(Xt, Dt, got.double(), alpha).sum())
+        assert obj <= obj_ref * (1 + (1e-9 if dtype == np.float64 else 1e-5))
+        if positive:
+            assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_omp_engines_and_panels_match_sklearn(engine, rng):
+    # More atoms than one Gram panel (128 columns), rows stopping early (zero row).
+    from sksae.coders._omp import omp
+
+    X, D = _problem(rng, n=20, n_features=30, n_components=300)
+    X[2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = sk_sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=12)
+    got, _ = omp(torch.from_numpy(X), torch.from_numpy(D), n_nonzero_coefs=12, engine=engine)
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-9)

@@ -168,3 +168,16 @@ def test_grid_search_smoke(rng):
 
     search = GridSearchCV(est, {"alpha": [0.1, 0.5]}, cv=2, scoring=neg_objective).fit(X)
     assert search.best_params_["alpha"] in (0.1, 0.5)
+
+
+def test_initial_dictionary_exact_and_randomized_svd_agree(rng):
+    # 5 atoms of 40 features: randomized SVD; 40 atoms: the exact one (the sketch
+    # would cover every feature). On rank-5 data both give the same top atoms.
+    from sksae._online import init_dictionary
+
+    X = torch.from_numpy(rng.randn(200, 5) @ rng.randn(5, 40))
+    gen = torch.Generator().manual_seed(0)
+    small = init_dictionary(X, 5, gen)
+    full = init_dictionary(X, 40, gen)
+    torch.testing.assert_close(full[:5], small, rtol=1e-6, atol=1e-6)
+    assert full[5:].abs().max() < 1e-6 * full[0].norm()
