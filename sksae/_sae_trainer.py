@@ -15,7 +15,7 @@ import math
 import torch
 
 from ._base import autocast, is_accelerator
-from ._kernels import gather_pre
+from ._kernels import Pattern, gather_pre
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 
@@ -123,15 +123,16 @@ def _fired_counts(codes, n_components):
     """How many rows of the batch each latent fired on."""
     if isinstance(codes, SparseCodes):
         counts = codes.values.new_zeros(n_components, dtype=torch.float32)
-        return counts.index_add_(
-            0, codes.indices.flatten(), (codes.values > 0).flatten().to(torch.float32)
-        )
+        indices = codes.indices
+        indices = indices.indices if isinstance(indices, Pattern) else indices.flatten()
+        return counts.index_add_(0, indices, (codes.values > 0).flatten().to(torch.float32))
     return (codes > 0).sum(0).to(torch.float32)
 
 
 def _l0(codes):
-    v = codes.values if isinstance(codes, SparseCodes) else codes
-    return (v > 0).to(torch.float32).sum(-1).mean()
+    if isinstance(codes, SparseCodes):
+        return (codes.values > 0).to(torch.float32).sum() / codes.n_rows
+    return (codes > 0).to(torch.float32).sum(-1).mean()
 
 
 def _adam(params, lr, device):

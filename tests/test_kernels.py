@@ -176,7 +176,7 @@ def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
     """Same metrics and gradients (after projection and clipping) on both paths."""
     sparse, x = _trainer(name, "sparse", device, dtype, n_dead)
     dense, _ = _trainer(name, "dense", device, dtype, n_dead)
-    if name == "topk":  # the sparse path really runs: pre carries no graph
+    if name in ("topk", "batchtopk"):  # the sparse path really runs: pre carries no graph
         p = {**sparse.params, **sparse.buffers}
         assert not sparse.arch.encode(p, x, training=True).pre.requires_grad
         assert dense.arch.encode(p, x, training=True).pre.requires_grad
@@ -188,3 +188,5 @@ def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
         assert float(ms["auxk"]) > 0
     for key, param in sparse.params.items():
         assert_close(param.grad, dense.params[key].grad, **_tol(dtype, 10), msg=key)
+    for key, buf in sparse.buffers.items():  # e.g. BatchTopK's threshold estimate
+        assert_close(buf, dense.buffers[key], **_tol(dtype), msg=key)

@@ -22,19 +22,36 @@ from .._threads import parallel
 
 
 class SparseCodes(NamedTuple):
-    """Codes with the same number of active latents per row.
+    """Sparse codes: the same number of active latents per row, or a CSR pattern.
 
     Attributes
     ----------
-    values : Tensor of shape (B, k)
-    indices : Tensor of shape (B, k), int64
+    values : Tensor of shape (B, k), or (N,) with a pattern
+    indices : Tensor of shape (B, k), int64, or :class:`sksae._kernels.Pattern`
+        A pattern gives a variable number of entries per row (BatchTopK).
     """
 
     values: torch.Tensor
-    indices: torch.Tensor
+    indices: object
+
+    @property
+    def n_rows(self):
+        return (self.indices.n_rows if isinstance(self.indices, _kernels.Pattern)
+                else self.values.shape[0])
+
+    @property
+    def mean_active(self):
+        """Entries per row (their mean for a pattern)."""
+        if isinstance(self.indices, _kernels.Pattern):
+            return self.values.shape[0] / max(1, self.n_rows)
+        return self.indices.shape[-1]
 
     def to_dense(self, n_components):
-        out = self.values.new_zeros(self.values.shape[0], n_components)
+        out = self.values.new_zeros(self.n_rows, n_components)
+        if isinstance(self.indices, _kernels.Pattern):
+            pat = self.indices
+            return out.view(-1).index_put_((pat.rows() * n_components + pat.indices,),
+                                           self.values).view(out.shape)
         return out.scatter_(1, self.indices, self.values)
 
 
@@ -66,8 +83,7 @@ def decode(codes, W_dec_FD, b_dec_D=None, kernels="auto"):
     """
     if isinstance(codes, SparseCodes):
         n_components = W_dec_FD.shape[0]
-        if _kernels.use_sparse(n_components, codes.indices.shape[-1], kernels,
-                              W_dec_FD.device):
+        if _kernels.use_sparse(n_components, codes.mean_active, kernels, W_dec_FD.device):
             return _kernels.sparse_decode(codes.values, codes.indices, W_dec_FD, b_dec_D)
         codes = codes.to_dense(n_components)
     out = codes @ W_dec_FD

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Architecture, EncodeOutput
+from .._kernels import Pattern, gather_pre, use_sparse
+from .._threads import parallel
+from ._base import Architecture, EncodeOutput, SparseCodes
 
 
 def batch_topk_codes(pre_BF, k):
@@ -20,6 +22,24 @@ def batch_topk_codes(pre_BF, k):
     flat = torch.relu(pre_BF).flatten()
     values, indices = torch.topk(flat, min(k * pre_BF.shape[0], flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_BF)
+
+
+def batch_topk_pattern(pre_BF, k):
+    """The ``k * B`` largest entries of ``pre`` over the batch, as a row-ordered pattern.
+
+    Selecting before the ReLU keeps the same support as :func:`batch_topk_codes`
+    wherever at least ``k * B`` entries are positive; otherwise the extra
+    entries are non-positive and their codes are 0 after the ReLU either way.
+    """
+    B, F = pre_BF.shape
+    flat = pre_BF.reshape(-1)
+    with parallel(pre_BF, "top-k"):
+        chosen = torch.topk(flat, min(k * B, flat.numel()), sorted=False).indices
+    chosen = torch.sort(chosen).values  # row-major order: rows ascending
+    rows = torch.div(chosen, F, rounding_mode="floor")
+    crow = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
+    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
+    return Pattern(chosen - rows * F, crow, F)
 
 
 class BatchTopK(Architecture):
@@ -36,9 +56,20 @@ class BatchTopK(Architecture):
         return {"threshold": -like, "threshold_updates": 0 * like}
 
     def encode(self, p, x_BD, training=False):
+        k = self.hparams["k"]
+        if training and use_sparse(self.n_components, k, self.kernels, x_BD.device):
+            # sparse path (as TopK's): the k * B kept entries form a CSR pattern
+            # with a variable count per row; gradients from those entries only
+            with torch.no_grad():
+                out = (self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
+                       if x_BD.device.type == "cpu" else None)
+                pre = self.pre_activation(p, x_BD, out=out)
+                pattern = batch_topk_pattern(pre, k)
+            values = gather_pre(pre, pattern, x_BD, p)
+            return EncodeOutput(SparseCodes(values.clamp_min(0), pattern), pre)
         pre = self.pre_activation(p, x_BD)
         if training:
-            return EncodeOutput(batch_topk_codes(pre, self.hparams["k"]), pre)
+            return EncodeOutput(batch_topk_codes(pre, k), pre)
         a = torch.relu(pre)
         return a * (a > p["threshold"].to(a.dtype))
 
@@ -51,7 +82,8 @@ class BatchTopK(Architecture):
         the EMA of the peers once ``n`` reaches ``10 / (1 / momentum - 1)``.
         Written without host synchronisation.
         """
-        codes = enc.codes.detach()
+        codes = enc.codes
+        codes = (codes.values if isinstance(codes, SparseCodes) else codes).detach()
         smallest = torch.where(codes > 0, codes, torch.inf).min().to(p["threshold"].dtype)
         n = p["threshold_updates"]
         beta = torch.clamp(n / (n + 10), max=self.hparams["threshold_momentum"])
