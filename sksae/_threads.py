@@ -24,14 +24,16 @@ same bits on any number of threads, which
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import torch
 
 __all__ = ["serial", "parallel", "ThreadChooser"]
 
-#: intra-op threads outside the outermost :func:`serial` block (None outside)
-_outer_threads = None
+#: per Python thread: intra-op threads outside the outermost :func:`serial`
+#: block (``outer`` absent outside), so that fits in concurrent threads keep apart
+_state = threading.local()
 #: one chooser per (call site, shape, dtype)
 _choosers = {}
 
@@ -95,17 +97,16 @@ def serial(t):
 
     Nested blocks are no-ops; :func:`parallel` inside may take threads back.
     """
-    global _outer_threads
     n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1 or _outer_threads is not None:
+    if t.device.type != "cpu" or n == 1 or getattr(_state, "outer", None) is not None:
         yield
         return
-    _outer_threads = n
+    _state.outer = n
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        _outer_threads = None
+        _state.outer = None
         torch.set_num_threads(n)
 
 
@@ -121,7 +122,7 @@ def parallel(t, site):
     site : str
         Name of the call site (e.g. ``"encoder product"``).
     """
-    n = _outer_threads
+    n = getattr(_state, "outer", None)
     if n is None or t.device.type != "cpu":
         yield
         return
