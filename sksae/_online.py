@@ -10,6 +10,8 @@ for matrix factorization and sparse coding" (JMLR 2010), Algorithms 1 and 2.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -146,20 +148,26 @@ def _sweep_block_numpy(D, target, A_blk, inv, start, replacement, positive):
     The loop runs one atom at a time on vectors of ``n_features`` entries, where
     a torch call costs 5-10 us of dispatch and a numpy call about 1 us.
     """
-    Dn, tn, An = D.numpy(), target.numpy(), A_blk.numpy()
-    invn = inv.cpu().numpy()
+    Dn = D.numpy()
+    invn = inv.cpu().numpy()[start:start + target.shape[0], None]
+    # Scaled once per block: d_k + (t_k - A[k, :i] delta) / A[k, k].
+    tn = target.numpy() * invn
+    An = A_blk.numpy() * invn
     delta = np.zeros_like(tn)
     for i in range(tn.shape[0]):
         k = start + i
+        new = delta[i]  # written in place, then turned into the change of atom k
         if k in replacement:
-            new = replacement[k].numpy().copy()
+            new[:] = replacement[k].numpy()
         else:
-            r = tn[i] - An[i, :i] @ delta[:i] if i else tn[i]
-            new = Dn[k] + r * invn[k]
+            if i:
+                np.subtract(tn[i], An[i, :i] @ delta[:i], out=new)
+            else:
+                new[:] = tn[i]
+            new += Dn[k]
         if positive:
             np.maximum(new, 0, out=new)
-        norm = np.sqrt(new @ new)
+        norm = math.sqrt(float(new @ new))
         if norm > 1.0:
             new /= norm
-        np.subtract(new, Dn[k], out=delta[i])
-        Dn[k] = new
+        Dn[k], new[:] = new, new - Dn[k]
