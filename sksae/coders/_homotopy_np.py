@@ -16,11 +16,14 @@ import torch.nn.functional as F
 
 __all__ = ["homotopy_np"]
 
-_CHUNK = 8
 
 
 class _State:
-    """Path state of the rows still running; active slots are ``0..n_act-1``."""
+    """Path state of the rows still running; active slots are ``0..n_act-1``.
+
+    The slot arrays are exactly as wide as the widest active set so far
+    (``cap``), so the per-row algebra works on contiguous arrays.
+    """
 
     def __init__(self, C, G, Gs, lam, positive, usable):
         n, K = C.shape
@@ -30,7 +33,7 @@ class _State:
         self.r = C.copy()
         self.sdt = C.dtype
         self.tiny = np.finfo(C.dtype).tiny
-        self.cap = _CHUNK
+        self.cap = 1
         self.idx = np.zeros((n, self.cap), dtype=np.int64)
         self.sg = np.zeros((n, self.cap))
         self.u = np.zeros((n, self.cap))
@@ -43,13 +46,16 @@ class _State:
         self.one = torch.ones(1, 1, dtype=Gs.dtype)
         self._views()
 
-    def _grow(self):
-        c = _CHUNK
-        self.idx = np.pad(self.idx, ((0, 0), (0, c)))
-        self.sg = np.pad(self.sg, ((0, 0), (0, c)))
-        self.u = np.pad(self.u, ((0, 0), (0, c)))
-        self.H = np.pad(self.H, ((0, 0), (0, c), (0, c)))
-        self.cap += c
+    def _grow(self, cap):
+        n, old = self.idx.shape[0], self.cap
+        for name in ("idx", "sg", "u"):
+            x = getattr(self, name)
+            new = np.zeros((n, cap), dtype=x.dtype)
+            new[:, :old] = x
+            setattr(self, name, new)
+        H = np.zeros((n, cap, cap))
+        H[:, :old, :old] = self.H
+        self.H, self.cap = H, cap
 
     def keep(self, mask):
         for name in ("r", "lam", "idx", "sg", "u", "H", "pen", "n_act", "blocked"):
@@ -62,32 +68,36 @@ class _State:
         self.rt, self.pt = torch.from_numpy(self.r), torch.from_numpy(self.pen)
         self.bt = [torch.from_numpy(b[:nr]) for b in self.scratch]
         self.offsets = torch.arange(nr, dtype=torch.long)
+        self.ar = np.arange(nr)
 
-    def rates(self, w, m):
-        """``a = G[:, A] w`` for every row, (rows, K); ``w`` over the first m slots."""
+    def rates(self, w):
+        """``a = G[:, A] w`` for every row, (rows, K)."""
         # torch.embedding_bag itself (mode 0 = sum) skips the checks of the
         # functional wrapper, ~10 us a call here.
-        idx = torch.from_numpy(np.ascontiguousarray(self.idx[:, :m]).reshape(-1))
-        return torch.embedding_bag(self.Gs, idx, self.offsets * m, False, 0, False,
+        return torch.embedding_bag(self.Gs, torch.from_numpy(self.idx.reshape(-1)),
+                                   self.offsets * self.cap, False, 0, False,
                                    torch.from_numpy(w.astype(self.sdt).reshape(-1)))[0]
 
     def append(self, e, j):
         """Atom ``j[k]`` enters the active set of row ``e[k]``."""
         slot = self.n_act[e]
-        m = int(slot.max()) + 1  # active width after the update
-        if m > self.cap:
-            self._grow()
+        need = int(slot.max()) + 1
+        if need > self.cap:
+            self._grow(need)
+        # Every row entering (common early on): work on H in place, no gather.
+        full = e.size == self.idx.shape[0]
         gjj = self.Gdiag[j]
         # g = G[A, j]; entries past the active set meet zero rows of H.
-        g = self.G[self.idx[e, :m], j[:, None]]
-        He = self.H[e, :m, :m]
+        g = self.G[self.idx if full else self.idx[e], j[:, None]]
+        He = self.H if full else self.H[e]
         y = np.matmul(g[:, None, :], He)[:, 0]
         lkk2 = gjj - np.einsum("ij,ij->i", g, y)
         self.pen[e, j] = np.inf
         # A (numerically) dependent atom is dropped for good, as lars_path does.
         ok = lkk2 > 1e-9 * gjj
         if not ok.all():
-            e, j, slot, y, lkk2, He = e[ok], j[ok], slot[ok], y[ok], lkk2[ok], He[ok]
+            e, j, slot, y, lkk2 = e[ok], j[ok], slot[ok], y[ok], lkk2[ok]
+            He, full = He[ok], False
             if e.size == 0:
                 return
         inv = 1.0 / lkk2
@@ -98,16 +108,17 @@ class _State:
         He[ar, slot, :] = -yi
         He[ar, :, slot] = -yi
         He[ar, slot, slot] = inv
-        self.H[e, :m, :m] = He
+        if not full:
+            self.H[e] = He
         self.sg[e, slot] = 1.0 if self.positive else np.sign(self.r[e, j])
         self.idx[e, slot] = j
         self.u[e, slot] = 0.0
         self.n_act[e] = slot + 1
 
-    def remove(self, d, q, m):
+    def remove(self, d, q):
         """Drop slot ``q[k]`` of row ``d[k]``: downdate ``H``, move the last slot into q."""
         ar = np.arange(d.size)
-        Hd = self.H[d, :m, :m]
+        Hd = self.H[d]
         hq = Hd[ar, q].copy()  # row q (= column q)
         Hd -= hq[:, :, None] * (hq / hq[ar, q][:, None])[:, None, :]
         # Row and column q are now zero: move the last active slot into q.
@@ -116,7 +127,7 @@ class _State:
         Hd[ar, :, q] = Hd[ar, :, last]
         Hd[ar, last, :] = 0.0
         Hd[ar, :, last] = 0.0
-        self.H[d, :m, :m] = Hd
+        self.H[d] = Hd
         atom = self.idx[d, q]
         for x in (self.idx, self.sg, self.u):
             x[d, q] = x[d, last]
@@ -135,8 +146,7 @@ class _State:
         path). Rows where the exact point flips a sign (degenerate) keep their
         path point.
         """
-        m = max(int(self.n_act[rows].max()), 1)
-        idx, sg, H = self.idx[rows, :m], self.sg[rows, :m], self.H[rows, :m, :m]
+        idx, sg, H = self.idx[rows], self.sg[rows], self.H[rows]
         on = sg != 0
         b = np.where(on, np.take_along_axis(c, idx, 1) - self.lam[rows, None] * sg, 0.0)
         u = np.matmul(H, b[:, :, None])[:, :, 0]
@@ -144,7 +154,7 @@ class _State:
         res = b - np.matmul(GAA, u[:, :, None])[:, :, 0]
         u += np.matmul(H, res[:, :, None])[:, :, 0]
         good = ((u * sg > 0) | ~on).all(axis=1) & np.isfinite(u).all(axis=1)
-        return idx, np.where(good[:, None], u, self.u[rows, :m])
+        return idx, np.where(good[:, None], u, self.u[rows])
 
 
 def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
@@ -184,13 +194,9 @@ def _path(C, G, Gs, alpha, positive, max_iter, usable):
             results.append((t(pos[rows]), t(idx), t(coef)))
 
     for _ in range(max_iter):
-        nr = done.size
-        ar = np.arange(nr)
-        # Everything on the slots works on the first m (the widest active set).
-        m = max(int(P.n_act.max()), 1)
-        u = P.u[:, :m]
-        w = np.matmul(P.sg[:, None, :m], P.H[:, :m, :m])[:, 0]
-        at = P.rates(w, m)
+        nr, ar, u = done.size, P.ar, P.u
+        w = np.matmul(P.sg[:, None, :], P.H)[:, 0]
+        at = P.rates(w)
         # The entering step of each candidate, as in _homotopy (see there): the
         # passes over (rows, K) run as torch ops on zero-copy views (numpy's sign
         # and maximum are up to 40x slower on float32 here).
@@ -230,7 +236,7 @@ def _path(C, G, Gs, alpha, positive, max_iter, usable):
         if d.size:
             q = i_out[d]
             P.u[d, q] = 0.0
-            P.remove(d, q, m)
+            P.remove(d, q)
         e = np.flatnonzero(kind == 1)
         if e.size:
             P.append(e, j_in[e])
