@@ -217,8 +217,9 @@ def homotopy(C, G, Gs, alpha, positive, max_iter, usable):
             # denominators is (lam - s r) / (1 - s a) with s = sign(r - a lam): one
             # formula, no mask (fewer passes over the (rows, K) block, which dominate
             # a step).
-            # Clamping the numerator to the smallest normal number and the denominator to 0 keeps the
-            # active atoms (|r| = lam, a = s) at +inf rather than 0 / 0.
+            # Clamping the numerator to the smallest normal number and the
+            # denominator to 0 keeps the active atoms (|r| = lam, a = s) at +inf
+            # rather than 0 / 0.
             sgn = torch.addcmul(P.r, a, lam_, value=-1.0, out=b1).sign_()
             d_in = torch.addcmul(lam_, sgn, P.r, value=-1.0, out=b2).clamp_(min=P.tiny)
             d_in.div_(torch.addcmul(_one(a), sgn, a, value=-1.0, out=b3).clamp_(min=0.0))

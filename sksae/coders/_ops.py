@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-__all__ = ["argmax_abs", "argmin_rows", "panel_weighted_rows", "top_indices"]
-
-# Bytes of Gram columns per panel for weighted sums of Gram rows: a panel stays
-# in a core's L2 cache (streaming the whole Gram matrix from L3 was ~3x slower).
-_PANEL_BYTES = 512 * 2**10
+__all__ = ["argmax_abs", "argmin_rows"]
 
 
 def argmax_abs(c):
@@ -40,29 +35,3 @@ def argmin_rows(c):
     i = a.argmin(axis=1)
     return torch.from_numpy(a[np.arange(a.shape[0]), i]), torch.from_numpy(i)
 
-
-def top_indices(score, k):
-    """Per row, the indices of the ``k`` largest scores, in no particular order."""
-    if score.device.type != "cpu" or k >= score.shape[1]:
-        return score.topk(k, dim=1).indices
-    # A partition is O(K) per row; torch's CPU topk sorts and is ~10x slower.
-    part = (-score).numpy().argpartition(k - 1, axis=1)[:, :k]
-    return torch.from_numpy(part)
-
-
-def panel_weighted_rows(idx, weights, G):
-    """``sum_s weights[:, s] G[idx[:, s], :]`` per row, (rows, K).
-
-    One ``embedding_bag`` per column panel of ``G`` sized to stay in cache.
-    """
-    n, K = idx.shape[0], G.shape[1]
-    if idx.shape[1] == 0:
-        return G.new_zeros(n, K)
-    width = max(16, _PANEL_BYTES // (G.shape[0] * G.element_size()))
-    if width >= K:
-        return F.embedding_bag(idx, G, per_sample_weights=weights, mode="sum")
-    out = G.new_empty(n, K)
-    for lo in range(0, K, width):
-        out[:, lo:lo + width] = F.embedding_bag(idx, G[:, lo:lo + width].contiguous(),
-                                                per_sample_weights=weights, mode="sum")
-    return out
