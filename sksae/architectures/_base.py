@@ -138,6 +138,22 @@ class Architecture:
         with parallel(centred, "encoder product"):
             return torch.addmm(p["b_enc"], centred, p["W_enc"].T, out=out)
 
+    def encode_selected(self, p, x_BD, select):
+        """Training codes on the sparse kernels: ReLU of the entries ``select(pre)`` picks.
+
+        The dense product runs without an autograd graph (into a reused buffer
+        on the CPU); ``select`` returns a (B, k) index matrix or a
+        :class:`sksae._kernels.Pattern`, and the gradients flow from the
+        selected entries only (:func:`sksae._kernels.gather_pre`).
+        """
+        with torch.no_grad():
+            out = (self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
+                   if x_BD.device.type == "cpu" else None)
+            pre = self.pre_activation(p, x_BD, out=out)
+            support = select(pre)
+        values = _kernels.gather_pre(pre, support, x_BD, p)
+        return EncodeOutput(SparseCodes(values.clamp_min(0), support), pre)
+
     def scratch(self, name, shape, like):
         """A tensor of ``shape`` reused by every training step (contents undefined).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._kernels import Pattern, gather_pre, use_sparse
+from .._kernels import Pattern, use_sparse
 from .._threads import parallel
 from ._base import Architecture, EncodeOutput, SparseCodes
 
@@ -58,15 +58,8 @@ class BatchTopK(Architecture):
     def encode(self, p, x_BD, training=False):
         k = self.hparams["k"]
         if training and use_sparse(self.n_components, k, self.kernels, x_BD.device):
-            # sparse path (as TopK's): the k * B kept entries form a CSR pattern
-            # with a variable count per row; gradients from those entries only
-            with torch.no_grad():
-                out = (self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
-                       if x_BD.device.type == "cpu" else None)
-                pre = self.pre_activation(p, x_BD, out=out)
-                pattern = batch_topk_pattern(pre, k)
-            values = gather_pre(pre, pattern, x_BD, p)
-            return EncodeOutput(SparseCodes(values.clamp_min(0), pattern), pre)
+            # the k * B kept entries: a pattern with a variable count per row
+            return self.encode_selected(p, x_BD, lambda pre: batch_topk_pattern(pre, k))
         pre = self.pre_activation(p, x_BD)
         if training:
             return EncodeOutput(batch_topk_codes(pre, k), pre)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._kernels import gather_pre, use_sparse
+from .._kernels import use_sparse
 from .._threads import parallel
 from ._base import Architecture, EncodeOutput, SparseCodes
 
@@ -24,6 +24,11 @@ def topk_codes(pre_BF, k):
     return SparseCodes(values.clamp_min(0), indices)
 
 
+def _topk_indices(pre_BF, k):
+    with parallel(pre_BF, "top-k"):
+        return torch.topk(pre_BF, k, dim=-1, sorted=False).indices
+
+
 class TopK(Architecture):
     """TopK activation: keep the ``k`` largest positive pre-activations of each row."""
 
@@ -33,16 +38,7 @@ class TopK(Architecture):
     def encode(self, p, x_BD, training=False):
         k = self.hparams["k"]
         if training and use_sparse(self.n_components, k, self.kernels, x_BD.device):
-            # sparse path: the dense product without a graph, gradients from the
-            # k selected entries only (sksae._kernels.gather_pre)
-            with torch.no_grad():
-                out = (self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
-                       if x_BD.device.type == "cpu" else None)
-                pre = self.pre_activation(p, x_BD, out=out)
-            with parallel(pre, "top-k"):
-                indices = torch.topk(pre, k, dim=-1, sorted=False).indices
-            values = gather_pre(pre, indices, x_BD, p)
-            return EncodeOutput(SparseCodes(values.clamp_min(0), indices), pre)
+            return self.encode_selected(p, x_BD, lambda pre: _topk_indices(pre, k))
         pre = self.pre_activation(p, x_BD)
         codes = topk_codes(pre, k)
         if training:
