@@ -17,6 +17,11 @@ on how loaded the machine is. It is a best case: the fastest repetition, with
 the faster of all threads or one thread on the CPU, measured before and after
 the libraries train.
 
+Threads (CPU): sksae chooses per operation between one thread and all of
+torch's (``sksae._threads``); each peer is run twice, with all threads and
+with one, and its faster run is reported (``--peer-threads``), so a busy
+machine does not handicap a peer that uses every thread by default.
+
 Peers (imported when installed, skipped with a note otherwise; their code is
 never vendored here):
 
@@ -258,6 +263,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="0,1", help="indices into SHAPES")
     parser.add_argument("--peers", default="sparsify,SAELens")
+    parser.add_argument("--peer-threads", choices=["best", "all", "one"], default="best",
+                        help="CPU: run each peer with all of torch's threads and with one, "
+                             "and report its faster run (best), or only one of them")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -292,17 +300,33 @@ def main(argv=None):
         for fn in runners.values():  # untimed warm-up: first-call costs paid by none
             fn(X[:B], F, k, B, 1, device)
         results = {}
+        n_threads = torch.get_num_threads()
         for name, fn in runners.items():
-            sec, setup, recon = fn(X, F, k, B, epochs, device)
-            results[name] = (rows / sec, setup, fvu(recon, X, device))
+            # sksae picks its threads per operation itself; a peer gets its faster
+            # run of all threads and one thread (on busy cores the one-thread run
+            # can be several times faster: threads wait for each other)
+            options = ([n_threads] if name == "sksae" or device.type != "cpu"
+                       or args.peer_threads == "all" or n_threads == 1
+                       else [1] if args.peer_threads == "one" else [n_threads, 1])
+            for threads in options:
+                torch.set_num_threads(threads)
+                try:
+                    sec, setup, recon = fn(X, F, k, B, epochs, device)
+                    result = (rows / sec, setup, fvu(recon, X, device), threads)
+                finally:
+                    torch.set_num_threads(n_threads)
+                if name not in results or result[0] > results[name][0]:
+                    results[name] = result
         roof = max(roof, roofline(D, F, k, B, device))
         ours = results["sksae"][0]
         print(f"  {'':10s} {'samples/s':>11s} {'setup s':>8s} {'FVU':>7s} "
-              f"{'sksae/this':>10s} {'/roofline':>9s}")
-        print(f"  {'roofline':10s} {roof:11.0f} {'':>8s} {'':>7s} {ours / roof:10.2f} {1:9.2f}")
-        for name, (sps, setup, f) in results.items():
+              f"{'sksae/this':>10s} {'/roofline':>9s} {'threads':>8s}")
+        print(f"  {'roofline':10s} {roof:11.0f} {'':>8s} {'':>7s} {ours / roof:10.2f} {1:9.2f} "
+              f"{'best':>8s}")
+        for name, (sps, setup, f, threads) in results.items():
+            used = "auto" if name == "sksae" and device.type == "cpu" else str(threads)
             print(f"  {name:10s} {sps:11.0f} {setup:8.2f} {f:7.4f} {ours / sps:10.2f} "
-                  f"{sps / roof:9.2f}")
+                  f"{sps / roof:9.2f} {used:>8s}")
         sys.stdout.flush()
 
 
