@@ -50,6 +50,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
 
 def _orthogonal(G):
     """Whether the atoms are orthogonal to rounding (off-diagonal Gram ~ 0)."""
+    G = G.detach()
     tol = 1e-6 * float(G.diagonal().max().clamp(min=1e-30))
     # The first column settles the usual case (not orthogonal) in O(K).
     if float(G[1:, 0].abs().max()) > tol:

@@ -169,6 +169,7 @@ def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
 
 
 def _path(C, G, Gs, alpha, positive, max_iter, usable):
+    C, G, Gs = C.detach(), G.detach(), Gs.detach()
     Cn, Gn, us = C.numpy(), G.numpy(), usable.numpy()
     n = Cn.shape[0]
     score = np.maximum(Cn, 0) if positive else np.abs(Cn)

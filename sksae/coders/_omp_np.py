@@ -21,6 +21,7 @@ __all__ = ["omp_block_np"]
 def omp_block_np(C, G, k, panels, code):
     """OMP on one block of rows of CPU tensors; writes the codes into ``code``."""
     n, K = C.shape
+    G, C = G.detach(), C.detach()
     Gn, Cn = G.numpy(), C.numpy()
     dt = Gn.dtype
     eps = np.finfo(dt).eps

@@ -18,7 +18,7 @@ def argmax_abs(c):
     """Per row, the first index of the largest ``|c|`` (numpy's ``argmax(abs(c))``)."""
     if c.device.type != "cpu":
         return c.abs().argmax(dim=1)
-    a = c.numpy()
+    a = c.detach().numpy()
     hi, lo = a.argmax(axis=1), a.argmin(axis=1)
     rows = np.arange(a.shape[0])
     top, bottom = a[rows, hi], -a[rows, lo]
@@ -31,7 +31,7 @@ def argmin_rows(c):
     """Per row, the smallest value and its first index (``c.min(dim=1)``)."""
     if c.device.type != "cpu":
         return c.min(dim=1)
-    a = c.numpy()
+    a = c.detach().numpy()
     i = a.argmin(axis=1)
     return torch.from_numpy(a[np.arange(a.shape[0]), i]), torch.from_numpy(i)
 
