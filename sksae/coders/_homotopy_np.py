@@ -20,7 +20,7 @@ __all__ = ["homotopy_np"]
 class _State:
     """Path state of the rows still running; active slots are ``0..n_act-1``.
 
-    The slot arrays are exactly as wide as the widest active set so far
+    The slot arrays are as wide as the widest active set so far plus one
     (``cap``), so the per-row algebra works on contiguous arrays.
     """
 
@@ -82,7 +82,7 @@ class _State:
         slot = self.n_act[e]
         need = int(slot.max()) + 1
         if need > self.cap:
-            self._grow(need)
+            self._grow(need + 1)  # one spare slot: half as many reallocations
         # Every row entering (common early on): work on H in place, no gather.
         full = e.size == self.idx.shape[0]
         gjj = self.Gdiag[j]
@@ -137,23 +137,46 @@ class _State:
         self.any_blocked = True
         self.n_act[d] = last
 
-    def exact(self, rows, c):
-        """``G_AA^{-1} (c_A - lam s_A)`` for ``rows``, by ``H`` and one refinement step.
 
-        ``c`` holds the rows' correlations with all atoms. The refinement with the
-        Gram block removes the drift of ``H`` (updates and downdates along the
-        path). Rows where the exact point flips a sign (degenerate) keep their
-        path point.
-        """
-        idx, sg, H = self.idx[rows], self.sg[rows], self.H[rows]
-        on = sg != 0
-        b = np.where(on, np.take_along_axis(c, idx, 1) - self.lam[rows, None] * sg, 0.0)
-        u = np.matmul(H, b[:, :, None])[:, :, 0]
-        GAA = self.G[idx[:, :, None], idx[:, None, :]] * (on[:, :, None] & on[:, None, :])
-        res = b - np.matmul(GAA, u[:, :, None])[:, :, 0]
-        u += np.matmul(H, res[:, :, None])[:, :, 0]
-        good = ((u * sg > 0) | ~on).all(axis=1) & np.isfinite(u).all(axis=1)
-        return idx, np.where(good[:, None], u, self.u[rows])
+def _exact(G, C, pos, idx, sg, u, H, lam):
+    """``G_AA^{-1} (c_A - lam s_A)`` per row, by ``H`` and one refinement step.
+
+    ``C[pos]`` holds the rows' correlations with all atoms. The refinement with
+    the Gram block removes the drift of ``H`` (updates and downdates along the
+    path). Rows where the exact point flips a sign (degenerate) keep their path
+    point ``u``.
+    """
+    on = sg != 0
+    b = np.where(on, C[pos[:, None], idx] - lam[:, None] * sg, 0.0)
+    x = np.matmul(H, b[:, :, None])[:, :, 0]
+    GAA = G[idx[:, :, None], idx[:, None, :]] * (on[:, :, None] & on[:, None, :])
+    x += np.matmul(H, (b - np.matmul(GAA, x[:, :, None])[:, :, 0])[:, :, None])[:, :, 0]
+    good = ((x * sg > 0) | ~on).all(axis=1) & np.isfinite(x).all(axis=1)
+    return np.where(good[:, None], x, u)
+
+
+def _solve_flushed(G, C, chunks):
+    """Exact codes of all flushed chunks at once (padded to the widest)."""
+    cap = max(c[1].shape[1] for c in chunks)
+
+    def cat(i, pad):
+        parts = [c[i] for c in chunks]
+        if len(parts) == 1:
+            return parts[0]
+        if not pad:
+            return np.concatenate(parts)
+        # Zero padding: free slots (sign 0, zero rows and columns of H).
+        out = np.zeros((sum(len(x) for x in parts),) + (cap,) * pad, dtype=parts[0].dtype)
+        start = 0
+        for x in parts:
+            m, w = x.shape[:2]
+            out[(slice(start, start + m),) + (slice(0, w),) * pad] = x
+            start += m
+        return out
+
+    pos, idx, sg, u, H, lam = cat(0, 0), cat(1, 1), cat(2, 1), cat(3, 1), cat(4, 2), cat(5, 0)
+    t = torch.from_numpy
+    return [(t(pos), t(idx), t(_exact(G, C, pos, idx, sg, u, H, lam)))]
 
 
 def homotopy_np(C, G, Gs, alpha, positive, max_iter, usable):
@@ -186,12 +209,15 @@ def _path(C, G, Gs, alpha, positive, max_iter, usable):
     P.append(np.arange(pos.size), j0[pos])
     done = np.zeros(pos.size, dtype=bool)
     t = torch.from_numpy
+    flushed = []
 
     def flush(mask):
+        # Finished rows leave with their state; their exact codes are solved at
+        # the end, all together.
         rows = np.flatnonzero(mask)
         if rows.size:
-            idx, coef = P.exact(rows, Cn[pos[rows]])
-            results.append((t(pos[rows]), t(idx), t(coef)))
+            flushed.append((pos[rows], P.idx[rows], P.sg[rows], P.u[rows], P.H[rows],
+                            P.lam[rows]))
 
     for _ in range(max_iter):
         nr, ar, u = done.size, P.ar, P.u
@@ -243,7 +269,7 @@ def _path(C, G, Gs, alpha, positive, max_iter, usable):
         n_done = int(done.sum())
         if n_done == nr:
             flush(done)
-            return results, empty, True
+            return _solve_flushed(Gn, Cn, flushed), empty, True
         # Compaction costs a copy of the state; below 16 rows carrying finished
         # rows along is cheaper (fit timings: 16 < 64 < 128 < never).
         if n_done * 2 >= nr and nr >= 16 and new_done.any():
@@ -253,4 +279,4 @@ def _path(C, G, Gs, alpha, positive, max_iter, usable):
             pos, done = pos[keep], done[keep]
     flush(~done)
     flush(done)
-    return results, empty, False
+    return _solve_flushed(Gn, Cn, flushed), empty, False
