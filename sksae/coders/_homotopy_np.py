@@ -139,18 +139,21 @@ class _State:
 
 
 def _exact(G, C, pos, idx, sg, u, H, lam):
-    """``G_AA^{-1} (c_A - lam s_A)`` per row, by ``H`` and one refinement step.
+    """``G_AA^{-1} (c_A - lam s_A)`` per row, by ``H`` (and one refinement step).
 
-    ``C[pos]`` holds the rows' correlations with all atoms. The refinement with
-    the Gram block removes the drift of ``H`` (updates and downdates along the
-    path). Rows where the exact point flips a sign (degenerate) keep their path
-    point ``u``.
+    ``C[pos]`` holds the rows' correlations with all atoms. For float64 data a
+    refinement step with the Gram block removes the drift of ``H`` (updates and
+    downdates along the path). Rows where the exact point flips a sign
+    (degenerate) keep their path point ``u``.
     """
     on = sg != 0
     b = np.where(on, C[pos[:, None], idx] - lam[:, None] * sg, 0.0)
     x = np.matmul(H, b[:, :, None])[:, :, 0]
-    GAA = G[idx[:, :, None], idx[:, None, :]] * (on[:, :, None] & on[:, None, :])
-    x += np.matmul(H, (b - np.matmul(GAA, x[:, :, None])[:, :, 0])[:, :, None])[:, :, 0]
+    if C.dtype == np.float64:
+        # The drift of H is ~1e-10 relative on ill-conditioned atoms: below
+        # float32's resolution, not below float64's.
+        GAA = G[idx[:, :, None], idx[:, None, :]] * (on[:, :, None] & on[:, None, :])
+        x += np.matmul(H, (b - np.matmul(GAA, x[:, :, None])[:, :, 0])[:, :, None])[:, :, 0]
     good = ((x * sg > 0) | ~on).all(axis=1) & np.isfinite(x).all(axis=1)
     return np.where(good[:, None], x, u)
 
