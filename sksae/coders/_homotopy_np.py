@@ -101,17 +101,19 @@ class _State:
                 return
         inv = 1.0 / lkk2
         yi = y * inv[:, None]
-        # H += y y^T / l, then the new row and column -y / l and corner 1 / l.
+        # H += y y^T / l, then the new row and column -y / l with corner 1 / l
+        # (y is 0 at the new slot: H's row and column there were 0).
         He += yi[:, :, None] * y[:, None, :]
-        ar = np.arange(e.size)
-        He[ar, slot, :] = -yi
-        He[ar, :, slot] = -yi
-        He[ar, slot, slot] = inv
+        ar = self.ar if full else np.arange(e.size)
+        yi = np.negative(yi, out=yi)
+        yi[ar, slot] = inv
+        He[ar, slot, :] = yi
+        He[ar, :, slot] = yi
         if not full:
             self.H[e] = He
         self.sg[e, slot] = 1.0 if self.positive else np.sign(self.r[e, j])
         self.idx[e, slot] = j
-        self.u[e, slot] = 0.0
+        # u is already 0 at the new slot (fresh or cleared by remove).
         self.n_act[e] = slot + 1
 
     def remove(self, d, q):
