@@ -26,16 +26,16 @@ benchmarks/results/dictionary_learning.txt for the output and the load), with
 ``--sklearn-max-steps 8`` (scikit-learn's full toy fit takes too long here; its
 fit is then compared per minibatch step):
 
-    --threads 1  toy    fit/step x33.7  omp x18.6  lasso x40.0
-                 china  fit x13.0       omp x38.5  lasso x37.1
-    --threads 2  toy    fit/step x48.3  omp x25.6  lasso x47.4
-                 china  fit x14.0       omp x40.0  lasso x37.6
+    --threads 1  toy    fit/step x43.9  omp x22.5  lasso x41.2
+                 china  fit x13.2       omp x38.5  lasso x44.6
+    --threads 2  toy    fit/step x53.6  omp x29.9  lasso x59.2
+                 china  fit x16.2       omp x18.6  lasso x50.2
 
 Held-out objectives: china sksae/sklearn 0.998 (both full fits); toy 0.2214
 (scikit-learn's 8-step number is not comparable). The ratios move with the
 load of the shared machine (scikit-learn's china fit took 9 to 23 s over the
-day); the china fit, ~21 path steps of ~60-100 small numpy/torch calls per
-minibatch, stays below 20x.
+day); the china fit (~21 path steps of ~60-100 small numpy/torch calls per
+minibatch) stays below 20x, x13-x18.
 """
 
 from __future__ import annotations
