@@ -190,3 +190,37 @@ def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
         assert_close(param.grad, dense.params[key].grad, **_tol(dtype, 10), msg=key)
     for key, buf in sparse.buffers.items():  # e.g. BatchTopK's threshold estimate
         assert_close(buf, dense.buffers[key], **_tol(dtype), msg=key)
+
+
+@pytest.mark.parametrize("n_dead", [5, 50])  # few dead (index_select), many (masked)
+@pytest.mark.parametrize("kernels", ["sparse", "dense"])
+def test_auxk_loss_matches_its_definition(n_dead, kernels, device):
+    """AuxK (dropping the negative picks) equals the loss written out densely, with gradients."""
+    trainer, x = _trainer("topk", kernels, device, torch.float64, n_dead)
+    p = trainer.params
+    with torch.no_grad():  # dead latents fire rarely: many of their picks are negative
+        p["b_enc"][:n_dead] -= 1.5
+    x_hat = (x.mean(0) + 0.1 * x).detach()
+    with torch.no_grad():
+        pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+    if kernels == "dense":
+        pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+    loss = trainer.auxk_loss(pre, x, x_hat)
+    got = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+
+    dead = trainer.rows_since_fired >= trainer.dead_window
+    ref_pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+    picked, idx = torch.topk(ref_pre.masked_fill(~dead, float("-inf")),
+                             min(trainer.k_aux, n_dead), dim=-1)
+    assert (picked < 0).any() and (picked > 0).any()  # both kinds of picks occur
+    codes = torch.zeros_like(ref_pre).scatter(1, idx, torch.relu(picked))
+    e = x - x_hat
+    total_var = (e - e.mean(0)).pow(2).sum()
+    scale = min(n_dead / trainer.k_aux, 1.0)
+    ref = trainer.auxk_alpha * scale * (codes @ p["W_dec"] - e).pow(2).sum() / total_var
+    want = torch.autograd.grad(ref, list(p.values()), allow_unused=True)
+    assert_close(loss, ref, **_tol(torch.float64))
+    for name, g, w in zip(p, got, want):
+        assert_close(g if g is not None else torch.zeros_like(p[name]),
+                     w if w is not None else torch.zeros_like(p[name]),
+                     **_tol(torch.float64), msg=name)
