@@ -37,6 +37,7 @@ from ._base import (
 )
 from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
 from ._online import init_dictionary, update_dictionary, update_stats
+from ._threads import parallel, serial
 from .coders import check_positive_coding, encode
 
 __all__ = ["DictionaryLearnerGPU", "sparse_encode"]
@@ -362,14 +363,20 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         return D, A, B
 
     def _step(self, Xb, D, A, B, step, random_state):
-        """One minibatch step (scikit-learn's ``_minibatch_step``); returns the batch cost."""
+        """One minibatch step (scikit-learn's ``_minibatch_step``); returns the batch cost.
+
+        On the CPU the statistics and dictionary updates run on one thread or
+        all of torch's, as measured faster (:mod:`sksae._threads`); the coder
+        chooses for itself.
+        """
         code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,
                          max_iter=self.transform_max_iter, positive=self.positive_code,
                          tol=_FIT_TOL)
-        resid = torch.addmm(Xb, code, D, alpha=-1.0)
-        cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
-        update_stats(A, B, Xb, code, step)
-        update_dictionary(D, A, B, Xb, random_state, positive=self.positive_dict)
+        with serial(Xb), parallel(Xb, "dictionary update"):
+            resid = torch.addmm(Xb, code, D, alpha=-1.0)
+            cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
+            update_stats(A, B, Xb, code, step)
+            update_dictionary(D, A, B, Xb, random_state, positive=self.positive_dict)
         return cost
 
     @_fit_context(prefer_skip_nested_validation=True)

@@ -131,12 +131,13 @@ def parallel(t, site):
     if chooser is None:
         chooser = _choosers[key] = ThreadChooser()
     option = chooser.pick(n)
-    if option != 1:
+    prev = torch.get_num_threads()  # 1, or the choice of an enclosing block
+    if option != prev:
         torch.set_num_threads(option)
     start = time.perf_counter()
     try:
         yield
     finally:
         chooser.record(option, time.perf_counter() - start)
-        if option != 1:
-            torch.set_num_threads(1)
+        if option != prev:
+            torch.set_num_threads(prev)

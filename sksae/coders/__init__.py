@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._threads import parallel, serial
 from ._lars import lars
 from ._lasso import lasso, lasso_objective
 from ._lasso_lars import lasso_lars as _lasso_lars
@@ -119,7 +120,13 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
             k = default_n_nonzero_coefs(n_features, n_components)
         if algorithm == "omp" and k > n_components:
             raise ValueError("The number of atoms cannot be more than the number of features")
-        return CODERS[algorithm](X, D, gram=gram, cov=cov, n_nonzero_coefs=int(k))
-    alpha = 1.0 if alpha is None else float(alpha)
-    return CODERS[algorithm](X, D, gram=gram, cov=cov, alpha=alpha, positive=positive,
-                             max_iter=max_iter, init=init, tol=tol)
+        kwargs = dict(n_nonzero_coefs=int(k))
+    else:
+        alpha = 1.0 if alpha is None else float(alpha)
+        kwargs = dict(alpha=alpha, positive=positive, max_iter=max_iter, init=init, tol=tol)
+    # On the CPU the coder runs on one thread or on all of torch's, whichever has
+    # measured faster for this call site and shape (sksae._threads): e.g. two
+    # threads help the wide toy blocks, and slow the small china ones or any
+    # block on busy cores. Same codes either way.
+    with serial(X), parallel(X, f"sparse coding ({algorithm})"):
+        return CODERS[algorithm](X, D, gram=gram, cov=cov, **kwargs)
