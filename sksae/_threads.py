@@ -36,6 +36,7 @@ __all__ = ["serial", "parallel", "ThreadChooser"]
 _state = threading.local()
 #: one chooser per (call site, shape, dtype)
 _choosers = {}
+_MAX_CHOOSERS = 4096
 
 
 class ThreadChooser:
@@ -129,6 +130,8 @@ def parallel(t, site):
     key = (site, tuple(t.shape), t.dtype)
     chooser = _choosers.get(key)
     if chooser is None:
+        if len(_choosers) >= _MAX_CHOOSERS:  # many distinct shapes: start over, bounded
+            _choosers.clear()
         chooser = _choosers[key] = ThreadChooser()
     option = chooser.pick(n)
     prev = torch.get_num_threads()  # 1, or the choice of an enclosing block
