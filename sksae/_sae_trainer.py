@@ -245,10 +245,11 @@ class SAETrainer:
             n_dead = dead_idx.numel()
             if n_dead == 0:
                 return x_BD.new_zeros(())
-            if 2 * n_dead <= dead.numel():
+            if n_dead <= self.k_aux:  # every dead latent is picked: no selection
+                idx = dead_idx.expand(pre.shape[0], n_dead)
+            elif 2 * n_dead <= dead.numel():
                 sub = pre.index_select(1, dead_idx)
-                idx = dead_idx[torch.topk(sub, min(self.k_aux, n_dead), dim=-1,
-                                          sorted=False).indices]
+                idx = dead_idx[torch.topk(sub, self.k_aux, dim=-1, sorted=False).indices]
             else:
                 # pre without a graph (sparse path) is not read again: mask it in place
                 masked = (pre.masked_fill_ if not pre_BF.requires_grad else pre.masked_fill)

@@ -192,7 +192,8 @@ def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
         assert_close(buf, dense.buffers[key], **_tol(dtype), msg=key)
 
 
-@pytest.mark.parametrize("n_dead", [5, 50])  # few dead (index_select), many (masked)
+# dead latents: all picked (<= k_aux), some picked among few (index_select), many (masked)
+@pytest.mark.parametrize("n_dead", [5, 20, 50])
 @pytest.mark.parametrize("kernels", ["sparse", "dense"])
 def test_auxk_loss_matches_its_definition(n_dead, kernels, device):
     """AuxK (dropping the negative picks) equals the loss written out densely, with gradients."""
