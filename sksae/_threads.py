@@ -10,14 +10,14 @@ every barrier, and one of them waits for the scheduler.
 
 So the step runs on one thread (:func:`serial`) and each heavy operation (the
 encoder product, the top-k, Adam, the sparse kernels' gathers, scatters and
-sampled products) asks :func:`parallel` for the faster of one thread and all
-of them, measured on
-the previous calls at the same call site and shape. The choice is re-measured
-now and then (less often while it keeps being confirmed), so a fit follows
-the machine's load as it changes. The thread count does not change results:
-the operations routed here (MKL's GEMM split over output blocks, top-k,
-fused Adam, ``embedding_bag`` over bags, sampled products per entry) give the
-same bits on any number of threads, which
+sampled products; for DictionaryLearnerGPU each coder call and dictionary
+update) asks :func:`parallel` for the faster of one thread and all of them,
+measured on the previous calls at the same call site and shape. The choice
+is re-measured now and then (less often while it keeps being confirmed), so
+a fit follows the machine's load as it changes. The thread count does not
+change results: the operations routed here (MKL's GEMM split over output
+blocks, top-k, fused Adam, ``embedding_bag`` over bags, sampled products per
+entry) give the same bits on any number of threads, which
 ``tests/test_threads.py`` checks.
 """
 

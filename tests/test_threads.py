@@ -77,3 +77,25 @@ def test_thread_count_does_not_change_the_fit(architecture):
         torch.set_num_threads(n)
     np.testing.assert_array_equal(one.components_, two.components_)
     np.testing.assert_array_equal(one.encoder_weights_, two.encoder_weights_)
+
+
+@pytest.mark.parametrize("algorithm", ["lasso_lars", "omp"])
+def test_thread_count_does_not_change_dictionary_learning(algorithm):
+    from sksae import DictionaryLearnerGPU
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 16))
+    params = dict(n_components=24, alpha=0.5, batch_size=32, max_iter=2, random_state=0,
+                  transform_algorithm=algorithm, transform_n_nonzero_coefs=3, device="cpu")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = DictionaryLearnerGPU(**params).fit(X)
+        codes_one = one.transform(X)
+        torch.set_num_threads(2)
+        two = DictionaryLearnerGPU(**params).fit(X)
+        codes_two = two.transform(X)
+    finally:
+        torch.set_num_threads(n)
+    np.testing.assert_array_equal(one.components_, two.components_)
+    np.testing.assert_array_equal(codes_one, codes_two)
