@@ -111,6 +111,10 @@ class Pattern(NamedTuple):
             torch.arange(self.n_rows, device=self.crow.device), counts,
             output_size=self.indices.shape[0])
 
+    def flat(self):
+        """Position of each entry in the row-major (B, F) array, shape (N,)."""
+        return self.rows() * self.n_components + self.indices
+
     def csr(self, values):
         """A sparse CSR tensor with this pattern and ``values``."""
         with warnings.catch_warnings():
@@ -251,8 +255,7 @@ class _GatherPre(torch.autograd.Function):
         ctx.pat = pat
         ctx.save_for_backward(x_BD, W_enc_FD, b_dec_D)
         with _serial(pre_BF):
-            flat = pat.rows() * pre_BF.shape[1] + pat.indices
-            return torch.take(pre_BF, flat)
+            return torch.take(pre_BF, pat.flat())
 
     @staticmethod
     def backward(ctx, grad_N):
@@ -316,8 +319,7 @@ def gather_pre(pre_BF, indices, x_BD, p):
     """
     if pre_BF.requires_grad:
         if isinstance(indices, Pattern):
-            flat = indices.rows() * pre_BF.shape[1] + indices.indices
-            return pre_BF.reshape(-1)[flat]
+            return pre_BF.reshape(-1)[indices.flat()]
         return pre_BF.gather(1, indices)
     pat = as_pattern(indices, pre_BF.shape[1])
     out = _GatherPre.apply(pre_BF, x_BD, p["W_enc"], p["b_enc"], p["b_dec"], pat)

@@ -396,8 +396,7 @@ class SAETrainer:
             # g -= (g . w) w row by row: a product (into a reused buffer on the CPU)
             # and a row sum, as fast as linalg.vecdot and without its fresh (F, D) temporary
             W = W.detach()
-            out = (self.arch.scratch("decoder grad product", W.shape, W)
-                   if W.device.type == "cpu" else None)
+            out = self.arch.scratch("decoder grad product", W.shape, W)
             dots = torch.mul(g, W, out=out).sum(-1, keepdim=True)
             g.addcmul_(dots, W, value=-1)
 

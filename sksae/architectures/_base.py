@@ -49,9 +49,7 @@ class SparseCodes(NamedTuple):
     def to_dense(self, n_components):
         out = self.values.new_zeros(self.n_rows, n_components)
         if isinstance(self.indices, _kernels.Pattern):
-            pat = self.indices
-            return out.view(-1).index_put_((pat.rows() * n_components + pat.indices,),
-                                           self.values).view(out.shape)
+            return out.view(-1).index_put_((self.indices.flat(),), self.values).view(out.shape)
         return out.scatter_(1, self.indices, self.values)
 
 
@@ -147,27 +145,30 @@ class Architecture:
         selected entries only (:func:`sksae._kernels.gather_pre`).
         """
         with torch.no_grad():
-            out = (self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
-                   if x_BD.device.type == "cpu" else None)
+            out = self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
             pre = self.pre_activation(p, x_BD, out=out)
             support = select(pre)
         values = _kernels.gather_pre(pre, support, x_BD, p)
         return EncodeOutput(SparseCodes(values.clamp_min(0), support), pre)
 
     def scratch(self, name, shape, like):
-        """A tensor of ``shape`` reused by every training step (contents undefined).
+        """A CPU tensor of ``shape`` reused by every training step, or None off the CPU.
 
-        For the step's large temporaries on the CPU, such as the (B, F)
-        pre-activations: a fresh allocation of many MiB is returned to the
-        system when freed, so each step paid its page faults again (measured:
-        ~100k faults and 8% of a step at 4096 x 24576; a product over (F, D)
-        took 54 ms fresh and 15 ms in a reused buffer). Architecture objects
-        live for one fit and are not pickled, so neither are these buffers.
+        For the step's large temporaries, such as the (B, F) pre-activations:
+        on the CPU a fresh allocation of many MiB is returned to the system
+        when freed, so each step paid its page faults again (measured: ~100k
+        faults and 8% of a step at 4096 x 24576; a product over (F, D) took
+        54 ms fresh and 15 ms in a reused buffer). Accelerators' caching
+        allocators already reuse memory (and autocast outputs need not match
+        ``like``'s dtype), so callers allocate afresh there (``out=None``).
+        Architecture objects live for one fit and are not pickled, so neither
+        are these buffers.
         """
+        if like.device.type != "cpu":
+            return None
         bufs = self.__dict__.setdefault("_scratch", {})
         buf = bufs.get(name)
-        if (buf is None or buf.shape != shape or buf.dtype != like.dtype
-                or buf.device != like.device):
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype:
             buf = bufs[name] = like.new_empty(shape)
         return buf
 

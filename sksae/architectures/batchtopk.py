@@ -33,7 +33,7 @@ def batch_topk_pattern(pre_BF, k):
     """
     B, F = pre_BF.shape
     flat = pre_BF.reshape(-1)
-    with parallel(pre_BF, "top-k"):
+    with parallel(pre_BF, "batch top-k"):
         chosen = torch.topk(flat, min(k * B, flat.numel()), sorted=False).indices
     chosen = torch.sort(chosen).values  # row-major order: rows ascending
     rows = torch.div(chosen, F, rounding_mode="floor")

@@ -13,20 +13,19 @@ from .._threads import parallel
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
+def _topk(pre_BF, k):
+    with parallel(pre_BF, "top-k"):
+        return torch.topk(pre_BF, k, dim=-1, sorted=False)
+
+
 def topk_codes(pre_BF, k):
     """Top-k of ReLU(pre) per row as :class:`SparseCodes`.
 
     Taking the top-k before the ReLU selects the same support (the ReLU is
     monotone) and touches a (B, k) tensor instead of (B, F).
     """
-    with parallel(pre_BF, "top-k"):
-        values, indices = torch.topk(pre_BF, k, dim=-1, sorted=False)
+    values, indices = _topk(pre_BF, k)
     return SparseCodes(values.clamp_min(0), indices)
-
-
-def _topk_indices(pre_BF, k):
-    with parallel(pre_BF, "top-k"):
-        return torch.topk(pre_BF, k, dim=-1, sorted=False).indices
 
 
 class TopK(Architecture):
@@ -38,7 +37,7 @@ class TopK(Architecture):
     def encode(self, p, x_BD, training=False):
         k = self.hparams["k"]
         if training and use_sparse(self.n_components, k, self.kernels, x_BD.device):
-            return self.encode_selected(p, x_BD, lambda pre: _topk_indices(pre, k))
+            return self.encode_selected(p, x_BD, lambda pre: _topk(pre, k).indices)
         pre = self.pre_activation(p, x_BD)
         codes = topk_codes(pre, k)
         if training:
