@@ -36,6 +36,7 @@ class SparseCodes(NamedTuple):
 
     @property
     def n_rows(self):
+        """Rows of the batch the codes belong to."""
         return (self.indices.n_rows if isinstance(self.indices, _kernels.Pattern)
                 else self.values.shape[0])
 
