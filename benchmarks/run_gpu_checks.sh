@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# GPU checks in one go (for a machine with CUDA; CI has none): the test suite with
-# device="auto" resolving to CUDA, then the benchmarks on the GPU.
+# GPU checks in one go (for a machine with CUDA; CI has none): the eager-vs-recorded step
+# timings and a kernel profile, the test suite with the device fixture including CUDA,
+# then the benchmarks on the GPU.
 # Usage: bash benchmarks/run_gpu_checks.sh [OUTDIR]   (run from the repository root)
+# Peers that are not installed there can travel as wheels in .peers/ (pure-Python
+# wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
 out=${1:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .peers/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .peers/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/peers"
+fi
 python3 - <<'PY' 2>&1 | tee "$out/env.txt"
 import sklearn, torch
 print("torch", torch.__version__, "| sklearn", sklearn.__version__, "|",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests -q -p no:cacheprovider \
-    --deselect tests/test_examples.py --durations=10 2>&1 | tail -60 > "$out/tests.txt"
-tail -3 "$out/tests.txt"
-timeout 120 python3 benchmarks/bench_throughput.py --device cuda 2>&1 | tee "$out/throughput_cuda.txt"
-timeout 150 python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 | tee "$out/toy_recovery_cuda.txt"
-timeout 120 python3 benchmarks/bench_dictionary_learning.py --device cuda --quick 2>&1 \
+timeout "${STEP_TIMEOUT:-90}" python3 benchmarks/bench_gpu_step.py --profile 2>&1 | tee "$out/gpu_step.txt"
+xdist=""
+python3 -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-6}"
+timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest tests -q -p no:cacheprovider $xdist \
+    --deselect tests/test_examples.py --durations=10 > "$out/tests.txt" 2>&1
+tail -25 "$out/tests.txt"
+SPARSIFY_DISABLE_TRITON=${SPARSIFY_DISABLE_TRITON:-0} timeout "${THROUGHPUT_TIMEOUT:-100}" \
+    python3 benchmarks/bench_throughput.py --device cuda 2>&1 | tee "$out/throughput_cuda.txt"
+timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
+    | tee "$out/toy_recovery_cuda.txt"
+timeout "${DICT_TIMEOUT:-50}" python3 benchmarks/bench_dictionary_learning.py --device cuda --quick 2>&1 \
     | tee "$out/dictionary_learning_cuda.txt"

@@ -24,6 +24,8 @@ __all__ = [
     "inference_chunk_rows",
     "restore_on_failure",
     "synchronize",
+    "side_stream",
+    "capture_graph",
 ]
 
 _NP_TO_TORCH = {
@@ -120,12 +122,58 @@ def make_generator(random_state):
     return gen
 
 
-def autocast(device, enabled=True):
-    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op elsewhere."""
+def autocast(device, enabled=True, cache=True):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op elsewhere.
+
+    ``cache=False`` recasts a weight at each use instead of caching its bf16
+    copy, as a region that a CUDA graph records must (the cache would hold
+    tensors of the recording that later replays do not refresh).
+    """
     device = torch.device(device)
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def side_stream(device):
+    """Run the block on a fresh CUDA stream joined to the current one (no-op elsewhere).
+
+    The warm-up before recording a CUDA graph runs there, as torch requires:
+    lazily created per-stream state (cuBLAS workspaces, autograd's device
+    threads) then exists before the capture.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+def capture_graph(fn, device):
+    """Record the kernels of ``fn()`` as a CUDA graph.
+
+    Nothing runs during the recording. ``graph.replay()`` then launches every
+    recorded kernel at once, on the same memory: ``fn``'s inputs must be
+    refreshed in place between replays and its outputs are overwritten by each.
+
+    Returns
+    -------
+    graph : torch.cuda.CUDAGraph
+    out : the value ``fn()`` returned (tensors in the graph's memory)
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}.")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def inference_chunk_rows(n_columns, itemsize=4, budget_bytes=256 * 2**20):

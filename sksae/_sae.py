@@ -433,7 +433,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
         def step(batch, i, total):
             out = trainer.step(batch)
-            out["lr"] = trainer.optimizer.param_groups[0]["lr"]
+            out["lr"] = trainer.current_lr
             if self.resample_dead is not None:
                 out["resampled"] = float(
                     trainer.step_count % self.resample_dead == 0

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ._base import autocast, is_accelerator
+from ._base import autocast, capture_graph, is_accelerator, side_stream
 from ._kernels import Pattern, gather_pre
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
@@ -150,13 +150,18 @@ def _l0(codes):
     return (codes > 0).to(torch.float32).sum(-1).mean()
 
 
-def _adam(params, lr, device):
+def _adam(params, lr, device, capturable=False):
     """Adam (0.9, 0.999), fused (one pass over each tensor) where this torch has the kernel.
 
     torch has fused Adam for CUDA since 2.0 and for the CPU since 2.4; elsewhere
     (older torch, other devices) the multi-tensor implementation gives the
-    same updates up to rounding.
+    same updates up to rounding. ``capturable=True`` (for a CUDA graph) keeps
+    the step counts and the learning rate in device tensors, which the
+    recorded kernels read at each replay.
     """
+    if capturable:
+        lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
     if device.type in ("cpu", "cuda"):
         try:
             return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
@@ -185,10 +190,25 @@ class SAETrainer:
         Steps over which a penalty coefficient ramps up from 0.
     use_autocast : bool
         bf16 autocast on CUDA.
+
+    Notes
+    -----
+    On CUDA the step is recorded once as a CUDA graph and replayed
+    (``cuda_graphs``): at small batches an eager step is launch-bound, its
+    ~200 kernels costing far more in Python and launch overhead than on the
+    GPU. The first ``graph_warmup_steps`` steps run eagerly (on a side
+    stream), then the next full-size batch is recorded; batches of another
+    size (an epoch's last) run eagerly. The schedules enter the graph as
+    device scalars refreshed before each replay. A step that cannot be
+    recorded (one that synchronises with the host) runs eagerly from then on,
+    and ``graph_error`` says why.
     """
 
     decay_fraction = 0.2
     clip_norm = 1.0
+    #: record and replay the step as a CUDA graph on CUDA devices
+    cuda_graphs = True
+    graph_warmup_steps = 3
 
     def __init__(self, arch, params, buffers, *, lr, total_steps, warmup_steps,
                  auxk_alpha, dead_window, coef_warmup_steps, use_autocast=True):
@@ -205,10 +225,17 @@ class SAETrainer:
         self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
         device = params["W_dec"].device
         self.device = device
-        self.optimizer = _adam(list(self.params.values()), lr, device)
+        self.graphs = self.cuda_graphs and device.type == "cuda"
+        self.optimizer = _adam(list(self.params.values()), lr, device, capturable=self.graphs)
         self.rows_since_fired = torch.zeros(arch.n_components, dtype=torch.float64,
                                             device=device)
         self.step_count = 0
+        self.current_lr = self.lr_at(0)
+        # the penalty warm-up factor: a device scalar that a recorded step reads
+        self._coef = torch.ones((), device=device) if self.graphs else 1.0
+        self._graph = None
+        self._eager_steps = 0
+        self.graph_error = None
 
     # -- schedules ----------------------------------------------------------
     def lr_at(self, step):
@@ -280,21 +307,78 @@ class SAETrainer:
 
         On the CPU the step runs on one intra-op thread (:mod:`sksae._threads`):
         its dense operations (encoder product, top-k, Adam) take more threads
-        only where measured faster on this machine's current load.
+        only where measured faster on this machine's current load. On CUDA it
+        is a replay of a recorded graph (see the class notes).
         """
+        if self.graphs:
+            return self._graph_step(x_BD)
         with serial(x_BD):
             return self._step(x_BD)
 
-    def _step(self, x_BD):
-        step = self.step_count
+    def _set_schedules(self, step):
+        """Learning rate and penalty factor of step ``step`` (tensors filled in place)."""
+        self.current_lr = lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        coef = self.coef_at(step)
+        if isinstance(self._coef, torch.Tensor):
+            self._coef.fill_(coef)
+        else:
+            self._coef = coef
+
+    def _step(self, x_BD):
+        self._set_schedules(self.step_count)
+        metrics = self._update(x_BD)
+        self.step_count += 1
+        return metrics
+
+    def _graph_step(self, x_BD):
+        g = self._graph
+        if g is None and self._eager_steps >= self.graph_warmup_steps \
+                and self.graph_error is None:
+            g = self._record(x_BD)
+        if g is not None and x_BD.shape == g["x"].shape:
+            self._set_schedules(self.step_count)
+            g["x"].copy_(x_BD)
+            g["graph"].replay()
+            self.step_count += 1
+            # the graph's outputs are overwritten by the next replay: one copy of all
+            return dict(zip(g["names"], g["metrics"].clone().unbind()))
+        with side_stream(self.device):
+            self._eager_steps += 1
+            return self._step(x_BD)
+
+    def _record(self, x_BD):
+        """Record :meth:`_update` on a static copy of ``x`` as a CUDA graph (None on failure)."""
+        x = x_BD.clone()
+        names = []
+
+        def update():
+            metrics = self._update(x, cache_casts=False)
+            names.extend(metrics)
+            return torch.stack([v.reshape(()).to(torch.float64) for v in metrics.values()])
+
+        self.optimizer.zero_grad(set_to_none=True)  # gradients live in the graph's memory
+        try:
+            graph, vector = capture_graph(update, self.device)
+        except Exception as exc:  # e.g. an operation that synchronises with the host
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self._graph = {"graph": graph, "x": x, "metrics": vector, "names": names}
+        return self._graph
+
+    def _update(self, x_BD, cache_casts=True):
+        """Losses, gradients, the optimizer step and the statistics, for one batch."""
         p = {**self.params, **self.buffers}
-        with autocast(self.device, self.use_autocast):
+        with autocast(self.device, self.use_autocast, cache=cache_casts):
             enc = self.arch.encode(p, x_BD, training=True)
             x_hat = decode(enc.codes, p["W_dec"], p["b_dec"],
                            kernels=self.arch.kernels).to(x_BD.dtype)
-            terms = self.arch.losses(p, x_BD, enc, x_hat, self.coef_at(step))
+            terms = self.arch.losses(p, x_BD, enc, x_hat, self._coef)
             if self.arch.auxk and self.auxk_alpha > 0:
                 terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p)
         sq_err = _sum_squares(x_hat, x_BD)
@@ -322,7 +406,6 @@ class SAETrainer:
                 .to(torch.float32).mean(),
             }
             metrics.update({k: v.detach() for k, v in terms.items()})
-        self.step_count += 1
         return metrics
 
     def _clip_grad_norm(self):
@@ -426,6 +509,20 @@ class SAETrainer:
                 self.params[k].copy_(v)
             for k, v in state["buffers"].items():
                 self.buffers[k].copy_(v)
+        defaults = self.optimizer.defaults
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            # a state saved by another kind of step (fused or not, recorded on a GPU
+            # or eager on the CPU) runs with the implementation chosen here
+            for key in ("fused", "foreach", "capturable", "differentiable"):
+                if key in defaults:
+                    group[key] = defaults[key]
+            lr = float(group["lr"])
+            group["lr"] = (torch.tensor(lr, dtype=torch.float32, device=self.device)
+                           if isinstance(defaults["lr"], torch.Tensor) else lr)
+        if defaults.get("fused") or defaults.get("capturable"):
+            for param, moments in self.optimizer.state.items():  # their kernels read it there
+                if isinstance(moments.get("step"), torch.Tensor):
+                    moments["step"] = moments["step"].to(param.device, torch.float32)
         self.rows_since_fired.copy_(state["rows_since_fired"])
         self.step_count = state["step_count"]

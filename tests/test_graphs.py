@@ -1,0 +1,123 @@
+"""The training step recorded as a CUDA graph, and resuming across step kinds.
+
+The recorded step (``SAETrainer.cuda_graphs``) exists on CUDA only; the tests
+that record one run where CUDA is present (the GPU checks,
+``benchmarks/run_gpu_checks.sh``). The state-portability tests run everywhere:
+a state saved by a recorded step (capturable fused Adam, device learning rate)
+must resume in an eager CPU step, and the other way round.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sksae import SparseAutoencoder
+from sksae._sae_trainer import SAETrainer, init_parameters
+from sksae.architectures import REGISTRY
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA graphs need a CUDA device")
+
+HPARAMS = {"k": 4, "alpha": 1e-3, "threshold_momentum": 0.9, "bandwidth": 0.05,
+           "threshold_init": 0.1, "l0_coefficient": 1e-3}
+
+
+def _trainer(name, device, graphs, monkeypatch, total_steps=40):
+    D, F = 16, 64
+    arch = REGISTRY[name](HPARAMS, F, D)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, D, generator=g, dtype=torch.float64)
+    params = init_parameters(x, F, "data", g, torch.float32, device)
+    params.update({k: v.to(device) for k, v in arch.extra_parameters(params).items()})
+    buffers = {k: v.to(device) for k, v in arch.extra_buffers(params).items()}
+    monkeypatch.setattr(SAETrainer, "cuda_graphs", graphs)
+    trainer = SAETrainer(arch, params, buffers, lr=1e-3, total_steps=total_steps,
+                         warmup_steps=5, auxk_alpha=1 / 32, dead_window=64,
+                         coef_warmup_steps=10 if arch.penalty else 0)
+    batches = x.to(device, torch.float32).split(32)  # 16 batches of 32 rows
+    return trainer, batches
+
+
+def _run(trainer, batches, n_steps):
+    history = []
+    for i in range(n_steps):
+        metrics = trainer.step(batches[i % len(batches)])
+        history.append({k: float(v) for k, v in metrics.items()})
+    return history
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_recorded_step_matches_eager(name, monkeypatch):
+    eager, batches = _trainer(name, "cuda", False, monkeypatch)
+    recorded, _ = _trainer(name, "cuda", True, monkeypatch)
+    a = _run(eager, batches, 40)
+    b = _run(recorded, batches, 40)
+    assert recorded.graph_error is None
+    assert recorded._graph is not None  # steps 4.. were replays
+    assert [sorted(m) for m in a] == [sorted(m) for m in b]
+    # the same kernels: equal up to the rounding of reordered reductions
+    for ma, mb in zip(a, b):
+        for key in ma:
+            assert abs(ma[key] - mb[key]) <= 1e-3 * (1 + abs(ma[key])), key
+    for key, value in eager.params.items():
+        assert_close(recorded.params[key], value, rtol=1e-3, atol=1e-4)
+    assert recorded.current_lr == eager.current_lr
+    assert recorded.step_count == eager.step_count == 40
+
+
+@needs_cuda
+def test_recorded_step_runs_odd_batches_eagerly(monkeypatch):
+    trainer, batches = _trainer("topk", "cuda", True, monkeypatch)
+    _run(trainer, batches, 6)
+    assert trainer._graph is not None
+    short = batches[0][:7]
+    metrics = trainer.step(short)  # another shape: the eager step
+    assert np.isfinite(float(metrics["loss"]))
+    assert trainer._graph["x"].shape[0] == 32
+    assert trainer.step_count == 7
+
+
+@needs_cuda
+def test_fit_on_cuda_resumes_on_cpu():
+    X = np.random.RandomState(0).randn(600, 12).astype(np.float32)
+    sae = SparseAutoencoder(24, k=3, batch_size=50, max_iter=2, device="cuda",
+                            random_state=0).fit(X)
+    sae.set_params(device="cpu").partial_fit(X)
+    assert np.isfinite(sae.components_).all()
+    assert sae.n_steps_ > 24
+
+
+def _state_from_recorded_step(trainer):
+    """What a recorded step's trainer saves: capturable fused Adam, a tensor learning rate."""
+    state = trainer.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group.update(capturable=True, fused=True, lr=torch.tensor(float(group["lr"])))
+    return state
+
+
+def test_state_of_a_recorded_step_resumes_eagerly(monkeypatch):
+    first, batches = _trainer("topk", "cpu", False, monkeypatch, total_steps=None)
+    _run(first, batches, 5)
+    state = _state_from_recorded_step(first)
+    second, _ = _trainer("topk", "cpu", False, monkeypatch, total_steps=None)
+    second.load_state_dict(state)
+    group = second.optimizer.param_groups[0]
+    assert not group["capturable"] and isinstance(group["lr"], float)
+    assert group["fused"] == second.optimizer.defaults["fused"]
+    _run(second, batches[5:], 3)  # eager steps from the loaded moments
+    _run(first, batches[5:], 3)
+    for key, value in first.params.items():
+        assert_close(second.params[key], value)
+
+
+def test_schedules_fill_device_scalars_in_place(monkeypatch):
+    trainer, _ = _trainer("relu", "cpu", False, monkeypatch, total_steps=100)
+    lr_tensor, coef = torch.zeros(()), torch.zeros(())
+    trainer.optimizer.param_groups[0]["lr"] = lr_tensor
+    trainer._coef = coef
+    trainer._set_schedules(2)
+    assert trainer.optimizer.param_groups[0]["lr"] is lr_tensor and trainer._coef is coef
+    assert float(lr_tensor) == pytest.approx(trainer.lr_at(2)) == trainer.current_lr
+    assert float(coef) == pytest.approx(trainer.coef_at(2)) == pytest.approx(0.3)
