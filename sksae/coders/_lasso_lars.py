@@ -6,19 +6,31 @@ Solves, for every row ``x`` of ``X`` at once,
 
 by following each row's solution path from ``lambda = max_j |c_j|``
 (``c = D x``) down to ``alpha``, as scikit-learn's
-``lars_path(method="lasso")`` does (:mod:`._homotopy` runs the batched
-path). The result is the exact lasso solution (to rounding), whatever the
-conditioning of the dictionary.
+``lars_path(method="lasso")`` does. The result is the exact lasso solution
+(to rounding), whatever the conditioning of the dictionary.
+
+Three implementations of the same path: on the CPU, each row compiled with
+numba when it is installed (:mod:`._homotopy_nb`, the fastest: no per-step
+dispatch), else batched over rows in numpy (:mod:`._homotopy_np`); on other
+devices batched in torch (:mod:`._homotopy`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._homotopy import homotopy, resolve_on_support
 from ._homotopy_np import homotopy_np
 
-__all__ = ["lasso_lars"]
+__all__ = ["lasso_lars", "compiled_backend"]
+
+#: Whether CPU tensors may use the numba-compiled path (:mod:`._homotopy_nb`)
+#: when numba imports. Private switch: tests set it to False to force the
+#: numpy path on a machine that has numba.
+_USE_NUMBA = True
+# The compiled kernel once imported, or False when numba is missing or broken.
+_KERNEL = None
 
 # Atoms whose squared norm is below this never enter (zero atoms of a padded
 # dictionary): they carry no signal and would make the active Gram singular.
@@ -44,9 +56,11 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         Constrain the codes to be non-negative.
     max_iter : int, default=1000
         Maximum number of path steps (events) per row, as ``LassoLars``.
-    engine : {"torch", "numpy"}, default=None
-        Implementation of the path: None picks numpy for CPU tensors (same
-        steps, less dispatch overhead) and torch otherwise.
+    engine : {"torch", "numpy", "numba"}, default=None
+        Implementation of the path: None picks, for CPU tensors, the
+        numba-compiled per-row path when numba is installed
+        (:func:`compiled_backend`) and otherwise numpy (same steps, less
+        dispatch overhead than torch); torch on other devices.
 
     Returns
     -------
@@ -73,7 +87,12 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     # ran 1.3x slower per row than 512 x 1,024.
     block = n if X.device.type != "cpu" else max(256, _BLOCK_BYTES // (8 * K))
     if engine is None:
-        engine = "numpy" if X.device.type == "cpu" else "torch"
+        if X.device.type != "cpu":
+            engine = "torch"
+        else:
+            engine = "numba" if compiled_backend() else "numpy"
+    if engine == "numba":
+        return _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, X.dtype)
     run = homotopy_np if engine == "numpy" else homotopy
     for start in range(0, n, block):
         Cb = C[start:start + block]
@@ -94,6 +113,47 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         coef = resolve_on_support(idx, sg, u, lam, G64, Cb[pos])
         _scatter(out, pos + start, idx, coef)
     return out.to(X.dtype), converged
+
+
+def compiled_backend():
+    """Whether the CPU lasso path runs compiled (numba installed and enabled).
+
+    Imports numba on first use only, so that importing sksae stays fast and
+    works without it.
+    """
+    global _KERNEL
+    if not _USE_NUMBA:
+        return False
+    if _KERNEL is None:
+        try:
+            from ._homotopy_nb import homotopy_rows
+        except Exception:  # noqa: BLE001
+            # Not only ImportError: numba raises RuntimeError at decoration when
+            # it finds no writable cache directory, for instance. The numpy path
+            # gives the same codes.
+            _KERNEL = False
+        else:
+            _KERNEL = homotopy_rows
+    return _KERNEL is not False
+
+
+def _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, dtype):
+    """All rows through the compiled per-row path (:mod:`._homotopy_nb`)."""
+    if compiled_backend():
+        kernel = _KERNEL
+    else:  # engine="numba" asked for explicitly
+        from ._homotopy_nb import homotopy_rows as kernel
+    Cn = np.ascontiguousarray(C.detach().numpy())
+    Gs = np.ascontiguousarray(G.detach().to(C.dtype).numpy())
+    fi = np.finfo(Cn.dtype)
+    consts = np.array([fi.tiny, 1.0, 0.0], dtype=Cn.dtype)
+    out = np.zeros(Cn.shape, dtype=np.float64)
+    # Per row the working set is a few K-vectors, so no blocking over rows is
+    # needed (unlike the batched paths).
+    bad = kernel(Cn, np.ascontiguousarray(G64.detach().numpy()), Gs, alpha, bool(positive),
+                 int(max_iter), np.ascontiguousarray(usable.numpy()),
+                 bool(Cn.dtype == np.float64), consts, out)
+    return torch.from_numpy(out).to(dtype), bad == 0
 
 
 def _scatter(out, rows, idx, coef):
