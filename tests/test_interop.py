@@ -81,7 +81,9 @@ def test_saelens_round_trip_and_names(fitted, X, tmp_path, architecture):
 
     imported = from_saelens(folder)
     codes = model.transform(X)
-    assert_array_equal(imported.transform(X), codes)
+    # float32 codes from re-derived tensors (gated: the magnitude path from r_mag):
+    # equal to the last bits on some CPUs, one ulp apart on others (seen on a Xeon)
+    assert_allclose(imported.transform(X), codes, rtol=1e-5, atol=1e-6)
     # float32 GEMMs on a GPU are not bitwise reproducible between calls (cuBLAS may
     # pick another reduction order): seen at 2e-7 on an H100, exact on the CPU
     assert_allclose(imported.inverse_transform(codes), model.inverse_transform(codes),
