@@ -67,11 +67,15 @@ class ThreadChooser:
 
     def pick(self, n):
         """Thread count for the next call, 1 or ``n``."""
-        for option in (n, 1):  # each option measured once before any choice
+        return self.pick_between(n, 1)
+
+    def pick_between(self, first, second):
+        """The option for the next call, ``first`` or ``second`` (any hashable labels)."""
+        for option in (first, second):  # each option measured once before any choice
             if option not in self.seconds:
                 return option
         if self.since_trial >= self.explore:
-            return 1 if self.choice == n else n
+            return second if self.choice == first else first
         return self.choice
 
     def record(self, option, seconds):

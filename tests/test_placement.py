@@ -1,0 +1,68 @@
+"""Device-or-host placement of the sequential parts of DictionaryLearnerGPU's step.
+
+On the CPU there is one option and :func:`run_faster` runs it. The choice on an
+accelerator is exercised here by treating the CPU as one (``is_accelerator``
+patched): the host copies are then plain copies, and both options must give
+the same result.
+"""
+
+import time
+
+import numpy as np
+import torch
+from torch.testing import assert_close
+
+from sksae import _placement
+from sksae._online import update_dictionary
+from sksae._placement import run_faster
+
+
+def test_cpu_runs_the_device_function_unmeasured():
+    x = torch.zeros(4, 3)
+    calls = []
+    out = run_faster("test cpu site", x, lambda: calls.append("device") or 1,
+                     lambda: calls.append("host") or 2)
+    assert out == 1 and calls == ["device"]
+    assert not any(key[0] == "test cpu site" for key in _placement._choosers)
+
+
+def test_accelerator_calls_go_where_measured_faster(monkeypatch):
+    monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
+    x = torch.zeros(200, 3)
+    calls = []
+
+    def slow():
+        time.sleep(0.004)
+        calls.append("device")
+        return "same"
+
+    def fast():
+        calls.append("host")
+        return "same"
+
+    outs = [run_faster("test site", x, slow, fast) for _ in range(40)]
+    assert set(outs) == {"same"}
+    assert calls[:2] == ["device", "host"]  # both measured first
+    assert calls[10:].count("host") >= 25  # then mostly the faster one
+    # rows are bucketed: 200 and 256 rows share the measurements
+    assert ("test site", (256, 3), x.dtype, "cpu") in _placement._choosers
+
+
+def test_dictionary_sweep_on_host_copies_equals_in_place(monkeypatch):
+    monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
+    _placement._choosers.clear()
+    rng = np.random.RandomState(0)
+    X = torch.as_tensor(rng.randn(50, 6))
+    code = torch.as_tensor(rng.randn(50, 10) * (rng.rand(50, 10) < 0.4))
+    code[:, 3] = 0  # atom 3 unused: resampled from X
+    A, B = code.T @ code / 50, X.T @ code / 50
+    D0 = torch.as_tensor(rng.randn(10, 6))
+    results = []
+    for _ in range(2):  # the first call runs "device" (in place), the second "host"
+        D = D0.clone()
+        n_dead = update_dictionary(D, A, B, X, np.random.RandomState(1), block=4)
+        results.append(D)
+        assert n_dead == 1
+    assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+    key = next(k for k in _placement._choosers if k[0] == "dictionary update")
+    assert _placement._choosers[key].seconds.keys() == {"device", "host"}
