@@ -66,3 +66,22 @@ def test_dictionary_sweep_on_host_copies_equals_in_place(monkeypatch):
     assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
     key = next(k for k in _placement._choosers if k[0] == "dictionary update")
     assert _placement._choosers[key].seconds.keys() == {"device", "host"}
+
+
+def test_coder_on_host_copies_equals_in_place(monkeypatch):
+    from sksae.coders import encode
+
+    monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
+    _placement._choosers.clear()
+    rng = np.random.RandomState(0)
+    D = torch.as_tensor(rng.randn(12, 8))
+    D /= D.norm(dim=1, keepdim=True)
+    X = torch.as_tensor(rng.randn(30, 8))
+    for algorithm, kw in [("lasso_lars", {"alpha": 0.1}), ("lasso_cd", {"alpha": 0.1}),
+                          ("omp", {"n_nonzero_coefs": 3}), ("lars", {"n_nonzero_coefs": 3})]:
+        first, ok1 = encode(X, D, algorithm, **kw)   # measured "device" first
+        second, ok2 = encode(X, D, algorithm, **kw)  # then "host"
+        assert ok1 == ok2
+        assert_close(first, second, rtol=1e-12, atol=1e-12)
+        key = next(k for k in _placement._choosers if k[0] == f"sparse coding ({algorithm})")
+        assert _placement._choosers[key].seconds.keys() == {"device", "host"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._placement import run_faster
 from .._threads import parallel, serial
 from ._lars import lars
 from ._lasso import lasso, lasso_objective
@@ -124,9 +125,28 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
     else:
         alpha = 1.0 if alpha is None else float(alpha)
         kwargs = dict(alpha=alpha, positive=positive, max_iter=max_iter, init=init, tol=tol)
-    # On the CPU the coder runs on one thread or on all of torch's, whichever has
-    # measured faster for this call site and shape (sksae._threads): e.g. two
-    # threads help the wide toy blocks, and slow the small china ones or any
-    # block on busy cores. Same codes either way.
-    with serial(X), parallel(X, f"sparse coding ({algorithm})"):
-        return CODERS[algorithm](X, D, gram=gram, cov=cov, **kwargs)
+    site = f"sparse coding ({algorithm})"
+
+    def run(X, D, gram, cov, kwargs):
+        # On the CPU the coder runs on one thread or on all of torch's, whichever has
+        # measured faster for this call site and shape (sksae._threads): e.g. two
+        # threads help the wide toy blocks, and slow the small china ones or any
+        # block on busy cores. Same codes either way.
+        with serial(X), parallel(X, site):
+            return CODERS[algorithm](X, D, gram=gram, cov=cov, **kwargs)
+
+    if algorithm == "threshold":  # one product: no sequential work to move
+        return run(X, D, gram, cov, kwargs)
+
+    def on_host():
+        def cpu(t):
+            return t.cpu() if isinstance(t, torch.Tensor) else t
+
+        code, converged = run(cpu(X), cpu(D), cpu(gram), cpu(cov),
+                              {k: cpu(v) for k, v in kwargs.items()})
+        return code.to(X.device), converged
+
+    # On an accelerator the per-row paths (tens of events of small operations) are
+    # launch-bound at minibatch sizes: they run on the device or on host copies,
+    # whichever has measured faster for this call site and size (sksae._placement).
+    return run_faster(site, X, lambda: run(X, D, gram, cov, kwargs), on_host)
