@@ -145,16 +145,17 @@ class BatchSource:
                             batch.mul_(scale)
                 yield batch
             return
+        if order is not None and self._on_device:
+            # one copy of the permutation per epoch: a copy from pageable host memory
+            # per batch would wait for the device's queue to drain at every step
+            order = order.to(self._data.device)
         for start in range(0, self.n_samples, self.batch_size):
             if order is None:
                 idx = slice(start, start + self.batch_size)
                 batch = self._data[idx]
             else:
                 idx = order[start : start + self.batch_size]
-                if self._on_device:
-                    batch = self._data[idx.to(self._data.device)]
-                else:
-                    batch = self._data[idx]
+                batch = self._data.index_select(0, idx)
             if not self._on_device:
                 batch = batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
             elif batch.dtype != self.dtype:
