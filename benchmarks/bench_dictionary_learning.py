@@ -115,8 +115,8 @@ def run_case(name, X, X_test, params, device, skip_sklearn=False, sklearn_max_st
             warnings.simplefilter("ignore", RuntimeWarning)
             # Untimed warm-up of each library on two minibatches (one-off costs
             # of a process: lazy imports, library initialisation, first calls,
-            # and the load or first compile of sksae's numba lasso kernel for
-            # this dtype).
+            # and the load or first compile of sksae's numba kernels for this
+            # dtype).
             warm = clone(est).fit(X[:2 * params["batch_size"]])
             for algo in ("omp", "lasso_lars"):
                 warm.set_params(transform_algorithm=algo).transform(X_test[:16])
@@ -161,8 +161,8 @@ def main(argv=None):
                         help="time each transform as the best of this many runs (both "
                              "libraries)")
     parser.add_argument("--no-numba", action="store_true",
-                        help="run sksae's numpy lasso path on the CPU even when numba is "
-                             "installed (the fallback's timings)")
+                        help="run sksae's numpy lasso and omp paths on the CPU even when "
+                             "numba is installed (the fallback's timings)")
     parser.add_argument("--sklearn-max-steps", type=int, default=None,
                         help="fit scikit-learn on only this many minibatch steps' rows "
                              "and compare fit time per step (its full toy fit is slow)")
@@ -172,19 +172,18 @@ def main(argv=None):
     n = args.n_samples or (2_000 if args.quick else 20_000)
     n_test = max(n // 10, 200)
     print(f"device={device}, threads={torch.get_num_threads()}, n_samples={n}")
-    # The package re-exports a function under the module's name.
-    lasso_path = importlib.import_module("sksae.coders._lasso_lars")
+    compiled = importlib.import_module("sksae.coders._compiled")
     if args.no_numba:
-        lasso_path._USE_NUMBA = False
+        compiled._USE_NUMBA = False
     if device.type != "cpu":
         backend = "torch (batched)"
-    elif lasso_path.compiled_backend():
+    elif compiled.compiled_backend():
         import numba
 
         backend = f"numba {numba.__version__} (compiled per row)"
     else:
         backend = "numpy (batched; numba not installed or disabled)"
-    print(f"sksae lasso coder backend: {backend}")
+    print(f"sksae lasso/omp coder backend: {backend}")
     common = dict(batch_size=256, max_iter=args.max_iter, random_state=0)
     if args.only in (None, "toy"):
         X = toy_superposition(n + n_test)

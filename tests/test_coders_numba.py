@@ -1,7 +1,7 @@
-"""The CPU lasso path: numba-compiled per row, or numpy batched (the fallback).
+"""The CPU coders: numba-compiled per row, or numpy batched (the fallback).
 
-Both must give scikit-learn's lasso codes. Comparisons that run the compiled
-path skip when numba is not installed; the fallback tests always run.
+Both must give scikit-learn's lasso and OMP codes. Comparisons that run the
+compiled paths skip when numba is not installed; the fallback tests always run.
 """
 
 import importlib
@@ -15,7 +15,8 @@ from sklearn.decomposition import sparse_encode as sk_sparse_encode
 from sklearn.exceptions import ConvergenceWarning
 
 from sksae import sparse_encode
-from sksae.coders import lasso_objective
+from sksae.coders import _compiled, lasso_objective
+from sksae.coders._omp import omp
 
 # The package re-exports a function under this module's name.
 LL = importlib.import_module("sksae.coders._lasso_lars")
@@ -49,7 +50,7 @@ def _path(X, D, engine, **kwargs):
 @pytest.fixture
 def numba_path():
     pytest.importorskip("numba")
-    assert LL.compiled_backend()
+    assert _compiled.compiled_backend()
     return "numba"
 
 
@@ -94,8 +95,8 @@ def test_compiled_large_supports_and_degenerate_atoms(numba_path, rng):
 def test_public_api_uses_switch(use_numba, rng, monkeypatch):
     if use_numba:
         pytest.importorskip("numba")
-    monkeypatch.setattr(LL, "_USE_NUMBA", use_numba)
-    assert LL.compiled_backend() is use_numba
+    monkeypatch.setattr(_compiled, "_USE_NUMBA", use_numba)
+    assert _compiled.compiled_backend() is use_numba
     X, D = _problem(rng, n=20)
     X[3] = 0.0  # an all-zero row: zero code
     alpha = 0.1
@@ -149,18 +150,49 @@ def test_max_iter_not_converged(engine, rng, monkeypatch):
     if engine == "numba":
         npy, _ = _path(X, D, "numpy", alpha=alpha, max_iter=2)
         np.testing.assert_allclose(got, npy, atol=1e-10)
-    monkeypatch.setattr(LL, "_USE_NUMBA", engine == "numba")
+    monkeypatch.setattr(_compiled, "_USE_NUMBA", engine == "numba")
     with pytest.warns(ConvergenceWarning):
         sparse_encode(X, D, algorithm="lasso_lars", alpha=alpha, max_iter=2, device="cpu")
 
 
 def test_fallback_without_numba(rng, monkeypatch):
-    # What a machine without numba runs: the import fails, the numpy path codes.
-    monkeypatch.setattr(LL, "_KERNEL", None)
+    # What a machine without numba runs: the import fails, the numpy paths code.
+    monkeypatch.setattr(_compiled, "_KERNELS", {})
     monkeypatch.setitem(sys.modules, "numba", None)
-    monkeypatch.delitem(sys.modules, "sksae.coders._homotopy_nb", raising=False)
-    assert not LL.compiled_backend()
+    for name in ("sksae.coders._homotopy_nb", "sksae.coders._omp_nb"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert not _compiled.compiled_backend()
+    assert _compiled.kernel("omp") is None
+    with pytest.raises(ImportError):
+        _compiled.kernel("omp", required=True)
     X, D = _problem(rng, n=10)
     got, ok = _path(X, D, None, alpha=0.05)
     assert ok
     np.testing.assert_allclose(got, _reference(X, D, 0.05, False), atol=1e-8)
+    got = sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=5, device="cpu")
+    ref = sk_sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=5)
+    np.testing.assert_allclose(got, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_omp_matches_numpy_and_sklearn(numba_path, dtype, rng):
+    # A zero row (stops at once), a duplicated atom (picked twice or dependent:
+    # the row stops), more atoms per row than some rows can take.
+    X, D = _problem(rng, n=25, n_features=30, n_components=60, dtype=dtype)
+    X[2] = 0
+    D[1] = D[0]
+    X[5] = 3 * D[0] + D[7]
+    Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
+    got, ok = omp(Xt, Dt, n_nonzero_coefs=12, engine=numba_path)
+    npy, _ = omp(Xt, Dt, n_nonzero_coefs=12, engine="numpy")
+    assert ok and got.dtype == Xt.dtype
+    tol = 1e-9 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(got.numpy(), npy.numpy(), atol=tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = sk_sparse_encode(X.astype(np.float64), D.astype(np.float64), algorithm="omp",
+                               n_nonzero_coefs=12)
+    # Which of the two equal atoms wins a tie is up to rounding: compare their sum.
+    merge = lambda c: np.column_stack([c[:, 0] + c[:, 1], c[:, 2:]])  # noqa: E731
+    np.testing.assert_allclose(merge(got.numpy()), merge(ref), atol=tol)
+    assert (got[2] == 0).all()

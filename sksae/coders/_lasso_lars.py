@@ -20,17 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._compiled import kernel as compiled_kernel
 from ._homotopy import homotopy, resolve_on_support
 from ._homotopy_np import homotopy_np
 
-__all__ = ["lasso_lars", "compiled_backend"]
-
-#: Whether CPU tensors may use the numba-compiled path (:mod:`._homotopy_nb`)
-#: when numba imports. Private switch: tests set it to False to force the
-#: numpy path on a machine that has numba.
-_USE_NUMBA = True
-# The compiled kernel once imported, or False when numba is missing or broken.
-_KERNEL = None
+__all__ = ["lasso_lars"]
 
 # Atoms whose squared norm is below this never enter (zero atoms of a padded
 # dictionary): they carry no signal and would make the active Gram singular.
@@ -59,7 +53,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     engine : {"torch", "numpy", "numba"}, default=None
         Implementation of the path: None picks, for CPU tensors, the
         numba-compiled per-row path when numba is installed
-        (:func:`compiled_backend`) and otherwise numpy (same steps, less
+        (:mod:`._compiled`) and otherwise numpy (same steps, less
         dispatch overhead than torch); torch on other devices.
 
     Returns
@@ -90,7 +84,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         if X.device.type != "cpu":
             engine = "torch"
         else:
-            engine = "numba" if compiled_backend() else "numpy"
+            engine = "numpy" if compiled_kernel("homotopy") is None else "numba"
     if engine == "numba":
         return _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, X.dtype)
     run = homotopy_np if engine == "numpy" else homotopy
@@ -115,34 +109,9 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     return out.to(X.dtype), converged
 
 
-def compiled_backend():
-    """Whether the CPU lasso path runs compiled (numba installed and enabled).
-
-    Imports numba on first use only, so that importing sksae stays fast and
-    works without it.
-    """
-    global _KERNEL
-    if not _USE_NUMBA:
-        return False
-    if _KERNEL is None:
-        try:
-            from ._homotopy_nb import homotopy_rows
-        except Exception:  # noqa: BLE001
-            # Not only ImportError: numba raises RuntimeError at decoration when
-            # it finds no writable cache directory, for instance. The numpy path
-            # gives the same codes.
-            _KERNEL = False
-        else:
-            _KERNEL = homotopy_rows
-    return _KERNEL is not False
-
-
 def _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, dtype):
     """All rows through the compiled per-row path (:mod:`._homotopy_nb`)."""
-    if compiled_backend():
-        kernel = _KERNEL
-    else:  # engine="numba" asked for explicitly
-        from ._homotopy_nb import homotopy_rows as kernel
+    kernel = compiled_kernel("homotopy", required=True)
     Cn = np.ascontiguousarray(C.detach().numpy())
     Gs = np.ascontiguousarray(G.detach().to(C.dtype).numpy())
     fi = np.finfo(Cn.dtype)

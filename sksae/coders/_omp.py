@@ -11,8 +11,10 @@ correlation below machine epsilon, or a numerically dependent atom).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from ._compiled import kernel as compiled_kernel
 from ._omp_np import omp_block_np
 from ._ops import argmax_abs
 
@@ -40,9 +42,11 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
     cov : Tensor of shape (n_samples, n_components), default=None
         Precomputed ``X @ D.T``.
     n_nonzero_coefs : int, default=1
-    engine : {"torch", "numpy"}, default=None
-        None picks numpy for the small per-row algebra of CPU tensors (same
-        steps, less dispatch overhead; :mod:`._omp_np`) and torch otherwise.
+    engine : {"torch", "numpy", "numba"}, default=None
+        None picks, for CPU tensors, the numba-compiled per-row loop when
+        numba is installed (:mod:`._omp_nb`), else numpy for the small per-row
+        algebra (same steps, less dispatch overhead; :mod:`._omp_np`); torch
+        on other devices.
 
     Returns
     -------
@@ -59,7 +63,18 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
         return code, True
     block = max(1, _BLOCK_BYTES // max(1, K * G.element_size()))
     if engine is None:
-        engine = "numpy" if X.device.type == "cpu" else "torch"
+        if X.device.type != "cpu":
+            engine = "torch"
+        else:
+            engine = "numpy" if compiled_kernel("omp") is None else "numba"
+    if engine == "numba":
+        kernel = compiled_kernel("omp", required=True)
+        Gn = np.ascontiguousarray(G.detach().numpy())
+        # Per row the working set is two K-vectors and k x k factors: no blocking.
+        Cn = np.ascontiguousarray(C.detach().to(G.dtype).numpy())
+        consts = np.array([np.finfo(Gn.dtype).eps, 1.0, 0.0], dtype=Gn.dtype)
+        kernel(Cn, Gn, k, consts, code.numpy())
+        return code, True
     panels = [(lo, G[:, lo:lo + _PANEL].contiguous()) for lo in range(0, K, _PANEL)]
     run = omp_block_np if engine == "numpy" else _omp_block
     for s in range(0, n, block):

@@ -1,0 +1,61 @@
+"""The optional numba-compiled CPU kernels of the coders, loaded on first use.
+
+numba is an optional dependency (the ``numba`` extra). When it imports, the
+lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`) run compiled
+per row on CPU tensors; otherwise the batched numpy paths give the same codes.
+Nothing here imports numba before a coder first asks for a kernel, so that
+importing sksae stays fast and works without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["compiled_backend", "kernel"]
+
+#: Whether CPU coders may use the compiled kernels when numba imports. Private
+#: switch: tests and the benchmark set it to False to force the numpy paths on
+#: a machine that has numba.
+_USE_NUMBA = True
+
+# kernel name -> (module, function)
+_SOURCES = {"homotopy": ("._homotopy_nb", "homotopy_rows"), "omp": ("._omp_nb", "omp_rows")}
+# kernel name -> the compiled function, or False when it could not be loaded.
+_KERNELS = {}
+
+
+def kernel(name, required=False):
+    """The compiled kernel ``name`` ("homotopy" or "omp"), or None.
+
+    Parameters
+    ----------
+    name : {"homotopy", "omp"}
+    required : bool, default=False
+        Load it even when the switch is off, and let a failed import raise
+        (an explicit ``engine="numba"``).
+
+    Returns
+    -------
+    function or None
+        None when the switch is off or numba is missing or broken.
+    """
+    if not (_USE_NUMBA or required):
+        return None
+    found = _KERNELS.get(name)
+    if found is None or (required and found is False):
+        module, attr = _SOURCES[name]
+        try:
+            found = getattr(importlib.import_module(module, __package__), attr)
+        except Exception:  # noqa: BLE001
+            # Not only ImportError: numba raises RuntimeError at decoration when
+            # it finds no writable cache directory, for instance.
+            if required:
+                raise
+            found = False
+        _KERNELS[name] = found
+    return found or None
+
+
+def compiled_backend():
+    """Whether the CPU coders run compiled (numba installed and enabled)."""
+    return kernel("homotopy") is not None
