@@ -170,6 +170,26 @@ def _adam(params, lr, device, capturable=False):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
+def _total_norm(grads):
+    """The 2-norm of all gradients together (``get_total_norm``, torch >= 2.6)."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g).to(grads[0].dtype) for g in grads]))
+
+
+def _clip_with_norm(params, max_norm, norm):
+    """Scale the gradients by ``min(1, max_norm / (norm + 1e-6))``, as torch's clipping."""
+    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+    if clip is not None:
+        clip(params, max_norm, norm, foreach=True)
+        return
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+
+
 class SAETrainer:
     """Owns the parameters in training units, Adam, schedules and dead-latent stats.
 
@@ -225,8 +245,16 @@ class SAETrainer:
         self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
         device = params["W_dec"].device
         self.device = device
+        self.graph_error = None
         self.graphs = self.cuda_graphs and device.type == "cuda"
-        self.optimizer = _adam(list(self.params.values()), lr, device, capturable=self.graphs)
+        self.optimizer = None
+        if self.graphs:
+            try:
+                self.optimizer = _adam(list(self.params.values()), lr, device, capturable=True)
+            except (RuntimeError, ValueError, TypeError) as exc:  # e.g. an older torch
+                self.graphs, self.graph_error = False, f"{type(exc).__name__}: {exc}"
+        if self.optimizer is None:
+            self.optimizer = _adam(list(self.params.values()), lr, device)
         self.rows_since_fired = torch.zeros(arch.n_components, dtype=torch.float64,
                                             device=device)
         self.step_count = 0
@@ -235,7 +263,6 @@ class SAETrainer:
         self._coef = torch.ones((), device=device) if self.graphs else 1.0
         self._graph = None
         self._eager_steps = 0
-        self.graph_error = None
 
     # -- schedules ----------------------------------------------------------
     def lr_at(self, step):
@@ -417,9 +444,9 @@ class SAETrainer:
         params = [p for p in self.params.values() if p.grad is not None]
         if not params:
             return
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norm = _total_norm([p.grad for p in params])
         if is_accelerator(self.device) or float(norm) + 1e-6 > self.clip_norm:
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, norm, foreach=True)
+            _clip_with_norm(params, self.clip_norm, norm)
 
     @torch.no_grad()
     def resample_dead_latents(self, x_ND, generator=None):

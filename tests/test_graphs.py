@@ -121,3 +121,23 @@ def test_schedules_fill_device_scalars_in_place(monkeypatch):
     assert trainer.optimizer.param_groups[0]["lr"] is lr_tensor and trainer._coef is coef
     assert float(lr_tensor) == pytest.approx(trainer.lr_at(2)) == trainer.current_lr
     assert float(coef) == pytest.approx(trainer.coef_at(2)) == pytest.approx(0.3)
+
+
+def test_clipping_without_the_torch_2_6_helpers(monkeypatch):
+    """torch 2.2-2.5 have no get_total_norm / clip_grads_with_norm_: same clipping."""
+    from sksae import _sae_trainer
+
+    grads = [torch.randn(5, 3, dtype=torch.float64) * 3, torch.randn(7, dtype=torch.float64)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    expected_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_", raising=False)
+    norm = _sae_trainer._total_norm([p.grad for p in params])
+    assert_close(norm, expected_norm)
+    _sae_trainer._clip_with_norm(params, 1.0, norm)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+    assert clipped == pytest.approx(1.0, rel=1e-5)
+    for p, g in zip(params, grads):
+        assert_close(p.grad, g * (1.0 / (expected_norm + 1e-6)))
