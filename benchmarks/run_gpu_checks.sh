@@ -2,7 +2,9 @@
 # GPU checks in one go (for a machine with CUDA; CI has none): the eager-vs-recorded step
 # timings and a kernel profile, the test suite with the device fixture including CUDA,
 # then the benchmarks on the GPU.
-# Usage: bash benchmarks/run_gpu_checks.sh [OUTDIR]   (run from the repository root)
+# Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
+#   (run from the repository root; CHECKS picks and orders the parts, all by default:
+#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick)
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
 # wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
@@ -18,15 +20,31 @@ import sklearn, torch
 print("torch", torch.__version__, "| sklearn", sklearn.__version__, "|",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-timeout "${STEP_TIMEOUT:-90}" python3 benchmarks/bench_gpu_step.py --profile 2>&1 | tee "$out/gpu_step.txt"
-xdist=""
-python3 -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-6}"
-timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest tests -q -p no:cacheprovider $xdist \
-    --deselect tests/test_examples.py --durations=10 > "$out/tests.txt" 2>&1
-tail -25 "$out/tests.txt"
-SPARSIFY_DISABLE_TRITON=${SPARSIFY_DISABLE_TRITON:-0} timeout "${THROUGHPUT_TIMEOUT:-100}" \
-    python3 benchmarks/bench_throughput.py --device cuda 2>&1 | tee "$out/throughput_cuda.txt"
-timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
-    | tee "$out/toy_recovery_cuda.txt"
-timeout "${DICT_TIMEOUT:-50}" python3 benchmarks/bench_dictionary_learning.py --device cuda --quick 2>&1 \
-    | tee "$out/dictionary_learning_cuda.txt"
+for check in ${CHECKS:-step tests throughput toy dict-quick}; do
+    case $check in
+    step)
+        timeout "${STEP_TIMEOUT:-90}" python3 benchmarks/bench_gpu_step.py --profile 2>&1 \
+            | tee "$out/gpu_step.txt" ;;
+    tests)
+        xdist=""
+        python3 -c "import xdist" 2>/dev/null && xdist="-n ${TEST_WORKERS:-6}"
+        timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest tests -q -rs -p no:cacheprovider $xdist \
+            --deselect tests/test_examples.py --durations=10 > "$out/tests.txt" 2>&1
+        tail -40 "$out/tests.txt" ;;
+    throughput|throughput-small)
+        shapes=0,1; [ "$check" = throughput-small ] && shapes=0
+        timeout "${THROUGHPUT_TIMEOUT:-100}" python3 benchmarks/bench_throughput.py --device cuda \
+            --shapes "$shapes" 2>&1 | tee "$out/throughput_cuda.txt" ;;
+    toy)
+        timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
+            | tee "$out/toy_recovery_cuda.txt" ;;
+    toy-sae)
+        timeout "${TOY_TIMEOUT:-60}" python3 benchmarks/bench_toy_recovery.py --device cuda \
+            --sae-only --sae-fits 2 2>&1 | tee "$out/toy_recovery_cuda.txt" ;;
+    dict|dict-quick)
+        args="--sklearn-max-steps 8"; [ "$check" = dict-quick ] && args="--quick"
+        timeout "${DICT_TIMEOUT:-120}" python3 benchmarks/bench_dictionary_learning.py --device cuda \
+            $args 2>&1 | tee "$out/dictionary_learning_cuda.txt" ;;
+    *) echo "unknown check $check" ;;
+    esac
+done
