@@ -10,10 +10,12 @@ b_dec initialised at the geometric median, W_enc = W_dec^T, and the AuxK loss
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from ._adam import FusedAdam, fused_cpu_kernel
 from ._base import autocast, capture_graph, is_accelerator, side_stream
 from ._kernels import Pattern, gather_pre
 from ._threads import parallel, serial
@@ -150,18 +152,27 @@ def _l0(codes):
     return (codes > 0).to(torch.float32).sum(-1).mean()
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_cpu_kernel():
+    return fused_cpu_kernel()
+
+
 def _adam(params, lr, device, capturable=False):
     """Adam (0.9, 0.999), fused (one pass over each tensor) where this torch has the kernel.
 
     torch has fused Adam for CUDA since 2.0 and for the CPU since 2.4; elsewhere
     (older torch, other devices) the multi-tensor implementation gives the
-    same updates up to rounding. ``capturable=True`` (for a CUDA graph) keeps
+    same updates up to rounding. On the CPU the fused kernel is called by
+    :class:`sksae._adam.FusedAdam`, which spares the import of ``torch._dynamo``
+    that ``torch.optim`` costs. ``capturable=True`` (for a CUDA graph) keeps
     the step counts and the learning rate in device tensors, which the
     recorded kernels read at each replay.
     """
     if capturable:
         lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
+    if device.type == "cpu" and _fused_cpu_kernel():
+        return FusedAdam(params, lr=lr, betas=(0.9, 0.999))  # the same kernel, ~1 s less import
     if device.type in ("cpu", "cuda"):
         try:
             return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
@@ -540,10 +551,9 @@ class SAETrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:
             # a state saved by another kind of step (fused or not, recorded on a GPU
-            # or eager on the CPU) runs with the implementation chosen here
-            for key in ("fused", "foreach", "capturable", "differentiable"):
-                if key in defaults:
-                    group[key] = defaults[key]
+            # or eager on the CPU) runs with the implementation chosen here: every
+            # setting but the learning rate is this optimizer's own
+            group.update({k: v for k, v in defaults.items() if k != "lr"})
             lr = float(group["lr"])
             group["lr"] = (torch.tensor(lr, dtype=torch.float32, device=self.device)
                            if isinstance(defaults["lr"], torch.Tensor) else lr)

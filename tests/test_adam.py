@@ -1,0 +1,92 @@
+"""sksae._adam.FusedAdam: torch's fused CPU Adam kernel without torch.optim."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sksae._adam import FusedAdam, fused_cpu_kernel
+
+pytestmark = pytest.mark.skipif(not fused_cpu_kernel(),
+                                reason="this torch has no fused CPU Adam kernel (torch < 2.4)")
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(True)
+            for shape in [(7, 5), (5,), (3, 2)]]
+
+
+def _run(opt, params, steps, seed=1, lrs=None):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = (lrs or [1e-2])[i % len(lrs or [1e-2])]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_bits_as_torch_fused_adam(dtype):
+    ours, ref = _params(dtype), _params(dtype)
+    _run(FusedAdam(ours, lr=1e-2), ours, 12, lrs=[1e-2, 3e-3, 0.0])
+    _run(torch.optim.Adam(ref, lr=1e-2, fused=True), ref, 12, lrs=[1e-2, 3e-3, 0.0])
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("direction", ["torch to ours", "ours to torch"])
+def test_state_moves_between_implementations(direction):
+    first, second, ref = _params(torch.float32), _params(torch.float32), _params(torch.float32)
+    make_first, make_second = ((lambda p: torch.optim.Adam(p, lr=1e-2, fused=True)),
+                               (lambda p: FusedAdam(p, lr=1e-2)))
+    if direction == "ours to torch":
+        make_first, make_second = make_second, make_first
+    opt = make_first(first)
+    _run(opt, first, 5)
+    with torch.no_grad():
+        for p, q in zip(second, first):
+            p.copy_(q)
+    resumed = make_second(second)
+    resumed.load_state_dict(opt.state_dict())
+    _run(resumed, second, 4, seed=2)
+    # reference: one implementation throughout
+    opt_ref = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    _run(opt_ref, ref, 5)
+    _run(opt_ref, ref, 4, seed=2)
+    for a, b in zip(second, ref):
+        assert torch.equal(a, b)
+
+
+def test_zero_grad_and_parameters_without_gradient():
+    params = _params(torch.float32)
+    opt = FusedAdam(params, lr=0.1)
+    params[0].grad = torch.ones_like(params[0])
+    before = [p.detach().clone() for p in params]
+    opt.step()  # only the tensor with a gradient moves
+    assert not torch.equal(params[0], before[0])
+    assert torch.equal(params[1], before[1]) and params[1] not in opt.state
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(params[0].grad, torch.zeros_like(params[0]))
+    opt.zero_grad()
+    assert params[0].grad is None
+
+
+def test_load_rejects_another_number_of_parameters():
+    opt = FusedAdam(_params(torch.float32), lr=0.1)
+    other = FusedAdam(_params(torch.float32)[:2], lr=0.1)
+    with pytest.raises(ValueError, match="number of parameters"):
+        opt.load_state_dict(other.state_dict())
+
+
+def test_a_cpu_fit_does_not_import_torch_dynamo():
+    code = ("import sys, numpy as np\n"
+            "from sksae import SparseAutoencoder\n"
+            "X = np.random.RandomState(0).randn(200, 8).astype(np.float32)\n"
+            "SparseAutoencoder(16, k=2, max_iter=2, device='cpu', random_state=0).fit(X)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
