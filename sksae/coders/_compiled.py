@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["compiled_backend", "kernel"]
+__all__ = ["compiled_backend", "default_engine", "kernel"]
 
 #: Whether CPU coders may use the compiled kernels when numba imports. Private
 #: switch: tests and the benchmark set it to False to force the numpy paths on
@@ -59,3 +59,14 @@ def kernel(name, required=False):
 def compiled_backend():
     """Whether the CPU coders run compiled (numba installed and enabled)."""
     return kernel("homotopy") is not None
+
+
+def default_engine(device, name):
+    """The coder implementation for tensors on ``device``: one rule for every coder.
+
+    ``"torch"`` off the CPU; on the CPU ``"numba"`` when the compiled kernel
+    ``name`` loads, else ``"numpy"``.
+    """
+    if device.type != "cpu":
+        return "torch"
+    return "numpy" if kernel(name) is None else "numba"

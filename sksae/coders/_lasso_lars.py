@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._compiled import kernel as compiled_kernel
+from ._compiled import default_engine, kernel as compiled_kernel
 from ._homotopy import homotopy, resolve_on_support
 from ._homotopy_np import homotopy_np
 
@@ -81,10 +81,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     # ran 1.3x slower per row than 512 x 1,024.
     block = n if X.device.type != "cpu" else max(256, _BLOCK_BYTES // (8 * K))
     if engine is None:
-        if X.device.type != "cpu":
-            engine = "torch"
-        else:
-            engine = "numpy" if compiled_kernel("homotopy") is None else "numba"
+        engine = default_engine(X.device, "homotopy")
     if engine == "numba":
         return _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, X.dtype)
     run = homotopy_np if engine == "numpy" else homotopy

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._compiled import kernel as compiled_kernel
+from ._compiled import default_engine, kernel as compiled_kernel
 from ._omp_np import omp_block_np
 from ._ops import argmax_abs
 
@@ -63,10 +63,7 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
         return code, True
     block = max(1, _BLOCK_BYTES // max(1, K * G.element_size()))
     if engine is None:
-        if X.device.type != "cpu":
-            engine = "torch"
-        else:
-            engine = "numpy" if compiled_kernel("omp") is None else "numba"
+        engine = default_engine(X.device, "omp")
     if engine == "numba":
         kernel = compiled_kernel("omp", required=True)
         Gn = np.ascontiguousarray(G.detach().numpy())
