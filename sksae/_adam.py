@@ -13,6 +13,8 @@ fused=True)``, so it gives the same bits, and it reads and writes the same
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["FusedAdam", "fused_cpu_kernel"]
@@ -30,8 +32,9 @@ _DEFAULTS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def fused_cpu_kernel():
-    """Whether this torch has the fused Adam kernel for CPU tensors (torch >= 2.4)."""
+    """Whether this torch has the fused Adam kernel for CPU tensors (torch >= 2.4; probed once)."""
     if not hasattr(torch, "_fused_adam_"):
         return False
     try:

@@ -10,7 +10,6 @@ b_dec initialised at the geometric median, W_enc = W_dec^T, and the AuxK loss
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -152,11 +151,6 @@ def _l0(codes):
     return (codes > 0).to(torch.float32).sum(-1).mean()
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_cpu_kernel():
-    return fused_cpu_kernel()
-
-
 def _adam(params, lr, device, capturable=False):
     """Adam (0.9, 0.999), fused (one pass over each tensor) where this torch has the kernel.
 
@@ -171,7 +165,7 @@ def _adam(params, lr, device, capturable=False):
     if capturable:
         lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
-    if device.type == "cpu" and _fused_cpu_kernel():
+    if device.type == "cpu" and fused_cpu_kernel():
         return FusedAdam(params, lr=lr, betas=(0.9, 0.999))  # the same kernel, ~1 s less import
     if device.type in ("cpu", "cuda"):
         try:
