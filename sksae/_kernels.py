@@ -246,7 +246,9 @@ class _GatherPre(torch.autograd.Function):
     """Entries of ``pre = (x - b_dec) W_enc^T + b_enc`` on the pattern, sparse backward.
 
     The forward reads the already computed ``pre`` (the one dense product of the
-    step); the backward needs only the entries' gradients g (a sparse S):
+    step), or recomputes the entries when ``pre`` is in a lower precision than
+    ``W_enc`` (a bf16 product that only selected them); the backward needs
+    only the entries' gradients g (a sparse S):
     dW_enc = S^T (x - b_dec), db_enc = S^T 1, db_dec = -(S^T 1) W_enc, dx = S W_enc.
     """
 
@@ -255,7 +257,13 @@ class _GatherPre(torch.autograd.Function):
         ctx.pat = pat
         ctx.save_for_backward(x_BD, W_enc_FD, b_dec_D)
         with _serial(pre_BF):
-            return torch.take(pre_BF, pat.flat())
+            if pre_BF.dtype == W_enc_FD.dtype:
+                return torch.take(pre_BF, pat.flat())
+            # pre was computed in a lower precision to select the entries: their
+            # values in the parameters' (N D flops, against B F D for all of pre)
+            centred = x_BD.to(W_enc_FD.dtype) - b_dec_D.to(W_enc_FD.dtype)
+            values = _sampled_dots(pat, centred, W_enc_FD)
+            return values.add_(b_enc_F.to(values.dtype).index_select(0, pat.indices))
 
     @staticmethod
     def backward(ctx, grad_N):

@@ -145,6 +145,18 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         peers' 10M rows for a large one.
     device : {"auto", "cpu", "cuda"} or str or torch.device, default="auto"
         Where to train and infer. ``"auto"`` uses CUDA when available.
+    precision : {"auto", "float32", "bfloat16"}, default="auto"
+        Precision of the training step's matrix products; parameters, their
+        gradients and Adam's moments are always float32. ``"bfloat16"``: on
+        CUDA the forward runs in bf16 autocast; on the CPU the TopK family's
+        sparse path computes the encoder product that *selects* the active
+        latents in bf16 (2-2.4x faster on CPUs with AVX512-BF16 or AMX), then
+        their values and all gradients in float32, so bf16 rounding can only
+        swap latents whose pre-activations tie to 3 significant digits.
+        ``"auto"`` means ``"bfloat16"`` where the device computes it natively
+        (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX) and
+        ``"float32"`` elsewhere. ``transform`` is always float32. Use
+        ``"float32"`` for results that do not depend on the CPU model.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling. The same seed on the CPU gives the
         same model.
@@ -241,6 +253,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "resample_dead": [Interval(Integral, 1, None, closed="left"), None],
         "dead_window": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "precision": [StrOptions({"auto", "float32", "bfloat16"})],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
@@ -269,6 +282,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         resample_dead=None,
         dead_window="auto",
         device="auto",
+        precision="auto",
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -293,6 +307,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.resample_dead = resample_dead
         self.dead_window = dead_window
         self.device = device
+        self.precision = precision
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -414,6 +429,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             auxk_alpha=self.auxk_alpha, dead_window=dead_window,
             coef_warmup_steps=(0 if not arch.penalty else
                                steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
+            precision=self.precision,
         )
         if resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})

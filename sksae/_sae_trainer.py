@@ -15,12 +15,13 @@ import math
 import torch
 
 from ._adam import FusedAdam, fused_cpu_kernel
-from ._base import autocast, capture_graph, is_accelerator, side_stream
+from ._base import autocast, capture_graph, is_accelerator, native_bf16, side_stream
 from ._kernels import Pattern, gather_pre
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 
-__all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "SAETrainer"]
+__all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "product_dtype",
+           "SAETrainer"]
 
 
 def geometric_median(x_ND, n_iter=20, eps=1e-8):
@@ -195,6 +196,22 @@ def _clip_with_norm(params, max_norm, norm):
         p.grad.mul_(coef.to(p.grad.dtype))
 
 
+def product_dtype(precision, device, dtype):
+    """Low precision for the products of a training step on ``device``, or None.
+
+    ``"float32"`` (or float64 parameters): None, every product in the
+    parameters' dtype. ``"bfloat16"``: ``torch.bfloat16``. ``"auto"``: bf16
+    where the device multiplies it natively (:func:`sksae._base.native_bf16`).
+    """
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
+    if precision == "float32" or dtype != torch.float32:
+        return None
+    if precision == "bfloat16" or native_bf16(device):
+        return torch.bfloat16
+    return None
+
+
 class SAETrainer:
     """Owns the parameters in training units, Adam, schedules and dead-latent stats.
 
@@ -213,8 +230,10 @@ class SAETrainer:
         Rows without firing after which a latent counts as dead.
     coef_warmup_steps : int
         Steps over which a penalty coefficient ramps up from 0.
-    use_autocast : bool
-        bf16 autocast on CUDA.
+    precision : {"auto", "float32", "bfloat16"}
+        Precision of the step's products (:func:`product_dtype`): bf16
+        autocast on CUDA; on the CPU, the bf16 product that selects the
+        sparse kernels' active latents (:meth:`Architecture.selection_pre_activation`).
 
     Notes
     -----
@@ -236,7 +255,7 @@ class SAETrainer:
     graph_warmup_steps = 3
 
     def __init__(self, arch, params, buffers, *, lr, total_steps, warmup_steps,
-                 auxk_alpha, dead_window, coef_warmup_steps, use_autocast=True):
+                 auxk_alpha, dead_window, coef_warmup_steps, precision="auto"):
         self.arch = arch
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
@@ -246,9 +265,11 @@ class SAETrainer:
         self.auxk_alpha = auxk_alpha
         self.dead_window = dead_window
         self.coef_warmup_steps = coef_warmup_steps
-        self.use_autocast = use_autocast
         self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
         device = params["W_dec"].device
+        self.product_dtype = product_dtype(precision, device, params["W_dec"].dtype)
+        self.use_autocast = self.product_dtype is not None
+        arch.selection_dtype = self.product_dtype
         self.device = device
         self.graph_error = None
         self.graphs = self.cuda_graphs and device.type == "cuda"

@@ -164,7 +164,7 @@ def _trainer(name, kernels, device, dtype, n_dead):
     buffers = {k: v.to(device, dtype) for k, v in arch.extra_buffers(params).items()}
     trainer = SAETrainer(arch, params, buffers, lr=0.0, total_steps=None, warmup_steps=1,
                          auxk_alpha=1 / 32, dead_window=10, coef_warmup_steps=0,
-                         use_autocast=False)
+                         precision="float32")
     trainer.rows_since_fired[:n_dead] = 100  # latents 0..n_dead-1 count as dead
     return trainer, x[:B].to(device, dtype)
 

@@ -115,6 +115,9 @@ class Architecture:
     input_scaled = ("b_enc", "b_dec")
     #: "auto", "sparse" or "dense": kernels for sparse codes (see sksae._kernels.use_sparse)
     kernels = "auto"
+    #: dtype of the CPU product that selects the sparse kernels' active latents
+    #: (None: the parameters' dtype); the trainer sets it from ``precision``
+    selection_dtype = None
 
     def __init__(self, hparams, n_components, n_features):
         self.hparams = hparams
@@ -146,13 +149,35 @@ class Architecture:
         selected entries only (:func:`sksae._kernels.gather_pre`).
         """
         with torch.no_grad():
-            out = self.scratch("pre", (x_BD.shape[0], self.n_components), p["W_enc"])
-            pre = self.pre_activation(p, x_BD, out=out)
+            pre = self.selection_pre_activation(p, x_BD)
             support = select(pre)
         values = _kernels.gather_pre(pre, support, x_BD, p)
         return EncodeOutput(SparseCodes(values.clamp_min(0), support), pre)
 
-    def scratch(self, name, shape, like):
+    def selection_pre_activation(self, p, x_BD):
+        """The pre-activations a training step selects from, without a graph.
+
+        With ``selection_dtype`` lower than the parameters' on the CPU (bf16),
+        the product runs on bf16 copies of ``x - b_dec`` and ``W_enc``: 2-2.4x
+        faster where the CPU has bf16 instructions. Only the choice of the
+        active latents reads these; their values and every gradient are then
+        computed in the parameters' precision (:func:`sksae._kernels.gather_pre`),
+        so a rounding error can only swap latents whose pre-activations tie to
+        within bf16's 3 significant digits.
+        """
+        W = p["W_enc"]
+        shape = (x_BD.shape[0], self.n_components)
+        low = self.selection_dtype
+        if low is None or low == W.dtype or W.device.type != "cpu":
+            return self.pre_activation(p, x_BD, out=self.scratch("pre", shape, W))
+        W_low = self.scratch("W_enc low", W.shape, W, dtype=low)
+        W_low.copy_(W)
+        centred = (x_BD - p["b_dec"]).to(low)
+        with parallel(centred, "encoder product"):
+            return torch.addmm(p["b_enc"].to(low), centred, W_low.T,
+                               out=self.scratch("pre low", shape, W, dtype=low))
+
+    def scratch(self, name, shape, like, dtype=None):
         """A CPU tensor of ``shape`` reused by every training step, or None off the CPU.
 
         For the step's large temporaries, such as the (B, F) pre-activations:
@@ -167,10 +192,11 @@ class Architecture:
         """
         if like.device.type != "cpu":
             return None
+        dtype = like.dtype if dtype is None else dtype
         bufs = self.__dict__.setdefault("_scratch", {})
         buf = bufs.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype:
-            buf = bufs[name] = like.new_empty(shape)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = bufs[name] = like.new_empty(shape, dtype=dtype)
         return buf
 
     def encode(self, p, x_BD, training=False):
