@@ -15,7 +15,16 @@ Roofline: the floor of a TopK step is one dense encoder product
 ``addmm(b_enc, x, W_enc^T)`` + ``topk`` on a batch, so the ratio depends little
 on how loaded the machine is. It is a best case: the fastest repetition, with
 the faster of all threads or one thread on the CPU, measured before and after
-the libraries train.
+the libraries train. It is measured in float32 and, where some library's
+products run in bf16 (sksae's default on CUDA and on CPUs with AVX512-BF16 or
+AMX; the peers' on CUDA), in bf16 as well; each library's ``/roofline`` is
+against the roofline of its own products' precision, so bf16 products earn
+no credit over a float32 floor.
+
+Precision: sksae runs with ``precision="auto"`` (``--precision``). On a CPU
+where that means bf16, sparsify also runs a second time with its forward
+wrapped in CPU bf16 autocast (``sparsify-bf16``; its own autocast is CUDA
+only), so the table shows what bf16 gives a dense-backward library too.
 
 Threads (CPU): sksae chooses per operation between one thread and all of
 torch's (``sksae._threads``); each peer is run twice, with all threads and
@@ -46,6 +55,7 @@ Measured numbers are in ``benchmarks/results/throughput.txt``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import math
 import os
@@ -57,6 +67,7 @@ import torch
 
 from sksae import SparseAutoencoder
 from sksae._base import synchronize
+from sksae._sae_trainer import product_dtype
 
 SHAPES = [(384, 3072, 32, 1024), (768, 24576, 32, 4096)]
 
@@ -105,16 +116,18 @@ def timed(fn, device, reps, best=False):
     return float(np.min(ts) if best else np.median(ts))
 
 
-def roofline(n_features, n_components, k, batch_size, device, reps=7):
-    """Samples/s of the unavoidable work (dense encoder product + top-k), best case."""
+def roofline(n_features, n_components, k, batch_size, device, dtype=torch.float32, reps=7):
+    """Samples/s of the unavoidable work (dense encoder product + top-k), best case.
+
+    The product runs in ``dtype`` (bf16: the operands as bf16, as under autocast).
+    """
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, n_features, generator=g).to(device)
-    W = torch.randn(n_components, n_features, generator=g).to(device)
-    b = torch.zeros(n_components, device=device)
+    x = torch.randn(batch_size, n_features, generator=g).to(device, dtype)
+    W = torch.randn(n_components, n_features, generator=g).to(device, dtype)
+    b = torch.zeros(n_components, device=device, dtype=dtype)
 
     def work():
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            pre = torch.addmm(b, x, W.T)
+        pre = torch.addmm(b, x, W.T)
         torch.topk(pre, k, dim=-1, sorted=False)
 
     n = torch.get_num_threads()
@@ -138,12 +151,12 @@ def batches(X, batch_size, epochs, device, seed=0):
 
 
 # -- sksae ----------------------------------------------------------------------
-def run_sksae(X, n_components, k, batch_size, epochs, device):
+def run_sksae(X, n_components, k, batch_size, epochs, device, precision="auto"):
     import sksae._sae
 
     sae = SparseAutoencoder(n_components=n_components, k=k, batch_size=batch_size,
                             max_iter=epochs, tol=0.0, max_no_improvement=None,
-                            random_state=0, device=str(device))
+                            random_state=0, device=str(device), precision=precision)
     loop = sksae._sae.run_minibatch_loop
     marks = {}
 
@@ -179,7 +192,7 @@ def run_sksae(X, n_components, k, batch_size, epochs, device):
 
 
 # -- EleutherAI sparsify ------------------------------------------------------------
-def run_sparsify(X, n_components, k, batch_size, epochs, device):
+def run_sparsify(X, n_components, k, batch_size, epochs, device, bf16=None):
     from sparsify import SparseCoder, SparseCoderConfig
 
     synchronize(device)
@@ -191,7 +204,8 @@ def run_sparsify(X, n_components, k, batch_size, epochs, device):
     opt = torch.optim.Adam(sae.parameters(), lr=default_lr(n_components))
     since_fired = torch.zeros(n_components, dtype=torch.long, device=device)
     dead_threshold = 10_000_000  # sparsify's default, in tokens
-    use_autocast = device.type == "cuda"
+    # its forward autocasts to bf16 on CUDA only; bf16=True wraps it on the CPU too
+    use_autocast = device.type == "cuda" if bf16 is None else bf16
     synchronize(device)
     t1 = time.perf_counter()
     for x in batches(X, batch_size, epochs, device):
@@ -246,7 +260,8 @@ def run_saelens(X, n_components, k, batch_size, epochs, device):
     return seconds, t1 - t0, lambda x: sae(x)
 
 
-PEERS = {"sparsify": ("sparsify", run_sparsify), "SAELens": ("sae_lens", run_saelens)}
+PEERS = {"sparsify": ("sparsify", run_sparsify), "SAELens": ("sae_lens", run_saelens),
+         "sparsify-bf16": ("sparsify", functools.partial(run_sparsify, bf16=True))}
 
 
 def available(module):
@@ -262,7 +277,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer rows and epochs")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="0,1", help="indices into SHAPES")
-    parser.add_argument("--peers", default="sparsify,SAELens")
+    parser.add_argument("--peers", default="auto",
+                        help="comma-separated among sparsify, sparsify-bf16, SAELens; auto: "
+                             "sparsify and SAELens, and sparsify-bf16 when sksae's CPU step "
+                             "runs bf16 products (sparsify's own autocast is CUDA-only)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="SparseAutoencoder(precision=...)")
     parser.add_argument("--peer-threads", choices=["best", "all", "one"], default="best",
                         help="CPU: run each peer with all of torch's threads and with one, "
                              "and report its faster run (best), or only one of them")
@@ -275,6 +295,16 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
              f", {torch.get_num_threads()} threads"))
+    ours_low = product_dtype(args.precision, device, torch.float32) is not None
+    peers = args.peers
+    if peers == "auto":
+        peers = "sparsify,SAELens" + (",sparsify-bf16" if ours_low and device.type == "cpu"
+                                      else "")
+    # the precision of each library's products (the peers autocast on CUDA only)
+    low = {"sksae": ours_low, "sparsify-bf16": True}
+    print(f"sksae precision={args.precision!r}: products in "
+          f"{'bf16' if ours_low else 'float32'}; /roofline compares each library with "
+          "the roofline of its own products' precision")
     for i in [int(s) for s in args.shapes.split(",")]:
         D, F, k, B = SHAPES[i]
         large = F > 8192
@@ -288,9 +318,12 @@ def main(argv=None):
         rows = n_samples * epochs
         print(f"\n== n_features={D} n_components={F} k={k} batch={B}: "
               f"{n_samples} rows x {epochs} epochs ==")
-        roof = roofline(D, F, k, B, device)
-        runners = {"sksae": run_sksae}
-        for name in [p for p in args.peers.split(",") if p]:
+        roof_dtypes = {"fp32": torch.float32}
+        if ours_low or device.type == "cuda":
+            roof_dtypes["bf16"] = torch.bfloat16
+        roofs = {n: roofline(D, F, k, B, device, dt) for n, dt in roof_dtypes.items()}
+        runners = {"sksae": functools.partial(run_sksae, precision=args.precision)}
+        for name in [p for p in peers.split(",") if p]:
             module, fn = PEERS[name]
             why = available(module)
             if why is not None:
@@ -317,16 +350,18 @@ def main(argv=None):
                     torch.set_num_threads(n_threads)
                 if name not in results or result[0] > results[name][0]:
                     results[name] = result
-        roof = max(roof, roofline(D, F, k, B, device))
+        roofs = {n: max(r, roofline(D, F, k, B, device, roof_dtypes[n])) for n, r in roofs.items()}
         ours = results["sksae"][0]
-        print(f"  {'':10s} {'samples/s':>11s} {'setup s':>8s} {'FVU':>7s} "
-              f"{'sksae/this':>10s} {'/roofline':>9s} {'threads':>8s}")
-        print(f"  {'roofline':10s} {roof:11.0f} {'':>8s} {'':>7s} {ours / roof:10.2f} {1:9.2f} "
-              f"{'best':>8s}")
+        print(f"  {'':13s} {'samples/s':>11s} {'setup s':>8s} {'FVU':>7s} "
+              f"{'sksae/this':>10s} {'/roofline':>9s} {'products':>8s} {'threads':>8s}")
+        for n, roof in roofs.items():
+            print(f"  {'roofline ' + n:13s} {roof:11.0f} {'':>8s} {'':>7s} {ours / roof:10.2f} "
+                  f"{1:9.2f} {n:>8s} {'best':>8s}")
         for name, (sps, setup, f, threads) in results.items():
+            prec = "bf16" if low.get(name, device.type == "cuda") else "fp32"
             used = "auto" if name == "sksae" and device.type == "cpu" else str(threads)
-            print(f"  {name:10s} {sps:11.0f} {setup:8.2f} {f:7.4f} {ours / sps:10.2f} "
-                  f"{sps / roof:9.2f} {used:>8s}")
+            print(f"  {name:13s} {sps:11.0f} {setup:8.2f} {f:7.4f} {ours / sps:10.2f} "
+                  f"{sps / roofs[prec]:9.2f} {prec:>8s} {used:>8s}")
         sys.stdout.flush()
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ._adam import FusedAdam, fused_cpu_kernel
 from ._base import autocast, capture_graph, is_accelerator, native_bf16, side_stream
-from ._kernels import Pattern, gather_pre
+from ._kernels import BufferPool, Pattern, gather_pre
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 
@@ -289,6 +289,7 @@ class SAETrainer:
         self._coef = torch.ones((), device=device) if self.graphs else 1.0
         self._graph = None
         self._eager_steps = 0
+        self._buffers = BufferPool()
 
     # -- schedules ----------------------------------------------------------
     def lr_at(self, step):
@@ -437,8 +438,15 @@ class SAETrainer:
         sq_err = _sum_squares(x_hat, x_BD)
         mse = sq_err / x_BD.shape[0]
         loss = mse + sum(t.to(mse.dtype) for t in terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if is_accelerator(self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:  # last step's gradients become this step's (F, D) results
+            self._buffers.reset(p.grad for p in self.params.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._buffers.active():
+                loss.backward()
+            self._buffers.reset(())
         self._project_decoder_grad()
         self._clip_grad_norm()
         with parallel(self.params["W_dec"], "adam"):  # fused: one pass over every parameter
