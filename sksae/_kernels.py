@@ -277,15 +277,29 @@ def _stable_argsort(idx, n_components):
 
 
 def _sampled_dots(pat, A_BD, W_FD):
-    """``<A[b], W[f]>`` for every entry (b, f) of the pattern, shape (N,)."""
+    """``<A[b], W[f]>`` for every entry (b, f) of the pattern, shape (N,).
+
+    On the CPU the entries are visited in the transposed pattern's order
+    (by latent, :func:`_transpose`), so each row of ``W`` is read once and
+    in order while the rows of ``A`` (B x D, small) are gathered from cache:
+    the same bits, 3x faster at 4096 x 768 x 24576 (6.7 ms against 20.6 ms),
+    as fast for small ``W``.
+    """
     A = A_BD.to(W_FD.dtype)
     if A.dtype in (torch.float32, torch.float64):
         zeros = A.new_zeros(pat.indices.shape[0])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
+            if A.device.type != "cpu":
+                with parallel(A, "sampled dots"):
+                    return torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T,
+                                                      beta=0.0).values()
+            order, crow_T, rows = _transpose(pat)
+            S_T = torch.sparse_csr_tensor(crow_T, rows, zeros, check_invariants=False,
+                                          size=(pat.n_components, pat.n_rows))
             with parallel(A, "sampled dots"):
-                out = torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0)
-        return out.values()
+                by_latent = torch.sparse.sampled_addmm(S_T, W_FD, A.T, beta=0.0).values()
+        return torch.empty_like(by_latent).index_copy_(0, order, by_latent)
     # half precision: gather in chunks that stay in cache
     rows = pat.rows()
     out = A.new_empty(pat.indices.shape[0])

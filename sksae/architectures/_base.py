@@ -171,7 +171,8 @@ class Architecture:
         if low is None or low == W.dtype or W.device.type != "cpu":
             return self.pre_activation(p, x_BD, out=self.scratch("pre", shape, W))
         W_low = self.scratch("W_enc low", W.shape, W, dtype=low)
-        W_low.copy_(W)
+        with parallel(W, "cast"):
+            W_low.copy_(W)
         centred = (x_BD - p["b_dec"]).to(low)
         with parallel(centred, "encoder product"):
             return torch.addmm(p["b_enc"].to(low), centred, W_low.T,
