@@ -12,10 +12,10 @@ torch's first-call costs for the others.
 
 Roofline: the floor of a TopK step is one dense encoder product
 (2 B D F flops) plus the top-k selection; it is measured in the same run as
-``addmm(b_enc, x, W_enc^T)`` + ``topk`` on a batch, so the ratio depends little
-on how loaded the machine is. It is a best case: the fastest repetition, with
-the faster of all threads or one thread on the CPU, measured before and after
-the libraries train. It is measured in float32 and, where some library's
+``addmm(b_enc, x, W_enc^T)`` into a reused buffer + ``topk`` on a batch, so
+the ratio depends little on how loaded the machine is. It is a best case:
+the fastest repetition, with the faster of all threads or one thread on the
+CPU, measured before and after the libraries train. It is measured in float32 and, where some library's
 products run in bf16 (sksae's default on CUDA and on CPUs with AVX512-BF16 or
 AMX; the peers' on CUDA), in bf16 as well; each library's ``/roofline`` is
 against the roofline of its own products' precision, so bf16 products earn
@@ -125,9 +125,11 @@ def roofline(n_features, n_components, k, batch_size, device, dtype=torch.float3
     x = torch.randn(batch_size, n_features, generator=g).to(device, dtype)
     W = torch.randn(n_components, n_features, generator=g).to(device, dtype)
     b = torch.zeros(n_components, device=device, dtype=dtype)
+    # into one buffer: a fresh (B, F) result would add page faults to the floor on the CPU
+    pre = torch.empty(batch_size, n_components, device=device, dtype=dtype)
 
     def work():
-        pre = torch.addmm(b, x, W.T)
+        torch.addmm(b, x, W.T, out=pre)
         torch.topk(pre, k, dim=-1, sorted=False)
 
     n = torch.get_num_threads()

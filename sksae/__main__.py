@@ -72,7 +72,7 @@ def _fit(args):
     sae = SparseAutoencoder(
         n_components=args.n_components, architecture=args.architecture, k=args.k,
         learning_rate=lr, batch_size=args.batch_size, max_iter=args.max_iter,
-        device=args.device, random_state=args.random_state,
+        device=args.device, precision=args.precision, random_state=args.random_state,
         verbose=0 if args.quiet else 1, **penalties)
     print(f"Fitting {sae.architecture} SAE on {X.shape[0]} rows x {X.shape[1]} features "
           f"({args.acts}, memory-mapped)")
@@ -202,6 +202,8 @@ def build_parser():
     fit.add_argument("--batch-size", type=int, default=1024)
     fit.add_argument("--max-iter", type=int, default=30, help="epochs")
     fit.add_argument("--device", default="auto")
+    fit.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help="precision of the training step's products (see SparseAutoencoder)")
     fit.add_argument("--random-state", type=int, default=None)
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)

@@ -38,11 +38,12 @@ def acts(tmp_path_factory):
 def test_fit_then_transform(acts, tmp_path):
     out = run("fit", acts, "--architecture", "topk", "--k", "2", "--n-components", "16",
               "--max-iter", "2", "--batch-size", "64", "--random-state", "0",
-              "-o", tmp_path / "model", cwd=tmp_path)
+              "--precision", "float32", "-o", tmp_path / "model", cwd=tmp_path)
     assert "Saved to" in out and "FVE" in out
     assert "step/s" in out or "it/s" in out or "100%" in out  # the progress bar ran
     model = sksae.load(tmp_path / "model")
     assert (model.architecture, model.k, model.n_components_) == ("topk", 2, 16)
+    assert model.precision == "float32"
 
     run("transform", tmp_path / "model", acts, "-o", tmp_path / "codes.npy",
         "--chunk-rows", "128", cwd=tmp_path)
