@@ -60,6 +60,45 @@ def test_parallel_restores_one_thread_inside_serial_and_is_inert_outside():
         torch.set_num_threads(n)
 
 
+def test_a_probe_measures_the_option_not_in_use():
+    """With a probe, the other option is timed on the probe (scaled by its fraction)
+    and the block itself always runs on the running choice."""
+    import time
+
+    n = torch.get_num_threads()
+    x = torch.zeros(5)
+    probes, blocks = [], []
+
+    def probe():
+        probes.append(torch.get_num_threads())
+        time.sleep(0.02)  # one thread looks slow: 0.02 s for a quarter of the work
+
+    torch.set_num_threads(2)
+    try:
+        with serial(x):
+            for _ in range(12):
+                with parallel(x, "probed site", probe, 0.25):
+                    blocks.append(torch.get_num_threads())
+        chooser = _threads._choosers[("probed site", (5,), x.dtype)]
+    finally:
+        torch.set_num_threads(n)
+    assert blocks == [2] * 12  # never the slow option
+    assert probes and set(probes) == {1}
+    assert len(probes) < 4  # the first measurement and the trials only
+    assert chooser.seconds[1] >= 0.08  # the probe's time divided by its fraction
+    assert chooser.choice == 2
+
+
+def test_row_probe_covers_a_share_of_the_rows():
+    seen = []
+    probe, fraction = _threads.row_probe(seen.append, 100, share=8)
+    probe()
+    assert seen == [12] and fraction == 0.12
+    probe, fraction = _threads.row_probe(seen.append, 3, share=8)
+    probe()
+    assert seen[-1] == 1 and fraction == 1 / 3
+
+
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
 def test_thread_count_does_not_change_the_fit(architecture):
     # with two threads the chooser may route any call either way; the bits must not move

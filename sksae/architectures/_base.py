@@ -18,7 +18,17 @@ from typing import NamedTuple
 import torch
 
 from .. import _kernels
-from .._threads import parallel
+from .._threads import parallel, row_probe
+
+
+def _encoder_product(bias, centred, W, out=None):
+    """``bias + centred W^T`` (into ``out``, whose first rows probe the thread choice)."""
+    probe = ()
+    if out is not None:
+        probe = row_probe(
+            lambda m: torch.addmm(bias, centred[:m], W.T, out=out[:m]), centred.shape[0])
+    with parallel(centred, "encoder product", *probe):
+        return torch.addmm(bias, centred, W.T, out=out)
 
 
 class SparseCodes(NamedTuple):
@@ -136,9 +146,7 @@ class Architecture:
     # -- forward ------------------------------------------------------------
     @staticmethod
     def pre_activation(p, x_BD, out=None):
-        centred = x_BD - p["b_dec"]
-        with parallel(centred, "encoder product"):
-            return torch.addmm(p["b_enc"], centred, p["W_enc"].T, out=out)
+        return _encoder_product(p["b_enc"], x_BD - p["b_dec"], p["W_enc"], out)
 
     def encode_selected(self, p, x_BD, select):
         """Training codes on the sparse kernels: ReLU of the entries ``select(pre)`` picks.
@@ -173,10 +181,8 @@ class Architecture:
         W_low = self.scratch("W_enc low", W.shape, W, dtype=low)
         with parallel(W, "cast"):
             W_low.copy_(W)
-        centred = (x_BD - p["b_dec"]).to(low)
-        with parallel(centred, "encoder product"):
-            return torch.addmm(p["b_enc"].to(low), centred, W_low.T,
-                               out=self.scratch("pre low", shape, W, dtype=low))
+        return _encoder_product(p["b_enc"].to(low), (x_BD - p["b_dec"]).to(low), W_low,
+                                self.scratch("pre low", shape, W, dtype=low))
 
     def scratch(self, name, shape, like, dtype=None):
         """A CPU tensor of ``shape`` reused by every training step, or None off the CPU.

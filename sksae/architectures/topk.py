@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 
 from .._kernels import use_sparse
-from .._threads import parallel
+from .._threads import parallel, row_probe
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
 def _topk(pre_BF, k):
-    with parallel(pre_BF, "top-k"):
+    probe = row_probe(lambda m: torch.topk(pre_BF[:m], k, dim=-1, sorted=False),
+                      pre_BF.shape[0])
+    with parallel(pre_BF, "top-k", *probe):
         return torch.topk(pre_BF, k, dim=-1, sorted=False)
 
 
