@@ -10,13 +10,14 @@ b_dec initialised at the geometric median, W_enc = W_dec^T, and the AuxK loss
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from ._adam import FusedAdam, fused_cpu_kernel
 from ._base import autocast, capture_graph, is_accelerator, native_bf16, side_stream
-from ._kernels import BufferPool, Pattern, gather_pre
+from ._kernels import BufferPool, Pattern, gather_pre, tangent_rows
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 
@@ -428,26 +429,32 @@ class SAETrainer:
     def _update(self, x_BD, cache_casts=True):
         """Losses, gradients, the optimizer step and the statistics, for one batch."""
         p = {**self.params, **self.buffers}
-        with autocast(self.device, self.use_autocast, cache=cache_casts):
-            enc = self.arch.encode(p, x_BD, training=True)
-            x_hat = decode(enc.codes, p["W_dec"], p["b_dec"],
-                           kernels=self.arch.kernels).to(x_BD.dtype)
-            terms = self.arch.losses(p, x_BD, enc, x_hat, self._coef)
-            if self.arch.auxk and self.auxk_alpha > 0:
-                terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p)
-        sq_err = _sum_squares(x_hat, x_BD)
-        mse = sq_err / x_BD.shape[0]
-        loss = mse + sum(t.to(mse.dtype) for t in terms.values())
-        if is_accelerator(self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        else:  # last step's gradients become this step's (F, D) results
-            self._buffers.reset(p.grad for p in self.params.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._buffers.active():
+        on_cpu = not is_accelerator(self.device)
+        # on the CPU's sparse path the decodes project their own gradients (TangentRows)
+        tangent = (tangent_rows(p["W_dec"]) if on_cpu and not self.arch.decoder_in_losses
+                   else contextlib.nullcontext())
+        with tangent as rows:
+            with autocast(self.device, self.use_autocast, cache=cache_casts):
+                enc = self.arch.encode(p, x_BD, training=True)
+                x_hat = decode(enc.codes, p["W_dec"], p["b_dec"],
+                               kernels=self.arch.kernels).to(x_BD.dtype)
+                terms = self.arch.losses(p, x_BD, enc, x_hat, self._coef)
+                if self.arch.auxk and self.auxk_alpha > 0:
+                    terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p)
+            sq_err = _sum_squares(x_hat, x_BD)
+            mse = sq_err / x_BD.shape[0]
+            loss = mse + sum(t.to(mse.dtype) for t in terms.values())
+            if on_cpu:  # last step's gradients become this step's (F, D) results
+                self._buffers.reset(p.grad for p in self.params.values())
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._buffers.active():
+                    loss.backward()
+                self._buffers.reset(())
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            self._buffers.reset(())
-        self._project_decoder_grad()
+        if rows is None or not rows.complete:
+            self._project_decoder_grad()
         self._clip_grad_norm()
         with parallel(self.params["W_dec"], "adam"):  # fused: one pass over every parameter
             self.optimizer.step()

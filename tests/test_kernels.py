@@ -1,5 +1,7 @@
 """Sparse kernels (sksae._kernels) against plain dense autograd."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -277,3 +279,51 @@ def test_sparse_steps_reuse_gradient_buffers(name):
     assert {k: sparse.params[k].grad.data_ptr() for k in ptrs} == ptrs
     for key, param in sparse.params.items():
         assert_close(param.grad, dense.params[key].grad, **_tol(torch.float64, 10), msg=key)
+
+
+def _wide_trainer(kernels, n_dead):
+    """F=512, D=80, k=4: with kernels="auto" the codes decode sparsely and AuxK's
+    40 picks per row (over 1/16 of the latents) densely."""
+    D, F = 80, 512
+    arch = REGISTRY["topk"]({"k": 4}, F, D)
+    arch.kernels = kernels
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, D, generator=g, dtype=torch.float64)
+    params = init_parameters(x, F, "random", g, torch.float64, "cpu")
+    trainer = SAETrainer(arch, params, {}, lr=0.0, total_steps=None, warmup_steps=1,
+                         auxk_alpha=1 / 32, dead_window=10, coef_warmup_steps=0,
+                         precision="float32")
+    trainer.rows_since_fired[:n_dead] = 100
+    return trainer, x[:32]
+
+
+@pytest.mark.parametrize("kernels, n_dead, complete", [
+    ("sparse", 0, True), ("sparse", 300, True), ("auto", 0, True), ("auto", 300, False),
+    ("dense", 300, False)])
+def test_decoder_gradient_is_tangent_whichever_decodes_project(monkeypatch, kernels, n_dead,
+                                                               complete):
+    """Sparse decodes project their own decoder gradients; a dense decode of the same
+    decoder makes the trainer project the sum. Either way: the dense path's gradient,
+    orthogonal to every (unit) decoder row."""
+    seen = []
+    real = _kernels.tangent_rows
+
+    @contextlib.contextmanager
+    def spy(W):
+        with real(W) as rows:
+            seen.append(rows)
+            yield rows
+
+    monkeypatch.setattr("sksae._sae_trainer.tangent_rows", spy)
+    trainer, x = _wide_trainer(kernels, n_dead)
+    reference, _ = _wide_trainer("dense", n_dead)
+    trainer.step(x)
+    (rows,) = seen
+    assert rows.complete == complete
+    assert rows.projected == (0 if kernels == "dense" else 1 + (kernels == "sparse" and n_dead > 0))
+    reference.step(x)
+    for key, param in trainer.params.items():
+        assert_close(param.grad, reference.params[key].grad, **_tol(torch.float64, 10), msg=key)
+    W = trainer.params["W_dec"].detach()
+    radial = (trainer.params["W_dec"].grad * W).sum(-1)
+    assert radial.abs().max() < 1e-12

@@ -95,6 +95,7 @@ def decode(codes, W_dec_FD, b_dec_D=None, kernels="auto"):
         if _kernels.use_sparse(n_components, codes.mean_active, kernels, W_dec_FD.device):
             return _kernels.sparse_decode(codes.values, codes.indices, W_dec_FD, b_dec_D)
         codes = codes.to_dense(n_components)
+    _kernels.note_dense_use(W_dec_FD)
     out = codes @ W_dec_FD
     return out if b_dec_D is None else out + b_dec_D
 
@@ -119,6 +120,9 @@ class Architecture:
     penalty = False
     #: whether the AuxK dead-latent loss applies (TopK family)
     auxk = False
+    #: whether :meth:`losses` uses ``W_dec`` (then the trainer always projects
+    #: the decoder's summed gradient itself, see sksae._kernels.TangentRows)
+    decoder_in_losses = False
     #: extra tensors exported as fitted attributes: {tensor name: attribute name}
     public_names = {}
     #: tensors measured in input units (divided by the normalisation scale on export)

@@ -30,6 +30,7 @@ class Gated(Architecture):
 
     name = "gated"
     penalty = True
+    decoder_in_losses = True
     public_names = {"mag_scale": "mag_scale_", "b_mag": "mag_bias_"}
     input_scaled = ("b_enc", "b_dec", "b_mag")
 

@@ -17,6 +17,7 @@ class ReLU(Architecture):
 
     name = "relu"
     penalty = True
+    decoder_in_losses = True
 
     def encode(self, p, x_BD, training=False):
         pre = self.pre_activation(p, x_BD)
