@@ -86,6 +86,10 @@ def calibrate_encoder_scale(arch, params, buffers, x_sample_ND):
     p = {**params, **buffers}
     x = x_sample_ND.to(params["W_dec"])
     codes = arch.encode(p, x)
+    if codes.device.type == "cpu" and 16 * codes.count_nonzero() <= codes.numel():
+        # sparse codes (the TopK family): the product over their entries only
+        # (at 4096 x 24576 x 768 about 30 ms instead of 0.8 s for the dense one)
+        codes = codes.to_sparse_csr()
     recon = codes @ params["W_dec"]
     denom = recon.pow(2).sum()
     if denom > 0:
