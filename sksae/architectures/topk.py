@@ -6,6 +6,9 @@ Dead latents are revived by the AuxK loss the trainer adds for ``auxk = True``.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import torch
 
 from .._kernels import use_sparse
@@ -18,6 +21,55 @@ def _topk(pre_BF, k):
                       pre_BF.shape[0])
     with parallel(pre_BF, "top-k", *probe):
         return torch.topk(pre_BF, k, dim=-1, sorted=False)
+
+
+#: magnitude-bit masks of the float formats the compiled selection reads as integers
+_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7FFFFFFF)}
+_pool = (0, None)
+
+
+def _workers(n):
+    """A thread pool of at least ``n`` workers (the compiled kernel releases the GIL)."""
+    global _pool
+    if _pool[0] < n:
+        _pool = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="sksae-topk"))
+    return _pool[1]
+
+
+def select_topk(pre_BF, k):
+    """Indices (B, k) of each row's ``k`` largest entries, in no particular order.
+
+    The training step's selection. On the CPU with the optional numba extra it
+    runs the compiled kernel of :mod:`sksae._topk_nb` (about 2x faster than
+    ``torch.topk``; among equal entries it keeps the lower indices), split by
+    rows over the threads :func:`sksae._threads.parallel` grants it;
+    otherwise ``torch.topk``.
+    """
+    from ..coders._compiled import kernel
+
+    B, F = pre_BF.shape
+    fits = pre_BF.device.type == "cpu" and pre_BF.dtype in _BITS and 0 < k <= F and B > 0
+    rows = kernel("topk") if fits else None
+    if rows is None:
+        return _topk(pre_BF, k).indices
+    int_dtype, magnitude = _BITS[pre_BF.dtype]
+    bits = pre_BF.contiguous().view(int_dtype).numpy()
+    out = np.empty((B, k), dtype=np.int64)
+
+    def run(m):
+        n = min(torch.get_num_threads(), m)
+        if n <= 1:
+            rows(bits, k, magnitude, 0, m, out)
+            return
+        bounds = np.linspace(0, m, n + 1).astype(int)
+        pool = _workers(n)
+        for f in [pool.submit(rows, bits, k, magnitude, a, b, out)
+                  for a, b in zip(bounds[:-1], bounds[1:])]:
+            f.result()
+
+    with parallel(pre_BF, "top-k", *row_probe(run, B)):
+        run(B)
+    return torch.from_numpy(out)
 
 
 def topk_codes(pre_BF, k):
@@ -39,7 +91,7 @@ class TopK(Architecture):
     def encode(self, p, x_BD, training=False):
         k = self.hparams["k"]
         if training and use_sparse(self.n_components, k, self.kernels, x_BD.device):
-            return self.encode_selected(p, x_BD, lambda pre: _topk(pre, k).indices)
+            return self.encode_selected(p, x_BD, lambda pre: select_topk(pre, k))
         pre = self.pre_activation(p, x_BD)
         codes = topk_codes(pre, k)
         if training:

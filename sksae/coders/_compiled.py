@@ -1,8 +1,10 @@
-"""The optional numba-compiled CPU kernels of the coders, loaded on first use.
+"""The optional numba-compiled CPU kernels, loaded on first use.
 
 numba is an optional dependency (the ``numba`` extra). When it imports, the
-lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`) run compiled
-per row on CPU tensors; otherwise the batched numpy paths give the same codes.
+coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`) run
+compiled per row on CPU tensors, and so does the TopK training step's
+selection (:mod:`sksae._topk_nb`); otherwise the batched numpy paths give
+the same codes and ``torch.topk`` the same selection (up to ties).
 Nothing here imports numba before a coder first asks for a kernel, so that
 importing sksae stays fast and works without it.
 """
@@ -19,17 +21,19 @@ __all__ = ["compiled_backend", "default_engine", "kernel"]
 _USE_NUMBA = True
 
 # kernel name -> (module, function)
-_SOURCES = {"homotopy": ("._homotopy_nb", "homotopy_rows"), "omp": ("._omp_nb", "omp_rows")}
+_SOURCES = {"homotopy": ("sksae.coders._homotopy_nb", "homotopy_rows"),
+            "omp": ("sksae.coders._omp_nb", "omp_rows"),
+            "topk": ("sksae._topk_nb", "topk_rows")}
 # kernel name -> the compiled function, or False when it could not be loaded.
 _KERNELS = {}
 
 
 def kernel(name, required=False):
-    """The compiled kernel ``name`` ("homotopy" or "omp"), or None.
+    """The compiled kernel ``name`` ("homotopy", "omp" or "topk"), or None.
 
     Parameters
     ----------
-    name : {"homotopy", "omp"}
+    name : {"homotopy", "omp", "topk"}
     required : bool, default=False
         Load it even when the switch is off, and let a failed import raise
         (an explicit ``engine="numba"``).
@@ -45,7 +49,7 @@ def kernel(name, required=False):
     if found is None or (required and found is False):
         module, attr = _SOURCES[name]
         try:
-            found = getattr(importlib.import_module(module, __package__), attr)
+            found = getattr(importlib.import_module(module), attr)
         except Exception:  # noqa: BLE001
             # Not only ImportError: numba raises RuntimeError at decoration when
             # it finds no writable cache directory, for instance.
