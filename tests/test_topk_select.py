@@ -15,8 +15,8 @@ def _values(x, idx):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape, k", [((64, 3072), 32), ((7, 40), 5), ((5, 100), 100),
-                                      ((3, 33), 1)])
+@pytest.mark.parametrize("shape, k", [((64, 3072), 32), ((7, 80), 5), ((3, 33), 1),
+                                      ((5, 64), 4)])
 def test_selects_the_k_largest_values(dtype, shape, k):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3 - 2)
@@ -54,6 +54,18 @@ def test_thread_split_does_not_change_the_selection():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(one, three)
+
+
+def test_large_shares_of_a_row_go_to_torch_topk(monkeypatch):
+    from sksae._topk_nb import topk_rows
+
+    calls = []
+    monkeypatch.setattr(_compiled, "kernel", lambda name: calls.append(name) or topk_rows)
+    x = torch.randn(4, 100)
+    assert torch.equal(select_topk(x, 7), torch.topk(x, 7, sorted=False).indices)
+    assert calls == []  # 16 k > F: not even asked for
+    select_topk(x, 6)
+    assert calls == ["topk"]
 
 
 def test_without_numba_it_is_torch_topk(monkeypatch):
