@@ -93,9 +93,8 @@ def topk_rows(bits, k, magnitude, start, stop, out):
         if threshold >= 0:
             # a non-negative threshold: the keys at or above it are the raw bits at or
             # above it (negative floats have negative bits), compared without the transform
-            raw = row.dtype.type(threshold)
             for j in range(F):
-                if row[j] >= raw:
+                if np.int64(row[j]) >= threshold:
                     cand[n] = np.int64(row[j])
                     cand_idx[n] = j
                     n += 1
