@@ -16,11 +16,12 @@ Roofline: the floor of a TopK step is one dense encoder product
 the ratio depends little on how loaded the machine is. It is a best case:
 the fastest repetition, with the faster of all threads or one thread on the
 CPU and the faster of ``torch.topk`` and sksae's selection (compiled with
-the ``numba`` extra), measured before and after the libraries train. It is measured in float32 and, where some library's
-products run in bf16 (sksae's default on CUDA and on CPUs with AVX512-BF16 or
-AMX; the peers' on CUDA), in bf16 as well; each library's ``/roofline`` is
-against the roofline of its own products' precision, so bf16 products earn
-no credit over a float32 floor.
+the ``numba`` extra), measured before and after the libraries train. It is
+measured in float32 and, where some library's products run in bf16 (sksae's
+default on CUDA and on CPUs with AVX512-BF16 or AMX; the peers' on CUDA), in
+bf16 as well; each library's ``/roofline`` is against the roofline of its
+own products' precision, so bf16 products earn no credit over a float32
+floor.
 
 Precision: sksae runs with ``precision="auto"`` (``--precision``). On a CPU
 where that means bf16, sparsify also runs a second time with its forward
@@ -138,9 +139,9 @@ def roofline(n_features, n_components, k, batch_size, device, dtype=torch.float3
     # faster selection in sksae's step lowers the floor as well
     selects = [lambda p: torch.topk(p, k, dim=-1, sorted=False), lambda p: select_topk(p, k)]
     n = torch.get_num_threads()
-    best = min(timed(lambda: work(s), device, reps, best=True) for s in selects)
-    if device.type == "cpu" and n > 1:
-        torch.set_num_threads(1)
+    best = math.inf
+    for threads in [n] + ([1] if device.type == "cpu" and n > 1 else []):
+        torch.set_num_threads(threads)
         try:
             best = min(best, *(timed(lambda: work(s), device, reps, best=True) for s in selects))
         finally:

@@ -46,7 +46,7 @@ from ._threads import parallel
 from ._threads import serial as _serial
 
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "BufferPool",
-           "tangent_rows", "note_dense_use",
+           "tangent_rows", "note_dense_use", "quiet_csr",
            "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
 
 #: the sparse kernels have a fixed cost (a sort of the N indices, a CSR
@@ -59,6 +59,20 @@ SPARSE_MAX_DENSITY = 1 / 16
 
 # torch's notes that CSR tensors are beta and that we skip their invariant checks
 _BETA_WARNINGS = ".*Sparse (CSR tensor support|invariant checks).*"
+
+
+@contextlib.contextmanager
+def quiet_csr():
+    """Silence torch's notes that sparse CSR support is beta inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
+        yield
+
+
+def _csr(crow, col, values, size):
+    """A CSR tensor from trusted parts (no invariant checks, no beta notes)."""
+    with quiet_csr():
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
 
 
 def use_sparse(n_components, k, mode="auto", device=None):
@@ -122,11 +136,7 @@ class Pattern(NamedTuple):
 
     def csr(self, values):
         """A sparse CSR tensor with this pattern and ``values``."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
-            return torch.sparse_csr_tensor(
-                self.crow, self.indices, values, size=(self.n_rows, self.n_components),
-                check_invariants=False)
+        return _csr(self.crow, self.indices, values, (self.n_rows, self.n_components))
 
 
 def as_pattern(indices, n_components):
@@ -138,22 +148,32 @@ def as_pattern(indices, n_components):
     return Pattern(indices.reshape(-1), crow, n_components)
 
 
-# -- buffers handed from one step to the next ------------------------------------
-_pool_state = threading.local()
+# -- per-step state the kernels read (thread-local: fits in threads keep apart) --
+_step_state = threading.local()
+
+
+@contextlib.contextmanager
+def _installed(name, obj):
+    """``obj`` as this thread's step state ``name`` inside the block."""
+    prev = getattr(_step_state, name, None)
+    setattr(_step_state, name, obj)
+    try:
+        yield obj
+    finally:
+        setattr(_step_state, name, prev)
 
 
 class BufferPool:
-    """Tensors of one training step handed back for the next step's large results.
+    """Tensors of one training step lent to the next step's large results.
 
     On the CPU a result of many MiB is a fresh ``mmap`` that is unmapped when
     freed, so a new one pays its page faults again (about 20-40 ms for
-    24576 x 768 float32 on a 2-core machine). The trainer gives the previous
-    step's weight gradients to the pool before the backward pass (they are
-    dead by then), and the sparse kernels' (F, D) results are written into
-    them instead of fresh tensors. A buffer taken from the pool is referenced
-    by nothing else, so autograd adopts it as the new ``.grad`` without a
-    copy. Only tensors given for the current step are kept, so an unused
-    buffer lives one step at most.
+    24576 x 768 float32 on a 2-core machine). The trainer lends the previous
+    step's weight gradients to the backward pass (they are dead by then), and
+    the sparse kernels' (F, D) results are written into them instead of fresh
+    tensors. A buffer taken from the pool is referenced by nothing else, so
+    autograd adopts it as the new ``.grad`` without a copy. The pool holds
+    the lent tensors for one block only.
     """
 
     def __init__(self):
@@ -163,27 +183,29 @@ class BufferPool:
     def _key(shape, dtype, device):
         return tuple(shape), dtype, torch.device(device)
 
-    def reset(self, tensors):
-        """Keep exactly ``tensors`` (None entries skipped) for the coming step."""
+    @contextlib.contextmanager
+    def lending(self, tensors):
+        """Inside the block, the sparse kernels take their large results from ``tensors``.
+
+        None entries are skipped; what is not taken is dropped at the end. The
+        pool must hold the only other reference to a tensor (pass an iterable
+        that keeps none, e.g. a generator), or autograd copies it on adoption.
+        """
         self._free = {}
         for t in tensors:
             if t is not None and not t.requires_grad:
                 self._free.setdefault(self._key(t.shape, t.dtype, t.device), []).append(t)
+        tensors = t = None  # no reference left here: autograd adopts what is taken
+        try:
+            with _installed("pool", self):
+                yield self
+        finally:
+            self._free = {}
 
     def take(self, shape, dtype, device):
         """A tensor of that shape, dtype and device with arbitrary contents, or None."""
         free = self._free.get(self._key(shape, dtype, device))
         return free.pop() if free else None
-
-    @contextlib.contextmanager
-    def active(self):
-        """The sparse kernels take their large results from this pool inside the block."""
-        prev = getattr(_pool_state, "pool", None)
-        _pool_state.pool = self
-        try:
-            yield self
-        finally:
-            _pool_state.pool = prev
 
 
 class TangentRows:
@@ -216,19 +238,16 @@ class TangentRows:
                 and W.data_ptr() == self.W.data_ptr())
 
 
-@contextlib.contextmanager
 def tangent_rows(W):
-    """Inside the block, sparse decodes with ``W`` give gradients orthogonal to its rows."""
-    prev = getattr(_pool_state, "tangent", None)
-    _pool_state.tangent = tangent = TangentRows(W)
-    try:
-        yield tangent
-    finally:
-        _pool_state.tangent = prev
+    """Inside the block, sparse decodes with ``W`` give gradients orthogonal to its rows.
+
+    Returns a context manager that yields the block's :class:`TangentRows`.
+    """
+    return _installed("tangent", TangentRows(W))
 
 
 def _tangent_for(W):
-    tangent = getattr(_pool_state, "tangent", None)
+    tangent = getattr(_step_state, "tangent", None)
     return tangent if tangent is not None and tangent.matches(W) else None
 
 
@@ -241,7 +260,7 @@ def note_dense_use(W):
 
 def _take_buffer(shape, like):
     """A tensor for a large result: from the active :class:`BufferPool`, else fresh."""
-    pool = getattr(_pool_state, "pool", None)
+    pool = getattr(_step_state, "pool", None)
     out = pool.take(shape, like.dtype, like.device) if pool is not None else None
     return out if out is not None else like.new_empty(shape)
 
@@ -272,10 +291,7 @@ def _scatter_rows(pat, Y_BD, weights_N):
     F_, D = pat.n_components, Y.shape[1]
     if Y.device.type == "cpu" and torch.backends.mkl.is_available() and Y.dtype in (
             torch.float32, torch.float64):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
-            S_T = torch.sparse_csr_tensor(crow_T, rows, weights, size=(F_, Y.shape[0]),
-                                          check_invariants=False)
+        S_T = _csr(crow_T, rows, weights, (F_, Y.shape[0]))
         out = _take_buffer((F_, D), Y)
         with parallel(Y, "scatter rows"):
             # beta=0: the buffer's old contents are ignored, NaN included
@@ -342,17 +358,13 @@ def _sampled_dots(pat, A_BD, W_FD):
     A = A_BD.to(W_FD.dtype)
     if A.dtype in (torch.float32, torch.float64):
         zeros = A.new_zeros(pat.indices.shape[0])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_BETA_WARNINGS)
-            if A.device.type != "cpu":
-                with parallel(A, "sampled dots"):
-                    return torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T,
-                                                      beta=0.0).values()
-            order, crow_T, rows = _transpose(pat)
-            S_T = torch.sparse_csr_tensor(crow_T, rows, zeros, check_invariants=False,
-                                          size=(pat.n_components, pat.n_rows))
-            with parallel(A, "sampled dots"):
-                by_latent = torch.sparse.sampled_addmm(S_T, W_FD, A.T, beta=0.0).values()
+        if A.device.type != "cpu":
+            with quiet_csr(), parallel(A, "sampled dots"):
+                return torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0).values()
+        order, crow_T, rows = _transpose(pat)
+        S_T = _csr(crow_T, rows, zeros, (pat.n_components, pat.n_rows))
+        with quiet_csr(), parallel(A, "sampled dots"):
+            by_latent = torch.sparse.sampled_addmm(S_T, W_FD, A.T, beta=0.0).values()
         return torch.empty_like(by_latent).index_copy_(0, order, by_latent)
     # half precision: gather in chunks that stay in cache
     rows = pat.rows()

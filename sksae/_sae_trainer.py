@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 
 import torch
 
 from ._adam import FusedAdam, fused_cpu_kernel
 from ._base import autocast, capture_graph, is_accelerator, native_bf16, side_stream
-from ._kernels import BufferPool, Pattern, gather_pre, tangent_rows
+from ._kernels import BufferPool, Pattern, gather_pre, quiet_csr, tangent_rows
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 from .architectures.topk import select_topk
@@ -91,8 +90,7 @@ def calibrate_encoder_scale(arch, params, buffers, x_sample_ND):
     if codes.device.type == "cpu" and 16 * codes.count_nonzero() <= codes.numel():
         # sparse codes (the TopK family): the product over their entries only
         # (at 4096 x 24576 x 768 about 30 ms instead of 0.8 s for the dense one)
-        with warnings.catch_warnings():  # torch's note that CSR tensors are beta
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+        with quiet_csr():
             codes = codes.to_sparse_csr()
     recon = codes @ params["W_dec"]
     denom = recon.pow(2).sum()
@@ -450,13 +448,8 @@ class SAETrainer:
             sq_err = _sum_squares(x_hat, x_BD)
             mse = sq_err / x_BD.shape[0]
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
-            if on_cpu:  # last step's gradients become this step's (F, D) results
-                self._buffers.reset(p.grad for p in self.params.values())
-                self.optimizer.zero_grad(set_to_none=True)
-                with self._buffers.active():
-                    loss.backward()
-                self._buffers.reset(())
-            else:
+            # on the CPU last step's gradients become this step's (F, D) results
+            with self._buffers.lending(p.grad for p in self.params.values() if on_cpu):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
         if rows is None or not rows.complete:

@@ -17,11 +17,11 @@ is re-measured now and then (less often while it keeps being confirmed), so
 a fit follows the machine's load as it changes. Where an operation's rows
 are independent (the encoder product, the top-k), the other option is timed
 on a probe of its first rows instead of the whole call, so a trial of a
-twice slower option costs an eighth of a call instead of a whole one. The thread count does not
-change results: the operations routed here (MKL's GEMM split over output
-blocks, top-k, fused Adam, ``embedding_bag`` over bags, sampled products per
-entry) give the same bits on any number of threads, which
-``tests/test_threads.py`` checks.
+twice slower option costs an eighth of a call instead of a whole one. The
+thread count does not change results: the operations routed here (MKL's
+GEMM split over output blocks, top-k, fused Adam, ``embedding_bag`` over
+bags, sampled products per entry) give the same bits on any number of
+threads, which ``tests/test_threads.py`` checks.
 """
 
 from __future__ import annotations

@@ -229,18 +229,19 @@ def test_auxk_loss_matches_its_definition(n_dead, kernels, device):
                      **_tol(torch.float64), msg=name)
 
 
-def test_buffer_pool_hands_out_each_given_tensor_once():
+def test_buffer_pool_hands_out_each_lent_tensor_once():
     pool = _kernels.BufferPool()
     a, b = torch.zeros(3, 4), torch.zeros(3, 4)
-    pool.reset([a, None, b, torch.zeros(2)])
-    assert pool.take((5, 4), torch.float32, "cpu") is None
-    assert pool.take((3, 4), torch.float64, "cpu") is None
-    got = {id(pool.take((3, 4), torch.float32, "cpu")) for _ in range(2)}
-    assert got == {id(a), id(b)}
-    assert pool.take((3, 4), torch.float32, "cpu") is None
-    pool.reset([a])
-    pool.reset(())  # forgets what it was given
-    assert pool.take((3, 4), torch.float32, "cpu") is None
+    with pool.lending([a, None, b, torch.zeros(2)]):
+        assert pool.take((5, 4), torch.float32, "cpu") is None
+        assert pool.take((3, 4), torch.float64, "cpu") is None
+        got = {id(pool.take((3, 4), torch.float32, "cpu")) for _ in range(2)}
+        assert got == {id(a), id(b)}
+        assert pool.take((3, 4), torch.float32, "cpu") is None
+    with pool.lending([a]):
+        pass
+    assert pool.take((3, 4), torch.float32, "cpu") is None  # forgets what it was lent
+    assert _kernels._take_buffer((3, 4), a) is not a  # no pool outside the block
 
 
 @pytest.mark.parametrize("mkl", [True, False])
@@ -255,8 +256,7 @@ def test_scatter_into_a_stale_buffer(monkeypatch, mkl):
     S.view(-1)[pat.flat()] = w
     pool = _kernels.BufferPool()
     stale = torch.full((40, 6), float("nan"))
-    pool.reset([stale])
-    with pool.active():
+    with pool.lending([stale]):
         out = _kernels._scatter_rows(pat, Y, w)
     assert (out.data_ptr() == stale.data_ptr()) == mkl
     assert_close(out, S.T @ Y)

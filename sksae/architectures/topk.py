@@ -69,7 +69,7 @@ def select_topk(pre_BF, k):
                   for a, b in zip(bounds[:-1], bounds[1:])]:
             f.result()
 
-    with parallel(pre_BF, "top-k", *row_probe(run, B)):
+    with parallel(pre_BF, "compiled top-k", *row_probe(run, B)):
         run(B)
     return torch.from_numpy(out)
 
