@@ -234,6 +234,7 @@ class TangentRows:
         return self.projected > 0 and self.dense_uses == 0
 
     def matches(self, W):
+        """Whether ``W`` is this decoder (the same storage, device and shape)."""
         return (W.device == self.W.device and W.shape == self.W.shape
                 and W.data_ptr() == self.W.data_ptr())
 
