@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["serial", "parallel", "row_probe", "ThreadChooser"]
+__all__ = ["serial", "parallel", "row_probe", "run_ranges", "ThreadChooser"]
 
 #: per Python thread: intra-op threads outside the outermost :func:`serial`
 #: block (``outer`` absent outside), so that fits in concurrent threads keep apart
@@ -173,6 +174,38 @@ def row_probe(work, n_rows, share=8):
     """
     m = max(1, n_rows // share)
     return (lambda: work(m)), m / max(n_rows, 1)
+
+
+_pool = (0, None)
+_pool_lock = threading.Lock()
+
+
+def run_ranges(work, bounds):
+    """Call ``work(a, b)`` for each consecutive range ``a:b`` of ``bounds``, in parallel.
+
+    For the compiled kernels, which release the GIL and write disjoint outputs
+    per range: the first range runs on the calling thread, the others on a
+    shared pool of worker threads (as many as ranges, created once). The
+    number of ranges is the caller's thread choice, e.g. ``torch.get_num_threads()``
+    inside :func:`parallel`.
+    """
+    global _pool
+    ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(ranges) <= 1:
+        for a, b in ranges:
+            work(a, b)
+        return
+    with _pool_lock:
+        if _pool[0] < len(ranges) - 1:
+            _pool = (len(ranges) - 1, ThreadPoolExecutor(max_workers=len(ranges) - 1,
+                                                         thread_name_prefix="sksae-kernel"))
+        pool = _pool[1]
+    futures = [pool.submit(work, a, b) for a, b in ranges[1:]]
+    try:
+        work(*ranges[0])
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _running(chooser):

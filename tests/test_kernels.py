@@ -10,9 +10,23 @@ from sksae import _kernels
 from sksae._kernels import Pattern, gather_pre, sparse_decode, use_sparse
 from sksae._sae_trainer import SAETrainer, init_parameters
 from sksae.architectures import REGISTRY, SparseCodes, decode
+from sksae.coders import _compiled
 
 TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.auxk)
 DTYPES = [torch.float64, torch.float32]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def sparse_passes(request, monkeypatch):
+    """Every test on both CPU implementations of the sparse passes.
+
+    "compiled": the numba kernels of sksae._sparse_nb (the numba extra, which
+    the test environment installs); "torch": torch's primitives, as without it.
+    """
+    if request.param == "compiled":
+        pytest.importorskip("numba", reason="the compiled passes need the numba extra")
+    monkeypatch.setattr(_compiled, "_USE_NUMBA", request.param == "compiled")
+    return request.param
 
 
 def _tol(dtype, scale=1.0):

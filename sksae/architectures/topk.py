@@ -6,13 +6,11 @@ Dead latents are revived by the AuxK loss the trainer adds for ``auxk = True``.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
 from .._kernels import use_sparse
-from .._threads import parallel, row_probe
+from .._threads import parallel, row_probe, run_ranges
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
@@ -25,15 +23,6 @@ def _topk(pre_BF, k):
 
 #: magnitude-bit masks of the float formats the compiled selection reads as integers
 _BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7FFFFFFF)}
-_pool = (0, None)
-
-
-def _workers(n):
-    """A thread pool of at least ``n`` workers (the compiled kernel releases the GIL)."""
-    global _pool
-    if _pool[0] < n:
-        _pool = (n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="sksae-topk"))
-    return _pool[1]
 
 
 def select_topk(pre_BF, k):
@@ -60,14 +49,8 @@ def select_topk(pre_BF, k):
 
     def run(m):
         n = min(torch.get_num_threads(), m)
-        if n <= 1:
-            rows(bits, k, magnitude, 0, m, out)
-            return
-        bounds = np.linspace(0, m, n + 1).astype(int)
-        pool = _workers(n)
-        for f in [pool.submit(rows, bits, k, magnitude, a, b, out)
-                  for a, b in zip(bounds[:-1], bounds[1:])]:
-            f.result()
+        run_ranges(lambda a, b: rows(bits, k, magnitude, a, b, out),
+                   np.linspace(0, m, n + 1).astype(int))
 
     with parallel(pre_BF, "compiled top-k", *row_probe(run, B)):
         run(B)

@@ -2,9 +2,11 @@
 
 numba is an optional dependency (the ``numba`` extra). When it imports, the
 coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`) run
-compiled per row on CPU tensors, and so does the TopK training step's
-selection (:mod:`sksae._topk_nb`); otherwise the batched numpy paths give
-the same codes and ``torch.topk`` the same selection (up to ties).
+compiled per row on CPU tensors, and so do the TopK training step's
+selection (:mod:`sksae._topk_nb`) and its sparse passes
+(:mod:`sksae._sparse_nb`); otherwise the batched numpy paths give the same
+codes, ``torch.topk`` the same selection (up to ties) and the torch
+primitives of :mod:`sksae._kernels` the same sums (up to rounding).
 Nothing here imports numba before a coder first asks for a kernel, so that
 importing sksae stays fast and works without it.
 """
@@ -23,17 +25,22 @@ _USE_NUMBA = True
 # kernel name -> (module, function)
 _SOURCES = {"homotopy": ("sksae.coders._homotopy_nb", "homotopy_rows"),
             "omp": ("sksae.coders._omp_nb", "omp_rows"),
-            "topk": ("sksae._topk_nb", "topk_rows")}
+            "topk": ("sksae._topk_nb", "topk_rows"),
+            **{name: ("sksae._sparse_nb", name)
+               for name in ("transpose", "dots", "decode_backward", "gather_backward")}}
 # kernel name -> the compiled function, or False when it could not be loaded.
 _KERNELS = {}
 
 
 def kernel(name, required=False):
-    """The compiled kernel ``name`` ("homotopy", "omp" or "topk"), or None.
+    """The compiled kernel ``name``, or None.
 
     Parameters
     ----------
-    name : {"homotopy", "omp", "topk"}
+    name : {"homotopy", "omp", "topk", "transpose", "dots", "decode_backward", \
+"gather_backward"}
+        A coder's kernel, the TopK selection (:mod:`sksae._topk_nb`) or one of
+        the sparse training kernels (:mod:`sksae._sparse_nb`).
     required : bool, default=False
         Load it even when the switch is off, and let a failed import raise
         (an explicit ``engine="numba"``).
