@@ -17,7 +17,8 @@ import torch
 
 from ._adam import FusedAdam, fused_cpu_kernel
 from ._base import autocast, capture_graph, is_accelerator, native_bf16, side_stream
-from ._kernels import BufferPool, Pattern, gather_pre, quiet_csr, tangent_rows
+from ._kernels import (BufferPool, Pattern, gather_pre, gradient_norms, known_norm, quiet_csr,
+                       tangent_rows, unit_rows_)
 from ._threads import parallel, serial
 from .architectures import SparseCodes, decode
 from .architectures.topk import select_topk
@@ -128,6 +129,23 @@ def _sum_squares(a, b):
         return _SumSquares.apply(a, b)
 
 
+def _total_variance(x_BD, centred=None):
+    """``sum ||x_b - mean(x)||^2`` over the batch (the FVU's denominator, at least 1e-12).
+
+    From ``centred = x - c`` for any fixed ``c`` (the encoder's ``x - b_dec``,
+    already computed on the sparse path) it is ``sum ||centred_b||^2 -
+    B ||mean(centred)||^2``: two reads of ``centred`` instead of four passes
+    over ``x``. The shift by ``b_dec`` (near the data's median) keeps the
+    difference well conditioned; it is taken in float64.
+    """
+    if centred is None:
+        return (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+    flat = centred.reshape(-1)
+    squares = torch.dot(flat, flat).double()
+    mean = centred.sum(0, dtype=torch.float64) / centred.shape[0]
+    return (squares - centred.shape[0] * torch.dot(mean, mean)).clamp_min(1e-12).to(x_BD.dtype)
+
+
 def _fired_counts(codes, n_components):
     """How many rows of the batch each latent fired on."""
     if isinstance(codes, SparseCodes):
@@ -183,8 +201,17 @@ def _adam(params, lr, device, capturable=False):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
-def _total_norm(grads):
-    """The 2-norm of all gradients together (``get_total_norm``, torch >= 2.6)."""
+def _total_norm(grads, norms=None):
+    """The 2-norm of all gradients together (``get_total_norm``, torch >= 2.6).
+
+    ``norms`` (from :func:`sksae._kernels.gradient_norms`) gives the norms of
+    the gradients that the compiled backward passes computed as they wrote them.
+    """
+    known = [known_norm(norms, g) for g in grads]
+    if any(n is not None for n in known):
+        return torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(g) if n is None else n.to(g.dtype)
+            for g, n in zip(grads, known)]))
     total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if total_norm is not None:
         return total_norm(grads, foreach=True)
@@ -313,7 +340,7 @@ class SAETrainer:
         return min(1.0, (step + 1) / self.coef_warmup_steps)
 
     # -- losses ---------------------------------------------------------------
-    def auxk_loss(self, pre_BF, x_BD, x_hat_BD, p=None):
+    def auxk_loss(self, pre_BF, x_BD, x_hat_BD, p=None, centred=None):
         """AuxK: reconstruct the residual from the top dead latents (no b_dec).
 
         The dead latents' values go through the same kernels as the codes
@@ -321,6 +348,7 @@ class SAETrainer:
         architecture computed ``pre`` without a graph, so no (B, F) x (F, D)
         product is spent on them.
         ``pre_BF`` without an autograd graph may be overwritten (masked in place).
+        ``centred`` is ``x - b_dec`` when the encoder computed it.
         """
         p = {**self.params, **self.buffers} if p is None else p
         dead = self.rows_since_fired >= self.dead_window
@@ -351,7 +379,7 @@ class SAETrainer:
         if isinstance(idx, Pattern) and idx.indices.numel() == 0:
             e_hat = torch.zeros_like(e)  # no pick reconstructs anything: a constant term
         else:
-            vals = gather_pre(pre_BF, idx, x_BD, p)
+            vals = gather_pre(pre_BF, idx, x_BD, p, centred=centred)
             if valid is not None:
                 vals = torch.where(valid, vals, 0)
             e_hat = decode(SparseCodes(vals.clamp_min(0), idx), p["W_dec"],
@@ -444,26 +472,26 @@ class SAETrainer:
                                kernels=self.arch.kernels).to(x_BD.dtype)
                 terms = self.arch.losses(p, x_BD, enc, x_hat, self._coef)
                 if self.arch.auxk and self.auxk_alpha > 0:
-                    terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p)
+                    terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p, enc.centred)
             sq_err = _sum_squares(x_hat, x_BD)
             mse = sq_err / x_BD.shape[0]
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
             # on the CPU last step's gradients become this step's (F, D) results
-            with self._buffers.lending(p.grad for p in self.params.values() if on_cpu):
+            with self._buffers.lending(p.grad for p in self.params.values() if on_cpu), \
+                    gradient_norms() as norms:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
         if rows is None or not rows.complete:
             self._project_decoder_grad()
-        self._clip_grad_norm()
+        self._clip_grad_norm(norms)
         with parallel(self.params["W_dec"], "adam"):  # fused: one pass over every parameter
             self.optimizer.step()
         with torch.no_grad():
-            W = self.params["W_dec"]
-            W.div_(torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min_(1e-12))
+            unit_rows_(self.params["W_dec"])
             self.arch.after_step(p, enc)
             fired = _fired_counts(enc.codes, self.arch.n_components)
             self.rows_since_fired.add_(x_BD.shape[0]).masked_fill_(fired > 0, 0)
-            total_var = (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+            total_var = _total_variance(x_BD, enc.centred)
             metrics = {
                 "loss": loss.detach(),
                 "mse": mse.detach(),
@@ -475,16 +503,17 @@ class SAETrainer:
             metrics.update({k: v.detach() for k, v in terms.items()})
         return metrics
 
-    def _clip_grad_norm(self):
+    def _clip_grad_norm(self, norms=None):
         """Gradient-norm clipping at ``clip_norm`` (as ``clip_grad_norm_``).
 
         On the CPU the norm is read on the host (free there) and the gradients
         are left untouched when no clipping is needed, instead of multiplied by 1.
+        ``norms``: the gradients' norms noted by the compiled backward passes.
         """
         params = [p for p in self.params.values() if p.grad is not None]
         if not params:
             return
-        norm = _total_norm([p.grad for p in params])
+        norm = _total_norm([p.grad for p in params], norms)
         if is_accelerator(self.device) or float(norm) + 1e-6 > self.clip_norm:
             _clip_with_norm(params, self.clip_norm, norm)
 

@@ -17,7 +17,13 @@ written once, in order:
   ``W`` from the same dots;
 - :func:`gather_backward` — the encoder's weight gradient
   ``sum_e g_e X[b]`` and its bias gradient ``sum_e g_e``, skipping the zero
-  gradients of entries the ReLU clamped.
+  gradients of entries the ReLU clamped;
+- :func:`unit_rows` — the decoder's renormalisation after the optimizer
+  step, the norm and the division in one pass per row.
+
+The two backward passes also write the squared norm of each gradient row
+they produce, so that gradient clipping does not read the (F, D) gradients
+again.
 
 Every kernel works on a range of latents ``[f0, f1)`` and writes only that
 range's outputs (and entries), so ranges run on separate threads without
@@ -33,7 +39,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["transpose", "dots", "decode_backward", "gather_backward"]
+__all__ = ["transpose", "dots", "decode_backward", "gather_backward", "unit_rows"]
 
 # reassociation lets LLVM vectorise the dot products; nothing assumes finite values
 _FAST = {"reassoc", "contract"}
@@ -90,12 +96,14 @@ def dots(crow_T, rows_T, order, A, W, bias, use_bias, out, f0, f1):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FAST)
-def decode_backward(crow_T, rows_T, order, values, G, W, g_values, g_W, project, f0, f1):
+def decode_backward(crow_T, rows_T, order, values, G, W, g_values, g_W, row_sq, project,
+                    f0, f1):
     """Gradients of ``S @ W`` for latents ``f0:f1``, given the output's gradient ``G`` (B, D).
 
     ``g_values[e] = <G[b], W[f]>`` and ``g_W[f] = sum_e values[e] G[b]``; with
     ``project``, minus the radial part ``(sum_e values[e] g_values[e]) W[f]``
     (the gradient tangent to a unit row). Rows of ``g_W`` without entries are 0.
+    ``row_sq[f]`` receives ``||g_W[f]||^2``.
     """
     D = G.shape[1]
     zero = np.zeros(1, G.dtype)[0]
@@ -119,14 +127,19 @@ def decode_backward(crow_T, rows_T, order, values, G, W, g_values, g_W, project,
         if project and radial != 0.0:
             for j in range(D):
                 out[j] -= radial * w[j]
+        sq = zero
+        for j in range(D):
+            sq += out[j] * out[j]
+        row_sq[f] = sq
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FAST)
-def gather_backward(crow_T, rows_T, order, grad, X, g_W, g_b, f0, f1):
+def gather_backward(crow_T, rows_T, order, grad, X, g_W, g_b, row_sq, f0, f1):
     """Gradients of the entries ``<X[b], W[f]> + b[f]`` for latents ``f0:f1``, given ``grad`` (N,).
 
     ``g_W[f] = sum_e grad[e] X[b]`` and ``g_b[f] = sum_e grad[e]``; entries
-    with a zero gradient (clamped by the ReLU) are skipped.
+    with a zero gradient (clamped by the ReLU) are skipped. ``row_sq[f]``
+    receives ``||g_W[f]||^2``.
     """
     D = X.shape[1]
     zero = np.zeros(1, X.dtype)[0]
@@ -142,3 +155,28 @@ def gather_backward(crow_T, rows_T, order, grad, X, g_W, g_b, f0, f1):
                     out[j] += c * x[j]
                 total += c
         g_b[f] = total
+        sq = zero
+        if crow_T[f + 1] > crow_T[f]:
+            for j in range(D):
+                sq += out[j] * out[j]
+        row_sq[f] = sq
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FAST)
+def unit_rows(W, eps, f0, f1):
+    """Divide rows ``f0:f1`` of ``W`` by their norms (at least ``eps``), in place.
+
+    ``eps`` is a scalar of ``W``'s dtype, so the division runs in that precision.
+    """
+    D = W.shape[1]
+    zero = np.zeros(1, W.dtype)[0]
+    for f in range(f0, f1):
+        w = W[f]
+        sq = zero
+        for j in range(D):
+            sq += w[j] * w[j]
+        norm = np.sqrt(sq)
+        if norm < eps:
+            norm = eps
+        for j in range(D):
+            w[j] = w[j] / norm

@@ -72,22 +72,35 @@ def test_passes_match_torch_and_ignore_the_split(dtype, splits):
 
     g_values = np.empty_like(dots)
     g_W = np.full((F, D), np.nan, dtype=dots.dtype)  # stale contents are overwritten
-    run(nb.decode_backward, values.numpy(), G.numpy(), W.numpy(), g_values, g_W, True)
+    row_sq = np.full(F, np.nan, dtype=dots.dtype)
+    run(nb.decode_backward, values.numpy(), G.numpy(), W.numpy(), g_values, g_W, row_sq, True)
     assert_close(torch.from_numpy(g_values), (G @ W.T)[entries])
     radial = (values * torch.from_numpy(g_values)).new_zeros(F).index_add_(
         0, pat.indices, values * torch.from_numpy(g_values))
     assert_close(torch.from_numpy(g_W), S.T @ G - radial[:, None] * W)
+    assert_close(torch.from_numpy(row_sq), torch.from_numpy(g_W).pow(2).sum(1))
 
     g_enc = np.full((F, D), np.nan, dtype=dots.dtype)
     g_b = np.full(F, np.nan, dtype=dots.dtype)
-    run(nb.gather_backward, values.numpy(), A.numpy(), g_enc, g_b)
+    run(nb.gather_backward, values.numpy(), A.numpy(), g_enc, g_b, row_sq)
     assert_close(torch.from_numpy(g_enc), S.T @ A)
     assert_close(torch.from_numpy(g_b), S.sum(0))
+    assert_close(torch.from_numpy(row_sq), torch.from_numpy(g_enc).pow(2).sum(1))
+
+    unit = W.numpy().copy()
+    unit[5] = 0  # a zero row stays zero (divided by eps)
+    run_rows = [(a, b) for a, b in zip(splits[:-1], splits[1:])]
+    for a, b in run_rows:
+        nb.unit_rows(unit, unit.dtype.type(1e-12), a, b)
+    expected = W.clone()
+    expected[5] = 0
+    expected /= torch.linalg.vector_norm(expected, dim=1, keepdim=True).clamp_min(1e-12)
+    assert_close(torch.from_numpy(unit), expected)
 
     # the same bits with one range
     whole = np.empty_like(g_W)
     nb.decode_backward(crow_T, rows, order, values.numpy(), G.numpy(), W.numpy(),
-                       np.empty_like(dots), whole, True, 0, F)
+                       np.empty_like(dots), whole, np.empty_like(row_sq), True, 0, F)
     np.testing.assert_array_equal(whole, g_W)
 
 
@@ -109,9 +122,26 @@ def test_a_training_step_runs_the_compiled_passes(monkeypatch):
     X = np.random.RandomState(0).randn(256, 24).astype(np.float32)
     kw = dict(n_components=1024, k=4, batch_size=64, max_iter=2, random_state=0)
     compiled = SparseAutoencoder(**kw).fit(X)
-    assert {"transpose", "dots", "decode_backward", "gather_backward"} <= set(calls)
+    assert {"transpose", "dots", "decode_backward", "gather_backward", "unit_rows"} <= set(calls)
     monkeypatch.setattr(_compiled, "_USE_NUMBA", False)
     plain = SparseAutoencoder(**kw).fit(X)
     assert compiled.score(X) == pytest.approx(plain.score(X), rel=1e-3)
     # a quarter of one Adam step (lr = 8e-4 at 1024 latents): rounding, not a different fit
     assert np.abs(compiled.components_ - plain.components_).mean() < 2e-4
+
+
+def test_clipping_reads_the_noted_norms_only_while_they_hold():
+    """The norms the compiled passes note are used for the gradients as produced, and
+    ignored once a gradient is changed in place (e.g. another decode's gradient added)."""
+    g = torch.randn(6, 4)
+    with _kernels.gradient_norms() as norms:
+        _kernels._note_norm(g, g.pow(2).sum(1) * 4)  # a deliberately wrong note: 2x the norm
+    assert_close(_kernels.known_norm(norms, g), 2 * torch.linalg.vector_norm(g))
+    from sksae._sae_trainer import _total_norm
+    b = torch.randn(4)
+    expected = torch.linalg.vector_norm(torch.stack([2 * g.norm(), b.norm()]))
+    assert_close(_total_norm([g, b], norms), expected)  # the note is used
+    g.add_(1.0)
+    assert _kernels.known_norm(norms, g) is None  # a new version: not known any more
+    assert_close(_total_norm([g, b], norms), torch.cat([g.flatten(), b]).norm())
+    assert _kernels.known_norm(norms, g.clone()) is None  # another storage

@@ -75,11 +75,15 @@ class EncodeOutput(NamedTuple):
         Encoder pre-activations (for AuxK and statistics).
     active : Tensor (B, F) bool or None
         Which latents fired, when cheaper to give than to recompute.
+    centred : Tensor (B, D) or None
+        ``x - b_dec`` without a graph, when the encoder computed it (the sparse
+        path), for the trainer's AuxK loss and statistics to reuse.
     """
 
     codes: object
     pre: torch.Tensor
     active: object = None
+    centred: object = None
 
 
 def decode(codes, W_dec_FD, b_dec_D=None, kernels="auto"):
@@ -149,8 +153,10 @@ class Architecture:
 
     # -- forward ------------------------------------------------------------
     @staticmethod
-    def pre_activation(p, x_BD, out=None):
-        return _encoder_product(p["b_enc"], x_BD - p["b_dec"], p["W_enc"], out)
+    def pre_activation(p, x_BD, out=None, centred=None):
+        """``(x - b_dec) W_enc^T + b_enc``; ``centred`` gives ``x - b_dec`` already computed."""
+        centred = x_BD - p["b_dec"] if centred is None else centred
+        return _encoder_product(p["b_enc"], centred, p["W_enc"], out)
 
     def encode_selected(self, p, x_BD, select):
         """Training codes on the sparse kernels: ReLU of the entries ``select(pre)`` picks.
@@ -159,14 +165,16 @@ class Architecture:
         on the CPU); ``select`` returns a (B, k) index matrix or a
         :class:`sksae._kernels.Pattern`, and the gradients flow from the
         selected entries only (:func:`sksae._kernels.gather_pre`).
+        ``x - b_dec`` is computed once, for all of them and for the trainer.
         """
         with torch.no_grad():
-            pre = self.selection_pre_activation(p, x_BD)
+            centred = x_BD - p["b_dec"]
+            pre = self.selection_pre_activation(p, x_BD, centred)
             support = select(pre)
-        values = _kernels.gather_pre(pre, support, x_BD, p)
-        return EncodeOutput(SparseCodes(values.clamp_min(0), support), pre)
+        values = _kernels.gather_pre(pre, support, x_BD, p, centred=centred)
+        return EncodeOutput(SparseCodes(values.clamp_min(0), support), pre, centred=centred)
 
-    def selection_pre_activation(self, p, x_BD):
+    def selection_pre_activation(self, p, x_BD, centred=None):
         """The pre-activations a training step selects from, without a graph.
 
         With ``selection_dtype`` lower than the parameters' on the CPU (bf16),
@@ -175,17 +183,20 @@ class Architecture:
         active latents reads these; their values and every gradient are then
         computed in the parameters' precision (:func:`sksae._kernels.gather_pre`),
         so a rounding error can only swap latents whose pre-activations tie to
-        within bf16's 3 significant digits.
+        within bf16's 3 significant digits. ``centred`` is ``x - b_dec`` when
+        already computed.
         """
         W = p["W_enc"]
         shape = (x_BD.shape[0], self.n_components)
         low = self.selection_dtype
         if low is None or low == W.dtype or W.device.type != "cpu":
-            return self.pre_activation(p, x_BD, out=self.scratch("pre", shape, W))
+            return self.pre_activation(p, x_BD, out=self.scratch("pre", shape, W),
+                                       centred=centred)
+        centred = x_BD - p["b_dec"] if centred is None else centred
         W_low = self.scratch("W_enc low", W.shape, W, dtype=low)
         with parallel(W, "cast"):
             W_low.copy_(W)
-        return _encoder_product(p["b_enc"].to(low), (x_BD - p["b_dec"]).to(low), W_low,
+        return _encoder_product(p["b_enc"].to(low), centred.to(low), W_low,
                                 self.scratch("pre low", shape, W, dtype=low))
 
     def scratch(self, name, shape, like, dtype=None):

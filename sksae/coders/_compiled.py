@@ -27,7 +27,8 @@ _SOURCES = {"homotopy": ("sksae.coders._homotopy_nb", "homotopy_rows"),
             "omp": ("sksae.coders._omp_nb", "omp_rows"),
             "topk": ("sksae._topk_nb", "topk_rows"),
             **{name: ("sksae._sparse_nb", name)
-               for name in ("transpose", "dots", "decode_backward", "gather_backward")}}
+               for name in ("transpose", "dots", "decode_backward", "gather_backward",
+                            "unit_rows")}}
 # kernel name -> the compiled function, or False when it could not be loaded.
 _KERNELS = {}
 
@@ -38,7 +39,7 @@ def kernel(name, required=False):
     Parameters
     ----------
     name : {"homotopy", "omp", "topk", "transpose", "dots", "decode_backward", \
-"gather_backward"}
+"gather_backward", "unit_rows"}
         A coder's kernel, the TopK selection (:mod:`sksae._topk_nb`) or one of
         the sparse training kernels (:mod:`sksae._sparse_nb`).
     required : bool, default=False
