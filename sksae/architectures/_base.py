@@ -22,13 +22,20 @@ from .._threads import parallel, row_probe
 
 
 def _encoder_product(bias, centred, W, out=None):
-    """``bias + centred W^T`` (into ``out``, whose first rows probe the thread choice)."""
+    """``bias + centred W^T`` (into ``out``, whose first rows probe the thread choice).
+
+    ``bias=None``: ``centred W^T`` alone.
+    """
+    def product(rows, into):
+        if bias is None:
+            return torch.mm(rows, W.T, out=into)
+        return torch.addmm(bias, rows, W.T, out=into)
+
     probe = ()
     if out is not None:
-        probe = row_probe(
-            lambda m: torch.addmm(bias, centred[:m], W.T, out=out[:m]), centred.shape[0])
+        probe = row_probe(lambda m: product(centred[:m], out[:m]), centred.shape[0])
     with parallel(centred, "encoder product", *probe):
-        return torch.addmm(bias, centred, W.T, out=out)
+        return product(centred, out)
 
 
 class SparseCodes(NamedTuple):
@@ -193,11 +200,19 @@ class Architecture:
             return self.pre_activation(p, x_BD, out=self.scratch("pre", shape, W),
                                        centred=centred)
         centred = x_BD - p["b_dec"] if centred is None else centred
-        W_low = self.scratch("W_enc low", W.shape, W, dtype=low)
+        # the bias rides in the product: a column of ones in x meets b_enc in W
+        # (one more pair of the K dimension, 4-7% faster than addmm's bias pass)
+        B, D = centred.shape
+        W_low = self.scratch("W_enc low", (W.shape[0], D + 2), W, dtype=low)
+        x_low = self.scratch("x low", (B, D + 2), W, dtype=low)
         with parallel(W, "cast"):
-            W_low.copy_(W)
-        return _encoder_product(p["b_enc"].to(low), centred.to(low), W_low,
-                                self.scratch("pre low", shape, W, dtype=low))
+            W_low[:, :D].copy_(W)
+        W_low[:, D].copy_(p["b_enc"])
+        W_low[:, D + 1].zero_()
+        x_low[:, :D].copy_(centred)
+        x_low[:, D].fill_(1)
+        x_low[:, D + 1].zero_()
+        return _encoder_product(None, x_low, W_low, self.scratch("pre low", shape, W, dtype=low))
 
     def scratch(self, name, shape, like, dtype=None):
         """A CPU tensor of ``shape`` reused by every training step, or None off the CPU.
