@@ -352,12 +352,13 @@ def _by_latent(site, like, kernel, crow_T, *args):
 
 
 # -- primitives ----------------------------------------------------------------
-def _gather_rows(pat, W_FD, weights_N):
-    """``S @ W`` (B, D) where S has ``weights`` on the pattern."""
+def _gather_rows(pat, W_FD, weights_N, bias_D=None):
+    """``S @ W (+ bias)`` (B, D) where S has ``weights`` on the pattern (bias added in place)."""
     weights = weights_N.to(W_FD.dtype)
     with parallel(weights, "gather rows"):
-        return F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
-                               per_sample_weights=weights, include_last_offset=True)
+        out = F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
+                              per_sample_weights=weights, include_last_offset=True)
+    return out if bias_D is None else out.add_(bias_D.to(out.dtype))
 
 
 def _scatter_rows(pat, Y_BD, weights_N):
@@ -489,20 +490,22 @@ def _sampled_dot_products(pat, A, W_FD):
 
 # -- autograd functions -----------------------------------------------------
 class _SparseDecode(torch.autograd.Function):
-    """``S @ W_dec`` with S the pattern carrying ``values``."""
+    """``S @ W_dec (+ b_dec)`` with S the pattern carrying ``values``."""
 
     @staticmethod
-    def forward(ctx, values_N, W_FD, pat):
+    def forward(ctx, values_N, W_FD, pat, bias_D):
         ctx.pat = pat
+        ctx.bias_dtype = None if bias_D is None else bias_D.dtype
         ctx.save_for_backward(values_N, W_FD)
         with _serial(W_FD):
-            return _gather_rows(pat, W_FD, values_N)
+            return _gather_rows(pat, W_FD, values_N, bias_D)
 
     @staticmethod
     def backward(ctx, grad_BD):
         values, W = ctx.saved_tensors
         grad = grad_BD.to(W.dtype)
         need = ctx.needs_input_grad
+        g_bias = grad_BD.sum(0).to(ctx.bias_dtype) if need[3] else None
         tangent = _tangent_for(W) if need[1] else None
         dots = g_values = g_W = None
         fused = _compiled("decode_backward", grad, W, values) if need[1] else None
@@ -519,7 +522,7 @@ class _SparseDecode(torch.autograd.Function):
                 _note_norm(g_W, row_sq)
                 if tangent is not None:
                     tangent.projected += 1
-                return (dots if need[0] else None), g_W, None
+                return (dots if need[0] else None), g_W, None, g_bias
             if need[0] or tangent is not None:
                 dots = _sampled_dots(ctx.pat, grad, W)
                 g_values = dots.to(values.dtype) if need[0] else None
@@ -531,7 +534,7 @@ class _SparseDecode(torch.autograd.Function):
                     0, ctx.pat.indices, values.to(dots.dtype) * dots)
                 g_W.addcmul_(radial.unsqueeze(1), W, value=-1)
                 tangent.projected += 1
-        return g_values, g_W, None
+        return g_values, g_W, None, g_bias
 
 
 class _GatherPre(torch.autograd.Function):
@@ -606,8 +609,7 @@ def sparse_decode(values, indices, W_dec_FD, b_dec_D=None):
     x_hat : Tensor of shape (B, D), in ``W_dec``'s dtype
     """
     pat = as_pattern(indices, W_dec_FD.shape[0])
-    out = _SparseDecode.apply(values.reshape(-1), W_dec_FD, pat)
-    return out if b_dec_D is None else out + b_dec_D
+    return _SparseDecode.apply(values.reshape(-1), W_dec_FD, pat, b_dec_D)
 
 
 def gather_pre(pre_BF, indices, x_BD, p, centred=None):
