@@ -9,19 +9,29 @@ other process used a core): OpenMP threads spin and wait for each other at
 every barrier, and one of them waits for the scheduler.
 
 So the step runs on one thread (:func:`serial`) and each heavy operation (the
-encoder product, the top-k, Adam, the sparse kernels' gathers, scatters and
-sampled products; for DictionaryLearnerGPU each coder call and dictionary
-update) asks :func:`parallel` for the faster of one thread and all of them,
-measured on the previous calls at the same call site and shape. The choice
-is re-measured now and then (less often while it keeps being confirmed), so
-a fit follows the machine's load as it changes. Where an operation's rows
-are independent (the encoder product, the top-k), the other option is timed
-on a probe of its first rows instead of the whole call, so a trial of a
-twice slower option costs an eighth of a call instead of a whole one. The
-thread count does not change results: the operations routed here (MKL's
-GEMM split over output blocks, top-k, fused Adam, ``embedding_bag`` over
-bags, sampled products per entry) give the same bits on any number of
-threads, which ``tests/test_threads.py`` checks.
+encoder product, the top-k, Adam, the sparse kernels' gathers, scatters,
+sampled products and compiled passes; for DictionaryLearnerGPU each coder
+call and dictionary update) asks :func:`parallel` for the faster of one
+thread and all of them, measured on the previous calls at the same call site
+and shape. The choice is re-measured now and then (less often while it keeps
+being confirmed), so a fit follows the machine's load as it changes. Where an
+operation's rows are independent (the encoder product, the top-k), the other
+option is timed on a probe of its first rows instead of the whole call, so a
+trial of a twice slower option costs an eighth of a call instead of a whole
+one. The thread count does not change results: the operations routed here
+(MKL's GEMM split over output blocks, top-k, fused Adam, ``embedding_bag``
+over bags, sampled products per entry, the compiled passes per latent range)
+give the same bits on any number of threads, which ``tests/test_threads.py``
+checks.
+
+The compiled kernels run their ranges on Python worker threads
+(:func:`run_ranges`). Right after one of torch's OpenMP regions (the encoder
+product, Adam) its idle worker keeps spinning for several milliseconds
+(libgomp's default wait policy), so a second worker thread shares a core
+with it: measured on 2 cores, the compiled top-k's two halves took 4.2 ms
+instead of 2.1 ms after the product, no faster than one thread. For such
+short calls (1024 x 3072) the measured choice settles on one thread; calls of
+tens of milliseconds (4096 x 24576) still run faster on two.
 """
 
 from __future__ import annotations
