@@ -23,7 +23,7 @@ from ._base import (
     torch_dtype,
 )
 from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
-from ._sae_trainer import SAETrainer, calibrate_encoder_scale, init_parameters
+from ._sae_trainer import SAETrainer, calibrate_encoder_scale, init_parameters, product_dtype
 from .metrics import fraction_variance_explained
 
 __all__ = ["SparseAutoencoder"]
@@ -487,6 +487,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         params.update(arch.extra_parameters(params))
         buffers = arch.extra_buffers(params)
         params["b_enc"] = arch.init_encoder_bias(params)
+        arch.selection_dtype = product_dtype(self.precision, device, dtype)  # as the trainer
         calibrate_encoder_scale(arch, params, buffers, sample[:4096])
         return params, buffers, scale
 
