@@ -71,8 +71,16 @@ class FusedAdam:
         self.state = {}
 
     @torch.no_grad()
-    def step(self):
-        """One Adam update of every tensor that has a gradient."""
+    def step(self, grad_scale=None):
+        """One Adam update of every tensor that has a gradient.
+
+        Parameters
+        ----------
+        grad_scale : float, optional
+            Divide the gradients by this first, in the same pass (the kernel's
+            loss-scale input, which also stores the divided gradients back):
+            gradient clipping by ``1 / grad_scale`` without a pass of its own.
+        """
         group = self.param_groups[0]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -92,7 +100,9 @@ class FusedAdam:
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
             lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            grad_scale=(None if grad_scale is None else
+                        torch.tensor(float(grad_scale), dtype=torch.float32)))
 
     def zero_grad(self, set_to_none=True):
         """Drop (or zero) the gradients of the optimised tensors."""

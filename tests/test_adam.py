@@ -37,6 +37,28 @@ def test_same_bits_as_torch_fused_adam(dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grad_scale_is_clipping_in_the_same_pass(dtype):
+    """step(grad_scale=s) updates as if the gradients were first multiplied by 1/s,
+    and leaves them divided (as clip_grad_norm_ would have)."""
+    folded, clipped = _params(dtype), _params(dtype)
+    opt_f, opt_c = FusedAdam(folded, lr=1e-2), FusedAdam(clipped, lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=dtype) for p in folded]
+        scale = 2.5 + step
+        for p, grad in zip(folded, grads):
+            p.grad = grad.clone()
+        for p, grad in zip(clipped, grads):
+            p.grad = grad * (1 / scale)
+        opt_f.step(grad_scale=scale)
+        opt_c.step()
+        for a, b in zip(folded, clipped):
+            torch.testing.assert_close(a.grad, b.grad)
+            torch.testing.assert_close(a, b)
+    assert not torch.equal(folded[0], _params(dtype)[0])  # it did update
+
+
 @pytest.mark.parametrize("direction", ["torch to ours", "ours to torch"])
 def test_state_moves_between_implementations(direction):
     first, second, ref = _params(torch.float32), _params(torch.float32), _params(torch.float32)
@@ -90,3 +112,32 @@ def test_a_cpu_fit_does_not_import_torch_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_trainer_folds_clipping_into_the_update():
+    """A CPU step whose gradient norm exceeds clip_norm: FusedAdam divides the gradients
+    in its own pass, and the step equals clipping first with torch.optim.Adam."""
+    from sksae._sae_trainer import SAETrainer, init_parameters
+    from sksae.architectures import REGISTRY
+
+    def trainer(fold):
+        g = torch.Generator().manual_seed(0)
+        x = 30 * torch.randn(64, 12, generator=g)  # large inputs: a gradient norm >> 1
+        params = init_parameters(x, 48, "random", g, torch.float32, "cpu")
+        t = SAETrainer(REGISTRY["topk"]({"k": 4}, 48, 12), params, {}, lr=1e-3, total_steps=None,
+                       warmup_steps=1, auxk_alpha=0.0, dead_window=10, coef_warmup_steps=0,
+                       precision="float32")
+        if not fold:
+            t.optimizer = torch.optim.Adam(list(t.params.values()), lr=1e-3, fused=True)
+        return t, x
+
+    (folded, x), (plain, _) = trainer(True), trainer(False)
+    assert isinstance(folded.optimizer, FusedAdam)
+    folded.step(x)
+    plain.step(x)
+    grads = [p.grad for p in folded.params.values()]
+    assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))) == \
+        pytest.approx(folded.clip_norm, rel=1e-4)
+    for key, p in folded.params.items():
+        torch.testing.assert_close(p, plain.params[key])
+        torch.testing.assert_close(p.grad, plain.params[key].grad)
