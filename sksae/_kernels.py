@@ -25,6 +25,14 @@ synchronisation:
 - ``<a_b, W_f>`` for the entries (gradient of the values): the sampled dense
   product :func:`torch.sparse.sampled_addmm` on the CSR pattern.
 
+With the ``numba`` extra, the CPU work after the decode runs as compiled
+passes instead (:mod:`sksae._sparse_nb`): the transpose as a counting sort,
+the values as sampled dots that also add the bias, and each backward as one
+pass by latent that produces every gradient of its function together (the
+decoder's: the values' gradients, the weight gradient and its radial part;
+the encoder's: the weight and bias gradients), noting the gradients' norms
+for clipping on the way.
+
 :func:`use_sparse` is the documented rule that picks these kernels or plain
 dense autograd; the tests check that both give the same outputs and
 gradients.
