@@ -124,3 +124,113 @@ def topk_rows(bits, k, magnitude, start, stop, out):
                 keys[0] = v
                 idx[0] = cand_idx[j]
                 _sift(keys, idx, k, 0)
+
+
+# -- BatchTopK: the k B largest entries of a whole batch ----------------------------
+# Keys are bucketed by their high 16 bits (all of a bf16's), shifted to 0..65535.
+_BUCKETS = 65536
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _bucket(b, magnitude, shift):
+    v = np.int64(b)
+    return ((v ^ ((v >> 63) & magnitude)) >> shift) + 32768
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def batch_sample_buckets(bits, magnitude, shift, stride):
+    """Histogram of the key buckets of every ``stride``-th entry of each row, and its size."""
+    B, F = bits.shape
+    hist = np.zeros(_BUCKETS, np.int64)
+    n = 0
+    for r in range(B):
+        row = bits[r]
+        for j in range(r % stride, F, stride):
+            hist[_bucket(row[j], magnitude, shift)] += 1
+            n += 1
+    return hist, n
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def batch_count(bits, magnitude, shift, bucket, counts, start, stop):
+    """``counts[r]``: entries of row r whose key bucket is at least ``bucket``, rows ``start:stop``."""
+    F = bits.shape[1]
+    if bucket >= 32768:
+        # a non-negative key bound: compare the raw bits (negative floats have negative bits)
+        bound = np.int64(bucket - 32768) << shift
+        for r in range(start, stop):
+            row = bits[r]
+            c = 0
+            for j in range(F):
+                c += np.int64(row[j]) >= bound
+            counts[r] = c
+    else:
+        for r in range(start, stop):
+            row = bits[r]
+            c = 0
+            for j in range(F):
+                c += _bucket(row[j], magnitude, shift) >= bucket
+            counts[r] = c
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def batch_fill(bits, magnitude, shift, bucket, offsets, keys, cols, start, stop):
+    """The keys and columns of rows ``start:stop``'s entries counted by :func:`batch_count`.
+
+    Row r's go to ``offsets[r]:offsets[r + 1]``, in column order.
+    """
+    F = bits.shape[1]
+    for r in range(start, stop):
+        row = bits[r]
+        n = offsets[r]
+        for j in range(F):
+            v = np.int64(row[j])
+            key = v ^ ((v >> 63) & magnitude)
+            if (key >> shift) + 32768 >= bucket:
+                keys[n] = key
+                cols[n] = j
+                n += 1
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def batch_select(keys, cols, offsets, K, shift, out_cols, crow):
+    """Keep the ``K`` largest candidates (ties: the first in row-major order), as a CSR pattern.
+
+    ``keys``/``cols`` are the candidates of each row at ``offsets[r]:offsets[r + 1]``
+    (at least ``K`` in all); ``out_cols`` (K,) and ``crow`` (B + 1,) receive the
+    kept entries' columns and the row offsets.
+    """
+    hist = np.zeros(_BUCKETS, np.int64)
+    N = keys.shape[0]
+    for e in range(N):
+        hist[(keys[e] >> shift) + 32768] += 1
+    above = 0
+    edge = _BUCKETS - 1
+    while above + hist[edge] < K:
+        above += hist[edge]
+        edge -= 1
+    # the cut inside the edge bucket: the (K - above)-th largest of its keys
+    inside = np.empty(hist[edge], np.int64)
+    m = 0
+    for e in range(N):
+        if (keys[e] >> shift) + 32768 == edge:
+            inside[m] = keys[e]
+            m += 1
+    inside.sort()
+    need = K - above
+    cut = inside[m - need]
+    greater = 0
+    for i in range(m):
+        greater += inside[i] > cut
+    ties = need - greater
+    n = 0
+    for r in range(offsets.shape[0] - 1):
+        crow[r] = n
+        for e in range(offsets[r], offsets[r + 1]):
+            key = keys[e]
+            if key > cut or (key == cut and ties > 0):
+                if key == cut:
+                    ties -= 1
+                out_cols[n] = cols[e]
+                n += 1
+    crow[offsets.shape[0] - 1] = n

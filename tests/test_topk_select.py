@@ -89,3 +89,88 @@ def test_sae_fits_the_same_with_and_without_the_kernel(monkeypatch):
     monkeypatch.setattr(_compiled, "_USE_NUMBA", False)
     plain = SparseAutoencoder(**kw).fit(X)
     np.testing.assert_allclose(compiled.components_, plain.components_, rtol=1e-5, atol=1e-6)
+
+
+# -- BatchTopK: the k B largest entries of the whole batch ---------------------------
+def _torch_batch_pattern(x, k):
+    """The reference: batch_topk_pattern on torch.topk (compiled kernels off)."""
+    from sksae.architectures import batchtopk
+
+    old = _compiled._USE_NUMBA
+    _compiled._USE_NUMBA = False
+    try:
+        return batchtopk.batch_topk_pattern(x, k)
+    finally:
+        _compiled._USE_NUMBA = old
+
+
+def _flat(pattern):
+    return (pattern.rows() * pattern.n_components + pattern.indices).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, k", [((256, 3072), 8), ((64, 1024), 8), ((9, 40), 3),
+                                      ((5, 16), 16)])
+def test_batch_selection_is_the_batch_top_k(dtype, shape, k):
+    """The compiled BatchTopK selection keeps the k B largest values of the batch,
+    as a row-ordered pattern with the counts of each row."""
+    from sksae.architectures.batchtopk import _compiled_batch_topk, batch_topk_pattern
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3 - 1)
+    x = x.to(dtype)
+    K = min(k * shape[0], x.numel())
+    assert _compiled_batch_topk(x, K) is not None  # the compiled path applies here
+    pattern = batch_topk_pattern(x, k)
+    ref = _torch_batch_pattern(x, k)
+    assert pattern.indices.shape == (K,) and pattern.crow[-1] == K
+    flat = _flat(pattern)
+    assert (np.diff(flat) > 0).all()  # row-major order, distinct entries
+    assert torch.equal(x.reshape(-1)[flat].float().sort().values,
+                       x.reshape(-1)[_flat(ref)].float().sort().values)
+    if dtype == torch.float32:  # no ties among float32 Gaussians: the same entries
+        assert set(flat) == set(_flat(ref))
+
+
+def test_batch_selection_keeps_the_first_of_equal_values():
+    from sksae.architectures.batchtopk import batch_topk_pattern
+
+    x = torch.zeros(4, 50, dtype=torch.bfloat16)
+    x[2, 7] = x[3, 1] = 3.0
+    x[:, 10] = 1.0  # 4 equal values, 2 of which are kept
+    pattern = batch_topk_pattern(x, 1)  # k B = 4 entries
+    assert sorted(_flat(pattern)) == [10, 50 + 10, 2 * 50 + 7, 3 * 50 + 1]
+    assert pattern.crow.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("n_rows, compiled", [(64, True), (128, False)])
+def test_batch_selection_when_the_sample_misleads(n_rows, compiled):
+    """Only the columns the kernel samples are large: the sample's bucket leaves fewer
+    than k B candidates, so every entry becomes one; where that is too many to hold
+    (over max(8 k B + F, 65536)) the torch path answers. The same values either way."""
+    from sksae.architectures.batchtopk import _compiled_batch_topk, batch_topk_pattern
+
+    B, F, k = n_rows, 1024, 8
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(B, F, generator=g) - 2  # all negative
+    for r in range(B):  # the kernel samples columns r % 8, r % 8 + 8, ...
+        x[r, r % 8::8] = 10 + torch.rand(F // 8, generator=g)
+    assert (_compiled_batch_topk(x, k * B) is not None) == compiled
+    pattern = batch_topk_pattern(x, k)
+    assert torch.equal(x.reshape(-1)[_flat(pattern)].sort().values,
+                       x.reshape(-1).topk(k * B).values.sort().values)
+
+
+def test_batchtopk_fit_compiled_or_not(monkeypatch):
+    """Same random_state, compiled or torch BatchTopK selection: the same model (no ties
+    among float32 pre-activations)."""
+    from sksae import SparseAutoencoder
+
+    X = np.random.RandomState(0).randn(512, 32).astype(np.float32)
+    kw = dict(n_components=1024, k=4, architecture="batchtopk", batch_size=128, max_iter=2,
+              random_state=0, precision="float32")
+    compiled = SparseAutoencoder(**kw).fit(X)
+    monkeypatch.setattr(_compiled, "_USE_NUMBA", False)
+    plain = SparseAutoencoder(**kw).fit(X)
+    assert compiled.score(X) == pytest.approx(plain.score(X), rel=1e-3)
+    np.testing.assert_allclose(compiled.threshold_, plain.threshold_, rtol=1e-3)

@@ -26,6 +26,8 @@ _USE_NUMBA = True
 _SOURCES = {"homotopy": ("sksae.coders._homotopy_nb", "homotopy_rows"),
             "omp": ("sksae.coders._omp_nb", "omp_rows"),
             "topk": ("sksae._topk_nb", "topk_rows"),
+            **{name: ("sksae._topk_nb", name)
+               for name in ("batch_sample_buckets", "batch_count", "batch_fill", "batch_select")},
             **{name: ("sksae._sparse_nb", name)
                for name in ("transpose", "dots", "decode_backward", "gather_backward",
                             "unit_rows")}}
@@ -38,10 +40,12 @@ def kernel(name, required=False):
 
     Parameters
     ----------
-    name : {"homotopy", "omp", "topk", "transpose", "dots", "decode_backward", \
-"gather_backward", "unit_rows"}
-        A coder's kernel, the TopK selection (:mod:`sksae._topk_nb`) or one of
-        the sparse training kernels (:mod:`sksae._sparse_nb`).
+    name : str
+        A coder's kernel ("homotopy", "omp"), the TopK and BatchTopK selections'
+        ("topk", "batch_sample_buckets", "batch_count", "batch_fill",
+        "batch_select"; :mod:`sksae._topk_nb`) or one of the sparse training
+        passes ("transpose", "dots", "decode_backward", "gather_backward",
+        "unit_rows"; :mod:`sksae._sparse_nb`).
     required : bool, default=False
         Load it even when the switch is off, and let a failed import raise
         (an explicit ``engine="numba"``).
