@@ -138,17 +138,16 @@ def _bucket(b, magnitude, shift):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def batch_sample_buckets(bits, magnitude, shift, stride):
-    """Histogram of the key buckets of every ``stride``-th entry of each row, and its size."""
-    B, F = bits.shape
-    hist = np.zeros(_BUCKETS, np.int64)
-    n = 0
-    for r in range(B):
+def batch_sample_buckets(bits, magnitude, shift, stride, hist, start, stop):
+    """Add to ``hist`` (65536,) the key buckets of every ``stride``-th entry of rows ``start:stop``.
+
+    Row r's sample starts at column ``r % stride``.
+    """
+    F = bits.shape[1]
+    for r in range(start, stop):
         row = bits[r]
         for j in range(r % stride, F, stride):
             hist[_bucket(row[j], magnitude, shift)] += 1
-            n += 1
-    return hist, n
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)

@@ -77,15 +77,20 @@ def _compiled_batch_topk(pre_BF, K):
     shift = 16 if int_dtype == torch.int32 else 0  # bucket by the high 16 bits
     bits = pre_BF.contiguous().view(int_dtype).numpy()
     B, F = bits.shape
-    hist, n = sample(bits, magnitude, shift, 8)
-    # the bucket that twice the sample's expected share of K reaches: a margin
-    # for sampling noise (fewer than K candidates is retried below)
-    reached = np.cumsum(hist[::-1])
-    want = 2 * K * n / (B * F) + 64
-    bucket = max(0, len(hist) - 1 - int(np.searchsorted(reached, want)))
     counts = np.empty(B, np.int64)
     with parallel(pre_BF, "compiled batch top-k"):
         bounds = np.linspace(0, B, min(torch.get_num_threads(), B) + 1).astype(int)
+        # one histogram per row range (integer counts: their sum does not depend on the split)
+        hists = np.zeros((len(bounds) - 1, 65536), np.int64)
+        start_of = {int(a): i for i, a in enumerate(bounds[:-1])}
+        run_ranges(lambda a, b: sample(bits, magnitude, shift, 8, hists[start_of[a]], a, b),
+                   bounds)
+        hist = hists.sum(0)
+        # the bucket that twice the sample's expected share of K reaches: a margin
+        # for sampling noise (fewer than K candidates is retried below)
+        reached = np.cumsum(hist[::-1])
+        want = 2 * K * reached[-1] / (B * F) + 64
+        bucket = max(0, len(hist) - 1 - int(np.searchsorted(reached, want)))
         run_ranges(lambda a, b: count(bits, magnitude, shift, bucket, counts, a, b), bounds)
         if counts.sum() < K:  # the sample overshot: every entry is a candidate
             bucket = 0
