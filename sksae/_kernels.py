@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import is_accelerator
-from ._threads import parallel, run_ranges
+from ._threads import even_bounds, parallel, run_ranges
 from ._threads import serial as _serial
 
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "BufferPool",
@@ -312,9 +312,7 @@ def unit_rows_(W):
     rows = W.detach().numpy()
     eps = rows.dtype.type(1e-12)
     with parallel(W, "unit rows"):
-        n = max(1, min(torch.get_num_threads(), rows.shape[0]))
-        run_ranges(lambda a, b: fused(rows, eps, a, b),
-                   np.linspace(0, rows.shape[0], n + 1).astype(int))
+        run_ranges(lambda a, b: fused(rows, eps, a, b), even_bounds(rows.shape[0]))
     return W
 
 
@@ -345,18 +343,20 @@ def _np(t):
     return t.detach().contiguous().numpy()
 
 
-def _by_latent(site, like, kernel, crow_T, *args):
-    """Run a compiled pass over every latent, split over the threads :func:`parallel` grants.
+def _by_latent(site, like, kernel, pat, *args):
+    """Run a compiled pass over every latent of ``pat``, split over the threads :func:`parallel` grants.
 
-    The latents are split into ranges of about equal numbers of entries.
+    The kernel is called as ``kernel(crow_T, rows_T, order, *args, f0, f1)``
+    with the transposed pattern (:func:`_transpose`); the latents are split
+    into ranges of about equal numbers of entries.
     """
-    offsets = _np(crow_T)
-    n_components = offsets.shape[0] - 1
+    order, crow_T, rows = (_np(t) for t in _transpose(pat))
+    n_components = crow_T.shape[0] - 1
     with parallel(like, site):
         n = max(1, min(torch.get_num_threads(), n_components))
-        bounds = np.searchsorted(offsets, np.linspace(0, offsets[-1], n + 1))
+        bounds = np.searchsorted(crow_T, np.linspace(0, crow_T[-1], n + 1))
         bounds[0], bounds[-1] = 0, n_components
-        run_ranges(lambda f0, f1: kernel(*args, f0, f1), bounds)
+        run_ranges(lambda f0, f1: kernel(crow_T, rows, order, *args, f0, f1), bounds)
 
 
 # -- primitives ----------------------------------------------------------------
@@ -464,11 +464,10 @@ def _sampled_dots(pat, A_BD, W_FD, bias_F=None):
     A = A_BD.to(W_FD.dtype)
     fused = _compiled("dots", A, W_FD)
     if fused is not None:
-        order, crow_T, rows = _transpose(pat)
         out = A.new_empty(pat.indices.shape[0])
         bias = W_FD.new_zeros(1) if bias_F is None else bias_F.to(W_FD.dtype)
-        _by_latent("sampled dots", A, fused, crow_T, _np(crow_T), _np(rows), _np(order),
-                   _np(A), _np(W_FD), _np(bias), bias_F is not None, out.numpy())
+        _by_latent("sampled dots", A, fused, pat, _np(A), _np(W_FD), _np(bias),
+                   bias_F is not None, out.numpy())
         return out
     out = _sampled_dot_products(pat, A, W_FD)
     return out if bias_F is None else out.add_(bias_F.to(out.dtype).index_select(0, pat.indices))
@@ -520,13 +519,11 @@ class _SparseDecode(torch.autograd.Function):
         with _serial(W):
             if fused is not None:
                 # the value gradients, the weight gradient and its radial part in one pass
-                order, crow_T, rows = _transpose(ctx.pat)
                 dots = grad.new_empty(values.shape[0])
                 g_W = _take_buffer(tuple(W.shape), W)
                 row_sq = grad.new_empty(W.shape[0])
-                _by_latent("decode backward", grad, fused, crow_T, _np(crow_T), _np(rows),
-                           _np(order), _np(values), _np(grad), _np(W), dots.numpy(),
-                           g_W.numpy(), row_sq.numpy(), tangent is not None)
+                _by_latent("decode backward", grad, fused, ctx.pat, _np(values), _np(grad),
+                           _np(W), dots.numpy(), g_W.numpy(), row_sq.numpy(), tangent is not None)
                 _note_norm(g_W, row_sq)
                 if tangent is not None:
                     tangent.projected += 1
@@ -581,13 +578,11 @@ class _GatherPre(torch.autograd.Function):
             fused = _compiled("gather_backward", g, centred) if need[2] else None
             if fused is not None:
                 # the weight gradient and the bias gradient h in one pass
-                order, crow_T, rows = _transpose(pat)
                 g_W = _take_buffer(tuple(W.shape), W)
                 h = g.new_empty(pat.n_components)
                 row_sq = g.new_empty(pat.n_components)
-                _by_latent("gather backward", g, fused, crow_T, _np(crow_T), _np(rows),
-                           _np(order), _np(g), _np(centred), g_W.numpy(), h.numpy(),
-                           row_sq.numpy())
+                _by_latent("gather backward", g, fused, pat, _np(g), _np(centred), g_W.numpy(),
+                           h.numpy(), row_sq.numpy())
                 _note_norm(g_W, row_sq)
                 g_benc = h if need[3] else None
                 g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None

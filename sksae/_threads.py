@@ -41,9 +41,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
-__all__ = ["serial", "parallel", "row_probe", "run_ranges", "ThreadChooser"]
+__all__ = ["serial", "parallel", "row_probe", "run_ranges", "even_bounds", "ThreadChooser"]
 
 #: per Python thread: intra-op threads outside the outermost :func:`serial`
 #: block (``outer`` absent outside), so that fits in concurrent threads keep apart
@@ -216,6 +217,15 @@ def run_ranges(work, bounds):
     finally:
         for f in futures:
             f.result()
+
+
+def even_bounds(n_items):
+    """Bounds of ranges of about equal size over ``n_items``, one per thread torch has now.
+
+    For :func:`run_ranges` inside :func:`parallel`, whose choice sets the count.
+    """
+    n = max(1, min(torch.get_num_threads(), n_items))
+    return np.linspace(0, n_items, n + 1).astype(int)
 
 
 def _running(chooser):

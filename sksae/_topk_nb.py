@@ -138,16 +138,18 @@ def _bucket(b, magnitude, shift):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def batch_sample_buckets(bits, magnitude, shift, stride, hist, start, stop):
-    """Add to ``hist`` (65536,) the key buckets of every ``stride``-th entry of rows ``start:stop``.
+def batch_sample_buckets(bits, magnitude, shift, stride, start, stop):
+    """Histogram (65536,) of the key buckets of every ``stride``-th entry of rows ``start:stop``.
 
     Row r's sample starts at column ``r % stride``.
     """
     F = bits.shape[1]
+    hist = np.zeros(_BUCKETS, np.int64)
     for r in range(start, stop):
         row = bits[r]
         for j in range(r % stride, F, stride):
             hist[_bucket(row[j], magnitude, shift)] += 1
+    return hist
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)

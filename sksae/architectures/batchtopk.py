@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .._kernels import Pattern, use_sparse
-from .._threads import parallel, run_ranges
+from .._threads import even_bounds, parallel, run_ranges
 from ._base import Architecture, EncodeOutput, SparseCodes
 from .topk import _BITS
 
@@ -79,13 +79,15 @@ def _compiled_batch_topk(pre_BF, K):
     B, F = bits.shape
     counts = np.empty(B, np.int64)
     with parallel(pre_BF, "compiled batch top-k"):
-        bounds = np.linspace(0, B, min(torch.get_num_threads(), B) + 1).astype(int)
+        bounds = even_bounds(B)
         # one histogram per row range (integer counts: their sum does not depend on the split)
-        hists = np.zeros((len(bounds) - 1, 65536), np.int64)
-        start_of = {int(a): i for i, a in enumerate(bounds[:-1])}
-        run_ranges(lambda a, b: sample(bits, magnitude, shift, 8, hists[start_of[a]], a, b),
-                   bounds)
-        hist = hists.sum(0)
+        hists = {}
+
+        def sample_rows(a, b):
+            hists[a] = sample(bits, magnitude, shift, 8, a, b)
+
+        run_ranges(sample_rows, bounds)
+        hist = sum(hists.values())
         # the bucket that twice the sample's expected share of K reaches: a margin
         # for sampling noise (fewer than K candidates is retried below)
         reached = np.cumsum(hist[::-1])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .._kernels import use_sparse
-from .._threads import parallel, row_probe, run_ranges
+from .._threads import even_bounds, parallel, row_probe, run_ranges
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
@@ -48,9 +48,7 @@ def select_topk(pre_BF, k):
     out = np.empty((B, k), dtype=np.int64)
 
     def run(m):
-        n = min(torch.get_num_threads(), m)
-        run_ranges(lambda a, b: rows(bits, k, magnitude, a, b, out),
-                   np.linspace(0, m, n + 1).astype(int))
+        run_ranges(lambda a, b: rows(bits, k, magnitude, a, b, out), even_bounds(m))
 
     with parallel(pre_BF, "compiled top-k", *row_probe(run, B)):
         run(B)
