@@ -17,6 +17,8 @@ import functools
 
 import torch
 
+from ._threads import even_bounds, run_ranges, serial_threads
+
 __all__ = ["FusedAdam", "fused_cpu_kernel"]
 
 _DEFAULTS = {
@@ -96,13 +98,34 @@ class FusedAdam:
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
-        torch._fused_adam_(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-            grad_scale=(None if grad_scale is None else
-                        torch.tensor(float(grad_scale), dtype=torch.float32)))
+        tensors = [params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                   [s["exp_avg_sq"] for s in states]]
+        scale = (None if grad_scale is None else
+                 torch.tensor(float(grad_scale), dtype=torch.float32))
+
+        def update(a, b):  # elements a:b of the tensors laid end to end
+            chunks = [[] for _ in tensors]
+            taken = []
+            start = 0
+            for i, p in enumerate(params):
+                lo, hi = max(a - start, 0), min(b - start, p.numel())
+                if lo < hi:
+                    for chunk, ts in zip(chunks, tensors):
+                        chunk.append(ts[i].view(-1)[lo:hi])
+                    taken.append(steps[i])
+                start += p.numel()
+            torch._fused_adam_(
+                *chunks, [], taken, amsgrad=False, lr=float(group["lr"]), beta1=beta1,
+                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=False, grad_scale=scale)
+
+        total = sum(p.numel() for p in params)
+        if serial_threads() is None or not all(
+                t.is_contiguous() for ts in tensors for t in ts):
+            return update(0, total)
+        # inside a training step: element ranges on sksae's threads (the update
+        # is elementwise, so the bits do not depend on the split)
+        run_ranges(update, even_bounds(total, min_size=1 << 15))
 
     def zero_grad(self, set_to_none=True):
         """Drop (or zero) the gradients of the optimised tensors."""

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ._base import is_accelerator
-from ._threads import even_bounds, parallel, run_ranges
+from ._threads import even_bounds, parallel, range_count, run_ranges
 from ._threads import serial as _serial
 
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "BufferPool",
@@ -311,7 +311,7 @@ def unit_rows_(W):
         return W.div_(torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min_(1e-12))
     rows = W.detach().numpy()
     eps = rows.dtype.type(1e-12)
-    with parallel(W, "unit rows"):
+    with parallel(W, "unit rows", own=True):
         run_ranges(lambda a, b: fused(rows, eps, a, b), even_bounds(rows.shape[0]))
     return W
 
@@ -352,8 +352,8 @@ def _by_latent(site, like, kernel, pat, *args):
     """
     order, crow_T, rows = (_np(t) for t in _transpose(pat))
     n_components = crow_T.shape[0] - 1
-    with parallel(like, site):
-        n = max(1, min(torch.get_num_threads(), n_components))
+    n = range_count(n_components)
+    with parallel(like, site, own=True):
         bounds = np.searchsorted(crow_T, np.linspace(0, crow_T[-1], n + 1))
         bounds[0], bounds[-1] = 0, n_components
         run_ranges(lambda f0, f1: kernel(crow_T, rows, order, *args, f0, f1), bounds)
@@ -361,11 +361,32 @@ def _by_latent(site, like, kernel, pat, *args):
 
 # -- primitives ----------------------------------------------------------------
 def _gather_rows(pat, W_FD, weights_N, bias_D=None):
-    """``S @ W (+ bias)`` (B, D) where S has ``weights`` on the pattern (bias added in place)."""
+    """``S @ W (+ bias)`` (B, D) where S has ``weights`` on the pattern (bias added in place).
+
+    On the CPU the rows are split into ranges run on sksae's threads (each
+    bag's sum does not depend on the split).
+    """
     weights = weights_N.to(W_FD.dtype)
-    with parallel(weights, "gather rows"):
-        out = F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
-                              per_sample_weights=weights, include_last_offset=True)
+
+    def bags(a, b):
+        lo, hi = int(crow[a]), int(crow[b])
+        return F.embedding_bag(pat.indices[lo:hi], W_FD, pat.crow[a:b + 1] - lo, mode="sum",
+                               per_sample_weights=weights[lo:hi], include_last_offset=True)
+
+    crow = pat.crow
+    if W_FD.device.type != "cpu" or pat.n_rows < 128:
+        out = bags(0, pat.n_rows)
+    else:
+        crow = pat.crow.numpy()
+        bounds = even_bounds(pat.n_rows, min_size=64)
+        parts = [None] * (len(bounds) - 1)
+
+        def part(a, b):
+            parts[int(np.searchsorted(bounds, a))] = bags(a, b)
+
+        with parallel(weights, "gather rows", own=True):
+            run_ranges(part, bounds)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out if bias_D is None else out.add_(bias_D.to(out.dtype))
 
 

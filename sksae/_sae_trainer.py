@@ -484,7 +484,7 @@ class SAETrainer:
         if rows is None or not rows.complete:
             self._project_decoder_grad()
         clip = self._clip_grad_norm(norms)
-        with parallel(self.params["W_dec"], "adam"):  # fused: one pass over every parameter
+        with parallel(self.params["W_dec"], "adam", own=True):  # one fused pass
             if clip is None:
                 self.optimizer.step()
             else:  # the clipping folded into the update

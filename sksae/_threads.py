@@ -24,14 +24,20 @@ over bags, sampled products per entry, the compiled passes per latent range)
 give the same bits on any number of threads, which ``tests/test_threads.py``
 checks.
 
-The compiled kernels run their ranges on Python worker threads
-(:func:`run_ranges`). Right after one of torch's OpenMP regions (the encoder
-product, Adam) its idle worker keeps spinning for several milliseconds
-(libgomp's default wait policy), so a second worker thread shares a core
-with it: measured on 2 cores, the compiled top-k's two halves took 4.2 ms
-instead of 2.1 ms after the product, no faster than one thread. For such
-short calls (1024 x 3072) the measured choice settles on one thread; calls of
-tens of milliseconds (4096 x 24576) still run faster on two.
+Operations whose work splits into independent ranges (rows of the encoder
+product and of the top-k, bags of the decode, elements of Adam, latents of
+the compiled passes) do not use torch's OpenMP threads at all: with
+``own=True`` :func:`parallel` grants them threads of sksae's own pool and
+leaves torch on one thread, and they run their ranges with
+:func:`run_ranges`. The ranges are those of :func:`even_bounds`, fixed by
+the thread count at the start of the fit; the choice only decides whether
+they run one after another or at once, so it cannot change a bit. One pool
+for all the step's parallel work matters on a small machine: after an
+OpenMP region its idle worker keeps spinning for several milliseconds
+(libgomp's default wait policy), and any other thread shares a core with it.
+Measured on 2 cores at 1024 x 3072, the compiled top-k's two halves took
+4.2 ms right after an OpenMP product instead of 2.1 ms; with every part of
+the step on the one pool the OpenMP team never wakes.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["serial", "parallel", "row_probe", "run_ranges", "even_bounds", "ThreadChooser"]
+__all__ = ["serial", "parallel", "row_probe", "run_ranges", "even_bounds", "range_count",
+           "granted", "serial_threads", "ThreadChooser"]
 
 #: per Python thread: intra-op threads outside the outermost :func:`serial`
 #: block (``outer`` absent outside), so that fits in concurrent threads keep apart
@@ -131,7 +138,7 @@ def serial(t):
 
 
 @contextlib.contextmanager
-def parallel(t, site, probe=None, fraction=None):
+def parallel(t, site, probe=None, fraction=None, own=False):
     """Inside a :func:`serial` block, run the block on the measured-faster thread count.
 
     Parameters
@@ -151,6 +158,10 @@ def parallel(t, site, probe=None, fraction=None):
         results are overwritten, so they never reach the output.
     fraction : float, optional
         The share of the block's work that ``probe`` does, in (0, 1].
+    own : bool, default=False
+        The block runs its work with :func:`run_ranges` (on the threads of
+        sksae's pool) and torch stays on one thread; otherwise the choice is
+        torch's intra-op thread count.
     """
     n = getattr(_state, "outer", None)
     if n is None or t.device.type != "cpu":
@@ -164,13 +175,14 @@ def parallel(t, site, probe=None, fraction=None):
         chooser = _choosers[key] = ThreadChooser()
     prev = torch.get_num_threads()  # 1, or the choice of an enclosing block
     option = chooser.pick(n)
+    grant = _granting if own else _threads
     if probe is not None and chooser.seconds and option != _running(chooser):
-        with _threads(option, prev):
+        with grant(option, prev):
             start = time.perf_counter()
             probe()
             chooser.record(option, (time.perf_counter() - start) / fraction)
         option = chooser.pick(n)
-    with _threads(option, prev):
+    with grant(option, prev):
         start = time.perf_counter()
         try:
             yield
@@ -191,18 +203,34 @@ _pool = (0, None)
 _pool_lock = threading.Lock()
 
 
-def run_ranges(work, bounds):
-    """Call ``work(a, b)`` for each consecutive range ``a:b`` of ``bounds``, in parallel.
+def serial_threads():
+    """Torch's thread count outside the enclosing :func:`serial` block, or None outside one."""
+    return getattr(_state, "outer", None)
 
-    For the compiled kernels, which release the GIL and write disjoint outputs
-    per range: the first range runs on the calling thread, the others on a
-    shared pool of worker threads (as many as ranges, created once). The
-    number of ranges is the caller's thread choice, e.g. ``torch.get_num_threads()``
-    inside :func:`parallel`.
+
+def granted():
+    """Threads the ranges of :func:`run_ranges` may use now.
+
+    The choice of the enclosing ``parallel(..., own=True)`` block; else
+    torch's intra-op thread count (one inside a :func:`serial` block).
+    """
+    n = getattr(_state, "granted", None)
+    return torch.get_num_threads() if n is None else n
+
+
+def run_ranges(work, bounds):
+    """Call ``work(a, b)`` for each consecutive range ``a:b`` of ``bounds``.
+
+    For work that writes disjoint outputs per range and releases the GIL
+    (compiled kernels, torch operations). With more than one thread
+    :func:`granted`, the first range runs on the calling thread and the
+    others at once on a shared pool of worker threads (created once, torch
+    on one thread in each); with one, the ranges run one after another on
+    the calling thread, so the results do not depend on the grant.
     """
     global _pool
     ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if len(ranges) <= 1:
+    if len(ranges) <= 1 or granted() <= 1:
         for a, b in ranges:
             work(a, b)
         return
@@ -211,7 +239,8 @@ def run_ranges(work, bounds):
             _pool = (len(ranges) - 1, ThreadPoolExecutor(max_workers=len(ranges) - 1,
                                                          thread_name_prefix="sksae-kernel"))
         pool = _pool[1]
-    futures = [pool.submit(work, a, b) for a, b in ranges[1:]]
+    inside = getattr(_state, "outer", None) is not None
+    futures = [pool.submit(_worker_call, work, a, b, inside) for a, b in ranges[1:]]
     try:
         work(*ranges[0])
     finally:
@@ -219,13 +248,30 @@ def run_ranges(work, bounds):
             f.result()
 
 
-def even_bounds(n_items):
-    """Bounds of ranges of about equal size over ``n_items``, one per thread torch has now.
+def _worker_call(work, a, b, inside):
+    # torch work in a worker runs on that thread alone: a worker's own OpenMP
+    # team would contend with the other ranges. Set from inside a serial block
+    # only, where torch's process-wide default is already one thread.
+    if inside and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    with torch.no_grad():  # grad mode is per thread; ranges never build graphs
+        work(a, b)
 
-    For :func:`run_ranges` inside :func:`parallel`, whose choice sets the count.
+
+def even_bounds(n_items, min_size=1):
+    """Bounds of ranges of about equal size over ``n_items``, at least ``min_size`` each.
+
+    One range per thread of the fit (the thread count outside the enclosing
+    :func:`serial` block, else torch's), whatever the current grant, so that
+    results do not depend on it; at least one range.
     """
-    n = max(1, min(torch.get_num_threads(), n_items))
-    return np.linspace(0, n_items, n + 1).astype(int)
+    return np.linspace(0, n_items, range_count(n_items, min_size) + 1).astype(int)
+
+
+def range_count(n_items, min_size=1):
+    """How many ranges :func:`even_bounds` splits ``n_items`` into."""
+    n = getattr(_state, "outer", None) or torch.get_num_threads()
+    return max(1, min(n, n_items // max(min_size, 1)))
 
 
 def _running(chooser):
@@ -233,6 +279,17 @@ def _running(chooser):
     if chooser.choice is not None:
         return chooser.choice
     return next(iter(chooser.seconds))
+
+
+@contextlib.contextmanager
+def _granting(option, prev):
+    # torch stays on ``prev`` threads; run_ranges reads the grant
+    old = getattr(_state, "granted", None)
+    _state.granted = option
+    try:
+        yield
+    finally:
+        _state.granted = old
 
 
 @contextlib.contextmanager

@@ -18,24 +18,34 @@ from typing import NamedTuple
 import torch
 
 from .. import _kernels
-from .._threads import parallel, row_probe
+from .._threads import even_bounds, parallel, row_probe, run_ranges
 
 
 def _encoder_product(bias, centred, W, out=None):
     """``bias + centred W^T`` (into ``out``, whose first rows probe the thread choice).
 
-    ``bias=None``: ``centred W^T`` alone.
+    ``bias=None``: ``centred W^T`` alone. With ``out`` on the CPU the rows are
+    split into ranges run on sksae's threads (:func:`sksae._threads.run_ranges`),
+    each a product on one torch thread: as fast as torch's own two threads
+    (6.3 against 6.2 ms at 1024 x 386 x 3072 in bf16, 379 against 389 ms at
+    4096 x 770 x 24576) without waking torch's OpenMP team (see
+    :mod:`sksae._threads`).
     """
     def product(rows, into):
         if bias is None:
             return torch.mm(rows, W.T, out=into)
         return torch.addmm(bias, rows, W.T, out=into)
 
-    probe = ()
-    if out is not None:
-        probe = row_probe(lambda m: product(centred[:m], out[:m]), centred.shape[0])
-    with parallel(centred, "encoder product", *probe):
-        return product(centred, out)
+    if out is None:
+        with parallel(centred, "encoder product"):
+            return product(centred, None)
+
+    def split(m):  # the first m rows; a range of a few rows would take GEMV's other path
+        run_ranges(lambda a, b: product(centred[a:b], out[a:b]), even_bounds(m, min_size=16))
+
+    with parallel(centred, "encoder product", *row_probe(split, centred.shape[0]), own=True):
+        split(centred.shape[0])
+    return out
 
 
 class SparseCodes(NamedTuple):
@@ -205,8 +215,8 @@ class Architecture:
         B, D = centred.shape
         W_low = self.scratch("W_enc low", (W.shape[0], D + 2), W, dtype=low)
         x_low = self.scratch("x low", (B, D + 2), W, dtype=low)
-        with parallel(W, "cast"):
-            W_low[:, :D].copy_(W)
+        with parallel(W, "cast", own=True):
+            run_ranges(lambda a, b: W_low[a:b, :D].copy_(W[a:b]), even_bounds(W.shape[0]))
         W_low[:, D].copy_(p["b_enc"])
         W_low[:, D + 1].zero_()
         x_low[:, :D].copy_(centred)

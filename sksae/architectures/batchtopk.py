@@ -78,7 +78,7 @@ def _compiled_batch_topk(pre_BF, K):
     bits = pre_BF.contiguous().view(int_dtype).numpy()
     B, F = bits.shape
     counts = np.empty(B, np.int64)
-    with parallel(pre_BF, "compiled batch top-k"):
+    with parallel(pre_BF, "compiled batch top-k", own=True):
         bounds = even_bounds(B)
         # one histogram per row range (integer counts: their sum does not depend on the split)
         hists = {}

@@ -50,7 +50,7 @@ def select_topk(pre_BF, k):
     def run(m):
         run_ranges(lambda a, b: rows(bits, k, magnitude, a, b, out), even_bounds(m))
 
-    with parallel(pre_BF, "compiled top-k", *row_probe(run, B)):
+    with parallel(pre_BF, "compiled top-k", *row_probe(run, B), own=True):
         run(B)
     return torch.from_numpy(out)
 
