@@ -87,13 +87,7 @@ class FusedAdam:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        for p in params:
-            if p not in self.state:
-                self.state[p] = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
+        self._add_state(params)
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
@@ -126,6 +120,26 @@ class FusedAdam:
         # inside a training step: element ranges on sksae's threads (the update
         # is elementwise, so the bits do not depend on the split)
         run_ranges(update, even_bounds(total, min_size=1 << 15))
+
+    def init_state(self):
+        """Create the moments of every tensor now instead of at its first update.
+
+        The first update otherwise pays the page faults of the new moments
+        (with those of the first gradients, 250-400 ms at 24576 x 768 on 2
+        cores); a trainer calls this while it sets up. The updates are the
+        same.
+        """
+        self._add_state(self.param_groups[0]["params"])
+
+    def _add_state(self, params):
+        for p in params:
+            if p not in self.state:
+                # zeros are written, not mapped lazily: the pages are touched here
+                self.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
     def zero_grad(self, set_to_none=True):
         """Drop (or zero) the gradients of the optimised tensors."""

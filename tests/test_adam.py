@@ -141,3 +141,45 @@ def test_the_trainer_folds_clipping_into_the_update():
     for key, p in folded.params.items():
         torch.testing.assert_close(p, plain.params[key])
         torch.testing.assert_close(p.grad, plain.params[key].grad)
+
+
+def test_state_created_up_front_gives_the_same_updates():
+    eager, lazy = _params(torch.float32), _params(torch.float32)
+    opt = FusedAdam(eager, lr=1e-2)
+    opt.init_state()
+    assert len(opt.state) == 3 and all(int(s["step"]) == 0 for s in opt.state.values())
+    moments = [opt.state[p]["exp_avg"] for p in eager]
+    _run(opt, eager, 5)
+    _run(FusedAdam(lazy, lr=1e-2), lazy, 5)
+    for a, b in zip(eager, lazy):
+        assert torch.equal(a, b)
+    # updated in place: the moments created up front are the ones in use
+    assert all(m is opt.state[p]["exp_avg"] for m, p in zip(moments, eager))
+    # the moments of a tensor never updated stay zero and load into torch.optim.Adam
+    extra = torch.zeros(4, requires_grad=True)
+    opt2 = FusedAdam([*eager, extra], lr=1e-2)
+    opt2.init_state()
+    ref = torch.optim.Adam([*eager, extra], lr=1e-2)
+    ref.load_state_dict(opt2.state_dict())
+    assert int(ref.state[extra]["step"]) == 0
+
+
+def test_the_cpu_trainer_sets_up_adam_state_and_gradient_buffers():
+    from sksae._sae_trainer import SAETrainer, init_parameters
+    from sksae.architectures import REGISTRY
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, generator=g)
+    params = init_parameters(x, 48, "random", g, torch.float32, "cpu")
+    arch = REGISTRY["topk"]({"k": 4}, 48, 12)
+    arch.kernels = "sparse"  # the kernels that write into lent buffers
+    t = SAETrainer(arch, params, {}, lr=1e-3, total_steps=None,
+                   warmup_steps=1, auxk_alpha=0.0, dead_window=10, coef_warmup_steps=0,
+                   precision="float32")
+    assert set(t.optimizer.state) == set(t.params.values())
+    # addresses only: a reference held here would make autograd copy a lent buffer
+    lent = {k: p.grad.data_ptr() for k, p in t.params.items() if p.dim() == 2}
+    assert lent.keys() == {"W_enc", "W_dec"}
+    t.step(x)
+    # the first step's (F, D) gradients were written into the buffers made at set-up
+    assert {k: t.params[k].grad.data_ptr() for k in lent} == lent
