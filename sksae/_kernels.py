@@ -354,8 +354,9 @@ def _by_latent(site, like, kernel, pat, *args):
     n_components = crow_T.shape[0] - 1
     n = range_count(n_components)
     with parallel(like, site, own=True):
-        bounds = np.searchsorted(crow_T, np.linspace(0, crow_T[-1], n + 1))
-        bounds[0], bounds[-1] = 0, n_components
+        total = int(crow_T[-1])
+        bounds = ([0] + [int(np.searchsorted(crow_T, i * total // n)) for i in range(1, n)]
+                  + [n_components])
         run_ranges(lambda f0, f1: kernel(crow_T, rows, order, *args, f0, f1), bounds)
 
 
@@ -382,7 +383,7 @@ def _gather_rows(pat, W_FD, weights_N, bias_D=None):
         parts = [None] * (len(bounds) - 1)
 
         def part(a, b):
-            parts[int(np.searchsorted(bounds, a))] = bags(a, b)
+            parts[bounds.index(a)] = bags(a, b)
 
         with parallel(weights, "gather rows", own=True):
             run_ranges(part, bounds)

@@ -47,7 +47,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 __all__ = ["serial", "parallel", "row_probe", "run_ranges", "even_bounds", "range_count",
@@ -265,7 +264,8 @@ def even_bounds(n_items, min_size=1):
     :func:`serial` block, else torch's), whatever the current grant, so that
     results do not depend on it; at least one range.
     """
-    return np.linspace(0, n_items, range_count(n_items, min_size) + 1).astype(int)
+    n = range_count(n_items, min_size)
+    return [i * n_items // n for i in range(n + 1)]  # a list: numpy's linspace costs ~50 us
 
 
 def range_count(n_items, min_size=1):

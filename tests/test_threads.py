@@ -168,7 +168,7 @@ def test_own_grant_keeps_torch_on_one_thread_and_fixes_the_ranges():
         assert [(a, b, t) for a, b, t, _ in seen[1]] == [(0, 5, me), (5, 10, me)]
         assert sorted((a, b) for a, b, _, _ in seen[2]) == [(0, 5), (5, 10)]
         assert {t for _, _, t, _ in seen[2]} - {me} and {m for *_, m in seen[2]} == {1}
-        assert _threads.even_bounds(10, min_size=6).tolist() == [0, 10]
+        assert list(_threads.even_bounds(10, min_size=6)) == [0, 10]
     finally:
         torch.set_num_threads(n)
 
