@@ -368,22 +368,20 @@ def _gather_rows(pat, W_FD, weights_N, bias_D=None):
     bag's sum does not depend on the split).
     """
     weights = weights_N.to(W_FD.dtype)
-
-    def bags(a, b):
-        lo, hi = int(crow[a]), int(crow[b])
-        return F.embedding_bag(pat.indices[lo:hi], W_FD, pat.crow[a:b + 1] - lo, mode="sum",
-                               per_sample_weights=weights[lo:hi], include_last_offset=True)
-
-    crow = pat.crow
     if W_FD.device.type != "cpu" or pat.n_rows < 128:
-        out = bags(0, pat.n_rows)
+        # whole (no slicing bounds read back from an accelerator, which would synchronise)
+        out = F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
+                              per_sample_weights=weights, include_last_offset=True)
     else:
         crow = pat.crow.numpy()
         bounds = even_bounds(pat.n_rows, min_size=64)
         parts = [None] * (len(bounds) - 1)
 
         def part(a, b):
-            parts[bounds.index(a)] = bags(a, b)
+            lo, hi = int(crow[a]), int(crow[b])
+            parts[bounds.index(a)] = F.embedding_bag(
+                pat.indices[lo:hi], W_FD, pat.crow[a:b + 1] - lo, mode="sum",
+                per_sample_weights=weights[lo:hi], include_last_offset=True)
 
         with parallel(weights, "gather rows", own=True):
             run_ranges(part, bounds)
