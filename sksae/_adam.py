@@ -82,6 +82,13 @@ class FusedAdam:
             Divide the gradients by this first, in the same pass (the kernel's
             loss-scale input, which also stores the divided gradients back):
             gradient clipping by ``1 / grad_scale`` without a pass of its own.
+
+        Notes
+        -----
+        Inside a training step on the CPU (a :func:`sksae._threads.serial`
+        block) the tensors, laid end to end, are updated in element ranges on
+        sksae's threads (:func:`sksae._threads.run_ranges`) while torch stays
+        on one thread; the update is elementwise, so the split changes no bit.
         """
         group = self.param_groups[0]
         params = [p for p in group["params"] if p.grad is not None]
