@@ -124,7 +124,7 @@ def serial(t):
     Nested blocks are no-ops; :func:`parallel` inside may take threads back.
     """
     n = torch.get_num_threads()
-    if t.device.type != "cpu" or n == 1 or getattr(_state, "outer", None) is not None:
+    if t.device.type != "cpu" or n == 1 or serial_threads() is not None:
         yield
         return
     _state.outer = n
@@ -162,7 +162,7 @@ def parallel(t, site, probe=None, fraction=None, own=False):
         sksae's pool) and torch stays on one thread; otherwise the choice is
         torch's intra-op thread count.
     """
-    n = getattr(_state, "outer", None)
+    n = serial_threads()
     if n is None or t.device.type != "cpu":
         yield
         return
@@ -238,7 +238,7 @@ def run_ranges(work, bounds):
             _pool = (len(ranges) - 1, ThreadPoolExecutor(max_workers=len(ranges) - 1,
                                                          thread_name_prefix="sksae-kernel"))
         pool = _pool[1]
-    inside = getattr(_state, "outer", None) is not None
+    inside = serial_threads() is not None
     futures = [pool.submit(_worker_call, work, a, b, inside) for a, b in ranges[1:]]
     try:
         work(*ranges[0])
@@ -270,7 +270,7 @@ def even_bounds(n_items, min_size=1):
 
 def range_count(n_items, min_size=1):
     """How many ranges :func:`even_bounds` splits ``n_items`` into."""
-    n = getattr(_state, "outer", None) or torch.get_num_threads()
+    n = serial_threads() or torch.get_num_threads()
     return max(1, min(n, n_items // max(min_size, 1)))
 
 

@@ -25,6 +25,13 @@ __all__ = ["topk_rows"]
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _key(b, magnitude):
+    """A float's bits (int16 or int32) as an int64 that orders as the float does."""
+    v = np.int64(b)
+    return v ^ ((v >> 63) & magnitude)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _sift(keys, idx, size, p):
     """Restore the min-heap from position ``p``; among equal keys the higher index is smaller."""
     while True:
@@ -76,14 +83,12 @@ def topk_rows(bits, k, magnitude, start, stop, out):
         threshold = np.iinfo(np.int64).min
         if m <= n_sample and F >= 4 * k:
             for j in range(m):
-                b = np.int64(row[j * stride])
-                sample[j] = b ^ ((b >> 63) & magnitude)
+                sample[j] = _key(row[j * stride], magnitude)
                 sample_idx[j] = j
             for s in range(m // 2 - 1, -1, -1):
                 _sift(sample, sample_idx, m, s)
             for j in range(m, n_sample):
-                b = np.int64(row[j * stride])
-                v = b ^ ((b >> 63) & magnitude)
+                v = _key(row[j * stride], magnitude)
                 if v > sample[0]:
                     sample[0] = v
                     sample_idx[0] = j
@@ -100,8 +105,7 @@ def topk_rows(bits, k, magnitude, start, stop, out):
                     n += 1
         else:
             for j in range(F):
-                b = np.int64(row[j])
-                v = b ^ ((b >> 63) & magnitude)
+                v = _key(row[j], magnitude)
                 if v >= threshold:
                     cand[n] = v
                     cand_idx[n] = j
@@ -109,8 +113,7 @@ def topk_rows(bits, k, magnitude, start, stop, out):
         if n < k:  # fewer entries above the sample's threshold than k: all are candidates
             n = 0
             for j in range(F):
-                b = np.int64(row[j])
-                cand[n] = b ^ ((b >> 63) & magnitude)
+                cand[n] = _key(row[j], magnitude)
                 cand_idx[n] = j
                 n += 1
         for j in range(k):
@@ -133,8 +136,7 @@ _BUCKETS = 65536
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
 def _bucket(b, magnitude, shift):
-    v = np.int64(b)
-    return ((v ^ ((v >> 63) & magnitude)) >> shift) + 32768
+    return (_key(b, magnitude) >> shift) + 32768
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -185,8 +187,7 @@ def batch_fill(bits, magnitude, shift, bucket, offsets, keys, cols, start, stop)
         row = bits[r]
         n = offsets[r]
         for j in range(F):
-            v = np.int64(row[j])
-            key = v ^ ((v >> 63) & magnitude)
+            key = _key(row[j], magnitude)
             if (key >> shift) + 32768 >= bucket:
                 keys[n] = key
                 cols[n] = j

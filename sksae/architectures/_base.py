@@ -213,18 +213,17 @@ class Architecture:
         # the bias rides in the product: a column of ones in x meets b_enc in W
         # (one more pair of the K dimension, 4-7% faster than addmm's bias pass)
         B, D = centred.shape
-        W_low = self.scratch("W_enc low", (W.shape[0], D + 2), W, dtype=low)
-        x_low = self.scratch("x low", (B, D + 2), W, dtype=low)
+        W_low = self.scratch("W_enc low", (W.shape[0], D + 2), W, dtype=low,
+                             init=lambda t: t[:, D + 1].zero_())
+        x_low = self.scratch("x low", (B, D + 2), W, dtype=low,
+                             init=lambda t: t[:, D:].copy_(t.new_tensor([1, 0])))
         with parallel(W, "cast", own=True):
             run_ranges(lambda a, b: W_low[a:b, :D].copy_(W[a:b]), even_bounds(W.shape[0]))
         W_low[:, D].copy_(p["b_enc"])
-        W_low[:, D + 1].zero_()
         x_low[:, :D].copy_(centred)
-        x_low[:, D].fill_(1)
-        x_low[:, D + 1].zero_()
         return _encoder_product(None, x_low, W_low, self.scratch("pre low", shape, W, dtype=low))
 
-    def scratch(self, name, shape, like, dtype=None):
+    def scratch(self, name, shape, like, dtype=None, init=None):
         """A CPU tensor of ``shape`` reused by every training step, or None off the CPU.
 
         For the step's large temporaries, such as the (B, F) pre-activations:
@@ -235,7 +234,8 @@ class Architecture:
         allocators already reuse memory (and autocast outputs need not match
         ``like``'s dtype), so callers allocate afresh there (``out=None``).
         Architecture objects live for one fit and are not pickled, so neither
-        are these buffers.
+        are these buffers. ``init(buffer)``, when given, fills the parts that
+        no step overwrites, once, when the buffer is created.
         """
         if like.device.type != "cpu":
             return None
@@ -244,6 +244,8 @@ class Architecture:
         buf = bufs.get(name)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
             buf = bufs[name] = like.new_empty(shape, dtype=dtype)
+            if init is not None:  # the parts every step leaves as they are
+                init(buf)
         return buf
 
     def encode(self, p, x_BD, training=False):
