@@ -282,9 +282,16 @@ class SAETrainer:
     device scalars refreshed before each replay. A step that cannot be
     recorded (one that synchronises with the host) runs eagerly from then on,
     and ``graph_error`` says why.
+
+    The AuxK loss is computed only at steps where a latent may be dead
+    (:meth:`_auxk_has_work`, a bound kept on the host): until latents die,
+    which in most runs is long, its selection over the (B, F) pre-activations
+    is skipped. On CUDA the steps with and without it are two recordings.
     """
 
     decay_fraction = 0.2
+    #: while latents are dead, steps between host reads of whether any still are
+    auxk_reread_steps = 100
     clip_norm = 1.0
     #: record and replay the step as a CUDA graph on CUDA devices
     cuda_graphs = True
@@ -323,8 +330,13 @@ class SAETrainer:
         self.current_lr = self.lr_at(0)
         # the penalty warm-up factor: a device scalar that a recorded step reads
         self._coef = torch.ones((), device=device) if self.graphs else 1.0
-        self._graph = None
-        self._eager_steps = 0
+        self._graphs = {}  # recorded steps, by whether they compute the AuxK loss
+        self._eager_steps = {}
+        # host-side bound on rows_since_fired (see _auxk_has_work): its maximum at
+        # the last read (None: unknown) and the rows trained since
+        self._fired_max = None
+        self._rows_unread = 0
+        self._reread_at = 0
         self._buffers = BufferPool()
         if isinstance(self.optimizer, FusedAdam):
             # set-up pays the page faults of Adam's moments and of the first
@@ -409,7 +421,7 @@ class SAETrainer:
         if self.graphs:
             return self._graph_step(x_BD)
         with serial(x_BD):
-            return self._step(x_BD)
+            return self._step(x_BD, self._auxk_has_work())
 
     def _set_schedules(self, step):
         """Learning rate and penalty factor of step ``step`` (tensors filled in place)."""
@@ -425,35 +437,73 @@ class SAETrainer:
         else:
             self._coef = coef
 
-    def _step(self, x_BD):
+    def _auxk_has_work(self):
+        """Whether a latent may be dead at this step, so that the AuxK loss can be nonzero.
+
+        A latent's ``rows_since_fired`` grows by at most a batch's rows a step.
+        After one read of its maximum ``m``, no latent can be dead while ``m``
+        plus the rows trained since stays under ``dead_window``: until then
+        the AuxK loss and its gradients are exactly zero, and its selection
+        over the (B, F) pre-activations is skipped with no host read (none a
+        step on CUDA, where a read would stall the queue). The maximum is read
+        again when the bound runs out and, while latents are dead, every
+        ``auxk_reread_steps`` steps.
+        """
+        if not (self.arch.auxk and self.auxk_alpha > 0):
+            return False
+        if self._fired_max is not None:
+            if self._fired_max + self._rows_unread < self.dead_window:
+                return False
+            if self.step_count < self._reread_at:
+                return True
+        self._fired_max = float(self.rows_since_fired.max())
+        self._rows_unread = 0
+        dead = self._fired_max >= self.dead_window
+        self._reread_at = self.step_count + self.auxk_reread_steps if dead else 0
+        return dead
+
+    def _forget_fired_bound(self):
+        """``rows_since_fired`` was set from outside the step: read it again."""
+        self._fired_max = None
+
+    def _step(self, x_BD, auxk):
         self._set_schedules(self.step_count)
-        metrics = self._update(x_BD)
-        self.step_count += 1
+        metrics = self._update(x_BD, auxk=auxk)
+        self._advance(x_BD)
         return metrics
 
+    def _advance(self, x_BD):
+        self.step_count += 1
+        self._rows_unread += x_BD.shape[0]
+
     def _graph_step(self, x_BD):
-        g = self._graph
-        if g is None and self._eager_steps >= self.graph_warmup_steps \
+        auxk = self._auxk_has_work()
+        g = self._graphs.get(auxk)
+        if g is None and self._eager_steps.get(auxk, 0) >= self.graph_warmup_steps \
                 and self.graph_error is None:
-            g = self._record(x_BD)
+            g = self._record(x_BD, auxk)
         if g is not None and x_BD.shape == g["x"].shape:
             self._set_schedules(self.step_count)
             g["x"].copy_(x_BD)
             g["graph"].replay()
-            self.step_count += 1
+            self._advance(x_BD)
             # the graph's outputs are overwritten by the next replay: one copy of all
             return dict(zip(g["names"], g["metrics"].clone().unbind()))
         with side_stream(self.device):
-            self._eager_steps += 1
-            return self._step(x_BD)
+            self._eager_steps[auxk] = self._eager_steps.get(auxk, 0) + 1
+            return self._step(x_BD, auxk)
 
-    def _record(self, x_BD):
-        """Record :meth:`_update` on a static copy of ``x`` as a CUDA graph (None on failure)."""
+    def _record(self, x_BD, auxk):
+        """Record :meth:`_update` on a static copy of ``x`` as a CUDA graph (None on failure).
+
+        The steps with and without the AuxK loss are recorded apart (each on its
+        own memory), the second only if latents die.
+        """
         x = x_BD.clone()
         names = []
 
         def update():
-            metrics = self._update(x, cache_casts=False)
+            metrics = self._update(x, cache_casts=False, auxk=auxk)
             names.extend(metrics)
             return torch.stack([v.reshape(()).to(torch.float64) for v in metrics.values()])
 
@@ -464,10 +514,10 @@ class SAETrainer:
             self.graph_error = f"{type(exc).__name__}: {exc}"
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self._graph = {"graph": graph, "x": x, "metrics": vector, "names": names}
-        return self._graph
+        self._graphs[auxk] = {"graph": graph, "x": x, "metrics": vector, "names": names}
+        return self._graphs[auxk]
 
-    def _update(self, x_BD, cache_casts=True):
+    def _update(self, x_BD, cache_casts=True, auxk=True):
         """Losses, gradients, the optimizer step and the statistics, for one batch."""
         p = {**self.params, **self.buffers}
         on_cpu = not is_accelerator(self.device)
@@ -481,7 +531,9 @@ class SAETrainer:
                                kernels=self.arch.kernels).to(x_BD.dtype)
                 terms = self.arch.losses(p, x_BD, enc, x_hat, self._coef)
                 if self.arch.auxk and self.auxk_alpha > 0:
-                    terms["auxk"] = self.auxk_loss(enc.pre, x_BD, x_hat, p, enc.centred)
+                    # without work (no latent can be dead) the loss is exactly zero
+                    terms["auxk"] = (self.auxk_loss(enc.pre, x_BD, x_hat, p, enc.centred)
+                                     if auxk else x_BD.new_zeros(()))
             sq_err = _sum_squares(x_hat, x_BD)
             mse = sq_err / x_BD.shape[0]
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
@@ -645,4 +697,5 @@ class SAETrainer:
                 if isinstance(moments.get("step"), torch.Tensor):
                     moments["step"] = moments["step"].to(param.device, torch.float32)
         self.rows_since_fired.copy_(state["rows_since_fired"])
+        self._forget_fired_bound()
         self.step_count = state["step_count"]

@@ -55,7 +55,7 @@ def test_recorded_step_matches_eager(name, monkeypatch):
     a = _run(eager, batches, 40)
     b = _run(recorded, batches, 40)
     assert recorded.graph_error is None
-    assert recorded._graph is not None  # steps 4.. were replays
+    assert recorded._graphs  # steps 4.. were replays
     assert [sorted(m) for m in a] == [sorted(m) for m in b]
     # the same kernels: equal up to the rounding of reordered reductions
     for ma, mb in zip(a, b):
@@ -71,11 +71,11 @@ def test_recorded_step_matches_eager(name, monkeypatch):
 def test_recorded_step_runs_odd_batches_eagerly(monkeypatch):
     trainer, batches = _trainer("topk", "cuda", True, monkeypatch)
     _run(trainer, batches, 6)
-    assert trainer._graph is not None
+    assert trainer._graphs
     short = batches[0][:7]
     metrics = trainer.step(short)  # another shape: the eager step
     assert np.isfinite(float(metrics["loss"]))
-    assert trainer._graph["x"].shape[0] == 32
+    assert all(g["x"].shape[0] == 32 for g in trainer._graphs.values())
     assert trainer.step_count == 7
 
 
@@ -141,3 +141,44 @@ def test_clipping_without_the_torch_2_6_helpers(monkeypatch):
     assert clipped == pytest.approx(1.0, rel=1e-5)
     for p, g in zip(params, grads):
         assert_close(p.grad, g * (1.0 / (expected_norm + 1e-6)))
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_auxk_skipped_only_while_no_latent_can_be_dead(graphs, device, monkeypatch):
+    """The host-side bound skips AuxK exactly when its loss would be zero, same training."""
+    if graphs and device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    trainer, batches = _trainer("topk", device, graphs, monkeypatch, total_steps=None)
+    always, _ = _trainer("topk", device, graphs, monkeypatch, total_steps=None)
+    always._auxk_has_work = lambda: True
+    decide = trainer._auxk_has_work
+    decisions = []
+
+    def checked():
+        dead = bool((trainer.rows_since_fired >= trainer.dead_window).any())
+        work = decide()
+        assert work or not dead  # skipped only when nothing is dead
+        decisions.append(work)
+        return work
+
+    trainer._auxk_has_work = checked
+    a, b = _run(trainer, batches, 40), _run(always, batches, 40)
+    # dead_window=64 with 32-row batches: the first steps cannot have dead latents
+    assert decisions[:2] == [False, False] and True in decisions
+    for ma, mb in zip(a, b):
+        assert ma == mb if not graphs else ma.keys() == mb.keys()
+    for key, value in always.params.items():
+        if graphs:  # the recorded steps may order reductions apart
+            assert_close(trainer.params[key], value, rtol=1e-3, atol=1e-4)
+        else:
+            assert torch.equal(trainer.params[key], value), key
+
+
+def test_auxk_bound_is_read_again_after_loading_a_state(monkeypatch):
+    trainer, batches = _trainer("topk", "cpu", False, monkeypatch, total_steps=None)
+    _run(trainer, batches, 1)
+    assert trainer._fired_max == 0 and trainer._rows_unread == 32
+    state = trainer.state_dict()
+    state["rows_since_fired"].fill_(1000.0)  # every latent dead
+    trainer.load_state_dict(state)
+    assert trainer._auxk_has_work()

@@ -120,7 +120,8 @@ def test_a_training_step_runs_the_compiled_passes(monkeypatch):
 
     monkeypatch.setattr(_compiled, "kernel", spy)
     X = np.random.RandomState(0).randn(256, 24).astype(np.float32)
-    kw = dict(n_components=1024, k=4, batch_size=64, max_iter=2, random_state=0)
+    kw = dict(n_components=1024, k=4, batch_size=64, max_iter=2, random_state=0,
+              device="cpu")  # the compiled passes are the CPU step's
     compiled = SparseAutoencoder(**kw).fit(X)
     assert {"transpose", "dots", "decode_backward", "gather_backward", "unit_rows"} <= set(calls)
     monkeypatch.setattr(_compiled, "_USE_NUMBA", False)
