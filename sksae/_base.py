@@ -26,6 +26,7 @@ __all__ = [
     "inference_chunk_rows",
     "restore_on_failure",
     "synchronize",
+    "HostReading",
     "side_stream",
     "capture_graph",
 ]
@@ -157,6 +158,33 @@ def autocast(device, enabled=True, cache=True):
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
+
+
+class HostReading:
+    """A device scalar's value on the host, copied without waiting for the device.
+
+    On CUDA the copy goes into pinned memory behind the kernels already queued
+    and :meth:`value` is None until it has arrived, so the host never stalls
+    the queue; elsewhere the value is read at once.
+    """
+
+    def __init__(self, t):
+        self._event = None
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = float(t)
+
+    def value(self):
+        """The scalar as a float, or None while its copy is on its way."""
+        if self._event is not None:
+            if not self._event.query():
+                return None
+            self._host, self._event = float(self._host), None
+        return self._host
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ import contextlib
 import torch
 
 from ._adam import FusedAdam, fused_cpu_kernel
-from ._base import autocast, capture_graph, is_accelerator, native_bf16, side_stream
+from ._base import (HostReading, autocast, capture_graph, is_accelerator, native_bf16,
+                    side_stream)
 from ._kernels import (BufferPool, Pattern, gather_pre, gradient_norms, known_norm,
                        tangent_rows, unit_rows_)
 from ._threads import parallel, serial
@@ -248,6 +249,71 @@ def product_dtype(precision, device, dtype):
     return None
 
 
+class DeadLatentBound:
+    """When no latent can be dead: a host-side bound on the largest ``rows_since_fired``.
+
+    A latent's count grows by at most a batch's rows a step. After one reading
+    of the largest count ``m``, no latent can be dead while ``m`` plus the
+    rows trained since stays under ``dead_window``. Reading again when that
+    runs out (and every ``reread_steps`` steps while latents are dead) is the
+    only host read. On CUDA the reading is copied without waiting
+    (:class:`sksae._base.HostReading`); until it arrives a latent counts as
+    possibly dead, so the answer is never "no" wrongly.
+
+    Parameters
+    ----------
+    counts : Tensor of shape (n_components,)
+        The trainer's ``rows_since_fired``, read when needed.
+    dead_window : int
+    reread_steps : int
+    """
+
+    def __init__(self, counts, dead_window, reread_steps):
+        self.counts = counts
+        self.dead_window = dead_window
+        self.reread_steps = reread_steps
+        self.forget()
+
+    def forget(self):
+        """The counts were set from outside the steps: read them again."""
+        self.largest = None  # at the last reading; None: unknown
+        self.rows_since = 0  # rows trained since that reading
+        self.reread_at = 0
+        self._reading = None
+        self._rows_since_reading = 0
+
+    def advance(self, n_rows):
+        """A step trained on ``n_rows`` rows."""
+        self.rows_since += n_rows
+        self._rows_since_reading += n_rows
+
+    def may_be_dead(self, step):
+        """Whether some latent may be dead at step ``step``."""
+        self._collect(step)
+        if self.largest is not None:
+            if self.largest + self.rows_since < self.dead_window:
+                return False
+            if step < self.reread_at:
+                return True
+        if self._reading is None:
+            self._reading = HostReading(self.counts.max())
+            self._rows_since_reading = 0
+            self._collect(step)  # at once off the GPU
+            if self.largest is not None and self._reading is None:
+                return self.largest >= self.dead_window
+        return True
+
+    def _collect(self, step):
+        if self._reading is None:
+            return
+        largest = self._reading.value()
+        if largest is None:
+            return
+        self.largest, self.rows_since = largest, self._rows_since_reading
+        self.reread_at = step + self.reread_steps if largest >= self.dead_window else 0
+        self._reading = None
+
+
 class SAETrainer:
     """Owns the parameters in training units, Adam, schedules and dead-latent stats.
 
@@ -332,11 +398,8 @@ class SAETrainer:
         self._coef = torch.ones((), device=device) if self.graphs else 1.0
         self._graphs = {}  # recorded steps, by whether they compute the AuxK loss
         self._eager_steps = {}
-        # host-side bound on rows_since_fired (see _auxk_has_work): its maximum at
-        # the last read (None: unknown) and the rows trained since
-        self._fired_max = None
-        self._rows_unread = 0
-        self._reread_at = 0
+        self._dead_bound = DeadLatentBound(self.rows_since_fired, dead_window,
+                                           self.auxk_reread_steps)
         self._buffers = BufferPool()
         if isinstance(self.optimizer, FusedAdam):
             # set-up pays the page faults of Adam's moments and of the first
@@ -438,33 +501,10 @@ class SAETrainer:
             self._coef = coef
 
     def _auxk_has_work(self):
-        """Whether a latent may be dead at this step, so that the AuxK loss can be nonzero.
-
-        A latent's ``rows_since_fired`` grows by at most a batch's rows a step.
-        After one read of its maximum ``m``, no latent can be dead while ``m``
-        plus the rows trained since stays under ``dead_window``: until then
-        the AuxK loss and its gradients are exactly zero, and its selection
-        over the (B, F) pre-activations is skipped with no host read (none a
-        step on CUDA, where a read would stall the queue). The maximum is read
-        again when the bound runs out and, while latents are dead, every
-        ``auxk_reread_steps`` steps.
-        """
-        if not (self.arch.auxk and self.auxk_alpha > 0):
-            return False
-        if self._fired_max is not None:
-            if self._fired_max + self._rows_unread < self.dead_window:
-                return False
-            if self.step_count < self._reread_at:
-                return True
-        self._fired_max = float(self.rows_since_fired.max())
-        self._rows_unread = 0
-        dead = self._fired_max >= self.dead_window
-        self._reread_at = self.step_count + self.auxk_reread_steps if dead else 0
-        return dead
-
-    def _forget_fired_bound(self):
-        """``rows_since_fired`` was set from outside the step: read it again."""
-        self._fired_max = None
+        """Whether a latent may be dead at this step, so that the AuxK loss can be nonzero
+        (:class:`DeadLatentBound`)."""
+        return self.arch.auxk and self.auxk_alpha > 0 and \
+            self._dead_bound.may_be_dead(self.step_count)
 
     def _step(self, x_BD, auxk):
         self._set_schedules(self.step_count)
@@ -474,7 +514,7 @@ class SAETrainer:
 
     def _advance(self, x_BD):
         self.step_count += 1
-        self._rows_unread += x_BD.shape[0]
+        self._dead_bound.advance(x_BD.shape[0])
 
     def _graph_step(self, x_BD):
         auxk = self._auxk_has_work()
@@ -697,5 +737,5 @@ class SAETrainer:
                 if isinstance(moments.get("step"), torch.Tensor):
                     moments["step"] = moments["step"].to(param.device, torch.float32)
         self.rows_since_fired.copy_(state["rows_since_fired"])
-        self._forget_fired_bound()
+        self._dead_bound.forget()
         self.step_count = state["step_count"]

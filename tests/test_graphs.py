@@ -177,8 +177,51 @@ def test_auxk_skipped_only_while_no_latent_can_be_dead(graphs, device, monkeypat
 def test_auxk_bound_is_read_again_after_loading_a_state(monkeypatch):
     trainer, batches = _trainer("topk", "cpu", False, monkeypatch, total_steps=None)
     _run(trainer, batches, 1)
-    assert trainer._fired_max == 0 and trainer._rows_unread == 32
+    assert trainer._dead_bound.largest == 0 and trainer._dead_bound.rows_since == 32
     state = trainer.state_dict()
     state["rows_since_fired"].fill_(1000.0)  # every latent dead
     trainer.load_state_dict(state)
     assert trainer._auxk_has_work()
+
+
+class _SlowReading:
+    """A HostReading whose copy arrives after ``delay`` queries (as on a busy GPU)."""
+
+    delay = 2
+
+    def __init__(self, t):
+        self._value, self._queries = float(t), 0
+
+    def value(self):
+        self._queries += 1
+        return self._value if self._queries > self.delay else None
+
+
+def test_dead_bound_counts_possibly_dead_until_its_reading_arrives(monkeypatch):
+    from sksae import _sae_trainer
+
+    monkeypatch.setattr(_sae_trainer, "HostReading", _SlowReading)
+    counts = torch.zeros(8, dtype=torch.float64)
+    bound = _sae_trainer.DeadLatentBound(counts, dead_window=100, reread_steps=5)
+    answers = []
+    for step in range(12):
+        answers.append(bound.may_be_dead(step))
+        counts.add_(10)  # nothing fires: every count grows by the batch's 10 rows
+        bound.advance(10)
+    # a reading in flight for the first steps (possibly dead), then the bound from its
+    # value (0) and the rows since it was taken: no latent reaches 100 before step 10
+    assert answers[:2] == [True, True]
+    assert answers[2:10] == [False] * 8
+    assert answers[10] is True  # the bound runs out: a new reading is on its way
+    assert bool((counts >= 100).any())  # and latents are dead by now indeed
+
+
+def test_dead_bound_rereads_while_latents_are_dead():
+    from sksae._sae_trainer import DeadLatentBound
+
+    counts = torch.tensor([500.0, 0.0], dtype=torch.float64)
+    bound = DeadLatentBound(counts, dead_window=100, reread_steps=3)
+    assert bound.may_be_dead(0) and bound.reread_at == 3
+    counts.zero_()  # the dead latent fired (resampled, say)
+    assert bound.may_be_dead(1) and bound.may_be_dead(2)  # not read before step 3
+    assert not bound.may_be_dead(3)
