@@ -178,11 +178,12 @@ class HostReading:
         else:
             self._host = float(t)
 
-    def value(self):
-        """The scalar as a float, or None while its copy is on its way."""
+    def value(self, wait=False):
+        """The scalar as a float, or None while its copy is on its way (``wait``: wait for it)."""
         if self._event is not None:
-            if not self._event.query():
+            if not wait and not self._event.query():
                 return None
+            self._event.synchronize()
             self._host, self._event = float(self._host), None
         return self._host
 

@@ -150,13 +150,13 @@ def test_auxk_skipped_only_while_no_latent_can_be_dead(graphs, device, monkeypat
         pytest.skip("CUDA graphs need a CUDA device")
     trainer, batches = _trainer("topk", device, graphs, monkeypatch, total_steps=None)
     always, _ = _trainer("topk", device, graphs, monkeypatch, total_steps=None)
-    always._auxk_has_work = lambda: True
+    always._auxk_has_work = lambda n_rows: True
     decide = trainer._auxk_has_work
     decisions = []
 
-    def checked():
+    def checked(n_rows):
         dead = bool((trainer.rows_since_fired >= trainer.dead_window).any())
-        work = decide()
+        work = decide(n_rows)
         assert work or not dead  # skipped only when nothing is dead
         decisions.append(work)
         return work
@@ -181,39 +181,39 @@ def test_auxk_bound_is_read_again_after_loading_a_state(monkeypatch):
     state = trainer.state_dict()
     state["rows_since_fired"].fill_(1000.0)  # every latent dead
     trainer.load_state_dict(state)
-    assert trainer._auxk_has_work()
+    assert trainer._auxk_has_work(32)
 
 
 class _SlowReading:
-    """A HostReading whose copy arrives after ``delay`` queries (as on a busy GPU)."""
+    """A HostReading whose copy lands after ``delay`` queries (as on a busy GPU)."""
 
     delay = 2
+    waits = 0
 
     def __init__(self, t):
         self._value, self._queries = float(t), 0
 
-    def value(self):
+    def value(self, wait=False):
         self._queries += 1
+        if wait and self._queries <= self.delay:
+            type(self).waits += 1
+            return self._value
         return self._value if self._queries > self.delay else None
 
 
-def test_dead_bound_counts_possibly_dead_until_its_reading_arrives(monkeypatch):
+def test_dead_bound_is_exact_with_readings_that_land_late(monkeypatch):
     from sksae import _sae_trainer
 
     monkeypatch.setattr(_sae_trainer, "HostReading", _SlowReading)
     counts = torch.zeros(8, dtype=torch.float64)
     bound = _sae_trainer.DeadLatentBound(counts, dead_window=100, reread_steps=5)
     answers = []
-    for step in range(12):
-        answers.append(bound.may_be_dead(step))
+    for step in range(14):
+        answers.append(bound.may_be_dead(step, 10))
+        assert answers[-1] == bool((counts >= 100).any())  # exact at every step here
         counts.add_(10)  # nothing fires: every count grows by the batch's 10 rows
         bound.advance(10)
-    # a reading in flight for the first steps (possibly dead), then the bound from its
-    # value (0) and the rows since it was taken: no latent reaches 100 before step 10
-    assert answers[:2] == [True, True]
-    assert answers[2:10] == [False] * 8
-    assert answers[10] is True  # the bound runs out: a new reading is on its way
-    assert bool((counts >= 100).any())  # and latents are dead by now indeed
+    assert answers == [False] * 10 + [True] * 4
 
 
 def test_dead_bound_rereads_while_latents_are_dead():
@@ -221,7 +221,27 @@ def test_dead_bound_rereads_while_latents_are_dead():
 
     counts = torch.tensor([500.0, 0.0], dtype=torch.float64)
     bound = DeadLatentBound(counts, dead_window=100, reread_steps=3)
-    assert bound.may_be_dead(0) and bound.reread_at == 3
+    assert bound.may_be_dead(0, 1) and bound.reread_at == 3
     counts.zero_()  # the dead latent fired (resampled, say)
-    assert bound.may_be_dead(1) and bound.may_be_dead(2)  # not read before step 3
-    assert not bound.may_be_dead(3)
+    assert bound.may_be_dead(1, 1) and bound.may_be_dead(2, 1)  # not read before step 3
+    assert not bound.may_be_dead(3, 1)
+
+
+def test_dead_bound_reads_ahead_and_waits_only_at_the_start(monkeypatch):
+    """Readings go out ahead of the bound running out: after the first, none is waited for."""
+    from sksae import _sae_trainer
+
+    monkeypatch.setattr(_sae_trainer, "HostReading", _SlowReading)
+    monkeypatch.setattr(_SlowReading, "waits", 0)
+    readings = []
+    monkeypatch.setattr(_SlowReading, "__init__", lambda self, t: (
+        readings.append(float(t)), setattr(self, "_value", float(t)),
+        setattr(self, "_queries", 0))[0])
+    counts = torch.zeros(4, dtype=torch.float64)
+    bound = _sae_trainer.DeadLatentBound(counts, dead_window=1000, reread_steps=5,
+                                         lookahead_steps=4)
+    for step in range(200):
+        assert not bound.may_be_dead(step, 10)
+        counts.add_(10).clamp_(max=500)  # latents fire often enough: counts stay at 500 or less
+        bound.advance(10)
+    assert _SlowReading.waits == 1 and len(readings) > 3
