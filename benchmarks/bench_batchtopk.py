@@ -32,21 +32,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_throughput import SHAPES, fvu, make_data  # noqa: E402
+from bench_throughput import SHAPES, fvu, make_data, timed  # noqa: E402
 
 from sksae import SparseAutoencoder  # noqa: E402
 from sksae.architectures import batchtopk  # noqa: E402
 from sksae.coders import _compiled  # noqa: E402
-
-
-def best(fn, reps=5):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def compiled(on):
@@ -91,7 +81,8 @@ def main(argv=None):
         for on in (True, False):
             old = compiled(on)
             try:
-                times[on] = best(lambda: batchtopk.batch_topk_pattern(pre, k))
+                times[on] = timed(lambda: batchtopk.batch_topk_pattern(pre, k),
+                                  torch.device("cpu"), 5, best=True)
             finally:
                 compiled(old)
         print(f"  selection of k B = {k * B} of {B} x {F} bf16: compiled {times[True] * 1e3:.1f} ms, "

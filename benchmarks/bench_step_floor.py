@@ -30,12 +30,11 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_throughput import SHAPES, make_data, roofline, run_sksae  # noqa: E402
+from bench_throughput import SHAPES, make_data, roofline, run_sksae, timed  # noqa: E402
 
 from sksae._adam import FusedAdam, fused_cpu_kernel  # noqa: E402
 from sksae._base import native_bf16  # noqa: E402
@@ -45,14 +44,9 @@ from sksae._threads import even_bounds, parallel, run_ranges, serial  # noqa: E4
 
 
 def best_ms(fn, reps, warm=3):
-    for _ in range(warm):  # the thread choosers settle on their choice
+    for _ in range(warm - 1):  # the thread choosers settle (timed makes one more call)
         fn()
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return 1e3 * best
+    return 1e3 * timed(fn, torch.device("cpu"), reps, best=True)
 
 
 def _last_grads(params, names):

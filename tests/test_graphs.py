@@ -231,12 +231,16 @@ def test_dead_bound_reads_ahead_and_waits_only_at_the_start(monkeypatch):
     """Readings go out ahead of the bound running out: after the first, none is waited for."""
     from sksae import _sae_trainer
 
-    monkeypatch.setattr(_sae_trainer, "HostReading", _SlowReading)
-    monkeypatch.setattr(_SlowReading, "waits", 0)
     readings = []
-    monkeypatch.setattr(_SlowReading, "__init__", lambda self, t: (
-        readings.append(float(t)), setattr(self, "_value", float(t)),
-        setattr(self, "_queries", 0))[0])
+
+    class CountedReading(_SlowReading):
+        waits = 0
+
+        def __init__(self, t):
+            super().__init__(t)
+            readings.append(self._value)
+
+    monkeypatch.setattr(_sae_trainer, "HostReading", CountedReading)
     counts = torch.zeros(4, dtype=torch.float64)
     bound = _sae_trainer.DeadLatentBound(counts, dead_window=1000, reread_steps=5,
                                          lookahead_steps=4)
@@ -244,4 +248,4 @@ def test_dead_bound_reads_ahead_and_waits_only_at_the_start(monkeypatch):
         assert not bound.may_be_dead(step, 10)
         counts.add_(10).clamp_(max=500)  # latents fire often enough: counts stay at 500 or less
         bound.advance(10)
-    assert _SlowReading.waits == 1 and len(readings) > 3
+    assert CountedReading.waits == 1 and len(readings) > 3
