@@ -2,7 +2,7 @@
 
 BatchTopK keeps the ``k B`` largest pre-activations of a whole batch. Without
 the ``numba`` extra that is one ``torch.topk`` over the flattened (B, F)
-batch; with it, the compiled bucket selection of :mod:`sksae._topk_nb`
+batch; with it, the compiled bucket selection of :mod:`sksae._accel._topk_nb`
 (``sksae.architectures.batchtopk._compiled_batch_topk``). For each shape of
 ``bench_throughput.py`` this prints, in one run:
 
@@ -36,7 +36,7 @@ from bench_throughput import SHAPES, fvu, make_data, timed  # noqa: E402
 
 from sksae import SparseAutoencoder  # noqa: E402
 from sksae.architectures import batchtopk  # noqa: E402
-from sksae.coders import _compiled  # noqa: E402
+from sksae._accel import compiled as _compiled
 
 
 def compiled(on):

@@ -55,7 +55,7 @@ from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
 from sksae import DictionaryLearnerGPU, sparse_encode
-from sksae._base import resolve_device, synchronize
+from sksae._accel.device import resolve_device, synchronize
 
 
 def toy_superposition(n_samples, n_features=256, n_true=512, mean_active=5, seed=0):
@@ -175,7 +175,7 @@ def main(argv=None):
     n = args.n_samples or (2_000 if args.quick else 20_000)
     n_test = max(n // 10, 200)
     print(f"device={device}, threads={torch.get_num_threads()}, n_samples={n}")
-    compiled = importlib.import_module("sksae.coders._compiled")
+    compiled = importlib.import_module("sksae._accel.compiled")
     if args.no_numba:
         compiled._USE_NUMBA = False
     if device.type != "cpu":

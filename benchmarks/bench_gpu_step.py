@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from sksae._base import synchronize
+from sksae._accel.device import synchronize
 from sksae._sae_trainer import SAETrainer, init_parameters
 from sksae.architectures import REGISTRY
 

@@ -1,6 +1,6 @@
 """Sparse vs dense TopK kernels: the step time of each, side by side, per shape and device.
 
-Calibrates the automatic rule of :func:`sksae._kernels.use_sparse`. Each row times
+Calibrates the automatic rule of :func:`sksae._accel.sparse.use_sparse`. Each row times
 ``steps`` SAETrainer steps (after warm-up) with the architecture's kernels forced
 to "sparse" and to "dense", and prints the ratio dense/sparse (> 1: sparse wins).
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 from sksae import architectures
-from sksae._base import resolve_device, synchronize
+from sksae._accel.device import resolve_device, synchronize
 from sksae._sae_trainer import SAETrainer, init_parameters
 
 SHAPES = [  # n_features, n_components, k, batch

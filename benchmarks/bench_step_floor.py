@@ -36,11 +36,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_throughput import SHAPES, make_data, roofline, run_sksae, timed  # noqa: E402
 
-from sksae._adam import FusedAdam, fused_cpu_kernel  # noqa: E402
-from sksae._base import native_bf16  # noqa: E402
-from sksae._kernels import (BufferPool, gather_pre, sparse_decode, tangent_rows,  # noqa: E402
-                            unit_rows_)
-from sksae._threads import even_bounds, parallel, run_ranges, serial  # noqa: E402
+from sksae._accel.adam import FusedAdam, fused_cpu_kernel
+from sksae._accel.device import native_bf16
+from sksae._accel.sparse import BufferPool, gather_pre, sparse_decode, tangent_rows, unit_rows_
+from sksae._accel.threads import even_bounds, parallel, run_ranges, serial
 
 
 def best_ms(fn, reps, warm=3):

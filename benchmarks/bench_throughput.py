@@ -29,7 +29,7 @@ wrapped in CPU bf16 autocast (``sparsify-bf16``; its own autocast is CUDA
 only), so the table shows what bf16 gives a dense-backward library too.
 
 Threads (CPU): sksae chooses per operation between one thread and all of
-torch's (``sksae._threads``); each peer is run twice, with all threads and
+torch's (``sksae._accel.threads``); each peer is run twice, with all threads and
 with one, and its faster run is reported (``--peer-threads``), so a busy
 machine does not handicap a peer that uses every thread by default.
 
@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from sksae import SparseAutoencoder
-from sksae._base import synchronize
+from sksae._accel.device import synchronize
 from sksae._sae_trainer import product_dtype
 from sksae.architectures.topk import select_topk
 

@@ -26,18 +26,18 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import _num_features, check_is_fitted, validate_data
 
+from ._accel.device import resolve_device
 from ._base import (
     as_tensor,
     batched_apply,
     inference_chunk_rows,
     make_generator,
-    resolve_device,
     to_numpy,
     torch_dtype,
 )
 from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
 from ._online import init_dictionary, update_dictionary, update_stats
-from ._threads import parallel, serial
+from ._accel.threads import parallel, serial
 from .coders import check_positive_coding, encode
 
 __all__ = ["DictionaryLearnerGPU", "sparse_encode"]
@@ -366,7 +366,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """One minibatch step (scikit-learn's ``_minibatch_step``); returns the batch cost.
 
         On the CPU the statistics and dictionary updates run on one thread or
-        all of torch's, as measured faster (:mod:`sksae._threads`); the coder
+        all of torch's, as measured faster (:mod:`sksae._accel.threads`); the coder
         chooses for itself.
         """
         code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,

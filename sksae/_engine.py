@@ -16,8 +16,9 @@ import math
 import numpy as np
 import torch
 
-from ._base import as_tensor, is_accelerator
-from ._threads import serial as _serial
+from ._accel.device import is_accelerator
+from ._base import as_tensor
+from ._accel.threads import serial as _serial
 
 __all__ = ["EarlyStopping", "BatchSource", "run_minibatch_loop"]
 

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from ._placement import run_faster
+from ._accel.placement import run_faster
 
 __all__ = ["init_dictionary", "update_stats", "update_dictionary"]
 
@@ -101,7 +101,7 @@ def update_dictionary(D, A, B, X, random_state, positive=False, block=64):
     are applied one atom at a time.
 
     On an accelerator the sweep runs there or on host copies, whichever has
-    measured faster (:mod:`sksae._placement`): its ~8 small operations per
+    measured faster (:mod:`sksae._accel.placement`): its ~8 small operations per
     atom are launch-bound on a GPU.
 
     Returns

@@ -14,11 +14,11 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import architectures
+from ._accel.device import resolve_device
 from ._base import (
     batched_apply,
     inference_chunk_rows,
     make_generator,
-    resolve_device,
     restore_on_failure,
     torch_dtype,
 )

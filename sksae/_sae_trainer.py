@@ -14,12 +14,25 @@ import contextlib
 
 import torch
 
-from ._adam import FusedAdam, fused_cpu_kernel
-from ._base import (HostReading, autocast, capture_graph, is_accelerator, native_bf16,
-                    side_stream)
-from ._kernels import (BufferPool, Pattern, gather_pre, gradient_norms, known_norm,
-                       tangent_rows, unit_rows_)
-from ._threads import parallel, serial
+from ._accel.adam import FusedAdam, fused_cpu_kernel
+from ._accel.device import (
+    HostReading,
+    autocast,
+    capture_graph,
+    is_accelerator,
+    native_bf16,
+    side_stream,
+)
+from ._accel.sparse import (
+    BufferPool,
+    Pattern,
+    gather_pre,
+    gradient_norms,
+    known_norm,
+    tangent_rows,
+    unit_rows_,
+)
+from ._accel.threads import parallel, serial
 from .architectures import SparseCodes, decode
 from .architectures.topk import select_topk
 
@@ -186,7 +199,7 @@ def _adam(params, lr, device, capturable=False):
     torch has fused Adam for CUDA since 2.0 and for the CPU since 2.4; elsewhere
     (older torch, other devices) the multi-tensor implementation gives the
     same updates up to rounding. On the CPU the fused kernel is called by
-    :class:`sksae._adam.FusedAdam`, which spares the import of ``torch._dynamo``
+    :class:`sksae._accel.adam.FusedAdam`, which spares the import of ``torch._dynamo``
     that ``torch.optim`` costs. ``capturable=True`` (for a CUDA graph) keeps
     the step counts and the learning rate in device tensors, which the
     recorded kernels read at each replay.
@@ -207,7 +220,7 @@ def _adam(params, lr, device, capturable=False):
 def _total_norm(grads, norms=None):
     """The 2-norm of all gradients together (``get_total_norm``, torch >= 2.6).
 
-    ``norms`` (from :func:`sksae._kernels.gradient_norms`) gives the norms of
+    ``norms`` (from :func:`sksae._accel.sparse.gradient_norms`) gives the norms of
     the gradients that the compiled backward passes computed as they wrote them.
     """
     known = [known_norm(norms, g) for g in grads]
@@ -445,7 +458,7 @@ class SAETrainer:
         """AuxK: reconstruct the residual from the top dead latents (no b_dec).
 
         The dead latents' values go through the same kernels as the codes
-        (:func:`sksae._kernels.gather_pre` and :func:`decode`): sparse when the
+        (:func:`sksae._accel.sparse.gather_pre` and :func:`decode`): sparse when the
         architecture computed ``pre`` without a graph, so no (B, F) x (F, D)
         product is spent on them.
         ``pre_BF`` without an autograd graph may be overwritten (masked in place).
@@ -493,7 +506,7 @@ class SAETrainer:
     def step(self, x_BD):
         """One optimizer step on a normalised batch; returns scalar metric tensors.
 
-        On the CPU the step runs on one intra-op thread (:mod:`sksae._threads`):
+        On the CPU the step runs on one intra-op thread (:mod:`sksae._accel.threads`):
         its dense operations (encoder product, top-k, Adam) take more threads
         only where measured faster on this machine's current load. On CUDA it
         is a replay of a recorded graph (see the class notes).
@@ -629,7 +642,7 @@ class SAETrainer:
 
         On the CPU the norm is read on the host (free there) and the gradients
         are left untouched when no clipping is needed, instead of multiplied by 1.
-        With :class:`sksae._adam.FusedAdam` the factor is returned instead of
+        With :class:`sksae._accel.adam.FusedAdam` the factor is returned instead of
         applied, for the optimizer step to fold it into its pass (at 24576 x 768
         the multiply alone reads and writes 150 MB). ``norms``: the gradients'
         norms noted by the compiled backward passes.

@@ -1,4 +1,4 @@
-"""sksae._adam.FusedAdam: torch's fused CPU Adam kernel without torch.optim."""
+"""sksae._accel.adam.FusedAdam: torch's fused CPU Adam kernel without torch.optim."""
 
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from sksae._adam import FusedAdam, fused_cpu_kernel
+from sksae._accel.adam import FusedAdam, fused_cpu_kernel
 
 pytestmark = pytest.mark.skipif(not fused_cpu_kernel(),
                                 reason="this torch has no fused CPU Adam kernel (torch < 2.4)")

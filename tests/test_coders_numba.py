@@ -15,7 +15,8 @@ from sklearn.decomposition import sparse_encode as sk_sparse_encode
 from sklearn.exceptions import ConvergenceWarning
 
 from sksae import sparse_encode
-from sksae.coders import _compiled, lasso_objective
+from sksae._accel import compiled as _compiled
+from sksae.coders import lasso_objective
 from sksae.coders._omp import omp
 
 # The package re-exports a function under this module's name.
@@ -159,7 +160,7 @@ def test_fallback_without_numba(rng, monkeypatch):
     # What a machine without numba runs: the import fails, the numpy paths code.
     monkeypatch.setattr(_compiled, "_KERNELS", {})
     monkeypatch.setitem(sys.modules, "numba", None)
-    for name in ("sksae.coders._homotopy_nb", "sksae.coders._omp_nb"):
+    for name in ("sksae._accel._homotopy_nb", "sksae._accel._omp_nb"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert not _compiled.compiled_backend()
     assert _compiled.kernel("omp") is None

@@ -1,4 +1,4 @@
-"""Sparse kernels (sksae._kernels) against plain dense autograd."""
+"""Sparse kernels (sksae._accel.sparse) against plain dense autograd."""
 
 import contextlib
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sksae import _kernels
-from sksae._kernels import Pattern, gather_pre, sparse_decode, use_sparse
+from sksae._accel import sparse as _kernels
+from sksae._accel.sparse import Pattern, gather_pre, sparse_decode, use_sparse
 from sksae._sae_trainer import SAETrainer, init_parameters
 from sksae.architectures import REGISTRY, SparseCodes, decode
-from sksae.coders import _compiled
+from sksae._accel import compiled as _compiled
 
 TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.auxk)
 DTYPES = [torch.float64, torch.float32]
@@ -20,7 +20,7 @@ DTYPES = [torch.float64, torch.float32]
 def sparse_passes(request, monkeypatch):
     """Every test on both CPU implementations of the sparse passes.
 
-    "compiled": the numba kernels of sksae._sparse_nb (the numba extra, which
+    "compiled": the numba kernels of sksae._accel._sparse_nb (the numba extra, which
     the test environment installs); "torch": torch's primitives, as without it.
     """
     if request.param == "compiled":

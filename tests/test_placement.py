@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch.testing import assert_close
 
-from sksae import _placement
+from sksae._accel import placement as _placement
 from sksae._online import update_dictionary
-from sksae._placement import run_faster
+from sksae._accel.placement import run_faster
 
 
 def test_cpu_runs_the_device_function_unmeasured():

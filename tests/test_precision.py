@@ -7,8 +7,8 @@ from sklearn.utils._param_validation import InvalidParameterError
 from torch.testing import assert_close
 
 from sksae import SparseAutoencoder
-from sksae._base import native_bf16
-from sksae._kernels import Pattern, gather_pre
+from sksae._accel.device import native_bf16
+from sksae._accel.sparse import Pattern, gather_pre
 from sksae._sae_trainer import SAETrainer, init_parameters, product_dtype
 from sksae.architectures import REGISTRY
 

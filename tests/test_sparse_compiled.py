@@ -1,4 +1,4 @@
-"""The compiled sparse passes (sksae._sparse_nb) against torch's primitives.
+"""The compiled sparse passes (sksae._accel._sparse_nb) against torch's primitives.
 
 The end-to-end equality of the sparse and dense training steps runs on both
 implementations in tests/test_kernels.py; here each pass is checked alone:
@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sksae import SparseAutoencoder, _kernels
-from sksae.coders import _compiled
+from sksae._accel import sparse as _kernels
+from sksae import SparseAutoencoder
+from sksae._accel import compiled as _compiled
 
 pytest.importorskip("numba", reason="the compiled passes need the numba extra")
-nb = pytest.importorskip("sksae._sparse_nb")
+nb = pytest.importorskip("sksae._accel._sparse_nb")
 
 
 def _pattern(n_rows=30, n_components=70, max_k=6, seed=0):

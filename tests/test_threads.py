@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from sksae import SparseAutoencoder, _threads
-from sksae._threads import ThreadChooser, parallel, serial
+from sksae._accel import threads as _threads
+from sksae import SparseAutoencoder
+from sksae._accel.threads import ThreadChooser, parallel, serial
 
 
 def _feed(chooser, n, times):
@@ -207,8 +208,8 @@ def test_split_encoder_product_gives_the_same_bits(dtype):
 
 
 def test_split_adam_and_decode_give_the_same_bits():
-    from sksae._adam import FusedAdam, fused_cpu_kernel
-    from sksae._kernels import _gather_rows, as_pattern
+    from sksae._accel.adam import FusedAdam, fused_cpu_kernel
+    from sksae._accel.sparse import _gather_rows, as_pattern
 
     g = torch.Generator().manual_seed(1)
     W = torch.randn(300, 16, generator=g)

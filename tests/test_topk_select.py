@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sksae.architectures.topk import select_topk
-from sksae.coders import _compiled
+from sksae._accel import compiled as _compiled
 
 numba = pytest.importorskip("numba", reason="the compiled selection needs the numba extra")
 
@@ -57,7 +57,7 @@ def test_thread_split_does_not_change_the_selection():
 
 
 def test_large_shares_of_a_row_go_to_torch_topk(monkeypatch):
-    from sksae._topk_nb import topk_rows
+    from sksae._accel._topk_nb import topk_rows
 
     calls = []
     monkeypatch.setattr(_compiled, "kernel", lambda name: calls.append(name) or topk_rows)

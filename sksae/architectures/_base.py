@@ -17,19 +17,19 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _kernels
-from .._threads import even_bounds, parallel, row_probe, run_ranges
+from .._accel import sparse as _kernels
+from .._accel.threads import even_bounds, parallel, row_probe, run_ranges
 
 
 def _encoder_product(bias, centred, W, out=None):
     """``bias + centred W^T`` (into ``out``, whose first rows probe the thread choice).
 
     ``bias=None``: ``centred W^T`` alone. With ``out`` on the CPU the rows are
-    split into ranges run on sksae's threads (:func:`sksae._threads.run_ranges`),
+    split into ranges run on sksae's threads (:func:`sksae._accel.threads.run_ranges`),
     each a product on one torch thread: as fast as torch's own two threads
     (6.3 against 6.2 ms at 1024 x 386 x 3072 in bf16, 379 against 389 ms at
     4096 x 770 x 24576) without waking torch's OpenMP team (see
-    :mod:`sksae._threads`).
+    :mod:`sksae._accel.threads`).
     """
     def product(rows, into):
         if bias is None:
@@ -54,7 +54,7 @@ class SparseCodes(NamedTuple):
     Attributes
     ----------
     values : Tensor of shape (B, k), or (N,) with a pattern
-    indices : Tensor of shape (B, k), int64, or :class:`sksae._kernels.Pattern`
+    indices : Tensor of shape (B, k), int64, or :class:`sksae._accel.sparse.Pattern`
         A pattern gives a variable number of entries per row (BatchTopK).
     """
 
@@ -107,8 +107,8 @@ def decode(codes, W_dec_FD, b_dec_D=None, kernels="auto"):
     """x_hat = codes @ W_dec + b_dec; sparse codes may touch only the active atoms.
 
     ``kernels`` ("auto", "sparse" or "dense") picks, for :class:`SparseCodes`,
-    between the sparse kernels of :mod:`sksae._kernels` (O(B k D) forward and
-    backward) and a dense matmul, by :func:`sksae._kernels.use_sparse`.
+    between the sparse kernels of :mod:`sksae._accel.sparse` (O(B k D) forward and
+    backward) and a dense matmul, by :func:`sksae._accel.sparse.use_sparse`.
     ``b_dec_D=None`` adds no bias (the AuxK reconstruction).
     """
     if isinstance(codes, SparseCodes):
@@ -142,13 +142,13 @@ class Architecture:
     #: whether the AuxK dead-latent loss applies (TopK family)
     auxk = False
     #: whether :meth:`losses` uses ``W_dec`` (then the trainer always projects
-    #: the decoder's summed gradient itself, see sksae._kernels.TangentRows)
+    #: the decoder's summed gradient itself, see sksae._accel.sparse.TangentRows)
     decoder_in_losses = False
     #: extra tensors exported as fitted attributes: {tensor name: attribute name}
     public_names = {}
     #: tensors measured in input units (divided by the normalisation scale on export)
     input_scaled = ("b_enc", "b_dec")
-    #: "auto", "sparse" or "dense": kernels for sparse codes (see sksae._kernels.use_sparse)
+    #: "auto", "sparse" or "dense": kernels for sparse codes (see sksae._accel.sparse.use_sparse)
     kernels = "auto"
     #: dtype of the CPU product that selects the sparse kernels' active latents
     #: (None: the parameters' dtype); the trainer sets it from ``precision``
@@ -180,8 +180,8 @@ class Architecture:
 
         The dense product runs without an autograd graph (into a reused buffer
         on the CPU); ``select`` returns a (B, k) index matrix or a
-        :class:`sksae._kernels.Pattern`, and the gradients flow from the
-        selected entries only (:func:`sksae._kernels.gather_pre`).
+        :class:`sksae._accel.sparse.Pattern`, and the gradients flow from the
+        selected entries only (:func:`sksae._accel.sparse.gather_pre`).
         ``x - b_dec`` is computed once, for all of them and for the trainer.
         """
         with torch.no_grad():
@@ -198,7 +198,7 @@ class Architecture:
         the product runs on bf16 copies of ``x - b_dec`` and ``W_enc``: 2-2.4x
         faster where the CPU has bf16 instructions. Only the choice of the
         active latents reads these; their values and every gradient are then
-        computed in the parameters' precision (:func:`sksae._kernels.gather_pre`),
+        computed in the parameters' precision (:func:`sksae._accel.sparse.gather_pre`),
         so a rounding error can only swap latents whose pre-activations tie to
         within bf16's 3 significant digits. ``centred`` is ``x - b_dec`` when
         already computed.

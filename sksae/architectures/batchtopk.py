@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._kernels import Pattern, use_sparse
-from .._threads import even_bounds, parallel, run_ranges
+from .._accel.sparse import Pattern, use_sparse
+from .._accel.threads import even_bounds, parallel, run_ranges
 from ._base import Architecture, EncodeOutput, SparseCodes
 from .topk import _BITS
 
@@ -56,7 +56,7 @@ def _compiled_batch_topk(pre_BF, K):
     ``torch.topk`` over the flattened (B, F) batch keeps a partial order of all
     its entries: about 1 s for 4096 x 24576 and 48 ms for 1024 x 3072 on two
     cores, 15-25x the per-row TopK selection. The compiled kernels of
-    :mod:`sksae._topk_nb` instead bucket the keys (a float's bits, ordered as
+    :mod:`sksae._accel._topk_nb` instead bucket the keys (a float's bits, ordered as
     integers) by their high 16 bits: a histogram of a strided sample gives a
     bucket that about ``2 K`` entries reach, one pass per row range counts and
     one collects those candidates, and an exact histogram of the candidates
@@ -64,7 +64,7 @@ def _compiled_batch_topk(pre_BF, K):
     are kept. None (the torch path) off the CPU, without numba, for other
     dtypes, or when ties leave more than ``max(8 K + F, 65536)`` candidates.
     """
-    from ..coders._compiled import kernel
+    from .._accel.compiled import kernel
 
     if pre_BF.device.type != "cpu" or pre_BF.dtype not in _BITS or K <= 0:
         return None

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._kernels import use_sparse
-from .._threads import even_bounds, parallel, row_probe, run_ranges
+from .._accel.sparse import use_sparse
+from .._accel.threads import even_bounds, parallel, row_probe, run_ranges
 from ._base import Architecture, EncodeOutput, SparseCodes
 
 
@@ -29,12 +29,12 @@ def select_topk(pre_BF, k):
     """Indices (B, k) of each row's ``k`` largest entries, in no particular order.
 
     The training step's selection. On the CPU with the optional numba extra it
-    runs the compiled kernel of :mod:`sksae._topk_nb` where ``16 k <= F``
+    runs the compiled kernel of :mod:`sksae._accel._topk_nb` where ``16 k <= F``
     (about 2x faster than ``torch.topk`` there; among equal entries it keeps
     the lower indices), split by rows over the threads
-    :func:`sksae._threads.parallel` grants it; otherwise ``torch.topk``.
+    :func:`sksae._accel.threads.parallel` grants it; otherwise ``torch.topk``.
     """
-    from ..coders._compiled import kernel
+    from .._accel.compiled import kernel
 
     B, F = pre_BF.shape
     # the kernel wins when the k largest are a small share of a row (its sample's

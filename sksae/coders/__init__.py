@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .._placement import run_faster
-from .._threads import parallel, serial
+from .._accel.placement import run_faster
+from .._accel.threads import parallel, serial
 from ._lars import lars
 from ._lasso import lasso, lasso_objective
 from ._lasso_lars import lasso_lars as _lasso_lars
@@ -129,7 +129,7 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
 
     def run(X, D, gram, cov, kwargs):
         # On the CPU the coder runs on one thread or on all of torch's, whichever has
-        # measured faster for this call site and shape (sksae._threads): e.g. two
+        # measured faster for this call site and shape (sksae._accel.threads): e.g. two
         # threads help the wide toy blocks, and slow the small china ones or any
         # block on busy cores. Same codes either way.
         with serial(X), parallel(X, site):
@@ -148,5 +148,5 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
 
     # On an accelerator the per-row paths (tens of events of small operations) are
     # launch-bound at minibatch sizes: they run on the device or on host copies,
-    # whichever has measured faster for this call site and size (sksae._placement).
+    # whichever has measured faster for this call site and size (sksae._accel.placement).
     return run_faster(site, X, lambda: run(X, D, gram, cov, kwargs), on_host)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._ops import argmin_rows
+from .._accel.ops import argmin_rows
 
 __all__ = ["homotopy", "resolve_on_support"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._compiled import default_engine, kernel as compiled_kernel
+from .._accel.compiled import default_engine, kernel as compiled_kernel
 from ._homotopy import homotopy, resolve_on_support
 from ._homotopy_np import homotopy_np
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._compiled import default_engine, kernel as compiled_kernel
+from .._accel.compiled import default_engine, kernel as compiled_kernel
 from ._omp_np import omp_block_np
-from ._ops import argmax_abs
+from .._accel.ops import argmax_abs
 
 __all__ = ["omp"]
 

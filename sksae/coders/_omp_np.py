@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._ops import argmax_abs
+from .._accel.ops import argmax_abs
 
 __all__ = ["omp_block_np"]
 

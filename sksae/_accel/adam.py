@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from ._threads import even_bounds, run_ranges, serial_threads
+from .threads import even_bounds, run_ranges, serial_threads
 
 __all__ = ["FusedAdam", "fused_cpu_kernel"]
 
@@ -85,9 +85,9 @@ class FusedAdam:
 
         Notes
         -----
-        Inside a training step on the CPU (a :func:`sksae._threads.serial`
+        Inside a training step on the CPU (a :func:`sksae._accel.threads.serial`
         block) the tensors, laid end to end, are updated in element ranges on
-        sksae's threads (:func:`sksae._threads.run_ranges`) while torch stays
+        sksae's threads (:func:`sksae._accel.threads.run_ranges`) while torch stays
         on one thread; the update is elementwise, so the split changes no bit.
         """
         group = self.param_groups[0]

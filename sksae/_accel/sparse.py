@@ -26,7 +26,7 @@ synchronisation:
   product :func:`torch.sparse.sampled_addmm` on the CSR pattern.
 
 With the ``numba`` extra, the CPU work after the decode runs as compiled
-passes instead (:mod:`sksae._sparse_nb`): the transpose as a counting sort,
+passes instead (:mod:`sksae._accel._sparse_nb`): the transpose as a counting sort,
 the values as sampled dots that also add the bias, and each backward as one
 pass by latent that produces every gradient of its function together (the
 decoder's: the values' gradients, the weight gradient and its radial part;
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._base import is_accelerator
-from ._threads import even_bounds, parallel, range_count, run_ranges
-from ._threads import serial as _serial
+from .device import is_accelerator
+from .threads import even_bounds, parallel, range_count, run_ranges
+from .threads import serial as _serial
 
 __all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "BufferPool",
            "tangent_rows", "note_dense_use", "quiet_csr", "gradient_norms", "known_norm",
@@ -325,16 +325,16 @@ def _take_buffer(shape, like):
 
 # -- compiled passes (numba extra) ---------------------------------------------
 def _compiled(name, *tensors):
-    """The compiled pass ``name`` of :mod:`sksae._sparse_nb` for these tensors, or None.
+    """The compiled pass ``name`` of :mod:`sksae._accel._sparse_nb` for these tensors, or None.
 
     Only for CPU tensors of one float dtype (float32 or float64), with numba
-    installed and the compiled paths enabled (:mod:`sksae.coders._compiled`).
+    installed and the compiled paths enabled (:mod:`sksae._accel.compiled`).
     """
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(
             t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return None
-    from .coders._compiled import kernel
+    from .compiled import kernel
     return kernel(name)
 
 
@@ -435,7 +435,7 @@ def _transpose(pat):
     if cached is not None and cached[0] == key and (
             cached[1] is pat.crow or torch.equal(cached[1], pat.crow)):
         return cached[2]
-    from .coders._compiled import kernel
+    from .compiled import kernel
 
     count_sort = kernel("transpose") if idx.device.type == "cpu" else None
     if count_sort is not None:  # one O(N + F) pass, the same result as the sort

@@ -11,7 +11,7 @@ as every launch then does much work. Neither rule of thumb holds on every
 machine, so such a call site asks :func:`run_faster` to run it where it has
 measured faster: the device's own code, or the same computation on host
 copies (numpy or compiled per-row code), with the result copied back. The
-choice is made per call site and shape by :class:`sksae._threads.ThreadChooser`'s
+choice is made per call site and shape by :class:`sksae._accel.threads.ThreadChooser`'s
 rule (both options measured, the slower one retried less and less often).
 Both options compute the same result up to floating-point rounding.
 """
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import time
 
-from ._base import is_accelerator, synchronize
-from ._threads import ThreadChooser
+from .device import is_accelerator, synchronize
+from .threads import ThreadChooser
 
 __all__ = ["run_faster"]
 

@@ -3,10 +3,10 @@
 numba is an optional dependency (the ``numba`` extra). When it imports, the
 coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`) run
 compiled per row on CPU tensors, and so do the TopK training step's
-selection (:mod:`sksae._topk_nb`) and its sparse passes
-(:mod:`sksae._sparse_nb`); otherwise the batched numpy paths give the same
+selection (:mod:`sksae._accel._topk_nb`) and its sparse passes
+(:mod:`sksae._accel._sparse_nb`); otherwise the batched numpy paths give the same
 codes, ``torch.topk`` the same selection (up to ties) and the torch
-primitives of :mod:`sksae._kernels` the same sums (up to rounding).
+primitives of :mod:`sksae._accel.sparse` the same sums (up to rounding).
 Nothing here imports numba before a coder first asks for a kernel, so that
 importing sksae stays fast and works without it.
 """
@@ -23,12 +23,12 @@ __all__ = ["compiled_backend", "default_engine", "kernel"]
 _USE_NUMBA = True
 
 # kernel name -> (module, function)
-_SOURCES = {"homotopy": ("sksae.coders._homotopy_nb", "homotopy_rows"),
-            "omp": ("sksae.coders._omp_nb", "omp_rows"),
-            "topk": ("sksae._topk_nb", "topk_rows"),
-            **{name: ("sksae._topk_nb", name)
+_SOURCES = {"homotopy": ("sksae._accel._homotopy_nb", "homotopy_rows"),
+            "omp": ("sksae._accel._omp_nb", "omp_rows"),
+            "topk": ("sksae._accel._topk_nb", "topk_rows"),
+            **{name: ("sksae._accel._topk_nb", name)
                for name in ("batch_sample_buckets", "batch_count", "batch_fill", "batch_select")},
-            **{name: ("sksae._sparse_nb", name)
+            **{name: ("sksae._accel._sparse_nb", name)
                for name in ("transpose", "dots", "decode_backward", "gather_backward",
                             "unit_rows")}}
 # kernel name -> the compiled function, or False when it could not be loaded.
@@ -43,9 +43,9 @@ def kernel(name, required=False):
     name : str
         A coder's kernel ("homotopy", "omp"), the TopK and BatchTopK selections'
         ("topk", "batch_sample_buckets", "batch_count", "batch_fill",
-        "batch_select"; :mod:`sksae._topk_nb`) or one of the sparse training
+        "batch_select"; :mod:`sksae._accel._topk_nb`) or one of the sparse training
         passes ("transpose", "dots", "decode_backward", "gather_backward",
-        "unit_rows"; :mod:`sksae._sparse_nb`).
+        "unit_rows"; :mod:`sksae._accel._sparse_nb`).
     required : bool, default=False
         Load it even when the switch is off, and let a failed import raise
         (an explicit ``engine="numba"``).

@@ -1,6 +1,6 @@
 """The sparse kernels' CPU passes, compiled with numba, each fused into one pass.
 
-:mod:`sksae._kernels` composes a TopK-family step's sparse work from torch
+:mod:`sksae._accel.sparse` composes a TopK-family step's sparse work from torch
 primitives: a sort to transpose the pattern, a sampled product, a CSR
 product per weight gradient, index copies and ``index_add_`` for the biases
 and the decoder's radial part. Each is a separate pass over the N entries
@@ -32,7 +32,7 @@ range's outputs (and entries), so ranges run on separate threads without
 atomics and give the same bits on any number of threads: each sum is taken
 in the same order (a latent's entries by row) whatever the split.
 
-Imports numba at import time; :mod:`sksae.coders._compiled` imports this
+Imports numba at import time; :mod:`sksae._accel.compiled` imports this
 module only when numba is installed and the compiled paths are enabled.
 """
 

@@ -1,0 +1,161 @@
+"""Devices: resolution, capabilities, CUDA streams and graphs, host readings.
+
+The one module that names ``torch.cuda``: every other code path is
+device-agnostic (tensors are created on the device of their inputs) and asks
+here when it must know what the device can do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+__all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
+           "HostReading", "side_stream", "capture_graph"]
+
+
+def resolve_device(device="auto"):
+    """Turn a user's ``device`` parameter into a :class:`torch.device`.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or str or torch.device, default="auto"
+        ``"auto"`` picks the first CUDA device when one is available, else the CPU.
+        Any string torch understands (``"cuda:1"``, ``"mps"``) is accepted.
+
+    Returns
+    -------
+    device : torch.device
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available; "
+            "use device='auto' or device='cpu'."
+        )
+    return dev
+
+
+def is_accelerator(device):
+    """Whether ``device`` is a GPU-like device where host synchronisation is costly."""
+    return torch.device(device).type != "cpu"
+
+
+def synchronize(device):
+    """Wait for queued kernels on ``device`` (used by benchmarks for honest timings)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def native_bf16(device):
+    """Whether ``device`` multiplies bf16 matrices natively, faster than float32.
+
+    True on CUDA devices with bf16 support and on CPUs with AVX512-BF16 or AMX
+    instructions, where oneDNN runs a bf16 product at 2-2.4x float32's rate
+    (measured on a 2-core AMD EPYC: 4096 x 768 x 24576 in 391 ms against 926 ms).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_native_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_native_bf16():
+    if not torch.backends.mkldnn.is_available():
+        return False
+    # private probes (torch >= 2.1); an older torch counts as no native bf16
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast(device, enabled=True, cache=True):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); a no-op elsewhere.
+
+    ``cache=False`` recasts a weight at each use instead of caching its bf16
+    copy, as a region that a CUDA graph records must (the cache would hold
+    tensors of the recording that later replays do not refresh).
+    """
+    device = torch.device(device)
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, cache_enabled=cache)
+    return contextlib.nullcontext()
+
+
+class HostReading:
+    """A device scalar's value on the host, copied without waiting for the device.
+
+    On CUDA the copy goes into pinned memory behind the kernels already queued
+    and :meth:`value` is None until it has arrived, so the host never stalls
+    the queue; elsewhere the value is read at once.
+    """
+
+    def __init__(self, t):
+        self._event = None
+        if t.device.type == "cuda":
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = float(t)
+
+    def value(self, wait=False):
+        """The scalar as a float, or None while its copy is on its way (``wait``: wait for it)."""
+        if self._event is not None:
+            if not wait and not self._event.query():
+                return None
+            self._event.synchronize()
+            self._host, self._event = float(self._host), None
+        return self._host
+
+
+@contextlib.contextmanager
+def side_stream(device):
+    """Run the block on a fresh CUDA stream joined to the current one (no-op elsewhere).
+
+    The warm-up before recording a CUDA graph runs there, as torch requires:
+    lazily created per-stream state (cuBLAS workspaces, autograd's device
+    threads) then exists before the capture.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
+
+
+def capture_graph(fn, device):
+    """Record the kernels of ``fn()`` as a CUDA graph.
+
+    Nothing runs during the recording. ``graph.replay()`` then launches every
+    recorded kernel at once, on the same memory: ``fn``'s inputs must be
+    refreshed in place between replays and its outputs are overwritten by each.
+
+    Returns
+    -------
+    graph : torch.cuda.CUDAGraph
+    out : the value ``fn()`` returned (tensors in the graph's memory)
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}.")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
