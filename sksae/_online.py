@@ -10,12 +10,9 @@ for matrix factorization and sparse coding" (JMLR 2010), Algorithms 1 and 2.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
-from ._accel.placement import run_faster
+from ._accel.placement import array_views, run_faster
 
 __all__ = ["init_dictionary", "update_stats", "update_dictionary"]
 
@@ -135,59 +132,35 @@ def _sweep(D, A, B, replacement, positive, block):
     K = D.shape[0]
     diag = A.diagonal()
     inv = torch.where(diag > _DEAD, 1.0 / diag.clamp(min=_DEAD), torch.zeros_like(diag))
-    sweep = _sweep_block_numpy if D.device.type == "cpu" else _sweep_block
     for start in range(0, K, block):
         stop = min(start + block, K)
-        # Residual B_k - sum_j A[k, j] d_j with every atom as it stands now.
+        # Residual B_k - sum_j A[k, j] d_j with every atom as it stands now,
+        # scaled once per block: d_k + (t_k - A[k, :i] delta) / A[k, k].
         target = torch.addmm(B[:, start:stop].T, A[start:stop], D, alpha=-1.0)
-        sweep(D, target, A[start:stop, start:stop], inv, start, replacement, positive)
+        scale = inv[start:stop, None]
+        new_atoms = {k - start: v for k, v in replacement.items() if start <= k < stop}
+        xp, (Dv, work, A_blk, *new) = array_views(
+            D, target * scale, A[start:stop, start:stop] * scale, *new_atoms.values())
+        _sweep_block(xp, Dv, work, A_blk, dict(zip(new_atoms, new)), start, positive)
 
 
-def _sweep_block(D, target, A_blk, inv, start, replacement, positive):
-    """The sequential part of one block: each atom sees the ones updated before it."""
-    delta = torch.zeros_like(target)
-    for i in range(target.shape[0]):
-        k = start + i
-        if k in replacement:
-            new = replacement[k]
-        else:
-            r = target[i]
-            if i:
-                r = torch.addmv(r, delta[:i].T, A_blk[i, :i], alpha=-1.0)
-            new = torch.addcmul(D[k], r, inv[k])
-        if positive:
-            new = new.clamp(min=0)
-        new = new / torch.linalg.vector_norm(new).clamp(min=1.0)
-        delta[i] = new - D[k]
-        D[k] = new
+def _sweep_block(xp, D, work, A_blk, replacement, start, positive):
+    """The sequential part of one block: each atom sees the ones updated before it.
 
-
-def _sweep_block_numpy(D, target, A_blk, inv, start, replacement, positive):
-    """:func:`_sweep_block` on numpy views of CPU tensors (same arithmetic).
-
-    The loop runs one atom at a time on vectors of ``n_features`` entries, where
-    a torch call costs 5-10 us of dispatch and a numpy call about 1 us.
+    ``xp``, ``D``, ``work`` (the block's scaled targets) and ``A_blk`` (its
+    scaled Gram block) come from :func:`sksae._accel.placement.array_views`:
+    numpy views on the CPU, the tensors on an accelerator, one code for both.
+    Row ``i`` of ``work`` is read once, then holds the change of atom
+    ``start + i``, which the atoms after it subtract. ``replacement`` maps
+    positions in the block to resampled atoms.
     """
-    Dn = D.numpy()
-    invn = inv.cpu().numpy()[start:start + target.shape[0], None]
-    # Scaled once per block: d_k + (t_k - A[k, :i] delta) / A[k, k].
-    tn = target.numpy() * invn
-    An = A_blk.numpy() * invn
-    delta = np.zeros_like(tn)
-    for i in range(tn.shape[0]):
+    for i in range(work.shape[0]):
         k = start + i
-        new = delta[i]  # written in place, then turned into the change of atom k
-        if k in replacement:
-            new[:] = replacement[k].numpy()
-        else:
-            if i:
-                np.subtract(tn[i], An[i, :i] @ delta[:i], out=new)
-            else:
-                new[:] = tn[i]
-            new += Dn[k]
+        new = replacement.get(i)
+        if new is None:
+            new = (work[i] - A_blk[i, :i] @ work[:i] if i else work[i]) + D[k]
         if positive:
-            np.maximum(new, 0, out=new)
-        norm = math.sqrt(float(new @ new))
-        if norm > 1.0:
-            new /= norm
-        Dn[k], new[:] = new, new - Dn[k]
+            new = xp.clip(new, 0.0, None)
+        new = new / xp.clip(xp.sqrt(new @ new), 1.0, None)
+        work[i] = new - D[k]
+        D[k] = new

@@ -138,10 +138,10 @@ def test_omp_many_atoms_matches_sklearn(rng):
     np.testing.assert_allclose(got, ref, atol=1e-9)
 
 
-@pytest.mark.parametrize("engine", ["torch", "numpy"])
+@pytest.mark.parametrize("engine", ["torch", "numba"])
 @pytest.mark.parametrize("positive", [False, True])
 def test_lasso_lars_engines_match_sklearn(engine, positive, rng):
-    # Both implementations of the path (numpy is the CPU default, torch runs on
+    # Both implementations of the path (numba is the CPU default, torch runs on
     # other devices), float32 scan included.
     from sksae.coders._lasso_lars import lasso_lars as path
 
@@ -163,7 +163,7 @@ def test_lasso_lars_engines_match_sklearn(engine, positive, rng):
             assert (got >= 0).all()
 
 
-@pytest.mark.parametrize("engine", ["torch", "numpy"])
+@pytest.mark.parametrize("engine", ["torch", "numba"])
 def test_omp_engines_and_panels_match_sklearn(engine, rng):
     # More atoms than one Gram panel (128 columns), rows stopping early (zero row).
     from sksae.coders._omp import omp

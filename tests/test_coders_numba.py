@@ -1,7 +1,9 @@
-"""The CPU coders: numba-compiled per row, or numpy batched (the fallback).
+"""The CPU coders, numba-compiled per row, against the torch implementation and scikit-learn.
 
-Both must give scikit-learn's lasso and OMP codes. Comparisons that run the
-compiled paths skip when numba is not installed; the fallback tests always run.
+numba is a core dependency: the compiled kernels are the CPU's coders. The
+batched torch implementation (the one of other devices, and the CPU's fallback
+when numba is broken) is independent of them, so each compiled path is
+compared with it and with scikit-learn's ``sparse_encode``.
 """
 
 import importlib
@@ -50,22 +52,21 @@ def _path(X, D, engine, **kwargs):
 
 @pytest.fixture
 def numba_path():
-    pytest.importorskip("numba")
     assert _compiled.compiled_backend()
     return "numba"
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("positive", [False, True])
-def test_compiled_matches_numpy_and_sklearn(numba_path, dtype, positive, rng):
+def test_compiled_matches_torch_and_sklearn(numba_path, dtype, positive, rng):
     X, D = _problem(rng, dtype=dtype)
     alpha = 0.05
     ref = _reference(X, D, alpha, positive)
     got, ok = _path(X, D, numba_path, alpha=alpha, positive=positive)
-    npy, ok_np = _path(X, D, "numpy", alpha=alpha, positive=positive)
-    assert ok and ok_np and got.dtype == dtype
-    # Same events and the same final solve as the numpy path.
-    np.testing.assert_allclose(got, npy, atol=1e-10 if dtype == np.float64 else 1e-5)
+    tor, ok_t = _path(X, D, "torch", alpha=alpha, positive=positive)
+    assert ok and ok_t and got.dtype == dtype
+    # Same events and the same final solve as the torch path.
+    np.testing.assert_allclose(got, tor, atol=1e-10 if dtype == np.float64 else 1e-5)
     obj, obj_ref = _objective(X, D, got, alpha), _objective(X, D, ref, alpha)
     assert obj <= obj_ref * (1 + (1e-9 if dtype == np.float64 else 1e-5))
     if dtype == np.float64:
@@ -84,20 +85,20 @@ def test_compiled_large_supports_and_degenerate_atoms(numba_path, rng):
     alpha = 0.005
     ref = _reference(X, D, alpha, False)
     got, ok = _path(X, D, numba_path, alpha=alpha)
-    npy, _ = _path(X, D, "numpy", alpha=alpha)
+    tor, _ = _path(X, D, "torch", alpha=alpha)
     assert ok
     assert (got != 0).sum(axis=1).max() > 32
     assert (got[:, 2] == 0).all()
-    np.testing.assert_allclose(got, npy, atol=1e-9)
+    np.testing.assert_allclose(got, tor, atol=1e-9)
     assert _objective(X, D, got, alpha) <= _objective(X, D, ref, alpha) * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("use_numba", [True, False])
 def test_public_api_uses_switch(use_numba, rng, monkeypatch):
-    if use_numba:
-        pytest.importorskip("numba")
+    # Off, the switch leaves the CPU to the torch implementation.
     monkeypatch.setattr(_compiled, "_USE_NUMBA", use_numba)
     assert _compiled.compiled_backend() is use_numba
+    calls = _count_torch_calls(monkeypatch)
     X, D = _problem(rng, n=20)
     X[3] = 0.0  # an all-zero row: zero code
     alpha = 0.1
@@ -110,13 +111,31 @@ def test_public_api_uses_switch(use_numba, rng, monkeypatch):
     assert got32.dtype == np.float32
     obj = _objective(X, D, got32, alpha)
     assert obj <= _objective(X, D, ref, alpha) * (1 + 1e-5)
+    assert (calls["homotopy"] > 0) is not use_numba
 
 
-@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def _count_torch_calls(monkeypatch):
+    """Count the calls of the torch implementations of the homotopy and OMP."""
+    omp_module = importlib.import_module("sksae.coders._omp")
+    calls = {"homotopy": 0, "omp": 0}
+
+    def counted(module, attr, key):
+        inner = getattr(module, attr)
+
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return inner(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, wrapper)
+
+    counted(LL, "homotopy", "homotopy")
+    counted(omp_module, "_omp_block", "omp")
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
 @pytest.mark.parametrize("positive", [False, True])
 def test_alpha_above_every_correlation(engine, positive, rng):
-    if engine == "numba":
-        pytest.importorskip("numba")
     X, D = _problem(rng, n=10)
     X[4] = 0.0
     # Rows whose every (positive) correlation is at most alpha get zero codes:
@@ -135,10 +154,8 @@ def test_alpha_above_every_correlation(engine, positive, rng):
     assert ok and (got == 0).all()
 
 
-@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("engine", ["numba", "torch"])
 def test_max_iter_not_converged(engine, rng, monkeypatch):
-    if engine == "numba":
-        pytest.importorskip("numba")
     X, D = _problem(rng, n=12)
     alpha = 0.01
     _, ok = _path(X, D, engine, alpha=alpha)
@@ -149,15 +166,17 @@ def test_max_iter_not_converged(engine, rng, monkeypatch):
         # The support reached: the first atom plus at most one per step.
         assert ((got != 0).sum(axis=1) <= max_iter + 1).all()
     if engine == "numba":
-        npy, _ = _path(X, D, "numpy", alpha=alpha, max_iter=2)
-        np.testing.assert_allclose(got, npy, atol=1e-10)
+        tor, _ = _path(X, D, "torch", alpha=alpha, max_iter=2)
+        np.testing.assert_allclose(got, tor, atol=1e-10)
     monkeypatch.setattr(_compiled, "_USE_NUMBA", engine == "numba")
     with pytest.warns(ConvergenceWarning):
         sparse_encode(X, D, algorithm="lasso_lars", alpha=alpha, max_iter=2, device="cpu")
 
 
 def test_fallback_without_numba(rng, monkeypatch):
-    # What a machine without numba runs: the import fails, the numpy paths code.
+    # What a machine with a broken numba runs: the import fails, the torch
+    # implementations code on the CPU.
+    calls = _count_torch_calls(monkeypatch)
     monkeypatch.setattr(_compiled, "_KERNELS", {})
     monkeypatch.setitem(sys.modules, "numba", None)
     for name in ("sksae._accel._homotopy_nb", "sksae._accel._omp_nb"):
@@ -173,10 +192,19 @@ def test_fallback_without_numba(rng, monkeypatch):
     got = sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=5, device="cpu")
     ref = sk_sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=5)
     np.testing.assert_allclose(got, ref, atol=1e-9)
+    assert calls["homotopy"] > 0 and calls["omp"] > 0
+
+
+@pytest.mark.parametrize("coder", ["lasso_lars", "omp"])
+def test_unknown_engine_is_refused(coder, rng):
+    X, D = map(torch.from_numpy, _problem(rng, n=4))
+    fn = LL.lasso_lars if coder == "lasso_lars" else omp
+    with pytest.raises(ValueError, match="engine must be one of"):
+        fn(X, D, engine="numpy")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_compiled_omp_matches_numpy_and_sklearn(numba_path, dtype, rng):
+def test_compiled_omp_matches_torch_and_sklearn(numba_path, dtype, rng):
     # A zero row (stops at once), a duplicated atom (picked twice or dependent:
     # the row stops), more atoms per row than some rows can take.
     X, D = _problem(rng, n=25, n_features=30, n_components=60, dtype=dtype)
@@ -185,10 +213,10 @@ def test_compiled_omp_matches_numpy_and_sklearn(numba_path, dtype, rng):
     X[5] = 3 * D[0] + D[7]
     Xt, Dt = torch.from_numpy(X), torch.from_numpy(D)
     got, ok = omp(Xt, Dt, n_nonzero_coefs=12, engine=numba_path)
-    npy, _ = omp(Xt, Dt, n_nonzero_coefs=12, engine="numpy")
+    tor, _ = omp(Xt, Dt, n_nonzero_coefs=12, engine="torch")
     assert ok and got.dtype == Xt.dtype
     tol = 1e-9 if dtype == np.float64 else 1e-4
-    np.testing.assert_allclose(got.numpy(), npy.numpy(), atol=tol)
+    np.testing.assert_allclose(got.numpy(), tor.numpy(), atol=tol)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ref = sk_sparse_encode(X.astype(np.float64), D.astype(np.float64), algorithm="omp",

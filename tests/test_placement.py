@@ -85,3 +85,37 @@ def test_coder_on_host_copies_equals_in_place(monkeypatch):
         assert_close(first, second, rtol=1e-12, atol=1e-12)
         key = next(k for k in _placement._choosers if k[0] == f"sparse coding ({algorithm})")
         assert _placement._choosers[key].seconds.keys() == {"device", "host"}
+
+
+def test_dictionary_sweep_numpy_views_equal_tensors(monkeypatch):
+    # The one sweep runs on numpy views on the CPU and on the tensors on an
+    # accelerator (here: the CPU treated as one); both give the same atoms,
+    # resampled and clipped (positive) ones included.
+    rng = np.random.RandomState(0)
+    X = torch.as_tensor(rng.randn(60, 7))
+    code = torch.as_tensor(np.abs(rng.randn(60, 11)) * (rng.rand(60, 11) < 0.5))
+    code[:, 5] = 0  # atom 5 unused: resampled from X
+    A, B = code.T @ code / 60, X.T @ code / 60
+    D0 = torch.as_tensor(rng.randn(11, 7))
+    for positive in (False, True):
+        results = []
+        for accelerator in (False, True):
+            monkeypatch.setattr(_placement, "is_accelerator", lambda device: accelerator)
+            assert (_placement.array_views(D0)[0] is torch) is accelerator
+            D = D0.clone()
+            assert update_dictionary(D, A, B, X, np.random.RandomState(1), positive=positive,
+                                     block=4) == 1
+            results.append(D)
+        assert not torch.equal(results[0], D0)
+        assert (torch.linalg.vector_norm(results[0], dim=1) <= 1 + 1e-12).all()
+        if positive:
+            assert (results[0] >= 0).all()
+        assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def test_row_block_splits_rows_on_the_cpu_only(monkeypatch):
+    x = torch.zeros(5000, 3)
+    assert _placement.row_block(x, 8 * 1024) == 512
+    assert _placement.row_block(x, 8 * 2**20) == 256  # at least min_rows
+    monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
+    assert _placement.row_block(x, 8 * 1024) == 5000

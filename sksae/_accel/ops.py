@@ -1,9 +1,14 @@
-"""Small helpers shared by the batched coders: row reductions that are fast on CPU.
+"""Small helpers shared by the coders: their choice of implementation, and row reductions.
 
-torch's CPU ``argmax``/``argmin`` over the last dimension run about 5-10x slower
-than numpy's vectorised ones on this kind of (rows, atoms) block, and they sit
-in the inner loop of every greedy step, so on CPU the reductions go through
-numpy views of the same memory (no copy). Other devices use torch.
+Each per-row coder (the lasso homotopy, OMP) has two implementations: numba
+kernels compiled per row for the CPU (:mod:`.compiled`) and batched torch code
+for other devices. :func:`coder_engine` picks between them.
+
+torch's CPU ``argmax``/``argmin`` over the last dimension are several times
+slower than numpy's vectorised ones on this kind of (rows, atoms) block, and
+they sit in the inner loop of every greedy step of the torch coders, so on CPU
+the reductions go through numpy views of the same memory (no copy). Other
+devices use torch.
 """
 
 from __future__ import annotations
@@ -11,7 +16,42 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["argmax_abs", "argmin_rows"]
+from .compiled import default_engine
+
+__all__ = ["argmax_abs", "argmin_rows", "coder_engine"]
+
+ENGINES = ("torch", "numba")
+
+
+def coder_engine(engine, device, name):
+    """The implementation a coder runs: ``engine``, or the default for ``device``.
+
+    Parameters
+    ----------
+    engine : {"torch", "numba"} or None
+        The caller's choice; None picks the compiled kernel ``name`` on the CPU
+        (:func:`.compiled.default_engine`) and torch elsewhere, or when the
+        kernel cannot be loaded (numba missing or broken).
+    device : torch.device
+        Where the coder's tensors are.
+    name : str
+        The compiled kernel's name in :mod:`.compiled` ("homotopy", "omp").
+
+    Returns
+    -------
+    str
+        ``"torch"`` or ``"numba"``.
+
+    Raises
+    ------
+    ValueError
+        For an engine other than ``"torch"``, ``"numba"`` or None.
+    """
+    if engine is None:
+        return "numba" if default_engine(device, name) == "numba" else "torch"
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}.")
+    return engine
 
 
 def argmax_abs(c):

@@ -1,29 +1,36 @@
-"""Where a sequential computation of an accelerator's fit runs: on the device or the host.
+"""Where and in what shape an accelerator's sequential computations run.
 
 DictionaryLearnerGPU's minibatch step holds two sequential computations: the
 lasso path of each row (tens of events, each a few dozen small operations)
 and the atom-by-atom dictionary sweep. On a GPU each small operation is a
 kernel launch, and the path's bookkeeping a host synchronisation, so at
-minibatch sizes the device mostly waits: measured on an H200, a 256-row step
-of the toy benchmark took 190 ms there against ~45 ms for the whole step on
-two CPU cores. Large batches (a ``transform`` of many rows) go the other way,
-as every launch then does much work. Neither rule of thumb holds on every
-machine, so such a call site asks :func:`run_faster` to run it where it has
-measured faster: the device's own code, or the same computation on host
-copies (numpy or compiled per-row code), with the result copied back. The
-choice is made per call site and shape by :class:`sksae._accel.threads.ThreadChooser`'s
-rule (both options measured, the slower one retried less and less often).
-Both options compute the same result up to floating-point rounding.
+minibatch sizes the device mostly waits, while large batches (a ``transform``
+of many rows) go the other way, as every launch then does much work. Neither
+rule of thumb holds on every machine, so such a call site asks
+:func:`run_faster` to run it where it has measured faster: the device's own
+code, or the same computation on host copies (compiled per-row code or numpy
+views), with the result copied back. The choice is made per call site and
+shape by :class:`sksae._accel.threads.ThreadChooser`'s rule (both options
+measured, the slower one retried less and less often). Both options compute
+the same result up to floating-point rounding.
+
+:func:`row_block` and :func:`array_views` hold the other device-dependent
+choices of those computations: how many rows a batched step takes at once,
+and whether a loop of small vector operations runs on numpy views (CPU) or
+on the tensors themselves (an accelerator).
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
+import torch
+
 from .device import is_accelerator, synchronize
 from .threads import ThreadChooser
 
-__all__ = ["run_faster"]
+__all__ = ["array_views", "row_block", "run_faster"]
 
 _choosers = {}
 _MAX_CHOOSERS = 1024
@@ -69,3 +76,56 @@ def run_faster(site, t, on_device, on_host):
     synchronize(t.device)
     chooser.record(option, time.perf_counter() - start)
     return out
+
+
+def row_block(t, row_bytes, budget=4 * 2**20, min_rows=256):
+    """Rows per block of a batched per-row computation on ``t``'s device.
+
+    Parameters
+    ----------
+    t : Tensor
+        The computation's (rows, ...) operand.
+    row_bytes : int
+        Bytes of the working set each row adds (its passes read and write it).
+    budget : int, default=4 MiB
+        Working set of one block on the CPU: a step makes several passes over
+        it, which then stay in cache.
+    min_rows : int, default=256
+        Fewest rows of a CPU block, so that each step's calls still batch.
+
+    Returns
+    -------
+    int
+        All the rows on an accelerator (there every step is a few launches
+        whatever the rows, so one block is fastest); on the CPU the largest
+        count within ``budget``, at least ``min_rows``.
+    """
+    n = int(t.shape[0])
+    if is_accelerator(t.device):
+        return max(n, 1)
+    return max(min_rows, int(budget) // max(1, int(row_bytes)))
+
+
+def array_views(*tensors):
+    """The tensors as the arrays a loop of small vector operations runs on fastest.
+
+    Parameters
+    ----------
+    *tensors : Tensor
+        Tensors of one device.
+
+    Returns
+    -------
+    xp : module
+        ``numpy`` or ``torch``: the functions for the arrays (code that calls
+        only what both share, such as ``xp.sqrt``, ``xp.clip(a, lo, hi)`` and
+        the operators, runs on either).
+    arrays : tuple
+        On the CPU, numpy views of the same memory (writes through them change
+        the tensors; a numpy call dispatches several times faster than a torch
+        call, which dominates operations on vectors of a few hundred entries);
+        elsewhere the tensors themselves (numpy cannot reach device memory).
+    """
+    if tensors and is_accelerator(tensors[0].device):
+        return torch, tensors
+    return np, tuple(t.detach().numpy() for t in tensors)

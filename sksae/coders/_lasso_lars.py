@@ -9,10 +9,10 @@ by following each row's solution path from ``lambda = max_j |c_j|``
 ``lars_path(method="lasso")`` does. The result is the exact lasso solution
 (to rounding), whatever the conditioning of the dictionary.
 
-Three implementations of the same path: on the CPU, each row compiled with
-numba when it is installed (:mod:`._homotopy_nb`, the fastest: no per-step
-dispatch), else batched over rows in numpy (:mod:`._homotopy_np`); on other
-devices batched in torch (:mod:`._homotopy`).
+Two implementations of the same path: on the CPU each row compiled with numba
+(:mod:`sksae._accel._homotopy_nb`: no per-step dispatch), on other devices
+batched over rows in torch (:mod:`._homotopy`). The torch path also runs on the
+CPU when the compiled kernel cannot be loaded (a broken numba install).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._accel.compiled import default_engine, kernel as compiled_kernel
+from .._accel.compiled import kernel as compiled_kernel
+from .._accel.ops import coder_engine
+from .._accel.placement import row_block
 from ._homotopy import homotopy, resolve_on_support
-from ._homotopy_np import homotopy_np
 
 __all__ = ["lasso_lars"]
 
 # Atoms whose squared norm is below this never enter (zero atoms of a padded
 # dictionary): they carry no signal and would make the active Gram singular.
 _NULL_ATOM = 1e-12
-_BLOCK_BYTES = 4 * 2**20
 
 
 def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter=1000,
@@ -50,11 +50,11 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         Constrain the codes to be non-negative.
     max_iter : int, default=1000
         Maximum number of path steps (events) per row, as ``LassoLars``.
-    engine : {"torch", "numpy", "numba"}, default=None
+    engine : {"torch", "numba"}, default=None
         Implementation of the path: None picks, for CPU tensors, the
-        numba-compiled per-row path when numba is installed
-        (:mod:`._compiled`) and otherwise numpy (same steps, less
-        dispatch overhead than torch); torch on other devices.
+        numba-compiled per-row path (:mod:`sksae._accel._homotopy_nb`; torch
+        when it cannot be loaded), and torch on other devices. ``"numba"``
+        takes CPU tensors only.
 
     Returns
     -------
@@ -76,24 +76,17 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
     alpha = float(alpha)
     usable = G64.diagonal() > _NULL_ATOM
     converged = True
-    # On CPU, blocks of rows whose (rows, n_components) correlations stay
-    # cache-sized: a path step makes ~10 passes over them, and 2,000 x 1,024 rows
-    # ran 1.3x slower per row than 512 x 1,024.
-    block = n if X.device.type != "cpu" else max(256, _BLOCK_BYTES // (8 * K))
-    if engine is None:
-        engine = default_engine(X.device, "homotopy")
+    engine = coder_engine(engine, X.device, "homotopy")
     if engine == "numba":
         return _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, X.dtype)
-    run = homotopy_np if engine == "numpy" else homotopy
+    # A path step makes ~10 passes over the block's (rows, n_components)
+    # correlations: on the CPU blocks of rows keep them cache-sized.
+    block = row_block(C, 8 * K)
     for start in range(0, n, block):
         Cb = C[start:start + block]
-        results, _, ok = run(Cb, G64, G, alpha, positive, max_iter, usable)
+        results, _, ok = homotopy(Cb, G64, G, alpha, positive, max_iter, usable)
         converged &= ok
         if not results:
-            continue
-        if engine == "numpy":
-            for pos, idx, coef in results:
-                _scatter(out, pos + start, idx, coef)
             continue
         # One exact solve for all finished chunks (padded to the widest).
         cap = max(r[1].shape[1] for r in results)

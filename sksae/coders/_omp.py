@@ -7,6 +7,11 @@ atom most correlated with the residual, appends one row to a per-sample
 Cholesky factor of the active Gram block and re-solves the least squares.
 A row stops exactly where scikit-learn stops it (an atom picked twice, a
 correlation below machine epsilon, or a numerically dependent atom).
+
+Two implementations of the same steps: on the CPU each row compiled with numba
+(:mod:`sksae._accel._omp_nb`), on other devices batched over rows in torch
+(:func:`_omp_block`), which also runs on the CPU when the compiled kernel cannot
+be loaded (a broken numba install).
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._accel.compiled import default_engine, kernel as compiled_kernel
-from ._omp_np import omp_block_np
-from .._accel.ops import argmax_abs
+from .._accel.compiled import kernel as compiled_kernel
+from .._accel.ops import argmax_abs, coder_engine
 
 __all__ = ["omp"]
 
@@ -25,8 +29,8 @@ __all__ = ["omp"]
 _BLOCK_BYTES = 8 * 2**20
 # Gram columns per panel: the weighted sums of Gram rows read one panel of at most
 # 128 columns (512 KiB in float32) at a time, which stays in a core's L2 cache;
-# the whole Gram matrix (4 MiB for 1024 atoms) does not, and streaming it from L3
-# was ~3x slower on CPU.
+# the whole Gram matrix (4 MiB for 1024 atoms) does not, and would be streamed
+# from L3 at every step.
 _PANEL = 128
 
 
@@ -42,11 +46,10 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
     cov : Tensor of shape (n_samples, n_components), default=None
         Precomputed ``X @ D.T``.
     n_nonzero_coefs : int, default=1
-    engine : {"torch", "numpy", "numba"}, default=None
-        None picks, for CPU tensors, the numba-compiled per-row loop when
-        numba is installed (:mod:`._omp_nb`), else numpy for the small per-row
-        algebra (same steps, less dispatch overhead; :mod:`._omp_np`); torch
-        on other devices.
+    engine : {"torch", "numba"}, default=None
+        None picks, for CPU tensors, the numba-compiled per-row loop
+        (:mod:`sksae._accel._omp_nb`; torch when it cannot be loaded), and
+        torch on other devices. ``"numba"`` takes CPU tensors only.
 
     Returns
     -------
@@ -62,9 +65,7 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
     if n == 0 or k == 0 or K == 0:
         return code, True
     block = max(1, _BLOCK_BYTES // max(1, K * G.element_size()))
-    if engine is None:
-        engine = default_engine(X.device, "omp")
-    if engine == "numba":
+    if coder_engine(engine, X.device, "omp") == "numba":
         kernel = compiled_kernel("omp", required=True)
         Gn = np.ascontiguousarray(G.detach().numpy())
         # Per row the working set is two K-vectors and k x k factors: no blocking.
@@ -73,9 +74,8 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
         kernel(Cn, Gn, k, consts, code.numpy())
         return code, True
     panels = [(lo, G[:, lo:lo + _PANEL].contiguous()) for lo in range(0, K, _PANEL)]
-    run = omp_block_np if engine == "numpy" else _omp_block
     for s in range(0, n, block):
-        run(C[s:s + block], G, k, panels, code[s:s + block])
+        _omp_block(C[s:s + block], G, k, panels, code[s:s + block])
     return code, True
 
 
@@ -97,7 +97,7 @@ def _omp_block(C, G, k, panels, code):
     eps = torch.finfo(dt).eps
     Linv = torch.zeros(n, k, k, dtype=dt, device=dev)
     # Its transpose too: both products with it are then row-vector times matrix,
-    # which batched GEMM runs several times faster than matrix times column here.
+    # which batched GEMM runs faster than matrix times column.
     LinvT = torch.zeros(n, k, k, dtype=dt, device=dev)
     z = torch.zeros(n, k, dtype=dt, device=dev)
     # Slot s holds the atom picked at step s; weights[:, s] its coefficient in the
