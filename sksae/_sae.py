@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import (Interval, StrOptions,
+                                             validate_parameter_constraints)
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import architectures
 from ._accel.device import resolve_device
+from ._accel.workspace import StepWorkspace
 from ._base import (
     batched_apply,
     inference_chunk_rows,
@@ -56,8 +58,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     ----------
     n_components : int, default=None
         Number of dictionary atoms (latents). None means ``8 * n_features``.
-    architecture : {"topk", "batchtopk", "jumprelu", "gated", "relu"}, default="topk"
-        Encoder nonlinearity and sparsity mechanism.
+    architecture : str, default="topk"
+        Encoder nonlinearity and sparsity mechanism: the name of a registered
+        architecture (:func:`sksae.architectures.available`; more can be added
+        with :func:`sksae.architectures.register`). The built-in ones:
 
         - ``"topk"``: keep the ``k`` largest activations per row (Gao et al. 2024).
         - ``"batchtopk"``: keep the ``k * batch_size`` largest activations of a
@@ -71,6 +75,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
           (Rajamanoharan et al. 2024a).
         - ``"relu"``: ReLU with an L1 penalty of weight ``alpha`` on the
           decoder-norm-weighted codes (shrinks the codes).
+        - ``"matryoshka"``: BatchTopK codes trained so that nested prefixes of
+          the dictionary each reconstruct the input (Bussmann et al. 2025),
+          which reduces feature absorption; prefix sizes in
+          ``architecture_params["prefix_sizes"]``.
+    architecture_params : dict, default=None
+        Hyperparameters of the architecture that are not parameters of this
+        estimator (e.g. ``{"prefix_sizes": [64, 256]}`` for ``"matryoshka"``),
+        checked against the constraints the architecture declares. None means
+        its defaults.
     k : int, default=32
         Number of active latents per row (L0; on average over a batch for
         ``"batchtopk"``). Only used when ``architecture="topk"`` or
@@ -235,7 +248,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     _parameter_constraints: dict = {
         "n_components": [Interval(Integral, 1, None, closed="left"), None],
-        "architecture": [StrOptions(set(architectures.REGISTRY))],
+        "architecture": [StrOptions(architectures.NAMES)],
+        "architecture_params": [dict, None],
         "k": [Interval(Integral, 1, None, closed="left")],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "l0_coefficient": [Interval(Real, 0, None, closed="left")],
@@ -265,6 +279,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         n_components=None,
         *,
         architecture="topk",
+        architecture_params=None,
         k=32,
         alpha=5.0,
         l0_coefficient=1.0,
@@ -290,6 +305,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     ):
         self.n_components = n_components
         self.architecture = architecture
+        self.architecture_params = architecture_params
         self.k = k
         self.alpha = alpha
         self.l0_coefficient = l0_coefficient
@@ -314,19 +330,33 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.callback = callback
 
     # ------------------------------------------------------------------ setup
-    def _hparams(self):
-        """Hyperparameters handed to the architecture."""
-        return {name: getattr(self, name) for name in self.get_params(deep=False)}
+    def _architecture(self, n_components, n_features):
+        """The architecture object with its hyperparameters, validated.
+
+        Each hyperparameter the architecture declares is this estimator's
+        parameter of that name, or else a key of ``architecture_params``.
+        """
+        cls = architectures.get(self.architecture)
+        params = self.get_params(deep=False)
+        extra = dict(self.architecture_params or {})
+        unknown = sorted(set(extra) - (set(cls.hyperparameters) - set(params)))
+        if unknown:
+            accepted = sorted(set(cls.hyperparameters) - set(params))
+            raise ValueError(
+                f"architecture_params has {unknown}, which architecture="
+                f"{self.architecture!r} does not take (it takes {accepted}).")
+        hparams = {name: params[name] if name in params else extra.get(name, cls.defaults[name])
+                   for name in cls.hyperparameters}
+        validate_parameter_constraints(cls.hyperparameters, hparams,
+                                       caller_name=f"{type(self).__name__}({self.architecture})")
+        arch = cls(hparams, n_components, n_features)
+        arch.check()
+        return arch
 
     def _resolve(self, n_features):
         """Resolved sizes and learning rate; raises before any state changes."""
         n_components = self.n_components if self.n_components is not None else 8 * n_features
-        arch = architectures.get(self.architecture)(self._hparams(), n_components, n_features)
-        if arch.auxk and self.k > n_components:
-            raise ValueError(
-                f"k={self.k} must be at most n_components={n_components}: a TopK "
-                "autoencoder cannot keep more latents than it has."
-            )
+        arch = self._architecture(n_components, n_features)
         if not isinstance(self.init, str):
             init = check_array(self.init, dtype=np.float64)
             if init.shape != (n_components, n_features):
@@ -335,7 +365,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                     f"= ({n_components}, {n_features})."
                 )
         if self.learning_rate == "auto":
-            lr = 2e-4 / math.sqrt(n_components / 2**14) if arch.auxk else 1e-3
+            lr = arch.default_learning_rate()
         else:
             lr = float(self.learning_rate)
         return arch, n_components, lr
@@ -423,13 +453,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         steps_per_epoch = math.ceil(n_samples / min(self.batch_size, n_samples))
 
         total_steps = None if partial else max_epochs * steps_per_epoch
+        schedule = architectures.Schedule(total_steps, steps_per_epoch)
         trainer = SAETrainer(
-            arch, params, buffers, lr=lr, total_steps=total_steps,
+            arch, params, buffers, lr=lr, schedule=schedule,
             warmup_steps=min(1000, steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
-            auxk_alpha=self.auxk_alpha, dead_window=dead_window,
-            coef_warmup_steps=(0 if not arch.penalty else
-                               steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
-            precision=self.precision,
+            dead_window=dead_window, precision=self.precision,
         )
         if resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
@@ -448,7 +476,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return change
 
         def step(batch, i, total):
-            out = trainer.step(batch)
+            out = trainer.step(batch).as_dict()
             out["lr"] = trainer.current_lr
             if self.resample_dead is not None:
                 out["resampled"] = float(
@@ -487,8 +515,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         params.update(arch.extra_parameters(params))
         buffers = arch.extra_buffers(params)
         params["b_enc"] = arch.init_encoder_bias(params)
-        arch.selection_dtype = product_dtype(self.precision, device, dtype)  # as the trainer
-        calibrate_encoder_scale(arch, params, buffers, sample[:4096])
+        # the codes of the first training steps, in the fit's precision
+        ws = StepWorkspace(selection_dtype=product_dtype(self.precision, device, dtype))
+        calibrate_encoder_scale(arch, params, buffers, sample[:4096], ws)
         return params, buffers, scale
 
     @staticmethod
@@ -528,8 +557,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
     # -------------------------------------------------------------- inference
     def _inference_params(self, device, dtype):
-        arch = architectures.get(self.architecture)(
-            self._hparams(), self.n_components_, self.n_features_in_)
+        arch = self._architecture(self.n_components_, self.n_features_in_)
         names = {**_BASE_PUBLIC, **arch.public_names}
         p = {k: torch.as_tensor(getattr(self, attr)).to(device, dtype)
              for k, attr in names.items()}

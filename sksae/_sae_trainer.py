@@ -1,43 +1,36 @@
-"""Training of a sparse autoencoder: initialisation, optimizer, schedules, dead latents.
+"""Training of a sparse autoencoder: initialisation, the generic step, dead latents.
 
 The recipe is the one the strong SAE libraries converged on (RESEARCH.md §5):
 Adam (0.9, 0.999), linear learning-rate warm-up then a linear decay to zero over
 the last 20% of steps, gradient-norm clipping at 1, decoder rows kept at unit
 norm by projecting out the radial gradient and renormalising after each step,
-b_dec initialised at the geometric median, W_enc = W_dec^T, and the AuxK loss
-(Gao et al. 2024) for latents that have not fired for ``dead_window`` rows.
+b_dec initialised at the geometric median and W_enc = W_dec^T.
+
+A step is ``encode -> losses -> backward -> clip -> optimizer -> constraints ->
+metrics``; everything architecture-specific (codes, extra losses, their
+coefficients, buffers updated after a step) comes from the
+:class:`sksae.architectures.Architecture` it is given, and the speed
+machinery (workspace, fused optimizer, CUDA graphs) from :mod:`sksae._accel`.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
-from ._accel.adam import FusedAdam, fused_cpu_kernel
-from ._accel.device import (
-    HostReading,
-    autocast,
-    capture_graph,
-    is_accelerator,
-    native_bf16,
-    side_stream,
-)
-from ._accel.sparse import (
-    BufferPool,
-    Pattern,
-    gather_pre,
-    gradient_norms,
-    known_norm,
-    tangent_rows,
-    unit_rows_,
-)
-from ._accel.threads import parallel, serial
-from .architectures import SparseCodes, decode
-from .architectures.topk import select_topk
+from ._accel.adam import FusedAdam, clip_and_step, make_adam
+from ._accel.device import HostReading, autocast, capture_graph, graphs_supported, native_bf16
+from ._accel.device import side_stream
+from ._accel.losses import sum_squares
+from ._accel.sparse import Pattern, unit_rows_
+from ._accel.threads import serial
+from ._accel.workspace import StepWorkspace
+from .architectures import LossInputs, SparseCodes, decode
 
 __all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "product_dtype",
-           "SAETrainer"]
+           "unit_rows", "StepOutput", "SAETrainer", "DeadLatentBound"]
 
 
 def geometric_median(x_ND, n_iter=20, eps=1e-8):
@@ -52,7 +45,8 @@ def geometric_median(x_ND, n_iter=20, eps=1e-8):
     return y
 
 
-def _unit_rows(W):
+def unit_rows(W):
+    """``W`` with each row divided by its norm (at least 1e-12)."""
     return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -78,7 +72,7 @@ def init_parameters(x_sample_ND, n_components, init, generator, dtype, device):
             W[:take] = rows[pick]
     elif not isinstance(init, str):
         W = torch.as_tensor(init, dtype=torch.float64).clone()
-    W = _unit_rows(W)
+    W = unit_rows(W)
     p = {
         "W_enc": W.clone(),
         "b_enc": torch.zeros(n_components, dtype=torch.float64),
@@ -89,24 +83,19 @@ def init_parameters(x_sample_ND, n_components, init, generator, dtype, device):
 
 
 @torch.no_grad()
-def calibrate_encoder_scale(arch, params, buffers, x_sample_ND):
+def calibrate_encoder_scale(arch, params, buffers, x_sample_ND, ws=None):
     """Scale the encoder so that the initial reconstruction is least-squares optimal.
 
     With W_enc = W_dec^T the initial codes are projections on non-orthogonal
     atoms, whose sum overshoots (badly for large ``k``): the first steps then
     only undo it. One scalar ``c = <x - b, x_hat - b> / ||x_hat - b||^2`` over a
     sample, applied to W_enc and b_enc, starts training from the best
-    reconstruction along that direction.
+    reconstruction along that direction. The codes are the training step's
+    (through ``ws``, the workspace of the fit's precision).
     """
     p = {**params, **buffers}
     x = x_sample_ND.to(params["W_dec"])
-    # the codes the first training steps use (for BatchTopK the batch's top k B,
-    # not its threshold, which is not estimated yet), through the training
-    # step's own kernels: on the TopK family's sparse path, the selection product
-    # (bf16 where ``arch.selection_dtype`` says so) and a decode of the selected
-    # entries only, with no dense (B, F) codes (at 4096 x 24576 x 768: 0.5 s
-    # against 1.4 s for the dense codes and their CSR conversion)
-    codes = arch.encode(p, x, training=True).codes
+    codes = arch.encode(p, x, training=True, ws=ws).codes
     recon = decode(codes, params["W_dec"], kernels=arch.kernels)
     denom = recon.pow(2).sum()
     if denom > 0:
@@ -114,33 +103,6 @@ def calibrate_encoder_scale(arch, params, buffers, x_sample_ND):
         if torch.isfinite(c) and c > 0:
             params["W_enc"].mul_(c)
             params["b_enc"].mul_(c)
-
-
-class _SumSquares(torch.autograd.Function):
-    """``||a - b||^2`` (a scalar): a difference and a dot forward, one product backward.
-
-    The same value and gradients as ``(a - b).pow(2).sum()`` in three passes
-    over (B, D) instead of seven.
-    """
-
-    @staticmethod
-    def forward(ctx, a, b):
-        d = (a - b).reshape(-1)
-        ctx.save_for_backward(d)
-        ctx.shape = a.shape
-        return torch.dot(d, d)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (d,) = ctx.saved_tensors
-        g = (d * (2 * grad)).view(ctx.shape)
-        need = ctx.needs_input_grad
-        return (g if need[0] else None), (-g if need[1] else None)
-
-
-def _sum_squares(a, b):
-    with torch.autocast(a.device.type, enabled=False):
-        return _SumSquares.apply(a, b)
 
 
 def _total_variance(x_BD, centred=None):
@@ -156,8 +118,7 @@ def _total_variance(x_BD, centred=None):
         return (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
     flat = centred.reshape(-1)
     squares = torch.dot(flat, flat).double()
-    # column sums in the data's precision (a float64 reduction over rows is 3-4x
-    # slower); the centring keeps them small next to the squares they correct
+    # column sums in the data's precision, the combination in float64
     mean = centred.sum(0).double() / centred.shape[0]
     return (squares - centred.shape[0] * torch.dot(mean, mean)).clamp_min(1e-12).to(x_BD.dtype)
 
@@ -172,78 +133,10 @@ def _fired_counts(codes, n_components):
     return (codes > 0).sum(0).to(torch.float32)
 
 
-def _nonnegative_picks(pre_BF, idx_BK):
-    """The picks ``idx`` whose pre-activation is >= 0, as a row-ordered pattern.
-
-    A negative pick is clamped to 0 by the ReLU: it reconstructs nothing and
-    gets no gradient, so dropping it changes neither the AuxK loss nor its
-    gradients. Most picks among dead latents are negative (measured on toy
-    data: 0.2-3% kept after the first epochs), so the AuxK kernels then touch
-    a small fraction of the ``B * k_aux`` entries.
-    """
-    keep = pre_BF.gather(1, idx_BK) >= 0
-    crow = idx_BK.new_zeros(idx_BK.shape[0] + 1)
-    torch.cumsum(keep.sum(1), 0, out=crow[1:])
-    return Pattern(idx_BK[keep], crow, pre_BF.shape[1])
-
-
 def _l0(codes):
     if isinstance(codes, SparseCodes):
         return (codes.values > 0).to(torch.float32).sum() / codes.n_rows
     return (codes > 0).to(torch.float32).sum(-1).mean()
-
-
-def _adam(params, lr, device, capturable=False):
-    """Adam (0.9, 0.999), fused (one pass over each tensor) where this torch has the kernel.
-
-    torch has fused Adam for CUDA since 2.0 and for the CPU since 2.4; elsewhere
-    (older torch, other devices) the multi-tensor implementation gives the
-    same updates up to rounding. On the CPU the fused kernel is called by
-    :class:`sksae._accel.adam.FusedAdam`, which spares the import of ``torch._dynamo``
-    that ``torch.optim`` costs. ``capturable=True`` (for a CUDA graph) keeps
-    the step counts and the learning rate in device tensors, which the
-    recorded kernels read at each replay.
-    """
-    if capturable:
-        lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
-    if device.type == "cpu" and fused_cpu_kernel():
-        return FusedAdam(params, lr=lr, betas=(0.9, 0.999))  # the same kernel, ~1 s less import
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
-        except RuntimeError:  # no fused kernel for this device in this torch
-            pass
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-
-
-def _total_norm(grads, norms=None):
-    """The 2-norm of all gradients together (``get_total_norm``, torch >= 2.6).
-
-    ``norms`` (from :func:`sksae._accel.sparse.gradient_norms`) gives the norms of
-    the gradients that the compiled backward passes computed as they wrote them.
-    """
-    known = [known_norm(norms, g) for g in grads]
-    if any(n is not None for n in known):
-        return torch.linalg.vector_norm(torch.stack([
-            torch.linalg.vector_norm(g) if n is None else n.to(g.dtype)
-            for g, n in zip(grads, known)]))
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if total_norm is not None:
-        return total_norm(grads, foreach=True)
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g).to(grads[0].dtype) for g in grads]))
-
-
-def _clip_with_norm(params, max_norm, norm):
-    """Scale the gradients by ``min(1, max_norm / (norm + 1e-6))``, as torch's clipping."""
-    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
-    if clip is not None:
-        clip(params, max_norm, norm, foreach=True)
-        return
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(coef.to(p.grad.dtype))
 
 
 def product_dtype(precision, device, dtype):
@@ -251,7 +144,7 @@ def product_dtype(precision, device, dtype):
 
     ``"float32"`` (or float64 parameters): None, every product in the
     parameters' dtype. ``"bfloat16"``: ``torch.bfloat16``. ``"auto"``: bf16
-    where the device multiplies it natively (:func:`sksae._base.native_bf16`).
+    where the device multiplies it natively (:func:`sksae._accel.device.native_bf16`).
     """
     if precision not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
@@ -260,6 +153,32 @@ def product_dtype(precision, device, dtype):
     if precision == "bfloat16" or native_bf16(device):
         return torch.bfloat16
     return None
+
+
+class StepOutput(NamedTuple):
+    """Scalar tensors of one training step (normalised units).
+
+    Attributes
+    ----------
+    loss, mse, fvu, l0, dead_fraction : Tensor
+        The total loss, the mean squared error per row, the fraction of
+        variance unexplained, the mean number of active latents and the
+        fraction of latents dead at this step.
+    terms : dict of Tensor
+        The architecture's loss terms.
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    fvu: torch.Tensor
+    l0: torch.Tensor
+    dead_fraction: torch.Tensor
+    terms: dict
+
+    def as_dict(self):
+        """Every metric by name (the architecture's terms after the shared ones)."""
+        return {"loss": self.loss, "mse": self.mse, "fvu": self.fvu, "l0": self.l0,
+                "dead_fraction": self.dead_fraction, **self.terms}
 
 
 class DeadLatentBound:
@@ -354,83 +273,79 @@ class SAETrainer:
         Trainable tensors in normalised units (made leaf ``requires_grad``).
     buffers : dict of Tensor
     lr : float
-    total_steps : int or None
-        Known for ``fit`` (enables the final decay); None for ``partial_fit``.
+    schedule : Schedule
+        The fit's length (``total_steps`` None for ``partial_fit``: no final decay).
     warmup_steps : int
-    auxk_alpha : float
+        Steps of the learning-rate warm-up.
     dead_window : int
         Rows without firing after which a latent counts as dead.
-    coef_warmup_steps : int
-        Steps over which a penalty coefficient ramps up from 0.
     precision : {"auto", "float32", "bfloat16"}
         Precision of the step's products (:func:`product_dtype`): bf16
         autocast on CUDA; on the CPU, the bf16 product that selects the
-        sparse kernels' active latents (:meth:`Architecture.selection_pre_activation`).
+        sparse kernels' active latents.
 
     Notes
     -----
-    On CUDA the step is recorded once as a CUDA graph and replayed
-    (``cuda_graphs``): at small batches an eager step is launch-bound, its
-    ~200 kernels costing far more in Python and launch overhead than on the
-    GPU. The first ``graph_warmup_steps`` steps run eagerly (on a side
-    stream), then the next full-size batch is recorded; batches of another
-    size (an epoch's last) run eagerly. The schedules enter the graph as
-    device scalars refreshed before each replay. A step that cannot be
-    recorded (one that synchronises with the host) runs eagerly from then on,
-    and ``graph_error`` says why.
+    On devices that support it the step is recorded once as a CUDA graph and
+    replayed (``cuda_graphs``): at small batches an eager step is
+    launch-bound. The first ``graph_warmup_steps`` steps run eagerly (on a
+    side stream), then the next full-size batch is recorded; batches of
+    another size (an epoch's last) run eagerly. The learning rate and the
+    architecture's coefficients enter the graph as device scalars refreshed
+    before each replay. A step that cannot be recorded runs eagerly from then
+    on, and ``graph_error`` says why.
 
-    The AuxK loss is computed only at steps where a latent may be dead
-    (:meth:`_auxk_has_work`, a bound kept on the host): until latents die,
-    which in most runs is long, its selection over the (B, F) pre-activations
-    is skipped. On CUDA the steps with and without it are two recordings.
+    For architectures that read dead latents (``uses_dead_latents``) the
+    trainer keeps a host-side bound (:class:`DeadLatentBound`): while no
+    latent can be dead their losses are given ``dead=None`` and skip that
+    work. Recorded steps are kept per case.
     """
 
     decay_fraction = 0.2
     #: while latents are dead, steps between host reads of whether any still are
-    auxk_reread_steps = 100
+    dead_reread_steps = 100
     clip_norm = 1.0
-    #: record and replay the step as a CUDA graph on CUDA devices
+    #: record and replay the step as a CUDA graph where the device supports it
     cuda_graphs = True
     graph_warmup_steps = 3
 
-    def __init__(self, arch, params, buffers, *, lr, total_steps, warmup_steps,
-                 auxk_alpha, dead_window, coef_warmup_steps, precision="auto"):
+    def __init__(self, arch, params, buffers, *, lr, schedule, warmup_steps, dead_window,
+                 precision="auto"):
         self.arch = arch
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
         self.lr = lr
-        self.total_steps = total_steps
+        self.schedule = schedule
+        self.total_steps = schedule.total_steps
         self.warmup_steps = max(1, warmup_steps)
-        self.auxk_alpha = auxk_alpha
         self.dead_window = dead_window
-        self.coef_warmup_steps = coef_warmup_steps
-        self.k_aux = max(1, min(arch.n_features // 2, arch.n_components))
         device = params["W_dec"].device
+        self.device = device
         self.product_dtype = product_dtype(precision, device, params["W_dec"].dtype)
         self.use_autocast = self.product_dtype is not None
-        arch.selection_dtype = self.product_dtype
-        self.device = device
+        self.ws = StepWorkspace(selection_dtype=self.product_dtype)
         self.graph_error = None
-        self.graphs = self.cuda_graphs and device.type == "cuda"
+        self.graphs = self.cuda_graphs and graphs_supported(device)
         self.optimizer = None
         if self.graphs:
             try:
-                self.optimizer = _adam(list(self.params.values()), lr, device, capturable=True)
+                self.optimizer = make_adam(list(self.params.values()), lr, device,
+                                           capturable=True)
             except (RuntimeError, ValueError, TypeError) as exc:  # e.g. an older torch
                 self.graphs, self.graph_error = False, f"{type(exc).__name__}: {exc}"
         if self.optimizer is None:
-            self.optimizer = _adam(list(self.params.values()), lr, device)
+            self.optimizer = make_adam(list(self.params.values()), lr, device)
         self.rows_since_fired = torch.zeros(arch.n_components, dtype=torch.float64,
                                             device=device)
         self.step_count = 0
         self.current_lr = self.lr_at(0)
-        # the penalty warm-up factor: a device scalar that a recorded step reads
-        self._coef = torch.ones((), device=device) if self.graphs else 1.0
-        self._graphs = {}  # recorded steps, by whether they compute the AuxK loss
+        # the coefficients a recorded step reads: device scalars filled in place
+        self.coef = {name: (torch.tensor(value, device=device) if self.graphs else value)
+                     for name, value in arch.coefficients(0, schedule).items()}
+        self._graphs = {}  # recorded steps, by whether the losses read dead latents
         self._eager_steps = {}
         self._dead_bound = DeadLatentBound(self.rows_since_fired, dead_window,
-                                           self.auxk_reread_steps)
-        self._buffers = BufferPool()
+                                           self.dead_reread_steps)
         if isinstance(self.optimizer, FusedAdam):
             # set-up pays the page faults of Adam's moments and of the first
             # step's (F, D) results (lent from these gradients), not the first step
@@ -441,6 +356,7 @@ class SAETrainer:
 
     # -- schedules ----------------------------------------------------------
     def lr_at(self, step):
+        """The learning rate of step ``step``: warm-up, then the final decay of a ``fit``."""
         factor = min(1.0, (step + 1) / self.warmup_steps)
         if self.total_steps:
             decay_start = (1 - self.decay_fraction) * self.total_steps
@@ -448,132 +364,78 @@ class SAETrainer:
                 factor *= max(0.0, (self.total_steps - step) / (self.total_steps - decay_start))
         return self.lr * factor
 
-    def coef_at(self, step):
-        if self.coef_warmup_steps <= 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.coef_warmup_steps)
-
-    # -- losses ---------------------------------------------------------------
-    def auxk_loss(self, pre_BF, x_BD, x_hat_BD, p=None, centred=None):
-        """AuxK: reconstruct the residual from the top dead latents (no b_dec).
-
-        The dead latents' values go through the same kernels as the codes
-        (:func:`sksae._accel.sparse.gather_pre` and :func:`decode`): sparse when the
-        architecture computed ``pre`` without a graph, so no (B, F) x (F, D)
-        product is spent on them.
-        ``pre_BF`` without an autograd graph may be overwritten (masked in place).
-        ``centred`` is ``x - b_dec`` when the encoder computed it.
-        """
-        p = {**self.params, **self.buffers} if p is None else p
-        dead = self.rows_since_fired >= self.dead_window
-        pre = pre_BF.detach()
-        valid = None
-        if not is_accelerator(self.device):
-            # host-side checks are free on the CPU: skip the loss when nothing
-            # is dead and select among the dead columns only when few are
-            dead_idx = dead.nonzero().flatten()
-            n_dead = dead_idx.numel()
-            if n_dead == 0:
-                return x_BD.new_zeros(())
-            if n_dead <= self.k_aux:  # every dead latent is picked: no selection
-                idx = dead_idx.expand(pre.shape[0], n_dead)
-            elif 2 * n_dead <= dead.numel():
-                sub = pre.index_select(1, dead_idx)
-                idx = dead_idx[select_topk(sub, self.k_aux)]
-            else:
-                # pre without a graph (sparse path) is not read again: mask it in place
-                masked = (pre.masked_fill_ if not pre_BF.requires_grad else pre.masked_fill)
-                idx = select_topk(masked(~dead, float("-inf")), self.k_aux)
-            idx = _nonnegative_picks(pre, idx)
-        else:  # no host synchronisation: fixed shapes, masked picks zeroed
-            picked, idx = torch.topk(pre.masked_fill(~dead, float("-inf")), self.k_aux,
-                                     dim=-1, sorted=False)
-            valid = picked > float("-inf")
-        e = (x_BD - x_hat_BD).detach()
-        if isinstance(idx, Pattern) and idx.indices.numel() == 0:
-            e_hat = torch.zeros_like(e)  # no pick reconstructs anything: a constant term
-        else:
-            vals = gather_pre(pre_BF, idx, x_BD, p, centred=centred)
-            if valid is not None:
-                vals = torch.where(valid, vals, 0)
-            e_hat = decode(SparseCodes(vals.clamp_min(0), idx), p["W_dec"],
-                           kernels=self.arch.kernels).to(e.dtype)
-        total_var = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-        scale = (dead.sum().to(e.dtype) / self.k_aux).clamp(max=1.0)  # in float64 for float64
-        return self.auxk_alpha * scale * _sum_squares(e_hat, e) / total_var
-
-    # -- one step -------------------------------------------------------------
-    def step(self, x_BD):
-        """One optimizer step on a normalised batch; returns scalar metric tensors.
-
-        On the CPU the step runs on one intra-op thread (:mod:`sksae._accel.threads`):
-        its dense operations (encoder product, top-k, Adam) take more threads
-        only where measured faster on this machine's current load. On CUDA it
-        is a replay of a recorded graph (see the class notes).
-        """
-        if self.graphs:
-            return self._graph_step(x_BD)
-        with serial(x_BD):
-            return self._step(x_BD, self._auxk_has_work(x_BD.shape[0]))
-
     def _set_schedules(self, step):
-        """Learning rate and penalty factor of step ``step`` (tensors filled in place)."""
+        """Learning rate and coefficients of step ``step`` (device scalars filled in place)."""
         self.current_lr = lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        coef = self.coef_at(step)
-        if isinstance(self._coef, torch.Tensor):
-            self._coef.fill_(coef)
-        else:
-            self._coef = coef
+        for name, value in self.arch.coefficients(step, self.schedule).items():
+            if isinstance(self.coef.get(name), torch.Tensor):
+                self.coef[name].fill_(value)
+            else:
+                self.coef[name] = value
 
-    def _auxk_has_work(self, n_rows):
-        """Whether a latent may be dead at this step, so that the AuxK loss can be nonzero
-        (:class:`DeadLatentBound`)."""
-        return self.arch.auxk and self.auxk_alpha > 0 and \
+    # -- one step -------------------------------------------------------------
+    def step(self, x_BD):
+        """One optimizer step on a normalised batch; returns a :class:`StepOutput`.
+
+        On the CPU the step runs on one intra-op thread
+        (:func:`sksae._accel.threads.serial`): its heavy operations take more
+        where measured faster. Where CUDA graphs are supported it is a replay of
+        a recorded step (see the class notes).
+        """
+        if self.graphs:
+            return self._graph_step(x_BD)
+        with serial(x_BD):
+            return self._step(x_BD, self._dead_may_exist(x_BD.shape[0]))
+
+    def _dead_may_exist(self, n_rows):
+        """Whether a latent may be dead at this step (only asked for architectures that care)."""
+        return self.arch.uses_dead_latents and \
             self._dead_bound.may_be_dead(self.step_count, n_rows)
 
-    def _step(self, x_BD, auxk):
+    def _step(self, x_BD, dead_may_exist):
         self._set_schedules(self.step_count)
-        metrics = self._update(x_BD, auxk=auxk)
+        out = self._update(x_BD, dead_may_exist=dead_may_exist)
         self._advance(x_BD)
-        return metrics
+        return out
 
     def _advance(self, x_BD):
         self.step_count += 1
         self._dead_bound.advance(x_BD.shape[0])
 
     def _graph_step(self, x_BD):
-        auxk = self._auxk_has_work(x_BD.shape[0])
-        g = self._graphs.get(auxk)
-        if g is None and self._eager_steps.get(auxk, 0) >= self.graph_warmup_steps \
+        variant = self._dead_may_exist(x_BD.shape[0])
+        g = self._graphs.get(variant)
+        if g is None and self._eager_steps.get(variant, 0) >= self.graph_warmup_steps \
                 and self.graph_error is None:
-            g = self._record(x_BD, auxk)
+            g = self._record(x_BD, variant)
         if g is not None and x_BD.shape == g["x"].shape:
             self._set_schedules(self.step_count)
             g["x"].copy_(x_BD)
             g["graph"].replay()
             self._advance(x_BD)
             # the graph's outputs are overwritten by the next replay: one copy of all
-            return dict(zip(g["names"], g["metrics"].clone().unbind()))
+            values = dict(zip(g["names"], g["metrics"].clone().unbind()))
+            return StepOutput(*(values.pop(k) for k in StepOutput._fields[:-1]), terms=values)
         with side_stream(self.device):
-            self._eager_steps[auxk] = self._eager_steps.get(auxk, 0) + 1
-            return self._step(x_BD, auxk)
+            self._eager_steps[variant] = self._eager_steps.get(variant, 0) + 1
+            return self._step(x_BD, variant)
 
-    def _record(self, x_BD, auxk):
+    def _record(self, x_BD, variant):
         """Record :meth:`_update` on a static copy of ``x`` as a CUDA graph (None on failure).
 
-        The steps with and without the AuxK loss are recorded apart (each on its
-        own memory), the second only if latents die.
+        Each variant (whether the losses read dead latents) is recorded apart,
+        on its own memory, the second only when latents die.
         """
         x = x_BD.clone()
         names = []
 
         def update():
-            metrics = self._update(x, cache_casts=False, auxk=auxk)
+            metrics = self._update(x, cache_casts=False, dead_may_exist=variant).as_dict()
             names.extend(metrics)
             return torch.stack([v.reshape(()).to(torch.float64) for v in metrics.values()])
 
@@ -584,85 +446,45 @@ class SAETrainer:
             self.graph_error = f"{type(exc).__name__}: {exc}"
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self._graphs[auxk] = {"graph": graph, "x": x, "metrics": vector, "names": names}
-        return self._graphs[auxk]
+        self._graphs[variant] = {"graph": graph, "x": x, "metrics": vector, "names": names}
+        return self._graphs[variant]
 
-    def _update(self, x_BD, cache_casts=True, auxk=True):
+    def _update(self, x_BD, cache_casts=True, dead_may_exist=True):
         """Losses, gradients, the optimizer step and the statistics, for one batch."""
         p = {**self.params, **self.buffers}
-        on_cpu = not is_accelerator(self.device)
-        # on the CPU's sparse path the decodes project their own gradients (TangentRows)
-        tangent = (tangent_rows(p["W_dec"]) if on_cpu and not self.arch.decoder_in_losses
-                   else contextlib.nullcontext())
-        with tangent as rows:
+        ws = self.ws
+        dead = self.rows_since_fired >= self.dead_window if dead_may_exist else None
+        # the sparse decodes project their own gradients unless the losses read W_dec
+        projecting = (ws.projecting(p["W_dec"]) if not self.arch.decoder_in_losses
+                      else contextlib.nullcontext())
+        with projecting as tangent:
             with autocast(self.device, self.use_autocast, cache=cache_casts):
-                enc = self.arch.encode(p, x_BD, training=True)
-                x_hat = decode(enc.codes, p["W_dec"], p["b_dec"],
-                               kernels=self.arch.kernels).to(x_BD.dtype)
-                terms = self.arch.losses(p, x_BD, enc, x_hat, self._coef)
-                if self.arch.auxk and self.auxk_alpha > 0:
-                    # without work (no latent can be dead) the loss is exactly zero
-                    terms["auxk"] = (self.auxk_loss(enc.pre, x_BD, x_hat, p, enc.centred)
-                                     if auxk else x_BD.new_zeros(()))
-            sq_err = _sum_squares(x_hat, x_BD)
+                enc = self.arch.encode(p, x_BD, training=True, ws=ws)
+                x_hat = decode(enc.codes, p["W_dec"], p["b_dec"], kernels=self.arch.kernels,
+                               ws=ws).to(x_BD.dtype)
+                terms = self.arch.losses(LossInputs(p, x_BD, enc, x_hat, self.coef, dead, ws))
+            sq_err = sum_squares(x_hat, x_BD)
             mse = sq_err / x_BD.shape[0]
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
-            # on the CPU last step's gradients become this step's (F, D) results
-            with self._buffers.lending(p.grad for p in self.params.values() if on_cpu), \
-                    gradient_norms() as norms:
+            # last step's gradients become this step's (F, D) results
+            with ws.lending(p.grad for p in self.params.values()), ws.noting_norms():
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-        if rows is None or not rows.complete:
+        if tangent is None or not tangent.complete:
             self._project_decoder_grad()
-        clip = self._clip_grad_norm(norms)
-        with parallel(self.params["W_dec"], "adam", own=True):  # one fused pass
-            if clip is None:
-                self.optimizer.step()
-            else:  # the clipping folded into the update
-                self.optimizer.step(grad_scale=1.0 / clip)
+        clip_and_step(self.optimizer, self.params.values(), self.clip_norm, ws)
         with torch.no_grad():
             unit_rows_(self.params["W_dec"])
             self.arch.after_step(p, enc)
             fired = _fired_counts(enc.codes, self.arch.n_components)
             self.rows_since_fired.add_(x_BD.shape[0]).masked_fill_(fired > 0, 0)
             total_var = _total_variance(x_BD, enc.centred)
-            metrics = {
-                "loss": loss.detach(),
-                "mse": mse.detach(),
-                "fvu": sq_err.detach() / total_var,
-                "l0": _l0(enc.codes),
-                "dead_fraction": (self.rows_since_fired >= self.dead_window)
+            return StepOutput(
+                loss=loss.detach(), mse=mse.detach(), fvu=sq_err.detach() / total_var,
+                l0=_l0(enc.codes),
+                dead_fraction=(self.rows_since_fired >= self.dead_window)
                 .to(torch.float32).mean(),
-            }
-            metrics.update({k: v.detach() for k, v in terms.items()})
-        return metrics
-
-    def _clip_grad_norm(self, norms=None):
-        """Gradient-norm clipping at ``clip_norm`` (as ``clip_grad_norm_``).
-
-        On the CPU the norm is read on the host (free there) and the gradients
-        are left untouched when no clipping is needed, instead of multiplied by 1.
-        With :class:`sksae._accel.adam.FusedAdam` the factor is returned instead of
-        applied, for the optimizer step to fold it into its pass (at 24576 x 768
-        the multiply alone reads and writes 150 MB). ``norms``: the gradients'
-        norms noted by the compiled backward passes.
-
-        Returns
-        -------
-        factor : float or None
-            The clipping factor still to apply, or None.
-        """
-        params = [p for p in self.params.values() if p.grad is not None]
-        if not params:
-            return None
-        norm = _total_norm([p.grad for p in params], norms)
-        if is_accelerator(self.device):
-            _clip_with_norm(params, self.clip_norm, norm)
-        elif float(norm) + 1e-6 > self.clip_norm:
-            if isinstance(self.optimizer, FusedAdam):
-                return self.clip_norm / (float(norm) + 1e-6)
-            _clip_with_norm(params, self.clip_norm, norm)
-        return None
+                terms={k: v.detach() for k, v in terms.items()})
 
     @torch.no_grad()
     def resample_dead_latents(self, x_ND, generator=None):
@@ -686,7 +508,7 @@ class SAETrainer:
         p = {**self.params, **self.buffers}
         errors = []
         for chunk in x_ND.split(4096):
-            codes = self.arch.encode(p, chunk, training=False)
+            codes = self.arch.encode(p, chunk)
             x_hat = decode(codes, p["W_dec"], p["b_dec"])
             errors.append((chunk - x_hat).pow(2).sum(-1))
         weights = torch.cat(errors).to("cpu", torch.float64)
@@ -695,7 +517,7 @@ class SAETrainer:
         rows = torch.multinomial(weights, n_dead, replacement=n_dead > weights.numel(),
                                  generator=generator).to(x_ND.device)
         u = x_ND[rows] - p["b_dec"]
-        u = _unit_rows(u).to(self.params["W_dec"].dtype)
+        u = unit_rows(u).to(self.params["W_dec"].dtype)
         W_enc = self.params["W_enc"]
         enc_norm = W_enc[~dead].norm(dim=-1).mean() if bool((~dead).any()) else 1.0
         self.params["W_dec"][idx] = u
@@ -722,7 +544,7 @@ class SAETrainer:
             # g -= (g . w) w row by row: a product (into a reused buffer on the CPU)
             # and a row sum, as fast as linalg.vecdot and without its fresh (F, D) temporary
             W = W.detach()
-            out = self.arch.scratch("decoder grad product", W.shape, W)
+            out = self.ws.scratch("decoder grad product", W.shape, W)
             dots = torch.mul(g, W, out=out).sum(-1, keepdim=True)
             g.addcmul_(dots, W, value=-1)
 

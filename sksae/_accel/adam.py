@@ -17,9 +17,9 @@ import functools
 
 import torch
 
-from .threads import even_bounds, run_ranges, serial_threads
+from .threads import even_bounds, parallel, run_ranges, serial_threads
 
-__all__ = ["FusedAdam", "fused_cpu_kernel"]
+__all__ = ["FusedAdam", "fused_cpu_kernel", "make_adam", "total_norm", "clip_and_step"]
 
 _DEFAULTS = {
     "betas": (0.9, 0.999),
@@ -183,3 +183,78 @@ class FusedAdam:
                 "exp_avg": moments["exp_avg"].to(p.device, p.dtype).clone(),
                 "exp_avg_sq": moments["exp_avg_sq"].to(p.device, p.dtype).clone(),
             }
+
+
+def make_adam(params, lr, device, capturable=False):
+    """Adam (0.9, 0.999), fused (one pass over each tensor) where this torch has the kernel.
+
+    torch has fused Adam for CUDA since 2.0 and for the CPU since 2.4;
+    elsewhere the multi-tensor implementation gives the same updates up to
+    rounding. On the CPU :class:`FusedAdam` calls the fused kernel.
+    ``capturable=True`` (for a CUDA graph) keeps the step counts and the
+    learning rate in device tensors, which the recorded kernels read at each
+    replay.
+    """
+    if capturable:
+        lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True, capturable=True)
+    if device.type == "cpu" and fused_cpu_kernel():
+        return FusedAdam(params, lr=lr, betas=(0.9, 0.999))
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        except RuntimeError:  # no fused kernel for this device in this torch
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
+def total_norm(grads, ws=None):
+    """The 2-norm of all gradients together, using the norms ``ws`` noted where it has them."""
+    known = [None if ws is None else ws.known_norm(g) for g in grads]
+    if any(n is not None for n in known):
+        return torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(g) if n is None else n.to(g.dtype)
+            for g, n in zip(grads, known)]))
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g).to(grads[0].dtype) for g in grads]))
+
+
+def _clip_with_norm(params, max_norm, norm):
+    """Scale the gradients by ``min(1, max_norm / (norm + 1e-6))``, as torch's clipping."""
+    clip = getattr(torch.nn.utils, "clip_grads_with_norm_", None)
+    if clip is not None:
+        clip(params, max_norm, norm, foreach=True)
+        return
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+
+
+def clip_and_step(optimizer, params, max_norm, ws=None):
+    """Clip the gradients' total norm at ``max_norm`` (as ``clip_grad_norm_``), then step.
+
+    Off the CPU the clipping runs on the device without a host read. On the
+    CPU the norm is read (free there), gradients that need no clipping are
+    left as they are, and with :class:`FusedAdam` the factor is folded into
+    the optimizer's pass instead of a separate multiply.
+    """
+    params = list(params)
+    with_grads = [p for p in params if p.grad is not None]
+    factor = None
+    if with_grads:
+        norm = total_norm([p.grad for p in with_grads], ws)
+        if with_grads[0].device.type != "cpu":
+            _clip_with_norm(with_grads, max_norm, norm)
+        elif float(norm) + 1e-6 > max_norm:
+            if isinstance(optimizer, FusedAdam):
+                factor = max_norm / (float(norm) + 1e-6)
+            else:
+                _clip_with_norm(with_grads, max_norm, norm)
+    with parallel(params[0], "adam", own=True):  # one fused pass
+        if factor is None:
+            optimizer.step()
+        else:
+            optimizer.step(grad_scale=1.0 / factor)

@@ -13,7 +13,7 @@ import functools
 import torch
 
 __all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
-           "HostReading", "side_stream", "capture_graph"]
+           "HostReading", "side_stream", "capture_graph", "graphs_supported"]
 
 
 def resolve_device(device="auto"):
@@ -159,3 +159,8 @@ def capture_graph(fn, device):
     with torch.cuda.device(device), torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def graphs_supported(device):
+    """Whether training steps on ``device`` can be recorded and replayed as CUDA graphs."""
+    return torch.device(device).type == "cuda"

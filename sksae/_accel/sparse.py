@@ -21,7 +21,7 @@ synchronisation:
   without MKL) sums the rows of ``Y`` into the latents' rows (instead of
   ``index_add_`` over an (N, D) temporary or the sort inside
   ``embedding_bag``'s own backward), into a buffer of the previous step
-  (:class:`BufferPool`);
+  (:class:`sksae._accel.workspace.StepWorkspace`);
 - ``<a_b, W_f>`` for the entries (gradient of the values): the sampled dense
   product :func:`torch.sparse.sampled_addmm` on the CSR pattern.
 
@@ -41,7 +41,6 @@ gradients.
 from __future__ import annotations
 
 import contextlib
-import threading
 import warnings
 from typing import NamedTuple
 
@@ -53,10 +52,8 @@ from .device import is_accelerator
 from .threads import even_bounds, parallel, range_count, run_ranges
 from .threads import serial as _serial
 
-__all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "BufferPool",
-           "tangent_rows", "note_dense_use", "quiet_csr", "gradient_norms", "known_norm",
-           "unit_rows_",
-           "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
+__all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "quiet_csr",
+           "unit_rows_", "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
 
 #: the sparse kernels have a fixed cost (a sort of the N indices, a CSR
 #: header); below this many latents the dense products are as cheap
@@ -157,148 +154,6 @@ def as_pattern(indices, n_components):
     return Pattern(indices.reshape(-1), crow, n_components)
 
 
-# -- per-step state the kernels read (thread-local: fits in threads keep apart) --
-_step_state = threading.local()
-
-
-@contextlib.contextmanager
-def _installed(name, obj):
-    """``obj`` as this thread's step state ``name`` inside the block."""
-    prev = getattr(_step_state, name, None)
-    setattr(_step_state, name, obj)
-    try:
-        yield obj
-    finally:
-        setattr(_step_state, name, prev)
-
-
-class BufferPool:
-    """Tensors of one training step lent to the next step's large results.
-
-    On the CPU a result of many MiB is a fresh ``mmap`` that is unmapped when
-    freed, so a new one pays its page faults again (about 20-40 ms for
-    24576 x 768 float32 on a 2-core machine). The trainer lends the previous
-    step's weight gradients to the backward pass (they are dead by then), and
-    the sparse kernels' (F, D) results are written into them instead of fresh
-    tensors. A buffer taken from the pool is referenced by nothing else, so
-    autograd adopts it as the new ``.grad`` without a copy. The pool holds
-    the lent tensors for one block only.
-    """
-
-    def __init__(self):
-        self._free = {}
-
-    @staticmethod
-    def _key(shape, dtype, device):
-        return tuple(shape), dtype, torch.device(device)
-
-    @contextlib.contextmanager
-    def lending(self, tensors):
-        """Inside the block, the sparse kernels take their large results from ``tensors``.
-
-        None entries are skipped; what is not taken is dropped at the end. The
-        pool must hold the only other reference to a tensor (pass an iterable
-        that keeps none, e.g. a generator), or autograd copies it on adoption.
-        """
-        self._free = {}
-        for t in tensors:
-            if t is not None and not t.requires_grad:
-                self._free.setdefault(self._key(t.shape, t.dtype, t.device), []).append(t)
-        tensors = t = None  # no reference left here: autograd adopts what is taken
-        try:
-            with _installed("pool", self):
-                yield self
-        finally:
-            self._free = {}
-
-    def take(self, shape, dtype, device):
-        """A tensor of that shape, dtype and device with arbitrary contents, or None."""
-        free = self._free.get(self._key(shape, dtype, device))
-        return free.pop() if free else None
-
-
-class TangentRows:
-    """Counts the gradients of one decoder that the sparse kernels projected.
-
-    The decoder's rows are kept at unit norm, so the trainer removes the
-    radial part ``(g_f . w_f) w_f`` of each row's gradient. For a sparse
-    decode that part is known from the entries alone: ``g_f . w_f =
-    sum_e v_e <grad_b, w_f>``, and ``<grad_b, w_f>`` is the values' gradient
-    the backward computes anyway. Inside :func:`tangent_rows` each sparse
-    decode of the decoder projects its own contribution (projection is
-    linear) for O(N) work plus one pass over (F, D), instead of the trainer's
-    three passes over the summed gradient (measured 19 ms against 25 ms a
-    step at 24576 x 768). A decode of the decoder on the dense path makes the
-    count incomplete, and the trainer then projects the sum itself.
-    """
-
-    def __init__(self, W):
-        self.W = W
-        self.projected = 0
-        self.dense_uses = 0
-
-    @property
-    def complete(self):
-        """Whether every use of the decoder was a sparse decode that projected its gradient."""
-        return self.projected > 0 and self.dense_uses == 0
-
-    def matches(self, W):
-        """Whether ``W`` is this decoder (the same storage, device and shape)."""
-        return (W.device == self.W.device and W.shape == self.W.shape
-                and W.data_ptr() == self.W.data_ptr())
-
-
-def tangent_rows(W):
-    """Inside the block, sparse decodes with ``W`` give gradients orthogonal to its rows.
-
-    Returns a context manager that yields the block's :class:`TangentRows`.
-    """
-    return _installed("tangent", TangentRows(W))
-
-
-def _tangent_for(W):
-    tangent = getattr(_step_state, "tangent", None)
-    return tangent if tangent is not None and tangent.matches(W) else None
-
-
-def note_dense_use(W):
-    """Record a use of ``W`` outside the sparse kernels (see :class:`TangentRows`)."""
-    tangent = _tangent_for(W)
-    if tangent is not None:
-        tangent.dense_uses += 1
-
-
-def gradient_norms():
-    """Inside the block, the compiled backward passes note the norms of the gradients they produce.
-
-    Returns a context manager yielding a dict for :func:`known_norm`: the
-    compiled passes compute each (F, D) gradient row's squared norm while the
-    row is in cache, so gradient clipping need not read the gradients again
-    (at 24576 x 768: two 75 MB reads, about 12 ms of a step).
-    """
-    return _installed("norms", {})
-
-
-def _note_norm(t, row_sq):
-    """Note ``t``'s norm from its rows' squared norms, while :func:`gradient_norms` is active."""
-    norms = getattr(_step_state, "norms", None)
-    if norms is not None:
-        norms[t.data_ptr()] = (tuple(t.shape), t.dtype, t._version, row_sq.sum().sqrt())
-
-
-def known_norm(norms, t):
-    """The 2-norm of ``t`` noted in ``norms``, or None when ``t`` is not that tensor as noted.
-
-    A gradient that autograd adopted as is keeps its storage and version; one
-    that was accumulated into (another decode's gradient added in place) or
-    replaced by a sum has another version or storage, and is not known.
-    """
-    noted = norms.get(t.data_ptr()) if norms else None
-    if noted is None or noted[:3] != (tuple(t.shape), t.dtype, t._version):
-        return None
-    return noted[3]
-
-
 def unit_rows_(W):
     """Divide each row of ``W`` by its norm (at least 1e-12), in place; returns ``W``.
 
@@ -316,11 +171,8 @@ def unit_rows_(W):
     return W
 
 
-def _take_buffer(shape, like):
-    """A tensor for a large result: from the active :class:`BufferPool`, else fresh."""
-    pool = getattr(_step_state, "pool", None)
-    out = pool.take(shape, like.dtype, like.device) if pool is not None else None
-    return out if out is not None else like.new_empty(shape)
+def _buffer(ws, shape, like):
+    return ws.take_buffer(shape, like) if ws is not None else like.new_empty(shape)
 
 
 # -- compiled passes (numba extra) ---------------------------------------------
@@ -389,14 +241,14 @@ def _gather_rows(pat, W_FD, weights_N, bias_D=None):
     return out if bias_D is None else out.add_(bias_D.to(out.dtype))
 
 
-def _scatter_rows(pat, Y_BD, weights_N):
+def _scatter_rows(pat, Y_BD, weights_N, ws=None):
     """``S^T @ Y`` (F, D) where S has ``weights`` on the pattern.
 
     The pattern is transposed by a stable sort of its indices (O(N log N) on
     N = B k integers, cheap next to the O(N D) sums); each latent's entries then
     form one CSR row of ``S^T`` (or one bag of rows of ``Y``). On the CPU with
     MKL the product is MKL's sparse-dense product into a buffer handed back
-    by the previous step (:class:`BufferPool`): a fresh (F, D) result costs
+    by the previous step (:class:`sksae._accel.workspace.StepWorkspace`): a fresh (F, D) result costs
     its page faults every step (at 24576 x 768: 7 ms for the product into a
     reused buffer, 28 ms for ``embedding_bag``'s fresh result).
     """
@@ -407,7 +259,7 @@ def _scatter_rows(pat, Y_BD, weights_N):
     if Y.device.type == "cpu" and torch.backends.mkl.is_available() and Y.dtype in (
             torch.float32, torch.float64):
         S_T = _csr(crow_T, rows, weights, (F_, Y.shape[0]))
-        out = _take_buffer((F_, D), Y)
+        out = ws.take_buffer((F_, D), Y) if ws is not None else Y.new_empty((F_, D))
         with parallel(Y, "scatter rows"):
             # beta=0: the buffer's old contents are ignored, NaN included
             return torch.addmm(out, S_T, Y, beta=0, out=out)
@@ -520,8 +372,8 @@ class _SparseDecode(torch.autograd.Function):
     """``S @ W_dec (+ b_dec)`` with S the pattern carrying ``values``."""
 
     @staticmethod
-    def forward(ctx, values_N, W_FD, pat, bias_D):
-        ctx.pat = pat
+    def forward(ctx, values_N, W_FD, pat, bias_D, ws):
+        ctx.pat, ctx.ws = pat, ws
         ctx.bias_dtype = None if bias_D is None else bias_D.dtype
         ctx.save_for_backward(values_N, W_FD)
         with _serial(W_FD):
@@ -533,33 +385,35 @@ class _SparseDecode(torch.autograd.Function):
         grad = grad_BD.to(W.dtype)
         need = ctx.needs_input_grad
         g_bias = grad_BD.sum(0).to(ctx.bias_dtype) if need[3] else None
-        tangent = _tangent_for(W) if need[1] else None
+        ws = ctx.ws
+        tangent = ws.tangent_for(W) if need[1] and ws is not None else None
         dots = g_values = g_W = None
         fused = _compiled("decode_backward", grad, W, values) if need[1] else None
         with _serial(W):
             if fused is not None:
                 # the value gradients, the weight gradient and its radial part in one pass
                 dots = grad.new_empty(values.shape[0])
-                g_W = _take_buffer(tuple(W.shape), W)
+                g_W = _buffer(ws, tuple(W.shape), W)
                 row_sq = grad.new_empty(W.shape[0])
                 _by_latent("decode backward", grad, fused, ctx.pat, _np(values), _np(grad),
                            _np(W), dots.numpy(), g_W.numpy(), row_sq.numpy(), tangent is not None)
-                _note_norm(g_W, row_sq)
+                if ws is not None:
+                    ws.note_norm(g_W, row_sq)
                 if tangent is not None:
                     tangent.projected += 1
-                return (dots if need[0] else None), g_W, None, g_bias
+                return (dots if need[0] else None), g_W, None, g_bias, None
             if need[0] or tangent is not None:
                 dots = _sampled_dots(ctx.pat, grad, W)
                 g_values = dots.to(values.dtype) if need[0] else None
             if need[1]:
-                g_W = _scatter_rows(ctx.pat, grad, values)
+                g_W = _scatter_rows(ctx.pat, grad, values, ws)
             if tangent is not None:
                 # each row's radial part sum_e v_e <grad_b, w_f>, from the entries
                 radial = g_W.new_zeros(W.shape[0]).index_add_(
                     0, ctx.pat.indices, values.to(dots.dtype) * dots)
                 g_W.addcmul_(radial.unsqueeze(1), W, value=-1)
                 tangent.projected += 1
-        return g_values, g_W, None, g_bias
+        return g_values, g_W, None, g_bias, None
 
 
 class _GatherPre(torch.autograd.Function):
@@ -573,8 +427,8 @@ class _GatherPre(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pre_BF, x_BD, W_enc_FD, b_enc_F, b_dec_D, pat, centred_BD):
-        ctx.pat = pat
+    def forward(ctx, pre_BF, x_BD, W_enc_FD, b_enc_F, b_dec_D, pat, centred_BD, ws):
+        ctx.pat, ctx.ws = pat, ws
         if centred_BD is None:
             centred_BD = x_BD.to(W_enc_FD.dtype) - b_dec_D.to(W_enc_FD.dtype)
         ctx.save_for_backward(x_BD, W_enc_FD, b_dec_D, centred_BD.to(W_enc_FD.dtype))
@@ -588,7 +442,7 @@ class _GatherPre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_N):
         x, W, b_dec, centred = ctx.saved_tensors
-        pat = ctx.pat
+        pat, ws = ctx.pat, ctx.ws
         g = grad_N.to(W.dtype)
         need = ctx.needs_input_grad
         g_x = g_W = g_benc = g_bdec = None
@@ -598,26 +452,27 @@ class _GatherPre(torch.autograd.Function):
             fused = _compiled("gather_backward", g, centred) if need[2] else None
             if fused is not None:
                 # the weight gradient and the bias gradient h in one pass
-                g_W = _take_buffer(tuple(W.shape), W)
+                g_W = _buffer(ws, tuple(W.shape), W)
                 h = g.new_empty(pat.n_components)
                 row_sq = g.new_empty(pat.n_components)
                 _by_latent("gather backward", g, fused, pat, _np(g), _np(centred), g_W.numpy(),
                            h.numpy(), row_sq.numpy())
-                _note_norm(g_W, row_sq)
+                if ws is not None:
+                    ws.note_norm(g_W, row_sq)
                 g_benc = h if need[3] else None
                 g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None
-                return None, g_x, g_W, g_benc, g_bdec, None, None
+                return None, g_x, g_W, g_benc, g_bdec, None, None, None
             if need[2]:
-                g_W = _scatter_rows(pat, centred, g)
+                g_W = _scatter_rows(pat, centred, g, ws)
             if need[3] or need[4]:
                 h = g.new_zeros(pat.n_components).index_add_(0, pat.indices, g)
                 g_benc = h if need[3] else None
                 g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None
-        return None, g_x, g_W, g_benc, g_bdec, None, None
+        return None, g_x, g_W, g_benc, g_bdec, None, None, None
 
 
 # -- public entry points ------------------------------------------------------
-def sparse_decode(values, indices, W_dec_FD, b_dec_D=None):
+def sparse_decode(values, indices, W_dec_FD, b_dec_D=None, ws=None):
     """``x_hat = S @ W_dec (+ b_dec)`` over the active atoms only.
 
     Parameters
@@ -626,16 +481,18 @@ def sparse_decode(values, indices, W_dec_FD, b_dec_D=None):
     indices : Tensor of shape (B, k), int64, or Pattern
     W_dec_FD : Tensor of shape (F, D)
     b_dec_D : Tensor of shape (D,) or None
+    ws : StepWorkspace or None, default=None
+        The training step's workspace (buffers, decoder projection, noted norms).
 
     Returns
     -------
     x_hat : Tensor of shape (B, D), in ``W_dec``'s dtype
     """
     pat = as_pattern(indices, W_dec_FD.shape[0])
-    return _SparseDecode.apply(values.reshape(-1), W_dec_FD, pat, b_dec_D)
+    return _SparseDecode.apply(values.reshape(-1), W_dec_FD, pat, b_dec_D, ws)
 
 
-def gather_pre(pre_BF, indices, x_BD, p, centred=None):
+def gather_pre(pre_BF, indices, x_BD, p, centred=None, ws=None):
     """Pre-activations at ``indices`` with gradients to the encoder's parameters.
 
     When ``pre_BF`` carries an autograd graph this is a plain ``gather`` (the
@@ -653,6 +510,8 @@ def gather_pre(pre_BF, indices, x_BD, p, centred=None):
     p : dict with ``W_enc``, ``b_enc``, ``b_dec``
     centred : Tensor of shape (B, D), optional
         ``x - b_dec`` (without a graph) when the caller already computed it.
+    ws : StepWorkspace or None, default=None
+        The training step's workspace.
 
     Returns
     -------
@@ -663,5 +522,5 @@ def gather_pre(pre_BF, indices, x_BD, p, centred=None):
             return pre_BF.reshape(-1)[indices.flat()]
         return pre_BF.gather(1, indices)
     pat = as_pattern(indices, pre_BF.shape[1])
-    out = _GatherPre.apply(pre_BF, x_BD, p["W_enc"], p["b_enc"], p["b_dec"], pat, centred)
+    out = _GatherPre.apply(pre_BF, x_BD, p["W_enc"], p["b_enc"], p["b_dec"], pat, centred, ws)
     return out if isinstance(indices, Pattern) else out.view(indices.shape)

@@ -1,33 +1,111 @@
-"""SAE encoder architectures behind one registry.
+"""SAE architectures behind one registry.
 
-Each module holds one architecture's encode and extra losses; ``get`` maps the
-estimator's ``architecture`` parameter to its class.
+Each module holds one architecture: a subclass of :class:`Architecture` that
+declares its hyperparameters, forward, losses, schedules, fitted arrays and
+peer mappings. :func:`register` adds one defined anywhere (a decorator);
+architectures of other installed packages are found through the
+``sksae.architectures`` entry-point group. The estimator's ``architecture``
+parameter, :func:`sksae.save` / :func:`sksae.load`, :mod:`sksae.interop` and
+the CLI all read this registry.
 """
 
-from ._base import Architecture, EncodeOutput, SparseCodes, decode
+from __future__ import annotations
+
+from collections.abc import Set
+
+from ._base import (Architecture, EncodeOutput, LossInputs, PenaltyWarmup, Schedule,
+                    SparseCodes, decode)
 from .batchtopk import BatchTopK
 from .gated import Gated
 from .jumprelu import JumpReLU
+from .matryoshka import MatryoshkaBatchTopK
 from .relu import ReLU
 from .topk import TopK
 
-REGISTRY = {cls.name: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, Gated)}
+__all__ = ["Architecture", "PenaltyWarmup", "EncodeOutput", "LossInputs", "Schedule",
+           "SparseCodes", "decode", "REGISTRY", "register", "get", "available", "NAMES"]
+
+REGISTRY = {cls.name: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, Gated,
+                                      MatryoshkaBatchTopK)}
+_ENTRY_POINT_GROUP = "sksae.architectures"
+_entry_points_loaded = False
 
 
 def register(cls):
-    """Add an :class:`Architecture` subclass to the registry (usable as a decorator)."""
+    """Add an :class:`Architecture` subclass to the registry (usable as a decorator).
+
+    Parameters
+    ----------
+    cls : type
+        A subclass of :class:`Architecture` with a string ``name``.
+
+    Returns
+    -------
+    cls : type
+        The class itself.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Architecture)):
+        raise TypeError(f"register expects an Architecture subclass, got {cls!r}.")
+    if not isinstance(cls.name, str) or not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty string `name` to be registered.")
     REGISTRY[cls.name] = cls
     return cls
 
 
+def _load_entry_points():
+    """Register the architectures that installed packages declare (once)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=_ENTRY_POINT_GROUP):
+        register(ep.load())
+
+
+def available():
+    """Names of the registered architectures, sorted."""
+    _load_entry_points()
+    return sorted(REGISTRY)
+
+
 def get(name):
-    """The architecture class registered under ``name``."""
+    """The architecture class registered under ``name``.
+
+    Raises
+    ------
+    ValueError
+        When no architecture has that name.
+    """
+    if name not in REGISTRY:
+        _load_entry_points()
     try:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"Unknown architecture {name!r}; expected one of {sorted(REGISTRY)}."
+            f"Unknown architecture {name!r}; expected one of {available()}."
         ) from None
 
 
-__all__ = ["Architecture", "EncodeOutput", "SparseCodes", "decode", "REGISTRY", "register", "get"]
+class _RegisteredNames(Set):
+    """A live view of the registry's names (for parameter constraints made at import)."""
+
+    def __contains__(self, name):
+        if name not in REGISTRY:
+            _load_entry_points()
+        return name in REGISTRY
+
+    def __iter__(self):
+        return iter(available())
+
+    def __len__(self):
+        return len(available())
+
+    @classmethod
+    def _from_iterable(cls, it):  # set operations on the view give plain sets
+        return set(it)
+
+
+#: the registered names, always current (``StrOptions(NAMES)`` validates against it)
+NAMES = _RegisteredNames()

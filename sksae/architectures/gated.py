@@ -15,9 +15,13 @@ so that the gate still learns what to reconstruct.
 
 from __future__ import annotations
 
-import torch
+from numbers import Real
 
-from ._base import Architecture, EncodeOutput
+import numpy as np
+import torch
+from sklearn.utils._param_validation import Interval
+
+from ._base import Architecture, EncodeOutput, PenaltyWarmup
 
 
 def _mag_scale(p):
@@ -25,12 +29,13 @@ def _mag_scale(p):
     return p["mag_scale"] if "mag_scale" in p else p["r_mag"].exp()
 
 
-class Gated(Architecture):
+class Gated(PenaltyWarmup, Architecture):
     """Gated activation: a gate with an L1 penalty, unshrunk magnitudes."""
 
     name = "gated"
-    penalty = True
+    hyperparameters = {"alpha": [Interval(Real, 0, None, closed="left")]}
     decoder_in_losses = True
+    saelens_architecture = "gated"
     public_names = {"mag_scale": "mag_scale_", "b_mag": "mag_bias_"}
     input_scaled = ("b_enc", "b_dec", "b_mag")
 
@@ -38,22 +43,40 @@ class Gated(Architecture):
         zeros = torch.zeros_like(params["b_enc"])
         return {"r_mag": zeros, "b_mag": zeros.clone()}
 
-    def encode(self, p, x_BD, training=False):
+    def encode(self, p, x_BD, training=False, ws=None):
         proj = (x_BD - p["b_dec"]) @ p["W_enc"].T
         gate = proj + p["b_enc"]
         mag = _mag_scale(p).to(proj.dtype) * proj + p["b_mag"]
         f = (gate > 0).to(proj.dtype) * torch.relu(mag)
         return EncodeOutput(f, gate) if training else f
 
-    def losses(self, p, x_BD, enc, x_hat_BD, coef):
-        gate_act = torch.relu(enc.pre)
+    def losses(self, inp):
+        p, x_BD = inp.p, inp.x
+        gate_act = torch.relu(inp.enc.pre)
         l1 = (gate_act * p["W_dec"].norm(dim=-1)).sum(-1).mean()
         x_aux = gate_act @ p["W_dec"].detach() + p["b_dec"].detach()
         aux = (x_aux.to(x_BD.dtype) - x_BD).pow(2).sum(-1).mean()
-        return {"l1": coef * self.hparams["alpha"] * l1, "gate_aux": aux}
+        return {"l1": inp.coef["sparsity"] * self.hparams["alpha"] * l1, "gate_aux": aux}
 
     def fold_scale(self, p, scale):
         out = super().fold_scale(p, scale)
         if "r_mag" in p:
             out["mag_scale"] = p["r_mag"].exp()
         return out
+
+    def to_saelens(self, model):
+        return {"b_gate": model.encoder_bias_,
+                "r_mag": np.log(model.mag_scale_.astype(np.float64)),
+                "b_mag": model.mag_bias_}, {}
+
+    @classmethod
+    def from_saelens(cls, cfg, tensors, expect, shift_F):
+        if cfg.get("architecture") != "gated":
+            return None
+        shape = shift_F.shape
+        b_gate = expect("b_gate", shape)
+        expect("r_mag", shape)
+        b_mag = expect("b_mag", shape)
+        mag_scale = expect("mag_scale", shape)  # exp(r_mag), added by the reader
+        return {"encoder_bias_": b_gate + shift_F, "mag_scale_": mag_scale,
+                "mag_bias_": b_mag + mag_scale * shift_F}, {}

@@ -22,10 +22,13 @@ to the chain rule d theta / d log_threshold = THRESHOLD_SPEED * theta.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
+import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 
-from ._base import Architecture, EncodeOutput
+from ._base import Architecture, EncodeOutput, PenaltyWarmup
 
 
 def _rectangle(u):
@@ -77,18 +80,23 @@ def _theta(p):
     return (THRESHOLD_SPEED * p["log_threshold"]).exp()
 
 
-class JumpReLU(Architecture):
+class JumpReLU(PenaltyWarmup, Architecture):
     """JumpReLU activation with an L0 penalty trained by straight-through estimators."""
 
     name = "jumprelu"
-    penalty = True
+    hyperparameters = {
+        "l0_coefficient": [Interval(Real, 0, None, closed="left")],
+        "bandwidth": [Interval(Real, 0, None, closed="neither")],
+        "threshold_init": [Interval(Real, 0, None, closed="neither")],
+    }
     public_names = {"threshold": "threshold_"}
+    saelens_architecture = "jumprelu"
 
     def extra_parameters(self, params):
         t = math.log(self.hparams["threshold_init"]) / THRESHOLD_SPEED
         return {"log_threshold": torch.full_like(params["b_enc"], t)}
 
-    def encode(self, p, x_BD, training=False):
+    def encode(self, p, x_BD, training=False, ws=None):
         pre = self.pre_activation(p, x_BD)
         theta = _theta(p).to(pre.dtype)
         if not training:
@@ -96,14 +104,26 @@ class JumpReLU(Architecture):
         a = torch.relu(pre)
         return EncodeOutput(JumpReLUFunction.apply(a, theta, self.hparams["bandwidth"]), pre)
 
-    def losses(self, p, x_BD, enc, x_hat_BD, coef):
-        a = torch.relu(enc.pre)
-        theta = _theta(p).to(a.dtype)
+    def losses(self, inp):
+        a = torch.relu(inp.enc.pre)
+        theta = _theta(inp.p).to(a.dtype)
         l0 = StepFunction.apply(a, theta, self.hparams["bandwidth"]).sum(-1).mean()
-        return {"l0_penalty": coef * self.hparams["l0_coefficient"] * l0}
+        return {"l0_penalty": inp.coef["sparsity"] * self.hparams["l0_coefficient"] * l0}
 
     def fold_scale(self, p, scale):
         out = super().fold_scale(p, scale)
         if "log_threshold" in p:
             out["threshold"] = _theta(p) / scale
         return out
+
+    def to_saelens(self, model):
+        # SAELens: ReLU(pre) * 1[pre > t]; sksae: pre * 1[pre > t], equal for t >= 0
+        return {"b_enc": model.encoder_bias_, "threshold": np.maximum(model.threshold_, 0)}, {}
+
+    @classmethod
+    def from_saelens(cls, cfg, tensors, expect, shift_F):
+        if cfg.get("architecture") not in ("jumprelu", "batchtopk") or "threshold" not in tensors:
+            return None
+        threshold = expect("threshold", shift_F.shape)
+        return {"encoder_bias_": expect("b_enc", shift_F.shape) + shift_F,
+                "threshold_": np.maximum(threshold, 0)}, {}
