@@ -14,8 +14,7 @@ import torch
 
 from sksae import SparseAutoencoder
 from sksae._sae_trainer import SAETrainer, init_parameters
-from sksae.architectures import REGISTRY, get
-from sksae.architectures.batchtopk import batch_topk_codes
+from sksae.architectures import REGISTRY, LossInputs, Schedule, get
 from sksae.architectures.jumprelu import THRESHOLD_SPEED
 from sksae.datasets import make_sparse_superposition
 from sksae.metrics import relative_reconstruction_bias
@@ -40,7 +39,7 @@ def fitted(toy):
 
 
 def test_registry_lists_every_architecture():
-    assert set(REGISTRY) == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
+    assert set(REGISTRY) == {"relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"}
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -98,7 +97,7 @@ def test_inference_matches_training_units(fitted, toy, name):
     """The folded fitted attributes reproduce the trained encoder on ``scale * x``."""
     sae = fitted[name]
     X = toy[1][:64]
-    arch = get(name)(sae._hparams(), sae.n_components_, sae.n_features_in_)
+    arch = sae._architecture(sae.n_components_, sae.n_features_in_)
     p = {k: v.detach() for k, v in sae._train_state["trainer"]["params"].items()}
     p.update(sae._train_state["trainer"]["buffers"])
     s = sae.input_scale_
@@ -141,7 +140,7 @@ def test_jumprelu_straight_through_gradients_by_hand():
     p = _identity_params(theta)
     x = x.detach().requires_grad_(True)
     enc = arch.encode(p, x, training=True)
-    loss = arch.losses(p, x, enc, None, coef=1.0)["l0_penalty"]
+    loss = arch.losses(LossInputs(p, x, enc, None, {"sparsity": 1.0}, None, None))["l0_penalty"]
     assert loss.item() == pytest.approx(lam * (3 + 2) / 2)
     grad_x, grad_t = torch.autograd.grad(loss, [x, p["log_threshold"]])
     np.testing.assert_allclose(grad_x, 0)
@@ -163,7 +162,8 @@ def test_jumprelu_threshold_is_exported_in_user_units(toy):
 # -------------------------------------------------------------------- BatchTopK
 def test_batch_topk_codes_keep_k_times_batch():
     pre = torch.randn(10, 50, generator=torch.Generator().manual_seed(0))
-    codes = batch_topk_codes(pre, 4)
+    arch = SparseAutoencoder(architecture="batchtopk", k=4)._architecture(50, 8)
+    codes = arch.dense_codes(pre)
     assert int((codes > 0).sum()) == 40
     assert len(set((codes > 0).sum(1).tolist())) > 1  # varies per row
     kept = codes[codes > 0]
@@ -188,15 +188,18 @@ def test_batchtopk_l0_training_exact_inference_close():
 def test_resample_dead_latent(name):
     torch.manual_seed(0)
     F, D, dead = 8, 6, 3
-    hp = dict(SMALL, k=2, bandwidth=0.05, threshold_init=0.5, threshold_momentum=0.999)
-    arch = get(name)(hp, F, D)
+    hp = dict(k=2, alpha=1.0, l0_coefficient=1.0, bandwidth=0.05, threshold_init=0.5,
+              threshold_momentum=0.999, auxk_alpha=1 / 32)
+    arch = SparseAutoencoder(architecture=name, **hp)._architecture(F, D)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, D, generator=gen)
     params = init_parameters(x, F, "random", gen, torch.float32, "cpu")
     params.update(arch.extra_parameters(params))
     buffers = arch.extra_buffers(params)
-    trainer = SAETrainer(arch, params, buffers, lr=1e-2, total_steps=10, warmup_steps=1,
-                         auxk_alpha=1 / 32, dead_window=10**9, coef_warmup_steps=0)
+    # a fit of 10 steps: penalty warm-up ceil(0.05 * 10) = 1 step, coefficient 1 from the start
+    schedule = Schedule(total_steps=10, steps_per_epoch=10)
+    trainer = SAETrainer(arch, params, buffers, lr=1e-2, schedule=schedule, warmup_steps=1,
+                         dead_window=10**9)
     trainer.step(x)  # Adam state everywhere
     extra = [n for n, v in arch.extra_parameters(trainer.params).items() if v.ndim]
     with torch.no_grad():

@@ -6,13 +6,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from sksae import SparseAutoencoder
 from sksae._accel import sparse as _kernels
 from sksae._accel.sparse import Pattern, gather_pre, sparse_decode, use_sparse
+from sksae._accel.workspace import StepWorkspace
 from sksae._sae_trainer import SAETrainer, init_parameters
-from sksae.architectures import REGISTRY, SparseCodes, decode
+from sksae.architectures import REGISTRY, EncodeOutput, LossInputs, Schedule, SparseCodes, decode
 from sksae._accel import compiled as _compiled
 
-TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.auxk)
+TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.uses_dead_latents)
+# coefficients at 1 from the first step, no final decay (as partial_fit's)
+NO_WARMUP = Schedule(total_steps=None, steps_per_epoch=1)
 DTYPES = [torch.float64, torch.float32]
 
 
@@ -169,18 +173,17 @@ def test_decode_dispatch(device):
 
 def _trainer(name, kernels, device, dtype, n_dead):
     D, F, B = 12, 64, 32
-    hparams = {"k": 4, "alpha": 1e-3, "threshold_momentum": 0.9, "bandwidth": 0.05,
-               "initial_threshold": 0.1}
-    arch = REGISTRY[name](hparams, F, D)
+    # every hyperparameter the architecture declares (Matryoshka: its default prefixes)
+    arch = SparseAutoencoder(architecture=name, k=4, alpha=1e-3, threshold_momentum=0.9,
+                             bandwidth=0.05, auxk_alpha=1 / 32)._architecture(F, D)
     arch.kernels = kernels
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, D, generator=g, dtype=torch.float64)
     params = init_parameters(x, F, "random", g, dtype, device)
     params.update({k: v.to(device, dtype) for k, v in arch.extra_parameters(params).items()})
     buffers = {k: v.to(device, dtype) for k, v in arch.extra_buffers(params).items()}
-    trainer = SAETrainer(arch, params, buffers, lr=0.0, total_steps=None, warmup_steps=1,
-                         auxk_alpha=1 / 32, dead_window=10, coef_warmup_steps=0,
-                         precision="float32")
+    trainer = SAETrainer(arch, params, buffers, lr=0.0, schedule=NO_WARMUP, warmup_steps=1,
+                         dead_window=10, precision="float32")
     trainer.rows_since_fired[:n_dead] = 100  # latents 0..n_dead-1 count as dead
     return trainer, x[:B].to(device, dtype)
 
@@ -192,11 +195,11 @@ def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
     """Same metrics and gradients (after projection and clipping) on both paths."""
     sparse, x = _trainer(name, "sparse", device, dtype, n_dead)
     dense, _ = _trainer(name, "dense", device, dtype, n_dead)
-    if name in ("topk", "batchtopk"):  # the sparse path really runs: pre carries no graph
-        p = {**sparse.params, **sparse.buffers}
-        assert not sparse.arch.encode(p, x, training=True).pre.requires_grad
-        assert dense.arch.encode(p, x, training=True).pre.requires_grad
-    ms, md = sparse.step(x), dense.step(x)
+    # the sparse path really runs: pre carries no graph
+    p = {**sparse.params, **sparse.buffers}
+    assert not sparse.arch.encode(p, x, training=True).pre.requires_grad
+    assert dense.arch.encode(p, x, training=True).pre.requires_grad
+    ms, md = sparse.step(x).as_dict(), dense.step(x).as_dict()
     assert set(ms) == set(md)
     for key in ms:
         assert_close(ms[key], md[key], **_tol(dtype), msg=key)
@@ -222,19 +225,22 @@ def test_auxk_loss_matches_its_definition(n_dead, kernels, device):
         pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
     if kernels == "dense":
         pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
-    loss = trainer.auxk_loss(pre, x, x_hat)
+    arch = trainer.arch
+    dead = trainer.rows_since_fired >= trainer.dead_window
+    inp = LossInputs({**p, **trainer.buffers}, x, EncodeOutput(None, pre), x_hat, trainer.coef,
+                     dead, trainer.ws)
+    loss = arch.auxk_loss(inp)
     got = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
 
-    dead = trainer.rows_since_fired >= trainer.dead_window
     ref_pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
     picked, idx = torch.topk(ref_pre.masked_fill(~dead, float("-inf")),
-                             min(trainer.k_aux, n_dead), dim=-1)
+                             min(arch.k_aux, n_dead), dim=-1)
     assert (picked < 0).any() and (picked > 0).any()  # both kinds of picks occur
     codes = torch.zeros_like(ref_pre).scatter(1, idx, torch.relu(picked))
     e = x - x_hat
     total_var = (e - e.mean(0)).pow(2).sum()
-    scale = min(n_dead / trainer.k_aux, 1.0)
-    ref = trainer.auxk_alpha * scale * (codes @ p["W_dec"] - e).pow(2).sum() / total_var
+    scale = min(n_dead / arch.k_aux, 1.0)
+    ref = arch.hparams["auxk_alpha"] * scale * (codes @ p["W_dec"] - e).pow(2).sum() / total_var
     want = torch.autograd.grad(ref, list(p.values()), allow_unused=True)
     assert_close(loss, ref, **_tol(torch.float64))
     for name, g, w in zip(p, got, want):
@@ -243,19 +249,25 @@ def test_auxk_loss_matches_its_definition(n_dead, kernels, device):
                      **_tol(torch.float64), msg=name)
 
 
-def test_buffer_pool_hands_out_each_lent_tensor_once():
-    pool = _kernels.BufferPool()
+def test_workspace_hands_out_each_lent_tensor_once():
+    ws = StepWorkspace()
     a, b = torch.zeros(3, 4), torch.zeros(3, 4)
-    with pool.lending([a, None, b, torch.zeros(2)]):
-        assert pool.take((5, 4), torch.float32, "cpu") is None
-        assert pool.take((3, 4), torch.float64, "cpu") is None
-        got = {id(pool.take((3, 4), torch.float32, "cpu")) for _ in range(2)}
-        assert got == {id(a), id(b)}
-        assert pool.take((3, 4), torch.float32, "cpu") is None
-    with pool.lending([a]):
+    graph = torch.zeros(3, 4, requires_grad=True)  # never lent (autograd would not adopt it)
+    lent = (a, b, graph)
+
+    def fresh(t, shape, dtype):  # a new tensor, none of those lent
+        return t.shape == shape and t.dtype == dtype and all(t is not u for u in lent)
+
+    with ws.lending([a, None, graph, b, torch.zeros(2)]):
+        assert fresh(ws.take_buffer((5, 4), a), (5, 4), torch.float32)  # another shape
+        assert fresh(ws.take_buffer((3, 4), a.double()), (3, 4), torch.float64)  # another dtype
+        got = [ws.take_buffer((3, 4), a) for _ in range(2)]
+        assert (got[0] is a and got[1] is b) or (got[0] is b and got[1] is a)
+        assert fresh(ws.take_buffer((3, 4), a), (3, 4), torch.float32)  # each lent once
+    with ws.lending([a]):
         pass
-    assert pool.take((3, 4), torch.float32, "cpu") is None  # forgets what it was lent
-    assert _kernels._take_buffer((3, 4), a) is not a  # no pool outside the block
+    assert fresh(ws.take_buffer((3, 4), a), (3, 4), torch.float32)  # forgets what it was lent
+    assert _kernels._buffer(None, (3, 4), a) is not a  # no workspace: fresh
 
 
 @pytest.mark.parametrize("mkl", [True, False])
@@ -268,10 +280,10 @@ def test_scatter_into_a_stale_buffer(monkeypatch, mkl):
     w = torch.randn(pat.indices.shape[0], generator=g)
     S = torch.zeros(9, 40)
     S.view(-1)[pat.flat()] = w
-    pool = _kernels.BufferPool()
+    ws = StepWorkspace()
     stale = torch.full((40, 6), float("nan"))
-    with pool.lending([stale]):
-        out = _kernels._scatter_rows(pat, Y, w)
+    with ws.lending([stale]):
+        out = _kernels._scatter_rows(pat, Y, w, ws=ws)
     assert (out.data_ptr() == stale.data_ptr()) == mkl
     assert_close(out, S.T @ Y)
 
@@ -286,7 +298,10 @@ def test_sparse_steps_reuse_gradient_buffers(name):
         t.lr = 1e-3
     sparse.step(x)
     dense.step(x)
-    ptrs = {k: sparse.params[k].grad.data_ptr() for k in ("W_enc", "W_dec")}
+    # Matryoshka's prefix decodes take more (F, D) results than the two lent gradients:
+    # the extra decoder partials use up the encoder's, so only the decoder's is reused
+    reused = ("W_dec",) if name == "matryoshka" else ("W_enc", "W_dec")
+    ptrs = {k: sparse.params[k].grad.data_ptr() for k in reused}
     x2 = x.flip(0) * 1.5
     sparse.step(x2)
     dense.step(x2)
@@ -299,14 +314,13 @@ def _wide_trainer(kernels, n_dead):
     """F=512, D=80, k=4: with kernels="auto" the codes decode sparsely and AuxK's
     40 picks per row (over 1/16 of the latents) densely."""
     D, F = 80, 512
-    arch = REGISTRY["topk"]({"k": 4}, F, D)
+    arch = REGISTRY["topk"]({"k": 4, "auxk_alpha": 1 / 32}, F, D)
     arch.kernels = kernels
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, D, generator=g, dtype=torch.float64)
     params = init_parameters(x, F, "random", g, torch.float64, "cpu")
-    trainer = SAETrainer(arch, params, {}, lr=0.0, total_steps=None, warmup_steps=1,
-                         auxk_alpha=1 / 32, dead_window=10, coef_warmup_steps=0,
-                         precision="float32")
+    trainer = SAETrainer(arch, params, {}, lr=0.0, schedule=NO_WARMUP, warmup_steps=1,
+                         dead_window=10, precision="float32")
     trainer.rows_since_fired[:n_dead] = 100
     return trainer, x[:32]
 
@@ -320,15 +334,15 @@ def test_decoder_gradient_is_tangent_whichever_decodes_project(monkeypatch, kern
     decoder makes the trainer project the sum. Either way: the dense path's gradient,
     orthogonal to every (unit) decoder row."""
     seen = []
-    real = _kernels.tangent_rows
+    real = StepWorkspace.projecting
 
     @contextlib.contextmanager
-    def spy(W):
-        with real(W) as rows:
+    def spy(self, W):
+        with real(self, W) as rows:
             seen.append(rows)
             yield rows
 
-    monkeypatch.setattr("sksae._sae_trainer.tangent_rows", spy)
+    monkeypatch.setattr(StepWorkspace, "projecting", spy)
     trainer, x = _wide_trainer(kernels, n_dead)
     reference, _ = _wide_trainer("dense", n_dead)
     trainer.step(x)
