@@ -13,28 +13,43 @@ import torch
 from torch.testing import assert_close
 
 from sksae import SparseAutoencoder
+from sksae._accel import adam as _adam
 from sksae._sae_trainer import SAETrainer, init_parameters
-from sksae.architectures import REGISTRY
+from sksae.architectures import REGISTRY, PenaltyWarmup, Schedule
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="CUDA graphs need a CUDA device")
 
 HPARAMS = {"k": 4, "alpha": 1e-3, "threshold_momentum": 0.9, "bandwidth": 0.05,
-           "threshold_init": 0.1, "l0_coefficient": 1e-3}
+           "threshold_init": 0.1, "l0_coefficient": 1e-3, "auxk_alpha": 1 / 32}
+
+
+class _PenaltyWarmup10(Schedule):
+    """A schedule whose penalty warm-up lasts 10 steps whatever the fit's length, so that
+    the coefficients still change during the recorded steps (replays from step 4 on)."""
+
+    __slots__ = ()
+
+    @property
+    def warmup_steps(self):
+        return 10
 
 
 def _trainer(name, device, graphs, monkeypatch, total_steps=40):
     D, F = 16, 64
-    arch = REGISTRY[name](HPARAMS, F, D)
+    # every hyperparameter the architecture declares (Matryoshka: its default prefixes)
+    arch = SparseAutoencoder(architecture=name, **HPARAMS)._architecture(F, D)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, D, generator=g, dtype=torch.float64)
     params = init_parameters(x, F, "data", g, torch.float32, device)
     params.update({k: v.to(device) for k, v in arch.extra_parameters(params).items()})
     buffers = {k: v.to(device) for k, v in arch.extra_buffers(params).items()}
     monkeypatch.setattr(SAETrainer, "cuda_graphs", graphs)
-    trainer = SAETrainer(arch, params, buffers, lr=1e-3, total_steps=total_steps,
-                         warmup_steps=5, auxk_alpha=1 / 32, dead_window=64,
-                         coef_warmup_steps=10 if arch.penalty else 0)
+    # penalties: a warm-up of 10 steps; 16 batches an epoch
+    schedule = (_PenaltyWarmup10 if isinstance(arch, PenaltyWarmup) else Schedule)(
+        total_steps, 16)
+    trainer = SAETrainer(arch, params, buffers, lr=1e-3, schedule=schedule,
+                         warmup_steps=5, dead_window=64)
     batches = x.to(device, torch.float32).split(32)  # 16 batches of 32 rows
     return trainer, batches
 
@@ -42,7 +57,7 @@ def _trainer(name, device, graphs, monkeypatch, total_steps=40):
 def _run(trainer, batches, n_steps):
     history = []
     for i in range(n_steps):
-        metrics = trainer.step(batches[i % len(batches)])
+        metrics = trainer.step(batches[i % len(batches)]).as_dict()
         history.append({k: float(v) for k, v in metrics.items()})
     return history
 
@@ -74,7 +89,7 @@ def test_recorded_step_runs_odd_batches_eagerly(monkeypatch):
     assert trainer._graphs
     short = batches[0][:7]
     metrics = trainer.step(short)  # another shape: the eager step
-    assert np.isfinite(float(metrics["loss"]))
+    assert np.isfinite(float(metrics.loss))
     assert all(g["x"].shape[0] == 32 for g in trainer._graphs.values())
     assert trainer.step_count == 7
 
@@ -116,17 +131,17 @@ def test_schedules_fill_device_scalars_in_place(monkeypatch):
     trainer, _ = _trainer("relu", "cpu", False, monkeypatch, total_steps=100)
     lr_tensor, coef = torch.zeros(()), torch.zeros(())
     trainer.optimizer.param_groups[0]["lr"] = lr_tensor
-    trainer._coef = coef
+    trainer.coef["sparsity"] = coef
     trainer._set_schedules(2)
-    assert trainer.optimizer.param_groups[0]["lr"] is lr_tensor and trainer._coef is coef
+    assert trainer.optimizer.param_groups[0]["lr"] is lr_tensor
+    assert trainer.coef["sparsity"] is coef
     assert float(lr_tensor) == pytest.approx(trainer.lr_at(2)) == trainer.current_lr
-    assert float(coef) == pytest.approx(trainer.coef_at(2)) == pytest.approx(0.3)
+    expected = trainer.arch.coefficients(2, trainer.schedule)["sparsity"]
+    assert float(coef) == pytest.approx(expected) == pytest.approx(0.3)
 
 
 def test_clipping_without_the_torch_2_6_helpers(monkeypatch):
     """torch 2.2-2.5 have no get_total_norm / clip_grads_with_norm_: same clipping."""
-    from sksae import _sae_trainer
-
     grads = [torch.randn(5, 3, dtype=torch.float64) * 3, torch.randn(7, dtype=torch.float64)]
     params = [torch.zeros_like(g, requires_grad=True) for g in grads]
     expected_norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
@@ -134,9 +149,9 @@ def test_clipping_without_the_torch_2_6_helpers(monkeypatch):
         p.grad = g.clone()
     monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
     monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_", raising=False)
-    norm = _sae_trainer._total_norm([p.grad for p in params])
+    norm = _adam.total_norm([p.grad for p in params])
     assert_close(norm, expected_norm)
-    _sae_trainer._clip_with_norm(params, 1.0, norm)
+    _adam._clip_with_norm(params, 1.0, norm)
     clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
     assert clipped == pytest.approx(1.0, rel=1e-5)
     for p, g in zip(params, grads):
@@ -150,8 +165,8 @@ def test_auxk_skipped_only_while_no_latent_can_be_dead(graphs, device, monkeypat
         pytest.skip("CUDA graphs need a CUDA device")
     trainer, batches = _trainer("topk", device, graphs, monkeypatch, total_steps=None)
     always, _ = _trainer("topk", device, graphs, monkeypatch, total_steps=None)
-    always._auxk_has_work = lambda n_rows: True
-    decide = trainer._auxk_has_work
+    always._dead_may_exist = lambda n_rows: True
+    decide = trainer._dead_may_exist
     decisions = []
 
     def checked(n_rows):
@@ -161,7 +176,7 @@ def test_auxk_skipped_only_while_no_latent_can_be_dead(graphs, device, monkeypat
         decisions.append(work)
         return work
 
-    trainer._auxk_has_work = checked
+    trainer._dead_may_exist = checked
     a, b = _run(trainer, batches, 40), _run(always, batches, 40)
     # dead_window=64 with 32-row batches: the first steps cannot have dead latents
     assert decisions[:2] == [False, False] and True in decisions
@@ -181,7 +196,7 @@ def test_auxk_bound_is_read_again_after_loading_a_state(monkeypatch):
     state = trainer.state_dict()
     state["rows_since_fired"].fill_(1000.0)  # every latent dead
     trainer.load_state_dict(state)
-    assert trainer._auxk_has_work(32)
+    assert trainer._dead_may_exist(32)
 
 
 class _SlowReading:

@@ -9,10 +9,11 @@ from torch.testing import assert_close
 from sksae import SparseAutoencoder
 from sksae._accel.device import native_bf16
 from sksae._accel.sparse import Pattern, gather_pre
+from sksae._accel.workspace import StepWorkspace
 from sksae._sae_trainer import SAETrainer, init_parameters, product_dtype
-from sksae.architectures import REGISTRY
+from sksae.architectures import REGISTRY, Schedule
 
-TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.auxk)
+TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.uses_dead_latents)
 
 
 def test_product_dtype_rules(device):
@@ -73,10 +74,10 @@ def test_bf16_selection_picks_a_top_k_up_to_rounding(name):
     """On the CPU's sparse path the support is a top-k of the float32 pre-activations
     up to bf16 rounding, and the codes' values are the float32 pre-activations."""
     D, F, B, k = 32, 640, 64, 8
-    arch = REGISTRY[name]({"k": k}, F, D)
-    arch.kernels, arch.selection_dtype = "sparse", torch.bfloat16
+    arch = SparseAutoencoder(architecture=name, k=k)._architecture(F, D)
+    arch.kernels = "sparse"
     x, p = _setup(D, F, B, "cpu")
-    enc = arch.encode(p, x, training=True)
+    enc = arch.encode(p, x, training=True, ws=StepWorkspace(selection_dtype=torch.bfloat16))
     assert enc.pre.dtype == torch.bfloat16
     exact = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T).detach()
     dense = enc.codes.to_dense(F).detach()
@@ -97,14 +98,14 @@ def test_bf16_selection_picks_a_top_k_up_to_rounding(name):
 
 def _trainer(precision, seed=0):
     D, F = 16, 768
-    arch = REGISTRY["topk"]({"k": 8}, F, D)
+    arch = REGISTRY["topk"]({"k": 8, "auxk_alpha": 1 / 32}, F, D)
     arch.kernels = "sparse"
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(512, D, generator=g, dtype=torch.float64)
     params = init_parameters(x, F, "data", g, torch.float32, "cpu")
-    trainer = SAETrainer(arch, params, {}, lr=1e-3, total_steps=None, warmup_steps=1,
-                         auxk_alpha=1 / 32, dead_window=64, coef_warmup_steps=0,
-                         precision=precision)
+    trainer = SAETrainer(arch, params, {}, lr=1e-3,
+                         schedule=Schedule(total_steps=None, steps_per_epoch=1), warmup_steps=1,
+                         dead_window=64, precision=precision)
     return trainer, x.float()
 
 
@@ -112,14 +113,15 @@ def test_bf16_step_matches_float32_step_where_the_support_agrees():
     """Same losses and gradients as float32 when bf16 picks the same latents."""
     low, x = _trainer("bfloat16")
     full, _ = _trainer("float32")
-    assert low.arch.selection_dtype is torch.bfloat16 and full.arch.selection_dtype is None
+    assert low.ws.selection_dtype is torch.bfloat16 and full.ws.selection_dtype is None
     p = {**low.params, **low.buffers}
-    enc_low = low.arch.encode(p, x[:64], training=True)
-    enc_full = full.arch.encode(p, x[:64], training=True)
+    enc_low = low.arch.encode(p, x[:64], training=True, ws=low.ws)
+    enc_full = full.arch.encode(p, x[:64], training=True, ws=full.ws)
+    assert enc_low.pre.dtype == torch.bfloat16 and enc_full.pre.dtype == torch.float32
     same = (enc_low.codes.indices.sort(-1).values == enc_full.codes.indices.sort(-1).values).all(-1)
     assert same.float().mean() > 0.8  # ties to bf16 rounding are rare
     rows = x[:64][same]
-    ml, mf = low.step(rows), full.step(rows)
+    ml, mf = low.step(rows).as_dict(), full.step(rows).as_dict()
     for key in ("loss", "mse", "fvu", "l0"):
         assert_close(ml[key], mf[key], rtol=1e-5, atol=1e-6, msg=key)
     for key, param in low.params.items():
