@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._accel.placement import array_views, run_faster
+from ._accel.placement import array_views, run_faster, unit_ball
 
 __all__ = ["init_dictionary", "update_stats", "update_dictionary"]
 
@@ -116,7 +116,7 @@ def update_dictionary(D, A, B, X, random_state, positive=False, block=64):
         noise = random_state.normal(0, level, size=X.shape[1])
         replacement[k] = newd + torch.as_tensor(noise, dtype=D.dtype, device=D.device)
 
-    def on_host():  # the numpy sweep on host copies; D is updated in place after
+    def on_host():  # the sweep on host copies; D is updated in place after
         host = D.cpu()
         _sweep(host, A.cpu(), B.cpu(), {k: v.cpu() for k, v in replacement.items()},
                positive, block)
@@ -139,28 +139,31 @@ def _sweep(D, A, B, replacement, positive, block):
         target = torch.addmm(B[:, start:stop].T, A[start:stop], D, alpha=-1.0)
         scale = inv[start:stop, None]
         new_atoms = {k - start: v for k, v in replacement.items() if start <= k < stop}
-        xp, (Dv, work, A_blk, *new) = array_views(
+        Dv, work, A_blk, *new = array_views(
             D, target * scale, A[start:stop, start:stop] * scale, *new_atoms.values())
-        _sweep_block(xp, Dv, work, A_blk, dict(zip(new_atoms, new)), start, positive)
+        _sweep_block(Dv, work, A_blk, dict(zip(new_atoms, new)), start, positive)
 
 
-def _sweep_block(xp, D, work, A_blk, replacement, start, positive):
+def _sweep_block(D, work, A_blk, replacement, start, positive):
     """The sequential part of one block: each atom sees the ones updated before it.
 
-    ``xp``, ``D``, ``work`` (the block's scaled targets) and ``A_blk`` (its
-    scaled Gram block) come from :func:`sksae._accel.placement.array_views`:
-    numpy views on the CPU, the tensors on an accelerator, one code for both.
-    Row ``i`` of ``work`` is read once, then holds the change of atom
-    ``start + i``, which the atoms after it subtract. ``replacement`` maps
-    positions in the block to resampled atoms.
+    ``D``, ``work`` (the block's scaled targets) and ``A_blk`` (its scaled Gram
+    block) come from :func:`sksae._accel.placement.array_views`: numpy views on
+    the CPU, the tensors on an accelerator, one code for both. Row ``i`` of
+    ``work`` becomes atom ``start + i``'s new value, then its change, which the
+    atoms after it subtract. ``replacement`` maps positions in the block to
+    resampled atoms.
     """
     for i in range(work.shape[0]):
         k = start + i
-        new = replacement.get(i)
-        if new is None:
-            new = (work[i] - A_blk[i, :i] @ work[:i] if i else work[i]) + D[k]
-        if positive:
-            new = xp.clip(new, 0.0, None)
-        new = new / xp.clip(xp.sqrt(new @ new), 1.0, None)
-        work[i] = new - D[k]
+        new = work[i]
+        if i in replacement:
+            new[:] = replacement[i]
+        else:
+            if i:
+                new -= A_blk[i, :i] @ work[:i]
+            new += D[k]
+        new = unit_ball(new, positive)
+        change = new - D[k]
         D[k] = new
+        work[i] = change

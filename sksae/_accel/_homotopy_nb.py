@@ -1,12 +1,13 @@
-"""The LARS-lasso homotopy of :mod:`._homotopy_np`, compiled per row with numba.
+"""The LARS-lasso homotopy of :mod:`sksae.coders._homotopy`, compiled per row with numba.
 
-Same state, same events, same final solve as the numpy path, but each row
-runs its whole path inside one compiled loop: a path step of a 100-atom row
-is a few hundred flops, which the ~60 numpy calls of a batched step (1 us of
-dispatch each) cost many times over. One call codes a whole block of rows.
+Same state, same events, same final solve as the batched torch path, but each
+row runs its whole path inside one compiled loop: a path step of a 100-atom
+row is a few hundred flops, which the dispatch of the ~60 calls of a batched
+step would cost many times over. One call codes a whole block of rows. This is
+the CPU's lasso coder (:func:`sksae.coders._lasso_lars.lasso_lars`).
 
-This module imports numba at import time; :mod:`._lasso_lars` imports it only
-when numba is installed and the compiled path is enabled.
+This module imports numba at import time; :mod:`.compiled` imports it on a
+coder's first request for the kernel.
 
 Precision follows :mod:`._homotopy`: the scan over all atoms (correlations
 ``r``, rates ``a``, entering steps) runs in the input's dtype, the

@@ -22,6 +22,7 @@ on the tensors themselves (an accelerator).
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from .device import is_accelerator, synchronize
 from .threads import ThreadChooser
 
-__all__ = ["array_views", "row_block", "run_faster"]
+__all__ = ["array_views", "row_block", "run_faster", "unit_ball"]
 
 _choosers = {}
 _MAX_CHOOSERS = 1024
@@ -116,16 +117,43 @@ def array_views(*tensors):
 
     Returns
     -------
-    xp : module
-        ``numpy`` or ``torch``: the functions for the arrays (code that calls
-        only what both share, such as ``xp.sqrt``, ``xp.clip(a, lo, hi)`` and
-        the operators, runs on either).
-    arrays : tuple
+    tuple
         On the CPU, numpy views of the same memory (writes through them change
         the tensors; a numpy call dispatches several times faster than a torch
         call, which dominates operations on vectors of a few hundred entries);
         elsewhere the tensors themselves (numpy cannot reach device memory).
+        Code that uses only the operators both types share (``@``, ``+=``,
+        slicing) and :func:`unit_ball` runs on either.
     """
     if tensors and is_accelerator(tensors[0].device):
-        return torch, tensors
-    return np, tuple(t.detach().numpy() for t in tensors)
+        return tensors
+    return tuple(t.detach().numpy() for t in tensors)
+
+
+def unit_ball(v, positive=False):
+    """Project a vector of :func:`array_views` onto the unit ball (and the orthant).
+
+    Parameters
+    ----------
+    v : ndarray or Tensor of shape (n,)
+        A numpy vector is projected in place; a tensor is not.
+    positive : bool, default=False
+        Clip negative entries to zero first.
+
+    Returns
+    -------
+    ndarray or Tensor
+        ``v / max(||v||, 1)``. On a device tensor the norm stays on the device
+        (no host synchronisation); on numpy it is a host scalar, cheaper than
+        numpy's scalar operations.
+    """
+    if isinstance(v, np.ndarray):
+        if positive:
+            np.maximum(v, 0, out=v)
+        norm = math.sqrt(float(v @ v))
+        if norm > 1.0:
+            v /= norm
+        return v
+    if positive:
+        v = v.clamp(min=0)
+    return v / torch.linalg.vector_norm(v).clamp(min=1.0)

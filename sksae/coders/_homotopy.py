@@ -17,9 +17,9 @@ State per row, in ``cap`` slots (active slots first, ``0..n_act-1``):
 
 A step costs a few passes over the (rows, n_components) correlations plus
 ~60 small ops, so the code avoids boolean masks over that block (masked
-selects are ~10x slower than arithmetic on CPU), finds every row's event with
-one ``min`` over three candidates, and does the row reductions through numpy
-on CPU (:mod:`._ops`). Finished rows are flushed and leave the batch once
+selects cost many times the arithmetic), finds every row's event with one
+``min`` over three candidates, and does the row reductions through
+:mod:`sksae._accel.ops`. Finished rows are flushed and leave the batch once
 they are half of it. The caller re-solves each final support exactly
 (:func:`resolve_on_support`), which removes the drift of ``H``.
 """
@@ -209,7 +209,7 @@ def homotopy(C, G, Gs, alpha, positive, max_iter, usable):
             # (lam - r) / (1 - a) over the positive denominators, else +inf (lars_path's
             # min_pos): a negative denominator is clamped to 0 and the numerator is
             # positive, so the quotient is +inf there (no boolean mask: masked
-            # selects over the (rows, K) block are ~10x slower than arithmetic on CPU).
+            # selects over the (rows, K) block cost many times the arithmetic).
             d_in = torch.sub(lam_, P.r, out=b1).clamp_(min=P.tiny)
             d_in.div_(torch.sub(_one(a), a, out=b2).clamp_(min=0.0))
         else:

@@ -63,6 +63,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         False when some row had not reached ``alpha`` after ``max_iter`` steps
         (its code is then the path point reached).
     """
+    engine = coder_engine(engine, X.device, "homotopy")
     n, K = X.shape[0], D.shape[0]
     G = D @ D.T if gram is None else gram
     C = X @ D.T if cov is None else cov
@@ -75,10 +76,9 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
         return out.to(X.dtype), True
     alpha = float(alpha)
     usable = G64.diagonal() > _NULL_ATOM
-    converged = True
-    engine = coder_engine(engine, X.device, "homotopy")
     if engine == "numba":
         return _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, X.dtype)
+    converged = True
     # A path step makes ~10 passes over the block's (rows, n_components)
     # correlations: on the CPU blocks of rows keep them cache-sized.
     block = row_block(C, 8 * K)
@@ -100,7 +100,7 @@ def lasso_lars(X, D, *, gram=None, cov=None, alpha=1.0, positive=False, max_iter
 
 
 def _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, dtype):
-    """All rows through the compiled per-row path (:mod:`._homotopy_nb`)."""
+    """All rows through the compiled per-row path (:mod:`sksae._accel._homotopy_nb`)."""
     kernel = compiled_kernel("homotopy", required=True)
     Cn = np.ascontiguousarray(C.detach().numpy())
     Gs = np.ascontiguousarray(G.detach().to(C.dtype).numpy())
@@ -108,7 +108,7 @@ def _lasso_lars_compiled(C, G64, G, alpha, positive, max_iter, usable, dtype):
     consts = np.array([fi.tiny, 1.0, 0.0], dtype=Cn.dtype)
     out = np.zeros(Cn.shape, dtype=np.float64)
     # Per row the working set is a few K-vectors, so no blocking over rows is
-    # needed (unlike the batched paths).
+    # needed (unlike the batched torch path).
     bad = kernel(Cn, np.ascontiguousarray(G64.detach().numpy()), Gs, alpha, bool(positive),
                  int(max_iter), np.ascontiguousarray(usable.numpy()),
                  bool(Cn.dtype == np.float64), consts, out)

@@ -57,6 +57,7 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
     converged : bool
         Always True (a fixed number of greedy steps).
     """
+    engine = coder_engine(engine, X.device, "omp")
     n, K = X.shape[0], D.shape[0]
     G = D @ D.T if gram is None else gram
     C = X @ D.T if cov is None else cov
@@ -64,8 +65,7 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
     code = torch.zeros(n, K, dtype=G.dtype, device=X.device)
     if n == 0 or k == 0 or K == 0:
         return code, True
-    block = max(1, _BLOCK_BYTES // max(1, K * G.element_size()))
-    if coder_engine(engine, X.device, "omp") == "numba":
+    if engine == "numba":
         kernel = compiled_kernel("omp", required=True)
         Gn = np.ascontiguousarray(G.detach().numpy())
         # Per row the working set is two K-vectors and k x k factors: no blocking.
@@ -74,6 +74,7 @@ def omp(X, D, *, gram=None, cov=None, n_nonzero_coefs=1, engine=None, **_):
         kernel(Cn, Gn, k, consts, code.numpy())
         return code, True
     panels = [(lo, G[:, lo:lo + _PANEL].contiguous()) for lo in range(0, K, _PANEL)]
+    block = max(1, _BLOCK_BYTES // max(1, K * G.element_size()))
     for s in range(0, n, block):
         _omp_block(C[s:s + block], G, k, panels, code[s:s + block])
     return code, True
