@@ -118,15 +118,15 @@ def test_the_trainer_folds_clipping_into_the_update():
     """A CPU step whose gradient norm exceeds clip_norm: FusedAdam divides the gradients
     in its own pass, and the step equals clipping first with torch.optim.Adam."""
     from sksae._sae_trainer import SAETrainer, init_parameters
-    from sksae.architectures import REGISTRY
+    from sksae.architectures import REGISTRY, Schedule
 
     def trainer(fold):
         g = torch.Generator().manual_seed(0)
         x = 30 * torch.randn(64, 12, generator=g)  # large inputs: a gradient norm >> 1
         params = init_parameters(x, 48, "random", g, torch.float32, "cpu")
-        t = SAETrainer(REGISTRY["topk"]({"k": 4}, 48, 12), params, {}, lr=1e-3, total_steps=None,
-                       warmup_steps=1, auxk_alpha=0.0, dead_window=10, coef_warmup_steps=0,
-                       precision="float32")
+        arch = REGISTRY["topk"]({"k": 4, "auxk_alpha": 0.0}, 48, 12)
+        t = SAETrainer(arch, params, {}, lr=1e-3, schedule=Schedule(None, 1),
+                       warmup_steps=1, dead_window=10, precision="float32")
         if not fold:
             t.optimizer = torch.optim.Adam(list(t.params.values()), lr=1e-3, fused=True)
         return t, x
@@ -166,16 +166,15 @@ def test_state_created_up_front_gives_the_same_updates():
 
 def test_the_cpu_trainer_sets_up_adam_state_and_gradient_buffers():
     from sksae._sae_trainer import SAETrainer, init_parameters
-    from sksae.architectures import REGISTRY
+    from sksae.architectures import REGISTRY, Schedule
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 12, generator=g)
     params = init_parameters(x, 48, "random", g, torch.float32, "cpu")
-    arch = REGISTRY["topk"]({"k": 4}, 48, 12)
+    arch = REGISTRY["topk"]({"k": 4, "auxk_alpha": 0.0}, 48, 12)
     arch.kernels = "sparse"  # the kernels that write into lent buffers
-    t = SAETrainer(arch, params, {}, lr=1e-3, total_steps=None,
-                   warmup_steps=1, auxk_alpha=0.0, dead_window=10, coef_warmup_steps=0,
-                   precision="float32")
+    t = SAETrainer(arch, params, {}, lr=1e-3, schedule=Schedule(None, 1),
+                   warmup_steps=1, dead_window=10, precision="float32")
     assert set(t.optimizer.state) == set(t.params.values())
     # addresses only: a reference held here would make autograd copy a lent buffer
     lent = {k: p.grad.data_ptr() for k, p in t.params.items() if p.dim() == 2}

@@ -135,15 +135,20 @@ def test_a_training_step_runs_the_compiled_passes(monkeypatch):
 def test_clipping_reads_the_noted_norms_only_while_they_hold():
     """The norms the compiled passes note are used for the gradients as produced, and
     ignored once a gradient is changed in place (e.g. another decode's gradient added)."""
+    from sksae._accel.adam import total_norm
+    from sksae._accel.workspace import StepWorkspace
+
     g = torch.randn(6, 4)
-    with _kernels.gradient_norms() as norms:
-        _kernels._note_norm(g, g.pow(2).sum(1) * 4)  # a deliberately wrong note: 2x the norm
-    assert_close(_kernels.known_norm(norms, g), 2 * torch.linalg.vector_norm(g))
-    from sksae._sae_trainer import _total_norm
+    ws = StepWorkspace()
+    ws.note_norm(g, g.pow(2).sum(1) * 4)  # outside noting_norms(): not noted
+    assert ws.known_norm(g) is None
+    with ws.noting_norms():
+        ws.note_norm(g, g.pow(2).sum(1) * 4)  # a deliberately wrong note: 2x the norm
+    assert_close(ws.known_norm(g), 2 * torch.linalg.vector_norm(g))
     b = torch.randn(4)
     expected = torch.linalg.vector_norm(torch.stack([2 * g.norm(), b.norm()]))
-    assert_close(_total_norm([g, b], norms), expected)  # the note is used
+    assert_close(total_norm([g, b], ws), expected)  # the note is used
     g.add_(1.0)
-    assert _kernels.known_norm(norms, g) is None  # a new version: not known any more
-    assert_close(_total_norm([g, b], norms), torch.cat([g.flatten(), b]).norm())
-    assert _kernels.known_norm(norms, g.clone()) is None  # another storage
+    assert ws.known_norm(g) is None  # a new version: not known any more
+    assert_close(total_norm([g, b], ws), torch.cat([g.flatten(), b]).norm())
+    assert ws.known_norm(g.clone()) is None  # another storage

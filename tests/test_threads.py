@@ -191,7 +191,7 @@ def _granted_both(x, fn):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_encoder_product_gives_the_same_bits(dtype):
-    from sksae.architectures._base import _encoder_product
+    from sksae._accel.select import encoder_product as _encoder_product
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 40, generator=g).to(dtype)

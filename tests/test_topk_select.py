@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from sksae.architectures.topk import select_topk
+from sksae._accel import select as _select
+from sksae._accel.select import select_topk
 from sksae._accel import compiled as _compiled
 
 numba = pytest.importorskip("numba", reason="the compiled selection needs the numba extra")
@@ -60,7 +61,7 @@ def test_large_shares_of_a_row_go_to_torch_topk(monkeypatch):
     from sksae._accel._topk_nb import topk_rows
 
     calls = []
-    monkeypatch.setattr(_compiled, "kernel", lambda name: calls.append(name) or topk_rows)
+    monkeypatch.setattr(_select, "kernel", lambda name: calls.append(name) or topk_rows)
     x = torch.randn(4, 100)
     assert torch.equal(select_topk(x, 7), torch.topk(x, 7, sorted=False).indices)
     assert calls == []  # 16 k > F: not even asked for
@@ -94,14 +95,18 @@ def test_sae_fits_the_same_with_and_without_the_kernel(monkeypatch):
 # -- BatchTopK: the k B largest entries of the whole batch ---------------------------
 def _torch_batch_pattern(x, k):
     """The reference: batch_topk_pattern on torch.topk (compiled kernels off)."""
-    from sksae.architectures import batchtopk
-
     old = _compiled._USE_NUMBA
     _compiled._USE_NUMBA = False
     try:
-        return batchtopk.batch_topk_pattern(x, k)
+        return _select.batch_topk_pattern(x, _kept(x, k))
     finally:
         _compiled._USE_NUMBA = old
+
+
+def _kept(x, k):
+    """Entries BatchTopK keeps: k per row of the batch (at most all)."""
+    B, F = x.shape
+    return min(k * B, B * F)
 
 
 def _flat(pattern):
@@ -114,14 +119,14 @@ def _flat(pattern):
 def test_batch_selection_is_the_batch_top_k(dtype, shape, k):
     """The compiled BatchTopK selection keeps the k B largest values of the batch,
     as a row-ordered pattern with the counts of each row."""
-    from sksae.architectures.batchtopk import _compiled_batch_topk, batch_topk_pattern
+    from sksae._accel.select import _compiled_batch_topk, batch_topk_pattern
 
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3 - 1)
     x = x.to(dtype)
     K = min(k * shape[0], x.numel())
     assert _compiled_batch_topk(x, K) is not None  # the compiled path applies here
-    pattern = batch_topk_pattern(x, k)
+    pattern = batch_topk_pattern(x, _kept(x, k))
     ref = _torch_batch_pattern(x, k)
     assert pattern.indices.shape == (K,) and pattern.crow[-1] == K
     flat = _flat(pattern)
@@ -133,12 +138,12 @@ def test_batch_selection_is_the_batch_top_k(dtype, shape, k):
 
 
 def test_batch_selection_keeps_the_first_of_equal_values():
-    from sksae.architectures.batchtopk import batch_topk_pattern
+    from sksae._accel.select import batch_topk_pattern
 
     x = torch.zeros(4, 50, dtype=torch.bfloat16)
     x[2, 7] = x[3, 1] = 3.0
     x[:, 10] = 1.0  # 4 equal values, 2 of which are kept
-    pattern = batch_topk_pattern(x, 1)  # k B = 4 entries
+    pattern = batch_topk_pattern(x, _kept(x, 1))  # k B = 4 entries
     assert sorted(_flat(pattern)) == [10, 50 + 10, 2 * 50 + 7, 3 * 50 + 1]
     assert pattern.crow.tolist() == [0, 1, 2, 3, 4]
 
@@ -148,7 +153,7 @@ def test_batch_selection_when_the_sample_misleads(n_rows, compiled):
     """Only the columns the kernel samples are large: the sample's bucket leaves fewer
     than k B candidates, so every entry becomes one; where that is too many to hold
     (over max(8 k B + F, 65536)) the torch path answers. The same values either way."""
-    from sksae.architectures.batchtopk import _compiled_batch_topk, batch_topk_pattern
+    from sksae._accel.select import _compiled_batch_topk, batch_topk_pattern
 
     B, F, k = n_rows, 1024, 8
     g = torch.Generator().manual_seed(2)
@@ -156,7 +161,7 @@ def test_batch_selection_when_the_sample_misleads(n_rows, compiled):
     for r in range(B):  # the kernel samples columns r % 8, r % 8 + 8, ...
         x[r, r % 8::8] = 10 + torch.rand(F // 8, generator=g)
     assert (_compiled_batch_topk(x, k * B) is not None) == compiled
-    pattern = batch_topk_pattern(x, k)
+    pattern = batch_topk_pattern(x, _kept(x, k))
     assert torch.equal(x.reshape(-1)[_flat(pattern)].sort().values,
                        x.reshape(-1).topk(k * B).values.sort().values)
 
