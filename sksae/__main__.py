@@ -9,7 +9,10 @@ comparison of every SAE architecture and the dictionary learners).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from . import architectures
 
 
 def _demo(args):
@@ -57,6 +60,20 @@ def _load_model(folder):
     raise SystemExit(f"error: {folder} is not an sksae, SAELens or sparsify model folder.")
 
 
+def _architecture_params(text):
+    """``--architecture-params``: a JSON object, or None."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: --architecture-params is not valid JSON ({exc}).") from None
+    if not isinstance(value, dict):
+        raise SystemExit("error: --architecture-params must be a JSON object, "
+                         "e.g. '{\"prefix_sizes\": [64, 256]}'.")
+    return value
+
+
 def _fit(args):
     import time
 
@@ -71,6 +88,7 @@ def _fit(args):
                  if v is not None}
     sae = SparseAutoencoder(
         n_components=args.n_components, architecture=args.architecture, k=args.k,
+        architecture_params=_architecture_params(args.architecture_params),
         learning_rate=lr, batch_size=args.batch_size, max_iter=args.max_iter,
         device=args.device, precision=args.precision, random_state=args.random_state,
         verbose=0 if args.quiet else 1, **penalties)
@@ -118,7 +136,6 @@ def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
     from ._demo import evaluate_recovery, format_table
     from ._dict_learning import DictionaryLearnerGPU
     from ._sae import SparseAutoencoder
-    from .architectures import REGISTRY
     from .datasets import make_sparse_superposition
 
     n_true, n_components = 2 * n_features, 4 * n_features
@@ -133,7 +150,7 @@ def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
     common = dict(n_components=n_components, device=device, random_state=random_state)
     sae = dict(common, max_iter=3, batch_size=256, k=5, alpha=0.5, l0_coefficient=0.5)
     models = [(f"SAE {name}", SparseAutoencoder(architecture=name, **sae))
-              for name in sorted(REGISTRY)]
+              for name in architectures.available()]
     models += [
         ("DictionaryLearnerGPU", DictionaryLearnerGPU(
             alpha=0.1, max_iter=1, batch_size=256, transform_algorithm="lasso_lars",
@@ -189,8 +206,11 @@ def build_parser():
                     "to rows) and save it with sksae.save.")
     fit.add_argument("acts", help="input .npy file")
     fit.add_argument("-o", "--output", required=True, help="model folder to write")
-    fit.add_argument("--architecture", default="topk",
-                     choices=["topk", "batchtopk", "jumprelu", "gated", "relu"])
+    fit.add_argument("--architecture", default="topk", choices=architectures.available(),
+                     help="a registered architecture (default: %(default)s)")
+    fit.add_argument("--architecture-params", default=None, metavar="JSON",
+                     help="hyperparameters of the architecture that are not options here, "
+                          "as a JSON object (e.g. '{\"prefix_sizes\": [64, 256]}')")
     fit.add_argument("--n-components", type=int, default=None,
                      help="dictionary size (default: 8 x n_features)")
     fit.add_argument("--k", type=int, default=32, help="active latents (topk, batchtopk)")

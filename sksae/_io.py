@@ -87,6 +87,27 @@ def _json_scalar(value):
     raise TypeError(type(value).__name__)
 
 
+def _json_mapping(value):
+    """A dict parameter (``architecture_params``) as JSON: string keys, scalar or list values."""
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(type(key).__name__)
+        if isinstance(item, (list, tuple, np.ndarray)):
+            out[key] = [_json_scalar(v) for v in np.asarray(item).tolist()]
+        else:
+            out[key] = _json_scalar(item)
+    return out
+
+
+def _is_json_mapping(value):
+    """Whether a loaded parameter is a mapping :func:`_json_mapping` could have written."""
+    return isinstance(value, dict) and all(
+        isinstance(v, (type(None), bool, int, float, str)) or (
+            isinstance(v, list) and all(isinstance(x, (bool, int, float)) for x in v))
+        for v in value.values())
+
+
 def _contiguous(value):
     """A C-contiguous copy; unlike ``np.ascontiguousarray`` keeps 0-d arrays 0-d."""
     return np.array(value, order="C")
@@ -164,7 +185,8 @@ def save(model, path):
         if type(value).__name__ == "device" and type(value).__module__ == "torch":
             value = str(value)
         try:
-            params[key] = _json_scalar(value)
+            params[key] = (_json_mapping(value) if isinstance(value, dict)
+                           else _json_scalar(value))
         except TypeError:
             warnings.warn(
                 f"sksae.save: parameter {key}={type(value).__name__} cannot be stored "
@@ -307,20 +329,19 @@ def _check_fitted_arrays(folder, model, fitted):
         _refuse(folder, "feature_names_in_ does not have n_features_in_ entries.")
     expected = {"components_": [(n_atoms, n_features)]}
     if type(model).__name__ == "SparseAutoencoder":
-        from . import architectures
-
         if fitted.get("n_components_") != n_atoms:
             _refuse(folder, f"n_components_={fitted.get('n_components_')!r} does not "
                             f"match components_ of shape {comps.shape}.")
         if not (isinstance(fitted.get("input_scale_"), float)
                 and math.isfinite(fitted["input_scale_"]) and fitted["input_scale_"] > 0):
             _refuse(folder, "input_scale_ is missing or not a positive number.")
-        arch = architectures.get(model.architecture)
+        try:
+            arch = model._architecture(n_atoms, n_features)
+        except (ValueError, TypeError) as exc:
+            _refuse(folder, f"invalid architecture hyperparameters ({exc}).")
         expected.update({"encoder_weights_": [(n_atoms, n_features)],
                          "encoder_bias_": [(n_atoms,)], "decoder_bias_": [(n_features,)]})
-        for tensor, attr in arch.public_names.items():
-            # a threshold is per latent (jumprelu) or one shared value (batchtopk)
-            expected[attr] = [(n_atoms,), ()] if tensor == "threshold" else [(n_atoms,)]
+        expected.update(arch.fitted_shapes(n_atoms))
     else:
         if model.n_components is not None and model.n_components != n_atoms:
             _refuse(folder, f"n_components={model.n_components} does not match "
@@ -396,7 +417,8 @@ def load(path, *, device=None):
     if unknown:
         _refuse(folder, f"unknown parameters {sorted(unknown)} for {cls.__name__}.")
     for key, value in config["params"].items():
-        if isinstance(value, (dict, list)):
+        if isinstance(value, list) or (isinstance(value, dict) and not (
+                isinstance(defaults.get(key, 0), (dict, type(None))) and _is_json_mapping(value))):
             _refuse(folder, f"parameter {key} is not a JSON scalar.")
     if device is not None:
         params["device"] = device

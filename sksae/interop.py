@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import architectures
+
 __all__ = ["to_saelens", "from_saelens", "from_sparsify"]
 
 SAELENS_CFG = "cfg.json"
@@ -101,15 +103,24 @@ def _positive_int(cfg, key, source):
 
 
 def _fitted_sae(architecture, W_enc_FD, b_enc_F, W_dec_FD, b_dec_D, extra=None, *,
-                k=32, device="auto"):
-    """A fitted SparseAutoencoder holding the given weights (user units)."""
+                device="auto", source="", **hparams):
+    """A fitted SparseAutoencoder holding the given weights (user units).
+
+    ``hparams``: estimator parameters the folder sets (``k``); the others keep
+    their defaults, with ``k`` capped at the number of latents for
+    architectures that do not read it.
+    """
     from ._sae import SparseAutoencoder
 
     n_components, n_features = W_dec_FD.shape
+    hparams = {"k": min(32, n_components), **hparams}
     sae = SparseAutoencoder(n_components=n_components, architecture=architecture,
-                            k=min(k, n_components) if architecture != "topk" else k,
-                            device=device)
-    sae._validate_params()
+                            device=device, **hparams)
+    try:
+        sae._validate_params()
+        sae._architecture(n_components, n_features)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
     sae.components_ = np.ascontiguousarray(W_dec_FD)
     sae.encoder_weights_ = np.ascontiguousarray(W_enc_FD)
     sae.encoder_bias_ = b_enc_F
@@ -185,35 +196,18 @@ def to_saelens(model, path, *, dtype=None):
     if dtype.name not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
     d_sae, d_in = model.components_.shape
-    arch = model.architecture
+    arch = model._architecture(d_sae, d_in)
+    saelens_arch = arch.saelens_architecture
+    if saelens_arch is None:
+        raise ValueError(f"architecture {arch.name!r} has no SAELens equivalent.")
 
     def cast(a):
         return np.ascontiguousarray(np.asarray(a, dtype=dtype))
 
+    own, cfg_extra = arch.to_saelens(model)
     tensors = {"W_enc": cast(model.encoder_weights_.T), "W_dec": cast(model.components_),
-               "b_dec": cast(model.decoder_bias_)}
-    cfg_extra, activation = {}, "relu"
-    if arch == "relu":
-        saelens_arch = "standard"
-        tensors["b_enc"] = cast(model.encoder_bias_)
-    elif arch == "topk":
-        saelens_arch, activation = "topk", "topk"
-        tensors["b_enc"] = cast(model.encoder_bias_)
-        cfg_extra["k"] = int(model.k)
-    elif arch in ("jumprelu", "batchtopk"):
-        saelens_arch = "jumprelu"
-        tensors["b_enc"] = cast(model.encoder_bias_)
-        # ReLU(pre) * 1[pre > t] equals sksae's rule for t >= 0; an unestimated
-        # batchtopk threshold (< 0) means "keep every positive activation", i.e. t = 0
-        tensors["threshold"] = cast(np.broadcast_to(
-            np.maximum(model.threshold_, 0), (d_sae,)))
-    elif arch == "gated":
-        saelens_arch = "gated"
-        tensors["b_gate"] = cast(model.encoder_bias_)
-        tensors["r_mag"] = cast(np.log(model.mag_scale_.astype(np.float64)))
-        tensors["b_mag"] = cast(model.mag_bias_)
-    else:
-        raise ValueError(f"architecture {arch!r} has no SAELens equivalent.")
+               "b_dec": cast(model.decoder_bias_), **{k: cast(v) for k, v in own.items()}}
+    activation = "topk" if "k" in cfg_extra else "relu"
 
     meta = {"model_name": None, "hook_name": None, "hook_layer": None,
             "hook_head_index": None, "model_class_name": None, "prepend_bos": None,
@@ -234,13 +228,13 @@ def to_saelens(model, path, *, dtype=None):
         # the SAELens < 6 layout keeps these at the top level
         "activation_fn_str": activation,
         "activation_fn": activation,
-        "activation_fn_kwargs": {"k": int(model.k)} if activation == "topk" else {},
+        "activation_fn_kwargs": {"k": cfg_extra["k"]} if activation == "topk" else {},
         "finetuning_scaling_factor": False,
         **meta,
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
         "sksae_version": sksae.__version__,
-        "sksae_architecture": arch,
+        "sksae_architecture": arch.name,
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -301,7 +295,6 @@ def from_saelens(path, *, device="auto", dtype="float32"):
         raise ValueError(f"{source} uses rescale_acts_by_decoder_norm, not supported.")
     arch = cfg.get("architecture", "standard")
     activation = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
-    kwargs = cfg.get("activation_fn_kwargs") or {}
     tensors = _read_tensors(folder / SAELENS_WEIGHTS, np.dtype(dtype))
 
     W_enc_DF = _expect(tensors, "W_enc", (d_in, d_sae), source)
@@ -313,36 +306,24 @@ def from_saelens(path, *, device="auto", dtype="float32"):
     shift_F = b_dec_D @ W_enc_DF  # folds apply_b_dec_to_input=False into the biases
     shift_F = np.zeros_like(shift_F) if cfg.get("apply_b_dec_to_input", True) else shift_F
 
-    extra, k = {}, 32
-    if arch == "gated":
-        b_gate = _expect(tensors, "b_gate", (d_sae,), source)
-        _expect(tensors, "r_mag", (d_sae,), source)
-        b_mag = _expect(tensors, "b_mag", (d_sae,), source)
-        mag_scale = _expect(tensors, "mag_scale", (d_sae,), source)  # exp(r_mag)
-        ours, b_enc_F = "gated", b_gate + shift_F
-        extra = {"mag_scale_": mag_scale, "mag_bias_": b_mag + mag_scale * shift_F}
+    def expect(name, shape):
+        return _expect(tensors, name, shape, source)
+
+    for ours in architectures.available():
+        try:
+            found = architectures.get(ours).from_saelens(cfg, tensors, expect, shift_F)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        if found is not None:
+            break
     else:
-        b_enc_F = _expect(tensors, "b_enc", (d_sae,), source) + shift_F
-        if arch in ("jumprelu", "batchtopk") and "threshold" in tensors:
-            threshold = _expect(tensors, "threshold", (d_sae,), source)
-            # SAELens: ReLU(pre) * 1[pre > t]; sksae: pre * 1[pre > t], equal for t >= 0
-            ours, extra = "jumprelu", {"threshold_": np.maximum(threshold, 0)}
-        elif arch == "topk" or (arch == "standard" and activation == "topk"):
-            ours = "topk"
-            k = cfg.get("k", kwargs.get("k"))
-            if k is None:
-                raise ValueError(f"{source} is a TopK SAE without k.")
-            k = _positive_int({"k": k}, "k", source)
-            if k > d_sae:
-                raise ValueError(f"{source}: k={k} exceeds d_sae={d_sae}.")
-        elif arch == "standard" and activation == "relu":
-            ours = "relu"
-        else:
-            raise ValueError(f"{source}: architecture {arch!r} with activation "
-                             f"{activation!r} is not supported (standard/relu, topk, "
-                             "jumprelu, gated).")
+        raise ValueError(f"{source}: architecture {arch!r} with activation {activation!r} is "
+                         f"not supported (no registered architecture reads it).")
+    extra, hparams = found
+    extra = dict(extra)
+    b_enc_F = extra.pop("encoder_bias_")
     return _fitted_sae(ours, np.ascontiguousarray(W_enc_DF.T), b_enc_F, W_dec_FD, b_dec_D,
-                       extra, k=k, device=device)
+                       extra, device=device, source=source, **hparams)
 
 
 # --------------------------------------------------------------------- sparsify
@@ -390,9 +371,11 @@ def from_sparsify(path, *, device="auto", dtype="float32"):
     if cfg.get("skip_connection"):
         raise ValueError(f"{source} has a skip connection (W_skip): not supported.")
     activation = cfg.get("activation", "topk")
-    if activation != "topk":
-        raise ValueError(f"{source} uses activation={activation!r}; only 'topk' is "
-                         "supported.")
+    readers = [name for name in architectures.available()
+               if architectures.get(name).sparsify_activation == activation]
+    if not readers:
+        raise ValueError(f"{source} uses activation={activation!r}, which no registered "
+                         "architecture reads.")
     k = _positive_int(cfg, "k", source)
     tensors = _read_tensors(folder / SPARSIFY_WEIGHTS, np.dtype(dtype))
     if "W_skip" in tensors:
@@ -413,4 +396,5 @@ def from_sparsify(path, *, device="auto", dtype="float32"):
     b_enc = _expect(tensors, "encoder.bias", (d_sae,), source)
     W_dec = _expect(tensors, "W_dec", (d_sae, d_in), source)
     b_dec = _expect(tensors, "b_dec", (d_in,), source)
-    return _fitted_sae("topk", W_enc, b_enc, W_dec, b_dec, k=k, device=device)
+    return _fitted_sae(readers[0], W_enc, b_enc, W_dec, b_dec, k=k, device=device,
+                       source=source)

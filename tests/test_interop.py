@@ -19,7 +19,7 @@ from sksae.interop import from_saelens, from_sparsify, to_saelens
 
 D_IN, D_SAE = 8, 16
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
-                "batchtopk": "jumprelu", "gated": "gated"}
+                "batchtopk": "jumprelu", "gated": "gated", "matryoshka": "jumprelu"}
 
 
 @pytest.fixture(scope="module")

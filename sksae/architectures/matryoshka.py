@@ -58,11 +58,12 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     def check(self):
         super().check()
-        sizes = np.asarray(self.prefix_sizes if self.hparams["prefix_sizes"] is None
-                           else self.hparams["prefix_sizes"])
-        ok = (sizes.ndim == 1 and np.issubdtype(sizes.dtype, np.integer)
-              and bool(np.all(sizes >= 1)) and bool(np.all(np.diff(sizes) > 0))
-              and bool(np.all(sizes < self.n_components)))
+        given = self.hparams["prefix_sizes"]
+        sizes = np.asarray(self.prefix_sizes if given is None else given)
+        ok = sizes.size == 0 or (
+            sizes.ndim == 1 and np.issubdtype(sizes.dtype, np.integer)
+            and bool(np.all(sizes >= 1)) and bool(np.all(np.diff(sizes) > 0))
+            and bool(np.all(sizes < self.n_components)))
         if not ok:
             raise ValueError(
                 f"prefix_sizes must be increasing integers in [1, n_components="

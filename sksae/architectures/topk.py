@@ -143,5 +143,9 @@ class TopK(TopKFamily):
         k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
         if k is None:
             raise ValueError("a TopK SAE without k.")
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"a TopK SAE needs a positive integer k, got {k!r}.")
         b_enc = expect("b_enc", shift_F.shape) + shift_F
         return {"encoder_bias_": b_enc}, {"k": k}
