@@ -13,7 +13,8 @@ the same training rows; metrics are on held-out rows:
 - dead: fraction of latents that never fire on the held-out rows;
 - fit s: wall-clock seconds of ``fit`` (calibration fits not counted).
 
-Matched L0: TopK and BatchTopK take ``k = target``; MiniBatchDictionaryLearning
+Matched L0: TopK, BatchTopK and Matryoshka BatchTopK (its default prefixes,
+``n_components // 8``, ``// 4`` and ``// 2``) take ``k = target``; MiniBatchDictionaryLearning
 codes with OMP at ``transform_n_nonzero_coefs = target``; the penalty-based
 architectures (ReLU+L1 and Gated: ``alpha``, JumpReLU: ``l0_coefficient``) are
 calibrated by a few fits of a multiplicative secant search on the coefficient,
@@ -122,12 +123,15 @@ def main(argv=None):
           f"threads={torch.get_num_threads()}")
 
     rows = []
-    for arch in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
+    for arch in ("relu", "topk", "batchtopk", "matryoshka", "jumprelu", "gated"):
         if arch in PENALTIES:
             sae, secs, setting = calibrate(X, X_test, arch, params, k, n_cal)
         else:
             sae, secs = fit_sae(X, arch, {**params, "k": k})
             setting = f"k={k}"
+            if arch == "matryoshka":  # the default prefixes of the dictionary
+                prefixes = sae._architecture(sae.n_components_, sae.n_features_in_).prefix_sizes
+                setting += f", prefixes {prefixes}"
         rows.append(evaluate(arch, sae, X_test, features, secs, setting))
         print(f"  done {arch}: {setting}", flush=True)
     if not args.skip_sklearn:

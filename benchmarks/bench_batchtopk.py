@@ -3,7 +3,7 @@
 BatchTopK keeps the ``k B`` largest pre-activations of a whole batch. Without
 the ``numba`` extra that is one ``torch.topk`` over the flattened (B, F)
 batch; with it, the compiled bucket selection of :mod:`sksae._accel._topk_nb`
-(``sksae.architectures.batchtopk._compiled_batch_topk``). For each shape of
+(``sksae._accel.select._compiled_batch_topk``). For each shape of
 ``bench_throughput.py`` this prints, in one run:
 
 - the selection alone on a batch of bf16 pre-activations (best of 5, all of
@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_throughput import SHAPES, fvu, make_data, timed  # noqa: E402
 
 from sksae import SparseAutoencoder  # noqa: E402
-from sksae.architectures import batchtopk  # noqa: E402
-from sksae._accel import compiled as _compiled
+from sksae._accel import compiled as _compiled  # noqa: E402
+from sksae._accel.select import batch_topk_pattern  # noqa: E402
 
 
 def compiled(on):
@@ -81,7 +81,7 @@ def main(argv=None):
         for on in (True, False):
             old = compiled(on)
             try:
-                times[on] = timed(lambda: batchtopk.batch_topk_pattern(pre, k),
+                times[on] = timed(lambda: batch_topk_pattern(pre, k * B),  # k B entries
                                   torch.device("cpu"), 5, best=True)
             finally:
                 compiled(old)

@@ -20,7 +20,7 @@ import torch
 
 from sksae._accel.device import synchronize
 from sksae._sae_trainer import SAETrainer, init_parameters
-from sksae.architectures import REGISTRY
+from sksae.architectures import REGISTRY, Schedule
 
 SHAPES = [(256, 1024, 32, 256), (384, 3072, 32, 1024), (768, 24576, 32, 4096)]
 
@@ -29,11 +29,11 @@ def make_trainer(shape, device, graphs, steps, architecture="topk"):
     D, F, k, B = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8 * B, D, generator=g)
-    arch = REGISTRY[architecture]({"k": k}, F, D)
+    arch = REGISTRY[architecture]({"k": k, "auxk_alpha": 1 / 32}, F, D)
     params = init_parameters(x[:4096], F, "data", g, torch.float32, device)
     SAETrainer.cuda_graphs = graphs
-    trainer = SAETrainer(arch, params, {}, lr=2e-4, total_steps=steps, warmup_steps=10,
-                         auxk_alpha=1 / 32, dead_window=4 * B, coef_warmup_steps=0)
+    trainer = SAETrainer(arch, params, {}, lr=2e-4, schedule=Schedule(steps, len(x) // B),
+                         warmup_steps=10, dead_window=4 * B)
     return trainer, x.to(device).split(B)
 
 
@@ -46,7 +46,7 @@ def time_steps(shape, device, graphs, steps):
     start = time.perf_counter()
     for i in range(warm, steps):
         out = trainer.step(batches[i % len(batches)])
-    loss = float(out["loss"])
+    loss = float(out.loss)
     synchronize(device)
     seconds = (time.perf_counter() - start) / (steps - warm)
     return 1e3 * seconds, loss, trainer.graph_error

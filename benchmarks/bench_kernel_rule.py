@@ -30,11 +30,11 @@ SHAPES = [  # n_features, n_components, k, batch
 def step_time(device, D, F, k, B, mode, steps):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(B * 4, D, generator=gen).to(device)
-    arch = architectures.get("topk")({"k": k}, F, D)
+    arch = architectures.get("topk")({"k": k, "auxk_alpha": 1 / 32}, F, D)
     arch.kernels = mode
     p = init_parameters(x[:2048].cpu(), F, "random", gen, torch.float32, device)
-    tr = SAETrainer(arch, p, {}, lr=1e-4, total_steps=None, warmup_steps=1,
-                    auxk_alpha=1 / 32, dead_window=B, coef_warmup_steps=0)
+    tr = SAETrainer(arch, p, {}, lr=1e-4, schedule=architectures.Schedule(None, 1),
+                    warmup_steps=1, dead_window=B)
     batches = [x[i * B:(i + 1) * B] for i in range(4)]
     for i in range(3):
         tr.step(batches[i % 4])

@@ -38,8 +38,9 @@ from bench_throughput import SHAPES, make_data, roofline, run_sksae, timed  # no
 
 from sksae._accel.adam import FusedAdam, fused_cpu_kernel
 from sksae._accel.device import native_bf16
-from sksae._accel.sparse import BufferPool, gather_pre, sparse_decode, tangent_rows, unit_rows_
+from sksae._accel.sparse import gather_pre, sparse_decode, unit_rows_
 from sksae._accel.threads import even_bounds, parallel, run_ranges, serial
+from sksae._accel.workspace import StepWorkspace
 
 
 def best_ms(fn, reps, warm=3):
@@ -71,7 +72,7 @@ def passes(D, F, k, B, reps, low):
     grad_xhat = torch.randn(B, D, generator=g)
     data = torch.randn(64 * 1024, D, generator=g)
     order = torch.randperm(data.shape[0], generator=g)[:B]
-    pool = BufferPool()
+    ws = StepWorkspace(selection_dtype=low)
     out = {}
     with serial(x):
         out["batch gather"] = best_ms(lambda: data.index_select(0, order), reps)
@@ -85,16 +86,16 @@ def passes(D, F, k, B, reps, low):
             out["bf16 copy of W_enc"] = best_ms(cast, reps)
 
         def encoder_values():  # the active entries and the encoder's gradients
-            with pool.lending(_last_grads(params, ("W_enc", "b_enc", "b_dec"))):
-                vals = gather_pre(pre, idx, x, params, centred=x - b_dec.detach())
+            with ws.lending(_last_grads(params, ("W_enc", "b_enc", "b_dec"))):
+                vals = gather_pre(pre, idx, x, params, centred=x - b_dec.detach(), ws=ws)
                 vals.backward(grad_vals)
         out["active values + encoder backward"] = best_ms(encoder_values, reps)
 
         values = torch.rand(B, k, generator=g).requires_grad_(True)
 
         def decode():
-            with pool.lending(_last_grads(params, ("W_dec", "b_dec"))), tangent_rows(W_dec):
-                x_hat = sparse_decode(values, idx, W_dec, b_dec)
+            with ws.lending(_last_grads(params, ("W_dec", "b_dec"))), ws.projecting(W_dec):
+                x_hat = sparse_decode(values, idx, W_dec, b_dec, ws=ws)
                 x_hat.backward(grad_xhat)
         out["decode + backward"] = best_ms(decode, reps)
 

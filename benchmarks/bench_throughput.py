@@ -70,7 +70,7 @@ import torch
 from sksae import SparseAutoencoder
 from sksae._accel.device import synchronize
 from sksae._sae_trainer import product_dtype
-from sksae.architectures.topk import select_topk
+from sksae._accel.select import select_topk
 
 SHAPES = [(384, 3072, 32, 1024), (768, 24576, 32, 4096)]
 
