@@ -50,7 +50,7 @@ def as_tensor(X, device, dtype=None):
             # Read-only arrays (memory maps) are only read here, never written.
             warnings.filterwarnings("ignore", message=".*not writable.*")
             t = torch.from_numpy(np.ascontiguousarray(X))
-    non_blocking = t.device.type == "cpu" and t.is_pinned()
+    non_blocking = t.is_pinned()  # only host tensors are pinned
     return t.to(device=device, dtype=dtype, non_blocking=non_blocking)
 
 

@@ -16,9 +16,9 @@ import math
 import numpy as np
 import torch
 
-from ._accel.device import is_accelerator
+from ._accel.device import fits_on_device, host_read_interval
+from ._accel.threads import serial
 from ._base import as_tensor
-from ._accel.threads import serial as _serial
 
 __all__ = ["EarlyStopping", "BatchSource", "run_minibatch_loop"]
 
@@ -106,7 +106,7 @@ class BatchSource:
         self.generator = generator
         self.shuffle = shuffle
         self.scale = scale
-        self._on_device = not is_accelerator(device) or X.nbytes <= max_device_bytes
+        self._on_device = fits_on_device(X.nbytes, device, max_device_bytes)
         host = as_tensor(X, "cpu")
         self._data = as_tensor(host, device, dtype) if self._on_device else host
         self._order = None
@@ -119,51 +119,32 @@ class BatchSource:
 
     def epoch(self):
         """Yield the batches of one epoch."""
-        if self.shuffle == "epoch":
-            order = torch.randperm(self.n_samples, generator=self.generator)
-        else:
-            order = self._order
-        scale = self.scale
-        if self._on_device and self._data.device.type == "cpu":
-            # CPU: gather (and scale) on one thread; the batch is a fresh copy
-            # unless it is a slice, so the scale is applied in place
-            if order is not None and order.device != self._data.device:
-                order = order.to(self._data.device)
-            for start in range(0, self.n_samples, self.batch_size):
-                with _serial(self._data):
-                    if order is None:
-                        batch = self._data[start:start + self.batch_size]
-                        if batch.dtype != self.dtype:
-                            batch = batch.to(self.dtype)
-                        if scale != 1.0:
-                            batch = batch * scale
-                    else:
-                        batch = self._data.index_select(
-                            0, order[start:start + self.batch_size])
-                        if batch.dtype != self.dtype:
-                            batch = batch.to(self.dtype)
-                        if scale != 1.0:
-                            batch.mul_(scale)
-                yield batch
-            return
-        if order is not None and self._on_device:
+        order = (torch.randperm(self.n_samples, generator=self.generator)
+                 if self.shuffle == "epoch" else self._order)
+        if order is not None and order.device != self._data.device:
             # one copy of the permutation per epoch: a copy from pageable host memory
             # per batch would wait for the device's queue to drain at every step
             order = order.to(self._data.device)
         for start in range(0, self.n_samples, self.batch_size):
-            if order is None:
-                idx = slice(start, start + self.batch_size)
-                batch = self._data[idx]
-            else:
-                idx = order[start : start + self.batch_size]
-                batch = self._data.index_select(0, idx)
-            if not self._on_device:
-                batch = batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
-            elif batch.dtype != self.dtype:
-                batch = batch.to(self.dtype)
-            if scale != 1.0:
-                batch = batch * scale
+            with serial(self._data):  # a gather on the CPU: one thread is enough
+                batch = self._batch(order, start)
             yield batch
+
+    def _batch(self, order, start):
+        """Rows ``start:start + batch_size`` of the epoch's order, cast, moved and scaled."""
+        stop = start + self.batch_size
+        if order is None:
+            batch, fresh = self._data[start:stop], False  # a view of the data
+        else:
+            batch, fresh = self._data.index_select(0, order[start:stop]), True
+        if not self._on_device:
+            batch = batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
+            fresh = True
+        elif batch.dtype != self.dtype:
+            batch, fresh = batch.to(self.dtype), True
+        if self.scale != 1.0:
+            batch = batch.mul_(self.scale) if fresh else batch * self.scale
+        return batch
 
 
 def _stack(values):
@@ -224,7 +205,7 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
         stopper = None  # it never stops: skip its per-step bookkeeping
     if sync_every is None:
         per_step = stopper is not None or callback is not None
-        sync_every = 1 if per_step and not is_accelerator(source.device) else 32
+        sync_every = host_read_interval(source.device, per_step)
     needs_change = stopper is not None and stopper.tol > 0 and param_change is not None
     if needs_change:
         sync_every = 1

@@ -401,7 +401,7 @@ def load(path, *, device=None):
     save : Write the folder.
     sksae.interop.from_saelens : Import an SAE saved by SAELens.
     """
-    import torch
+    from ._accel.device import device_available
 
     folder = Path(path)
     config = _read_config(folder)
@@ -423,7 +423,7 @@ def load(path, *, device=None):
     if device is not None:
         params["device"] = device
     elif isinstance(params.get("device"), str) and params["device"].startswith("cuda") \
-            and not torch.cuda.is_available():
+            and not device_available(params["device"]):
         warnings.warn(f"The model was saved with device={params['device']!r}, but CUDA is "
                       "not available here: using device='auto'.", UserWarning, stacklevel=2)
         params["device"] = "auto"

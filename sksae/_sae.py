@@ -16,7 +16,6 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import architectures
 from ._accel.device import resolve_device
-from ._accel.workspace import StepWorkspace
 from ._base import (
     batched_apply,
     inference_chunk_rows,
@@ -25,7 +24,7 @@ from ._base import (
     torch_dtype,
 )
 from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
-from ._sae_trainer import SAETrainer, calibrate_encoder_scale, init_parameters, product_dtype
+from ._sae_trainer import SAETrainer, init_parameters
 from .metrics import fraction_variance_explained
 
 __all__ = ["SparseAutoencoder"]
@@ -446,7 +445,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         else:
             rng = check_random_state(self.random_state)
             generator = make_generator(rng)
-            params, buffers, scale = self._initial_parameters(
+            params, buffers, scale, calibration = self._initial_parameters(
                 X, arch, n_components, rng, generator, device, dtype)
             dead_window = (min(_MAX_DEAD_WINDOW, n_samples) if self.dead_window == "auto"
                            else self.dead_window)
@@ -461,6 +460,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         )
         if resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
+        else:
+            trainer.calibrate_encoder_scale(calibration)
 
         # the batches come normalised (multiplied by scale in the gather)
         source = BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch",
@@ -502,7 +503,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         }
 
     def _initial_parameters(self, X, arch, n_components, rng, generator, device, dtype):
-        """Normalisation scale and initial tensors (training units) from a sample of ``X``."""
+        """Normalisation scale, initial tensors (training units) and the calibration sample.
+
+        The sample (up to 4096 normalised rows) calibrates the encoder's scale
+        once the trainer exists (:meth:`SAETrainer.calibrate_encoder_scale`).
+        """
         n_samples, n_features = X.shape
         sample = X[rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False)]
         sample = torch.as_tensor(sample, dtype=torch.float64)
@@ -515,10 +520,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         params.update(arch.extra_parameters(params))
         buffers = arch.extra_buffers(params)
         params["b_enc"] = arch.init_encoder_bias(params)
-        # the codes of the first training steps, in the fit's precision
-        ws = StepWorkspace(selection_dtype=product_dtype(self.precision, device, dtype))
-        calibrate_encoder_scale(arch, params, buffers, sample[:4096], ws)
-        return params, buffers, scale
+        return params, buffers, scale, sample[:4096]
 
     @staticmethod
     def _resample(trainer, X, scale, device, dtype, generator):

@@ -30,7 +30,7 @@ from ._accel.workspace import StepWorkspace
 from .architectures import LossInputs, SparseCodes, decode
 
 __all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "product_dtype",
-           "unit_rows", "StepOutput", "SAETrainer", "DeadLatentBound"]
+           "StepOutput", "SAETrainer", "DeadLatentBound"]
 
 
 def geometric_median(x_ND, n_iter=20, eps=1e-8):
@@ -43,11 +43,6 @@ def geometric_median(x_ND, n_iter=20, eps=1e-8):
             return y_new
         y = y_new
     return y
-
-
-def unit_rows(W):
-    """``W`` with each row divided by its norm (at least 1e-12)."""
-    return W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def init_parameters(x_sample_ND, n_components, init, generator, dtype, device):
@@ -72,7 +67,7 @@ def init_parameters(x_sample_ND, n_components, init, generator, dtype, device):
             W[:take] = rows[pick]
     elif not isinstance(init, str):
         W = torch.as_tensor(init, dtype=torch.float64).clone()
-    W = unit_rows(W)
+    W = unit_rows_(W)
     p = {
         "W_enc": W.clone(),
         "b_enc": torch.zeros(n_components, dtype=torch.float64),
@@ -354,6 +349,10 @@ class SAETrainer:
                 if p.grad is None and p.dim() == 2:
                     p.grad = torch.zeros_like(p)
 
+    def calibrate_encoder_scale(self, x_sample_ND):
+        """:func:`calibrate_encoder_scale` of the parameters, with this fit's training codes."""
+        calibrate_encoder_scale(self.arch, self.params, self.buffers, x_sample_ND, self.ws)
+
     # -- schedules ----------------------------------------------------------
     def lr_at(self, step):
         """The learning rate of step ``step``: warm-up, then the final decay of a ``fit``."""
@@ -517,7 +516,7 @@ class SAETrainer:
         rows = torch.multinomial(weights, n_dead, replacement=n_dead > weights.numel(),
                                  generator=generator).to(x_ND.device)
         u = x_ND[rows] - p["b_dec"]
-        u = unit_rows(u).to(self.params["W_dec"].dtype)
+        u = unit_rows_(u.contiguous()).to(self.params["W_dec"].dtype)
         W_enc = self.params["W_enc"]
         enc_norm = W_enc[~dead].norm(dim=-1).mean() if bool((~dead).any()) else 1.0
         self.params["W_dec"][idx] = u

@@ -13,7 +13,8 @@ import functools
 import torch
 
 __all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
-           "HostReading", "side_stream", "capture_graph", "graphs_supported"]
+           "HostReading", "side_stream", "capture_graph", "graphs_supported", "fits_on_device",
+           "host_read_interval", "device_available"]
 
 
 def resolve_device(device="auto"):
@@ -164,3 +165,27 @@ def capture_graph(fn, device):
 def graphs_supported(device):
     """Whether training steps on ``device`` can be recorded and replayed as CUDA graphs."""
     return torch.device(device).type == "cuda"
+
+
+def fits_on_device(nbytes, device, budget_bytes):
+    """Whether data of ``nbytes`` is moved to ``device`` once (always on the CPU)."""
+    return not is_accelerator(device) or nbytes <= budget_bytes
+
+
+def host_read_interval(device, every_step):
+    """Steps between host reads of a training loop's metrics.
+
+    Reads are free on the CPU, so a loop that needs every step's values
+    (early stopping, a callback) reads them at once; on an accelerator a read
+    waits for the queue to drain, so reads are batched every 32 steps.
+    """
+    return 1 if every_step and not is_accelerator(device) else 32
+
+
+def device_available(device):
+    """Whether ``device`` (a name or :class:`torch.device`) can be used here."""
+    try:
+        resolve_device(device)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,137 @@
+"""What each speed mechanism of the CPU training step is worth: the step with it and without it.
+
+Each mechanism of :mod:`sksae._accel` that the TopK training step uses is
+switched off in turn, in a fresh process, by patching it from outside (the
+library has no switches for this). Runs alternate between the unpatched step
+and each patched one, for several rounds, and the script prints every run's
+samples/s, the medians, and per mechanism ``worth = baseline / without`` (1.10
+means the step is 10% faster with it). Issue 16's rule: a mechanism stays
+where it is worth at least 5% at a benchmarked shape on some device.
+
+Usage::
+
+    python benchmarks/bench_mechanisms.py --shape small --rounds 3
+    python benchmarks/bench_mechanisms.py --shape large --rounds 2 --only scratch lending
+
+The shapes are bench_ab.py's (TopK k=32, the throughput benchmark's loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from bench_ab import SHAPES
+
+#: mechanism -> (what it is, code run in the child before the fit)
+MECHANISMS = {
+    "scratch": ("reused CPU buffers for the step's (B, F) temporaries (StepWorkspace.scratch)",
+                "from sksae._accel.workspace import StepWorkspace\n"
+                "StepWorkspace.scratch = lambda self, *a, **k: None"),
+    "lending": ("last step's gradients lent to this step's (F, D) results (StepWorkspace.lending)",
+                "import contextlib\n"
+                "from sksae._accel.workspace import StepWorkspace\n"
+                "StepWorkspace.lending = contextlib.contextmanager(lambda self, t: (yield self))"),
+    "chooser": ("measured choice of 1 or n threads per call site (ThreadChooser); without it: n",
+                "from sksae._accel.threads import ThreadChooser\n"
+                "ThreadChooser.pick = lambda self, n: n"),
+    "threads": ("a second thread at all; without it every call site runs on one",
+                "from sksae._accel.threads import ThreadChooser\n"
+                "ThreadChooser.pick = lambda self, n: 1"),
+    "transpose-cache": ("the codes' transposed pattern kept for the second backward (_transpose)",
+                        "from sksae._accel import sparse\n"
+                        "_t = sparse._transpose\n"
+                        "def _fresh(pat):\n"
+                        "    base = pat.indices._base if pat.indices._base is not None "
+                        "else pat.indices\n"
+                        "    base.__dict__.pop('_sksae_transpose', None)\n"
+                        "    return _t(pat)\n"
+                        "sparse._transpose = _fresh"),
+    "norm-notes": ("gradient norms noted by the compiled backward passes (StepWorkspace.note_norm)",
+                   "from sksae._accel.workspace import StepWorkspace\n"
+                   "StepWorkspace.note_norm = lambda self, t, r: None"),
+    "kernel-projection": ("the decoder's radial gradient removed inside the sparse decode "
+                          "(StepWorkspace.projecting); without it the trainer's own pass",
+                          "import contextlib\n"
+                          "from sksae._accel.workspace import StepWorkspace\n"
+                          "StepWorkspace.projecting = contextlib.contextmanager("
+                          "lambda self, W: (yield None))"),
+    "dead-bound": ("AuxK skipped while no latent can be dead (DeadLatentBound)",
+                   "from sksae._sae_trainer import DeadLatentBound\n"
+                   "DeadLatentBound.may_be_dead = lambda self, step, n: True"),
+    "compiled": ("numba-compiled top-k and sparse passes; without them torch's primitives",
+                 "from sksae._accel import compiled\n"
+                 "compiled.kernel = lambda name, required=False: None\n"
+                 "import sksae._accel.select as s, sksae._accel.sparse as sp\n"
+                 "s.kernel = compiled.kernel"),
+    "bf16-selection": ("bf16 selection product (precision='auto' on a bf16 CPU)",
+                       "PRECISION = 'float32'"),
+    "sparse-kernels": ("the sparse kernels (use_sparse); without them dense products",
+                       "from sksae.architectures.topk import TopK\nTopK.kernels = 'dense'"),
+}
+
+_CHILD = """
+import json, sys
+root, patch, shape, repeats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+sys.path[:0] = [root, root + "/benchmarks"]
+import torch
+PRECISION = "auto"
+exec(patch)
+from bench_throughput import make_data, run_sksae
+D, F, k, B, epochs = shape
+X = make_data(16 * B, D, k)
+run_sksae(X[:B], F, k, B, 1, torch.device("cpu"), precision=PRECISION)  # first-call costs
+out = []
+for _ in range(repeats):
+    seconds, setup, _ = run_sksae(X, F, k, B, epochs, torch.device("cpu"), precision=PRECISION)
+    out.append([16 * epochs * B / seconds, setup])
+print("RESULT", json.dumps(out))
+"""
+
+
+def run(patch, shape, repeats):
+    """[(samples/s, setup s), ...] of ``repeats`` fits with ``patch`` applied."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _CHILD, root, patch, json.dumps(shape),
+                           str(repeats)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-2000:])
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="fits per process")
+    parser.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), default=None)
+    args = parser.parse_args(argv)
+    D, F, k, B, epochs = SHAPES[args.shape]
+    names = args.only or list(MECHANISMS)
+    print(f"TopK {D}x{F} k={k} batch={B}, {epochs} epoch(s) of 16 batches; {args.rounds} "
+          f"rounds x {args.repeats} fits, the baseline before each variant", flush=True)
+    runs = {name: [] for name in ["baseline", *names]}
+    for r in range(args.rounds):
+        for name in names:
+            for which, patch in (("baseline", ""), (name, MECHANISMS[name][1])):
+                got = run(patch, (D, F, k, B, epochs), args.repeats)
+                runs[which].extend(got)
+                print(f"  round {r + 1} {which:18s} " + "  ".join(
+                    f"{s:8.0f} samples/s (setup {t:.2f} s)" for s, t in got), flush=True)
+    base = statistics.median(s for s, _ in runs["baseline"])
+    print(f"\nbaseline median: {base:.0f} samples/s")
+    print(f"{'mechanism':18s} {'without it':>12s} {'worth':>6s}  what")
+    for name in names:
+        without = statistics.median(s for s, _ in runs[name])
+        setup = statistics.median(t for _, t in runs[name])
+        print(f"{name:18s} {without:12.0f} {base / without:6.2f}  {MECHANISMS[name][0]} "
+              f"(setup {setup:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
