@@ -162,7 +162,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         gradients and Adam's moments are always float32. ``"bfloat16"``: on
         CUDA the forward runs in bf16 autocast; on the CPU the TopK family's
         sparse path computes the encoder product that *selects* the active
-        latents in bf16 (2-2.4x faster on CPUs with AVX512-BF16 or AMX), then
+        latents in bf16 (about twice as fast on CPUs with AVX512-BF16 or AMX), then
         their values and all gradients in float32, so bf16 rounding can only
         swap latents whose pre-activations tie to 3 significant digits.
         ``"auto"`` means ``"bfloat16"`` where the device computes it natively

@@ -189,9 +189,8 @@ class DeadLatentBound:
     not stall the GPU's queue for it. Only when the bound runs out before a
     reading has landed (a latent within ``lookahead_steps`` batches of the
     window, or a window of a few batches) does the host wait for one: the
-    AuxK step it would otherwise run costs more than the wait (measured on an
-    H100 at 768 x 24576 with a window of 4 batches: 6.2 ms a step computing
-    AuxK on every unbounded step, 3.7 ms waiting).
+    AuxK step it would otherwise run costs more than the wait
+    (``benchmarks/results/gpu_step.txt``).
 
     Parameters
     ----------

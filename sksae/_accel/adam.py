@@ -2,9 +2,7 @@
 
 The first ``torch.optim.Adam`` of a process imports ``torch._dynamo`` (its
 methods are wrapped to be skipped by the compiler), which takes about a
-second on a CPU: measured 1.0-1.5 s on this project's 2-core machines, 5% of
-the toy benchmark's whole fit and paid again by every worker process of a
-``GridSearchCV``. :class:`FusedAdam` calls the same kernel
+second on a CPU, paid again by every worker process of a ``GridSearchCV``. :class:`FusedAdam` calls the same kernel
 (``torch._fused_adam_``) with the same arguments as ``torch.optim.Adam(...,
 fused=True)``, so it gives the same bits, and it reads and writes the same
 ``state_dict`` format, so a training state moves between it and
@@ -132,9 +130,8 @@ class FusedAdam:
         """Create the moments of every tensor now instead of at its first update.
 
         The first update otherwise pays the page faults of the new moments
-        (with those of the first gradients, 250-400 ms at 24576 x 768 on 2
-        cores); a trainer calls this while it sets up. The updates are the
-        same.
+        (and of the first gradients); a trainer calls this while it sets up.
+        The updates are the same.
         """
         self._add_state(self.param_groups[0]["params"])
 

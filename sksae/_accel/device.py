@@ -62,8 +62,8 @@ def native_bf16(device):
     """Whether ``device`` multiplies bf16 matrices natively, faster than float32.
 
     True on CUDA devices with bf16 support and on CPUs with AVX512-BF16 or AMX
-    instructions, where oneDNN runs a bf16 product at 2-2.4x float32's rate
-    (measured on a 2-core AMD EPYC: 4096 x 768 x 24576 in 391 ms against 926 ms).
+    instructions, where oneDNN runs a bf16 product at about twice float32's
+    rate.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -103,9 +103,9 @@ def use_sparse(n_components, k, mode="auto", device=None):
     if mode != "auto":
         raise ValueError(f"kernels must be 'auto', 'sparse' or 'dense', got {mode!r}.")
     if device is not None and is_accelerator(device):
-        # measured on an H100 (benchmarks/results/kernel_rule.txt): the dense step is
-        # 1.5-3x faster at every shape up to 24576 latents; the sparse kernels' sorts
-        # and gathers are many small launches, and a step there is launch-bound
+        # benchmarks/results/kernel_rule.txt: on a GPU the dense step is faster at every
+        # measured shape; the sparse kernels' sorts and gathers are many small launches,
+        # and a step there is launch-bound
         return False
     return n_components >= SPARSE_MIN_COMPONENTS and k <= SPARSE_MAX_DENSITY * n_components
 
@@ -248,9 +248,8 @@ def _scatter_rows(pat, Y_BD, weights_N, ws=None):
     N = B k integers, cheap next to the O(N D) sums); each latent's entries then
     form one CSR row of ``S^T`` (or one bag of rows of ``Y``). On the CPU with
     MKL the product is MKL's sparse-dense product into a buffer handed back
-    by the previous step (:class:`sksae._accel.workspace.StepWorkspace`): a fresh (F, D) result costs
-    its page faults every step (at 24576 x 768: 7 ms for the product into a
-    reused buffer, 28 ms for ``embedding_bag``'s fresh result).
+    by the previous step (:class:`sksae._accel.workspace.StepWorkspace`): a
+    fresh (F, D) result costs its page faults every step.
     """
     order, crow_T, rows = _transpose(pat)
     Y = Y_BD.contiguous()
@@ -313,9 +312,8 @@ def _transpose(pat):
 def _stable_argsort(idx, n_components):
     """Stable sorting permutation of latent indices in [0, n_components).
 
-    On the CPU numpy's stable argsort of 16-bit keys is a radix sort: ~10x
-    faster than ``torch.sort`` for a training step's 8k-130k indices (measured
-    32 us against 303 us for 8192 indices).
+    On the CPU numpy's stable argsort of 16-bit keys is a radix sort, much
+    faster than ``torch.sort`` for a training step's indices.
     """
     if idx.device.type != "cpu":
         return torch.sort(idx, stable=True).indices
@@ -329,8 +327,7 @@ def _sampled_dots(pat, A_BD, W_FD, bias_F=None):
     On the CPU the entries are visited in the transposed pattern's order
     (by latent, :func:`_transpose`), so each row of ``W`` is read once and
     in order while the rows of ``A`` (B x D, small) are gathered from cache:
-    the same bits, 3x faster at 4096 x 768 x 24576 (6.7 ms against 20.6 ms),
-    as fast for small ``W``. With the numba extra it is one compiled pass
+    the same bits, faster for large ``W`` and as fast for small ones. With the numba extra it is one compiled pass
     that also adds the bias and writes in the pattern's order.
     """
     A = A_BD.to(W_FD.dtype)

@@ -2,11 +2,10 @@
 
 A training step is a few dense operations (the encoder product, the top-k,
 Adam) among many short memory-bound passes. On a quiet machine the dense ones
-run 1.5-2x faster on two threads than on one. On a machine whose cores are
-busy with other work they run 5-40x *slower* on two (measured on this
-project's 2-core machines: Adam 0.8 ms on one thread, 31 ms on two, while one
-other process used a core): OpenMP threads spin and wait for each other at
-every barrier, and one of them waits for the scheduler.
+run faster on two threads than on one. On a machine whose cores are busy
+with other work they can run many times *slower* on two: OpenMP threads spin
+and wait for each other at every barrier, and one of them waits for the
+scheduler (the user guide's performance notes give the measurements).
 
 So the step runs on one thread (:func:`serial`) and each heavy operation (the
 encoder product, the top-k, Adam, the sparse kernels' gathers, scatters,
@@ -17,8 +16,7 @@ and shape. The choice is re-measured now and then (less often while it keeps
 being confirmed), so a fit follows the machine's load as it changes. Where an
 operation's rows are independent (the encoder product, the top-k), the other
 option is timed on a probe of its first rows instead of the whole call, so a
-trial of a twice slower option costs an eighth of a call instead of a whole
-one. The thread count does not change results: the operations routed here
+trial of a slower option costs a fraction of a call instead of a whole one. The thread count does not change results: the operations routed here
 (MKL's GEMM split over output blocks, top-k, fused Adam, ``embedding_bag``
 over bags, sampled products per entry, the compiled passes per latent range)
 give the same bits on any number of threads, which ``tests/test_threads.py``
@@ -33,11 +31,9 @@ leaves torch on one thread, and they run their ranges with
 the thread count at the start of the fit; the choice only decides whether
 they run one after another or at once, so it cannot change a bit. One pool
 for all the step's parallel work matters on a small machine: after an
-OpenMP region its idle worker keeps spinning for several milliseconds
-(libgomp's default wait policy), and any other thread shares a core with it.
-Measured on 2 cores at 1024 x 3072, the compiled top-k's two halves took
-4.2 ms right after an OpenMP product instead of 2.1 ms; with every part of
-the step on the one pool the OpenMP team never wakes.
+OpenMP region its idle worker keeps spinning for milliseconds (libgomp's
+default wait policy), and any other thread shares a core with it; with every
+part of the step on the one pool the OpenMP team never wakes.
 """
 
 from __future__ import annotations
@@ -152,9 +148,8 @@ def parallel(t, site, probe=None, fraction=None, own=False):
         memory that the block then overwrites. With a probe, the option not in
         use is measured on the probe (its duration divided by ``fraction``)
         and the block runs on the current choice, so trying a slower option
-        costs a fraction of a call: for the encoder product at 4096 x 768 x
-        24576, one thread takes 0.8 s where two take 0.4 s. The probe's
-        results are overwritten, so they never reach the output.
+        costs a fraction of a call. The probe's results are overwritten, so
+        they never reach the output.
     fraction : float, optional
         The share of the block's work that ``probe`` does, in (0, 1].
     own : bool, default=False
@@ -265,7 +260,7 @@ def even_bounds(n_items, min_size=1):
     results do not depend on it; at least one range.
     """
     n = range_count(n_items, min_size)
-    return [i * n_items // n for i in range(n + 1)]  # a list: numpy's linspace costs ~50 us
+    return [i * n_items // n for i in range(n + 1)]  # a list: numpy's linspace costs more than the step's use of it
 
 
 def range_count(n_items, min_size=1):
