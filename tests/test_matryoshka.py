@@ -260,3 +260,32 @@ def test_first_prefix_reconstructs_far_better_than_batchtopk(seed):
     assert fve_mat > fve_plain + 0.15, (fve_mat, fve_plain)
     # the whole dictionary still reconstructs well
     assert mat.score(X) > 0.85
+
+
+
+# -- the documentation's walk-through quotes the code ------------------------------
+def _occurs_indented(lines, source):
+    """Whether ``lines`` occur consecutively in ``source`` at one indentation."""
+    src = source.split("\n")
+    for pad in range(0, 13, 4):
+        want = [" " * pad + line if line else line for line in lines]
+        if any(src[i:i + len(want)] == want for i in range(len(src) - len(want) + 1)):
+            return True
+    return False
+
+
+def test_adding_an_architecture_page_quotes_the_package_code():
+    """Each code block of docs/adding_an_architecture.rst captioned with a file of the
+    package is a verbatim excerpt of that file (the walk-through cannot go stale)."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "adding_an_architecture.rst").read_text()
+    blocks = re.findall(r"^\.\. code-block:: python\n   :caption: (\S+)\n\n((?:(?:   .*)?\n)+)",
+                        page, flags=re.M)
+    assert len(blocks) >= 8
+    for path, body in blocks:
+        code = textwrap.dedent(body).strip("\n")
+        assert _occurs_indented(code.split("\n"), (root / path).read_text()), (path, code)
