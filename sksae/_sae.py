@@ -85,8 +85,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         its defaults.
     k : int, default=32
         Number of active latents per row (L0; on average over a batch for
-        ``"batchtopk"``). Only used when ``architecture="topk"`` or
-        ``"batchtopk"``. Must not exceed the number of components.
+        ``"batchtopk"`` and ``"matryoshka"``). Only used by the TopK family
+        (``"topk"``, ``"batchtopk"``, ``"matryoshka"``). Must not exceed the
+        number of components.
     alpha : float, default=5.0
         L1 coefficient. Only used when ``architecture="relu"`` or ``"gated"``
         (on the gate activations). In normalised units (``normalize=True``:
@@ -105,14 +106,15 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ``architecture="jumprelu"``. In normalised units.
     threshold_momentum : float, default=0.999
         Momentum of the moving average of the smallest kept activation that
-        becomes the inference threshold. Only used when
-        ``architecture="batchtopk"``. Early on the momentum is lower
+        becomes the inference threshold. Only used by ``"batchtopk"`` and
+        ``"matryoshka"``. Early on the momentum is lower
         (``n / (n + 10)`` after ``n`` steps: about the last 10% of the steps),
         so that short fits forget the first batches.
     learning_rate : "auto" or float, default="auto"
         Adam learning rate. ``"auto"`` is ``2e-4 / sqrt(n_components / 2**14)``
-        (Gao et al. 2024's scaling law) for ``"topk"`` and ``"batchtopk"``,
-        and ``1e-3`` for the penalty-based architectures.
+        (Gao et al. 2024's scaling law) for the TopK family, and ``1e-3``
+        for the penalty-based architectures (each architecture's
+        ``default_learning_rate``).
     batch_size : int, default=256
         Rows per optimizer step. Small batches take more steps per pass, which
         recovers features from a few passes over small data sets faster; on a
@@ -344,7 +346,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             raise ValueError(
                 f"architecture_params has {unknown}, which architecture="
                 f"{self.architecture!r} does not take (it takes {accepted}).")
-        hparams = {name: params[name] if name in params else extra.get(name, cls.defaults[name])
+        missing = sorted(name for name in cls.hyperparameters
+                         if name not in params and name not in extra and name not in cls.defaults)
+        if missing:
+            raise ValueError(f"architecture={self.architecture!r} needs {missing} in "
+                             "architecture_params (they have no default).")
+        hparams = {name: params[name] if name in params
+                   else extra[name] if name in extra else cls.defaults[name]
                    for name in cls.hyperparameters}
         validate_parameter_constraints(cls.hyperparameters, hparams,
                                        caller_name=f"{type(self).__name__}({self.architecture})")

@@ -464,8 +464,8 @@ class SAETrainer:
             sq_err = sum_squares(x_hat, x_BD)
             mse = sq_err / x_BD.shape[0]
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
-            # last step's gradients become this step's (F, D) results
-            with ws.lending(p.grad for p in self.params.values()), ws.noting_norms():
+            # last step's gradients become this step's (F, D) results, each its own
+            with ws.lending((p, p.grad) for p in self.params.values()), ws.noting_norms():
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
         if tangent is None or not tangent.complete:

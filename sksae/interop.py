@@ -155,7 +155,11 @@ def to_saelens(model, path, *, dtype=None):
     ``"batchtopk"``           ``"jumprelu"`` (the shared inference
                               threshold copied to every latent)
     ``"gated"``               ``"gated"`` (``b_gate``, ``r_mag``, ``b_mag``)
+    ``"matryoshka"``          ``"jumprelu"`` (as ``"batchtopk"``)
     ========================  ==========================================
+
+    Each architecture gives its own mapping (``Architecture.to_saelens``);
+    one without a SAELens equivalent is refused.
 
     Every mapping is exact: SAELens's ``encode`` gives ``model.transform``.
     ``cfg.json`` sets ``apply_b_dec_to_input=True`` and

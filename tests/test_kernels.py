@@ -268,6 +268,11 @@ def test_workspace_hands_out_each_lent_tensor_once():
         pass
     assert fresh(ws.take_buffer((3, 4), a), (3, 4), torch.float32)  # forgets what it was lent
     assert _kernels._buffer(None, (3, 4), a) is not a  # no workspace: fresh
+    owner, other = torch.zeros(3, 4), torch.zeros(3, 4)
+    with ws.lending([(owner, a), b]):
+        assert ws.take_buffer((3, 4), a, owner=other) is b  # not lent for `other`
+        assert fresh(ws.take_buffer((3, 4), a), (3, 4), torch.float32)  # `a` is owner's
+        assert ws.take_buffer((3, 4), a, owner=owner) is a
 
 
 @pytest.mark.parametrize("mkl", [True, False])
@@ -298,10 +303,9 @@ def test_sparse_steps_reuse_gradient_buffers(name):
         t.lr = 1e-3
     sparse.step(x)
     dense.step(x)
-    # Matryoshka's prefix decodes take more (F, D) results than the two lent gradients:
-    # the extra decoder partials use up the encoder's, so only the decoder's is reused
-    reused = ("W_dec",) if name == "matryoshka" else ("W_enc", "W_dec")
-    ptrs = {k: sparse.params[k].grad.data_ptr() for k in reused}
+    # each lent gradient goes to its own parameter's kernels (Matryoshka's prefix
+    # decodes make a second decoder result, which must not take the encoder's)
+    ptrs = {k: sparse.params[k].grad.data_ptr() for k in ("W_enc", "W_dec")}
     x2 = x.flip(0) * 1.5
     sparse.step(x2)
     dense.step(x2)

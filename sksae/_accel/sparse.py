@@ -171,8 +171,8 @@ def unit_rows_(W):
     return W
 
 
-def _buffer(ws, shape, like):
-    return ws.take_buffer(shape, like) if ws is not None else like.new_empty(shape)
+def _buffer(ws, shape, like, owner=None):
+    return ws.take_buffer(shape, like, owner) if ws is not None else like.new_empty(shape)
 
 
 # -- compiled passes (numba extra) ---------------------------------------------
@@ -241,7 +241,7 @@ def _gather_rows(pat, W_FD, weights_N, bias_D=None):
     return out if bias_D is None else out.add_(bias_D.to(out.dtype))
 
 
-def _scatter_rows(pat, Y_BD, weights_N, ws=None):
+def _scatter_rows(pat, Y_BD, weights_N, ws=None, owner=None):
     """``S^T @ Y`` (F, D) where S has ``weights`` on the pattern.
 
     The pattern is transposed by a stable sort of its indices (O(N log N) on
@@ -258,7 +258,7 @@ def _scatter_rows(pat, Y_BD, weights_N, ws=None):
     if Y.device.type == "cpu" and torch.backends.mkl.is_available() and Y.dtype in (
             torch.float32, torch.float64):
         S_T = _csr(crow_T, rows, weights, (F_, Y.shape[0]))
-        out = ws.take_buffer((F_, D), Y) if ws is not None else Y.new_empty((F_, D))
+        out = _buffer(ws, (F_, D), Y, owner)
         with parallel(Y, "scatter rows"):
             # beta=0: the buffer's old contents are ignored, NaN included
             return torch.addmm(out, S_T, Y, beta=0, out=out)
@@ -390,7 +390,7 @@ class _SparseDecode(torch.autograd.Function):
             if fused is not None:
                 # the value gradients, the weight gradient and its radial part in one pass
                 dots = grad.new_empty(values.shape[0])
-                g_W = _buffer(ws, tuple(W.shape), W)
+                g_W = _buffer(ws, tuple(W.shape), W, owner=W)
                 row_sq = grad.new_empty(W.shape[0])
                 _by_latent("decode backward", grad, fused, ctx.pat, _np(values), _np(grad),
                            _np(W), dots.numpy(), g_W.numpy(), row_sq.numpy(), tangent is not None)
@@ -403,7 +403,7 @@ class _SparseDecode(torch.autograd.Function):
                 dots = _sampled_dots(ctx.pat, grad, W)
                 g_values = dots.to(values.dtype) if need[0] else None
             if need[1]:
-                g_W = _scatter_rows(ctx.pat, grad, values, ws)
+                g_W = _scatter_rows(ctx.pat, grad, values, ws, owner=W)
             if tangent is not None:
                 # each row's radial part sum_e v_e <grad_b, w_f>, from the entries
                 radial = g_W.new_zeros(W.shape[0]).index_add_(
@@ -449,7 +449,7 @@ class _GatherPre(torch.autograd.Function):
             fused = _compiled("gather_backward", g, centred) if need[2] else None
             if fused is not None:
                 # the weight gradient and the bias gradient h in one pass
-                g_W = _buffer(ws, tuple(W.shape), W)
+                g_W = _buffer(ws, tuple(W.shape), W, owner=W)
                 h = g.new_empty(pat.n_components)
                 row_sq = g.new_empty(pat.n_components)
                 _by_latent("gather backward", g, fused, pat, _np(g), _np(centred), g_W.numpy(),
@@ -460,7 +460,7 @@ class _GatherPre(torch.autograd.Function):
                 g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None
                 return None, g_x, g_W, g_benc, g_bdec, None, None, None
             if need[2]:
-                g_W = _scatter_rows(pat, centred, g, ws)
+                g_W = _scatter_rows(pat, centred, g, ws, owner=W)
             if need[3] or need[4]:
                 h = g.new_zeros(pat.n_components).index_add_(0, pat.indices, g)
                 g_benc = h if need[3] else None

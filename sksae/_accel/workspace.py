@@ -100,7 +100,12 @@ class StepWorkspace:
     def lending(self, tensors):
         """Inside the block, :meth:`take_buffer` hands out ``tensors`` (None entries skipped).
 
-        The workspace must hold the only other reference to a lent tensor
+        An entry is a tensor, lent to any result of its shape, dtype and
+        device, or an ``(owner, tensor)`` pair, lent only to a result that
+        names ``owner`` (the previous gradient of a parameter goes to the
+        kernel computing that parameter's gradient, whatever other results of
+        its shape the step makes). The workspace must hold the only other
+        reference to a lent tensor
         (pass an iterable that keeps none, e.g. a generator), so that autograd
         adopts it as a new ``.grad`` without a copy. What is not taken is
         dropped at the end. Only CPU tensors are lent: accelerators' caching
@@ -109,18 +114,28 @@ class StepWorkspace:
         """
         self._free = {}
         for t in tensors:
+            owner, t = t if isinstance(t, tuple) else (None, t)
             if t is not None and not t.requires_grad and t.device.type == "cpu":
-                self._free.setdefault(_key(t), []).append(t)
-        tensors = t = None  # no reference left here: autograd adopts what is taken
+                key = _key(t) if owner is None else _key(t) + (owner.data_ptr(),)
+                self._free.setdefault(key, []).append(t)
+        tensors = t = owner = None  # no reference left here: autograd adopts what is taken
         try:
             yield self
         finally:
             self._free = {}
 
-    def take_buffer(self, shape, like):
-        """A tensor for a large result: a lent one of that shape, dtype and device, else fresh."""
-        free = self._free.get((tuple(shape), like.dtype, like.device))
-        return free.pop() if free else like.new_empty(shape)
+    def take_buffer(self, shape, like, owner=None):
+        """A tensor for a large result: a lent one of that shape, dtype and device, else fresh.
+
+        ``owner``: the parameter whose gradient the result is (or is part of);
+        a tensor lent for it is taken first.
+        """
+        key = (tuple(shape), like.dtype, like.device)
+        for k in ((key + (owner.data_ptr(),),) if owner is not None else ()) + (key,):
+            free = self._free.get(k)
+            if free:
+                return free.pop()
+        return like.new_empty(shape)
 
     # -- decoder projection ------------------------------------------------------
     @contextlib.contextmanager

@@ -21,24 +21,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._accel.sparse import Pattern
+from .._accel.sparse import Pattern, as_pattern
 from ._base import SparseCodes, decode
 from .batchtopk import BatchTopK
 
 
-def _prefix(codes, m):
-    """The codes of latents ``< m`` only (the others zeroed), in the same layout."""
+def prefix_reconstructions(codes, W_dec_FD, sizes, kernels="auto", ws=None):
+    """``z[:, :m] @ W_dec[:m]`` for each inner prefix size ``m``, shape (len(sizes), B, D).
+
+    The prefixes nest, so each is the running sum of disjoint blocks of
+    latents ``[m_{j-1}, m_j)``. Sparse codes are decoded once: their entries,
+    grouped by block, form the rows of one pattern over ``len(sizes) * B``
+    virtual rows (one sparse decode and one decoder gradient for all the
+    prefixes); dense codes take one product per block.
+    """
+    n, B = len(sizes), codes.n_rows if isinstance(codes, SparseCodes) else codes.shape[0]
     if isinstance(codes, SparseCodes):
-        return SparseCodes(codes.values * (_latents(codes) < m).to(codes.values.dtype),
-                           codes.indices)
-    keep = torch.arange(codes.shape[1], device=codes.device) < m
-    return codes * keep.to(codes.dtype)
-
-
-def _latents(codes):
-    """The latent of each entry of sparse codes, in the layout of ``codes.values``."""
-    indices = codes.indices
-    return indices.indices if isinstance(indices, Pattern) else indices
+        pat = as_pattern(codes.indices, W_dec_FD.shape[0])
+        bounds = torch.as_tensor(sizes, device=pat.indices.device)
+        block = torch.bucketize(pat.indices, bounds, right=True)  # n: beyond every prefix
+        keep = block < n
+        key = block[keep] * B + pat.rows()[keep]  # virtual row: (block, row)
+        order = torch.argsort(key, stable=True)
+        crow = key.new_zeros(n * B + 1)
+        torch.cumsum(torch.bincount(key, minlength=n * B), 0, out=crow[1:])
+        grouped = SparseCodes(codes.values.reshape(-1)[keep][order],
+                              Pattern(pat.indices[keep][order], crow, pat.n_components))
+        blocks = decode(grouped, W_dec_FD, kernels=kernels, ws=ws).view(n, B, -1)
+    else:
+        if ws is not None:
+            ws.note_other_use(W_dec_FD)
+        edges = [0, *sizes]
+        blocks = torch.stack([codes[:, a:b] @ W_dec_FD[a:b] for a, b in zip(edges, edges[1:])])
+    return blocks.cumsum(0)
 
 
 class MatryoshkaBatchTopK(BatchTopK):
@@ -62,6 +77,7 @@ class MatryoshkaBatchTopK(BatchTopK):
         sizes = np.asarray(self.prefix_sizes if given is None else given)
         ok = sizes.size == 0 or (
             sizes.ndim == 1 and np.issubdtype(sizes.dtype, np.integer)
+            and not np.issubdtype(sizes.dtype, np.bool_)
             and bool(np.all(sizes >= 1)) and bool(np.all(np.diff(sizes) > 0))
             and bool(np.all(sizes < self.n_components)))
         if not ok:
@@ -71,9 +87,12 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     def losses(self, inp):
         terms = super().losses(inp)  # AuxK
+        sizes = self.prefix_sizes
+        if not sizes:
+            return terms
+        partial = prefix_reconstructions(inp.enc.codes, inp.p["W_dec"], sizes,
+                                         kernels=self.kernels, ws=inp.ws)
         n_rows = inp.x.shape[0]
-        for m in self.prefix_sizes:
-            x_hat = decode(_prefix(inp.enc.codes, m), inp.p["W_dec"], inp.p["b_dec"],
-                           kernels=self.kernels, ws=inp.ws).to(inp.x.dtype)
+        for m, x_hat in zip(sizes, (partial + inp.p["b_dec"]).to(inp.x.dtype)):
             terms[f"mse_{m}"] = (x_hat - inp.x).pow(2).sum() / n_rows
         return terms
