@@ -28,17 +28,15 @@ fit is then compared per minibatch step):
 
     numba 0.68.1      toy    fit/step x58.0  omp x28.7  lasso x75.0
                       china  fit x63.6       omp x92.3  lasso x152.8
-    --no-numba        toy    fit/step x39.5  omp x19.3  lasso x39.4
-                      china  fit x14.6       omp x35.4  lasso x37.1
 
 The header line "sksae lasso/omp coder backend" says which CPU path ran: the
-numba-compiled per-row kernels (``pip install sksae[numba]``) or the batched
-numpy fallback (``--no-numba`` forces it). Held-out objectives: china
-sksae/sklearn 0.998 (both full fits); toy 0.2214 (scikit-learn's 8-step number
-is not comparable). The ratios move with the load of the shared machine
-(scikit-learn's china fit took 9 to 23 s over the day). Without numba the china
-fit (~21 path steps of ~60-100 small numpy/torch calls per minibatch) stays
-below 20x (x13-x18); compiled, its step is ~1.8 ms against ~115 ms.
+numba-compiled per-row kernels (numba is a dependency of sksae) or, with
+``--no-numba``, the batched torch coders (the implementation of other devices,
+and the CPU's fallback when numba cannot be loaded). Held-out objectives:
+china sksae/sklearn 0.998 (both full fits); toy 0.2214 (scikit-learn's 8-step
+number is not comparable). The ratios move with the load of the shared machine
+(scikit-learn's china fit took 9 to 23 s over the day); compiled, the china
+step is ~1.8 ms against ~115 ms.
 """
 
 from __future__ import annotations
@@ -164,8 +162,8 @@ def main(argv=None):
                         help="time each transform as the best of this many runs (both "
                              "libraries)")
     parser.add_argument("--no-numba", action="store_true",
-                        help="run sksae's numpy lasso and omp paths on the CPU even when "
-                             "numba is installed (the fallback's timings)")
+                        help="run sksae's torch lasso and omp coders on the CPU instead of "
+                             "the numba kernels (the fallback's timings)")
     parser.add_argument("--sklearn-max-steps", type=int, default=None,
                         help="fit scikit-learn on only this many minibatch steps' rows "
                              "and compare fit time per step (its full toy fit is slow)")
@@ -185,7 +183,7 @@ def main(argv=None):
 
         backend = f"numba {numba.__version__} (compiled per row)"
     else:
-        backend = "numpy (batched; numba not installed or disabled)"
+        backend = "torch (batched; numba disabled or not loadable)"
     print(f"sksae lasso/omp coder backend: {backend}")
     common = dict(batch_size=256, max_iter=args.max_iter, random_state=0)
     if args.only in (None, "toy"):
