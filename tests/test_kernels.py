@@ -27,8 +27,6 @@ def sparse_passes(request, monkeypatch):
     "compiled": the numba kernels of sksae._accel._sparse_nb (the numba extra, which
     the test environment installs); "torch": torch's primitives, as without it.
     """
-    if request.param == "compiled":
-        pytest.importorskip("numba", reason="the compiled passes need the numba extra")
     monkeypatch.setattr(_compiled, "_USE_NUMBA", request.param == "compiled")
     return request.param
 

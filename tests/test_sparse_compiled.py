@@ -13,10 +13,8 @@ from torch.testing import assert_close
 
 from sksae._accel import sparse as _kernels
 from sksae import SparseAutoencoder
+from sksae._accel import _sparse_nb as nb
 from sksae._accel import compiled as _compiled
-
-pytest.importorskip("numba", reason="the compiled passes need the numba extra")
-nb = pytest.importorskip("sksae._accel._sparse_nb")
 
 
 def _pattern(n_rows=30, n_components=70, max_k=6, seed=0):

@@ -1,14 +1,13 @@
 """The training step's top-k selection: the compiled kernel against torch.topk."""
 
+import numba
 import numpy as np
 import pytest
 import torch
 
+from sksae._accel import compiled as _compiled
 from sksae._accel import select as _select
 from sksae._accel.select import select_topk
-from sksae._accel import compiled as _compiled
-
-numba = pytest.importorskip("numba", reason="the compiled selection needs the numba extra")
 
 
 def _values(x, idx):

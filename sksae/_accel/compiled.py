@@ -1,14 +1,14 @@
-"""The optional numba-compiled CPU kernels, loaded on first use.
+"""The numba-compiled CPU kernels, loaded on first use.
 
-numba is an optional dependency (the ``numba`` extra). When it imports, the
-coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`) run
-compiled per row on CPU tensors, and so do the TopK training step's
-selection (:mod:`sksae._accel._topk_nb`) and its sparse passes
-(:mod:`sksae._accel._sparse_nb`); otherwise the batched numpy paths give the same
+The coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`)
+run compiled per row on CPU tensors, and so do the TopK training step's
+selection (:mod:`._topk_nb`) and its sparse passes (:mod:`._sparse_nb`).
+Where a kernel cannot be loaded (numba broken, say, or ``_USE_NUMBA`` off)
+the torch implementations run instead: the coders' torch paths give the same
 codes, ``torch.topk`` the same selection (up to ties) and the torch
-primitives of :mod:`sksae._accel.sparse` the same sums (up to rounding).
-Nothing here imports numba before a coder first asks for a kernel, so that
-importing sksae stays fast and works without it.
+primitives of :mod:`.sparse` the same sums (up to rounding). Nothing here
+imports numba before a kernel is first asked for, so importing sksae stays
+fast.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import importlib
 
 __all__ = ["compiled_backend", "default_engine", "kernel"]
 
-#: Whether CPU coders may use the compiled kernels when numba imports. Private
-#: switch: tests and the benchmark set it to False to force the numpy paths on
-#: a machine that has numba.
+#: Whether the compiled kernels may be used. Private switch: tests and the
+#: benchmarks set it to False to force the torch paths on the CPU.
 _USE_NUMBA = True
 
 # kernel name -> (module, function)
@@ -80,9 +79,9 @@ def compiled_backend():
 def default_engine(device, name):
     """The coder implementation for tensors on ``device``: one rule for every coder.
 
-    ``"torch"`` off the CPU; on the CPU ``"numba"`` when the compiled kernel
-    ``name`` loads, else ``"numpy"``.
+    ``"numba"`` on the CPU when the compiled kernel ``name`` loads, else
+    ``"torch"``.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or kernel(name) is None:
         return "torch"
-    return "numpy" if kernel(name) is None else "numba"
+    return "numba"

@@ -48,7 +48,7 @@ def coder_engine(engine, device, name):
         For an engine other than ``"torch"``, ``"numba"`` or None.
     """
     if engine is None:
-        return "numba" if default_engine(device, name) == "numba" else "torch"
+        return default_engine(device, name)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES} or None, got {engine!r}.")
     return engine

@@ -157,7 +157,7 @@ def as_pattern(indices, n_components):
 def unit_rows_(W):
     """Divide each row of ``W`` by its norm (at least 1e-12), in place; returns ``W``.
 
-    On the CPU with the numba extra it is one compiled pass per row (the norm
+    On the CPU it is one compiled pass per row (the norm
     while the row is in cache, then the division) instead of two passes over
     ``W``; the same values up to rounding.
     """
@@ -175,7 +175,7 @@ def _buffer(ws, shape, like, owner=None):
     return ws.take_buffer(shape, like, owner) if ws is not None else like.new_empty(shape)
 
 
-# -- compiled passes (numba extra) ---------------------------------------------
+# -- compiled passes (numba) ---------------------------------------------------
 def _compiled(name, *tensors):
     """The compiled pass ``name`` of :mod:`sksae._accel._sparse_nb` for these tensors, or None.
 
@@ -327,8 +327,8 @@ def _sampled_dots(pat, A_BD, W_FD, bias_F=None):
     On the CPU the entries are visited in the transposed pattern's order
     (by latent, :func:`_transpose`), so each row of ``W`` is read once and
     in order while the rows of ``A`` (B x D, small) are gathered from cache:
-    the same bits, faster for large ``W`` and as fast for small ones. With the numba extra it is one compiled pass
-    that also adds the bias and writes in the pattern's order.
+    the same bits, faster for large ``W`` and as fast for small ones. The
+    compiled pass also adds the bias and writes in the pattern's order.
     """
     A = A_BD.to(W_FD.dtype)
     fused = _compiled("dots", A, W_FD)

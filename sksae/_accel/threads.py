@@ -95,6 +95,21 @@ class ThreadChooser:
             return second if self.choice == first else first
         return self.choice
 
+    def wants_timing(self, option):
+        """Whether a call of ``option`` must be timed for the next choice.
+
+        Every call until both options are known, the trials of the other
+        option, and the call of the chosen one just before a trial (so that
+        the two are compared on fresh numbers). Other calls may run untimed
+        and are counted with :meth:`skip`.
+        """
+        return (self.choice is None or option != self.choice
+                or self.since_trial + 1 >= self.explore)
+
+    def skip(self):
+        """Count an untimed call of the chosen option."""
+        self.since_trial += 1
+
     def record(self, option, seconds):
         """Account one call of ``option`` threads that took ``seconds``."""
         old = self.seconds.get(option)
