@@ -418,7 +418,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         result = run_minibatch_loop(step, source, max_epochs=self.max_iter, stopper=stopper,
                                     callback=self.callback, verbose=int(self.verbose),
                                     desc="DictionaryLearnerGPU", param_change=change)
-        self.n_steps_ = result["n_steps"]
+        self.n_steps_ = result.n_steps
         self.n_iter_ = int(np.ceil(self.n_steps_ / source.steps_per_epoch))
         self._set_state(D, A, B, random_state)
         return self

@@ -12,6 +12,7 @@ same decisions as checking after every step (stopping may come up to
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +21,26 @@ from ._accel.device import fits_on_device, host_read_interval
 from ._accel.threads import serial
 from ._base import as_tensor
 
-__all__ = ["EarlyStopping", "BatchSource", "run_minibatch_loop"]
+__all__ = ["EarlyStopping", "BatchSource", "LoopResult", "run_minibatch_loop"]
+
+
+class LoopResult(NamedTuple):
+    """What :func:`run_minibatch_loop` ran.
+
+    Attributes
+    ----------
+    n_steps : int
+    n_epochs : float
+        ``n_steps`` in epochs (fractional before rounding up).
+    records : dict of ndarray
+        Per-step values of every metric the step returned.
+    stopped_early : bool
+    """
+
+    n_steps: int
+    n_epochs: float
+    records: dict
+    stopped_early: bool
 
 
 class EarlyStopping:
@@ -195,9 +215,7 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
 
     Returns
     -------
-    result : dict
-        ``n_steps``, ``n_epochs`` (may be fractional before rounding up),
-        ``records`` (dict of per-step float arrays) and ``stopped_early``.
+    result : LoopResult
     """
     steps_per_epoch = source.steps_per_epoch
     total = max_epochs * steps_per_epoch
@@ -254,9 +272,4 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
         if bar is not None:
             bar.close()
     records = {k: np.concatenate(v) for k, v in records.items()}
-    return {
-        "n_steps": n_steps,
-        "n_epochs": n_steps / steps_per_epoch,
-        "records": records,
-        "stopped_early": stop,
-    }
+    return LoopResult(n_steps, n_steps / steps_per_epoch, records, stop)

@@ -549,8 +549,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """Per-step records and their per-epoch means, appended when resuming."""
         prev = self.history_["step"] if resume and hasattr(self, "history_") else None
         first_epoch = prev["epoch"][-1] + 1 if prev is not None and len(prev["epoch"]) else 0
-        records = dict(result["records"])
-        n_new = result["n_steps"]
+        records = dict(result.records)
+        n_new = result.n_steps
         records["epoch"] = first_epoch + np.arange(n_new) // steps_per_epoch
         if prev is not None:
             records = {k: np.concatenate([prev.get(k, np.full(len(prev["epoch"]), np.nan)), v])
@@ -563,7 +563,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.history_ = {"step": records, "epoch": epoch_hist}
         self.loss_curve_ = records.get("loss", np.zeros(0))
         self.n_steps_ = (self.n_steps_ if resume else 0) + n_new
-        self.n_iter_ = (self.n_iter_ if resume else 0) + math.ceil(result["n_epochs"])
+        self.n_iter_ = (self.n_iter_ if resume else 0) + math.ceil(result.n_epochs)
 
     # -------------------------------------------------------------- inference
     def _inference_params(self, device, dtype):

@@ -48,6 +48,27 @@ def test_accelerator_calls_go_where_measured_faster(monkeypatch):
     assert ("test site", (256, 3), x.dtype, "cpu") in _placement._choosers
 
 
+def test_settled_choice_runs_without_synchronising(monkeypatch):
+    """Once the choice has settled, only the calls that feed a trial wait for the device."""
+    monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
+    syncs = []
+    monkeypatch.setattr(_placement, "synchronize", lambda device: syncs.append(device))
+    x = torch.zeros(16, 3)
+
+    def slow():
+        time.sleep(0.003)
+        return "same"
+
+    for _ in range(200):
+        run_faster("test sync site", x, slow, lambda: "same")
+    chooser = _placement._choosers[("test sync site", (16, 3), x.dtype, "cpu")]
+    assert chooser.choice == "host"
+    timed = len(syncs) // 2  # a timed call synchronises before and after
+    # every call timed before (200) would be 400 syncs; settled, the trials and
+    # the calls just before them are timed: a few dozen at most
+    assert 2 <= timed <= 40, timed
+
+
 def test_dictionary_sweep_on_host_copies_equals_in_place(monkeypatch):
     monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
     _placement._choosers.clear()
