@@ -25,20 +25,23 @@ def count(path):
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                     and isinstance(body[0].value.value, str):
                 doc_lines.update(range(body[0].lineno, body[0].end_lineno + 1))
-    comment_lines, code_lines = set(), set()
+    comment_lines, code_lines, code = set(), set(), []
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type == tokenize.COMMENT:
             comment_lines.add(tok.start[0])
         elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
                               tokenize.ENDMARKER, tokenize.ENCODING):
             code_lines.update(range(tok.start[0], tok.end[0] + 1))
+            if tok.start[0] not in doc_lines:
+                code.append(tok.string)
     code_lines -= doc_lines
-    branches = len(_DEVICE_BRANCH.findall(text))
+    branches = len(_DEVICE_BRANCH.findall("".join(code)))  # in code, not in prose
     return len(code_lines), len(doc_lines), len(comment_lines - code_lines), branches
 
 
 def main(root="sksae"):
-    rows = [(str(p), *count(p)) for p in sorted(Path(root).rglob("*.py"))]
+    rows = [(str(p), *count(p)) for p in sorted(Path(root).rglob("*.py"))
+            if "__pycache__" not in p.parts]
     print(f"{'module':48s} {'code':>6s} {'docs':>6s} {'comments':>8s} {'device branches':>15s}")
     for row in rows:
         print(f"{row[0]:48s} {row[1]:6d} {row[2]:6d} {row[3]:8d} {row[4]:15d}")
