@@ -29,9 +29,15 @@ from bench_ab import SHAPES
 
 #: mechanism -> (what it is, code run in the child before the fit)
 MECHANISMS = {
-    "scratch": ("reused CPU buffers for the step's (B, F) temporaries (StepWorkspace.scratch)",
+    "scratch": ("reused CPU buffers for the step's (B, F) temporaries (StepWorkspace.scratch); "
+                "without them a fresh buffer each call",
                 "from sksae._accel.workspace import StepWorkspace\n"
-                "StepWorkspace.scratch = lambda self, *a, **k: None"),
+                "def _fresh(self, name, shape, like, dtype=None, init=None):\n"
+                "    buf = like.new_empty(shape, dtype=dtype or like.dtype)\n"
+                "    if init is not None:\n"
+                "        init(buf)\n"
+                "    return buf\n"
+                "StepWorkspace.scratch = _fresh"),
     "lending": ("last step's gradients lent to this step's (F, D) results (StepWorkspace.lending)",
                 "import contextlib\n"
                 "from sksae._accel.workspace import StepWorkspace\n"
@@ -117,11 +123,25 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="fits per process")
     parser.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), default=None)
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy-loop processes running alongside (a machine shared with "
+                             "other work, what the thread chooser is for)")
     args = parser.parse_args(argv)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
+    try:
+        _compare(args)
+    finally:
+        for proc in busy:
+            proc.kill()
+
+
+def _compare(args):
     D, F, k, B, epochs = SHAPES[args.shape]
     names = args.only or list(MECHANISMS)
     print(f"TopK {D}x{F} k={k} batch={B}, {epochs} epoch(s) of 16 batches; {args.rounds} "
-          f"rounds x {args.repeats} fits, the baseline before each variant", flush=True)
+          f"rounds x {args.repeats} fits, the baseline before each variant; "
+          f"{args.busy} busy process(es) alongside", flush=True)
     runs = {name: [] for name in ["baseline", *names]}
     for r in range(args.rounds):
         for name in names:

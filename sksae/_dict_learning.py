@@ -372,7 +372,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,
                          max_iter=self.transform_max_iter, positive=self.positive_code,
                          tol=_FIT_TOL)
-        with serial(Xb), parallel(Xb, "dictionary update"):
+        with serial(Xb), parallel(Xb):
             resid = torch.addmm(Xb, code, D, alpha=-1.0)
             cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
             update_stats(A, B, Xb, code, step)

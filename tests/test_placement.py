@@ -14,7 +14,38 @@ from torch.testing import assert_close
 
 from sksae._accel import placement as _placement
 from sksae._online import update_dictionary
-from sksae._accel.placement import run_faster
+from sksae._accel.placement import Chooser, run_faster
+
+
+def _feed(chooser, times):
+    """Run ``chooser`` for times["calls"] calls; ``times[option]`` gives each call's duration."""
+    picks = []
+    for _ in range(times["calls"]):
+        option = chooser.pick("a", "b")
+        picks.append(option)
+        chooser.record(option, times[option])
+    return picks
+
+
+def test_chooser_measures_both_then_keeps_the_faster():
+    chooser = Chooser(min_explore=4, max_explore=16)
+    picks = _feed(chooser, {"a": 5.0, "b": 1.0, "calls": 40})
+    assert picks[:2] == ["a", "b"]
+    assert chooser.choice == "b"
+    # the slower option is retried, less and less often while it stays slower
+    trials = [i for i, p in enumerate(picks) if p == "a"][1:]
+    gaps = np.diff(trials)
+    assert len(trials) >= 2 and gaps[-1] > gaps[0]
+    assert picks.count("b") > 3 * picks.count("a")
+
+
+def test_chooser_follows_a_change_of_load():
+    chooser = Chooser(min_explore=4, max_explore=8)
+    _feed(chooser, {"a": 5.0, "b": 1.0, "calls": 30})
+    assert chooser.choice == "b"
+    picks = _feed(chooser, {"a": 0.4, "b": 1.0, "calls": 30})
+    assert chooser.choice == "a"
+    assert picks[-10:].count("a") >= 8
 
 
 def test_cpu_runs_the_device_function_unmeasured():

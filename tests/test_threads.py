@@ -1,4 +1,4 @@
-"""The CPU step's thread policy: one thread, more where measured faster, same results."""
+"""The CPU step's threads: torch on one, the parallel work on sksae's pool, same results."""
 
 import numpy as np
 import pytest
@@ -6,98 +6,32 @@ import torch
 
 from sksae._accel import threads as _threads
 from sksae import SparseAutoencoder
-from sksae._accel.threads import ThreadChooser, parallel, serial
+from sksae._accel.threads import parallel, serial
 
 
-def _feed(chooser, n, times):
-    """Run ``chooser`` for len(times) calls; ``times[option]`` gives each call's duration."""
-    picks = []
-    for _ in range(times["calls"]):
-        option = chooser.pick(n)
-        picks.append(option)
-        chooser.record(option, times[option])
-    return picks
-
-
-def test_chooser_measures_both_then_keeps_the_faster():
-    chooser = ThreadChooser(min_explore=4, max_explore=16)
-    picks = _feed(chooser, 2, {1: 1.0, 2: 5.0, "calls": 40})
-    assert picks[:2] == [2, 1]
-    assert chooser.choice == 1
-    # the slower option is retried, less and less often while it stays slower
-    trials = [i for i, p in enumerate(picks) if p == 2][1:]
-    gaps = np.diff(trials)
-    assert len(trials) >= 2 and gaps[-1] > gaps[0]
-    assert picks.count(1) > 3 * picks.count(2)
-
-
-def test_chooser_follows_a_change_of_load():
-    chooser = ThreadChooser(min_explore=4, max_explore=8)
-    _feed(chooser, 2, {1: 1.0, 2: 5.0, "calls": 30})
-    assert chooser.choice == 1
-    # the machine becomes quiet: two threads are now faster, and get picked
-    picks = _feed(chooser, 2, {1: 1.0, 2: 0.4, "calls": 30})
-    assert chooser.choice == 2
-    assert picks[-10:].count(2) >= 8
-
-
-def test_parallel_restores_one_thread_inside_serial_and_is_inert_outside():
+def test_parallel_gives_the_fit_its_threads_inside_serial_and_is_inert_outside():
     n = torch.get_num_threads()
     x = torch.zeros(3)
     torch.set_num_threads(2)
     try:
-        with parallel(x, "test site outside"):
+        with parallel(x):
             assert torch.get_num_threads() == 2
-        assert ("test site outside", (3,), x.dtype) not in _threads._choosers
+        assert _threads.serial_threads() is None
         with serial(x):
             assert torch.get_num_threads() == 1
+            assert _threads.serial_threads() == 2
             for _ in range(3):
-                with parallel(x, "test site"):
-                    assert torch.get_num_threads() in (1, 2)
+                with parallel(x):
+                    assert torch.get_num_threads() == 2
                 assert torch.get_num_threads() == 1
+                with parallel(x, own=True):  # the pool's threads, torch stays on one
+                    assert torch.get_num_threads() == 1 and _threads.granted() == 2
+                assert _threads.granted() == 1
         assert torch.get_num_threads() == 2
-        assert _threads._choosers[("test site", (3,), x.dtype)].seconds.keys() == {1, 2}
+        with serial(x.to("meta")):  # off the CPU nothing changes
+            assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(n)
-
-
-def test_a_probe_measures_the_option_not_in_use():
-    """With a probe, the other option is timed on the probe (scaled by its fraction)
-    and the block itself always runs on the running choice."""
-    import time
-
-    n = torch.get_num_threads()
-    x = torch.zeros(5)
-    probes, blocks = [], []
-
-    def probe():
-        probes.append(torch.get_num_threads())
-        time.sleep(0.02)  # one thread looks slow: 0.02 s for a quarter of the work
-
-    torch.set_num_threads(2)
-    try:
-        with serial(x):
-            for _ in range(12):
-                with parallel(x, "probed site", probe, 0.25):
-                    blocks.append(torch.get_num_threads())
-        chooser = _threads._choosers[("probed site", (5,), x.dtype)]
-    finally:
-        torch.set_num_threads(n)
-    assert blocks == [2] * 12  # never the slow option
-    assert probes and set(probes) == {1}
-    assert len(probes) < 4  # the first measurement and the trials only
-    assert chooser.seconds[1] >= 0.08  # the probe's time divided by its fraction
-    assert chooser.choice == 2
-
-
-def test_row_probe_covers_a_share_of_the_rows():
-    seen = []
-    probe, fraction = _threads.row_probe(seen.append, 100, share=8)
-    probe()
-    assert seen == [12] and fraction == 0.12
-    probe, fraction = _threads.row_probe(seen.append, 3, share=8)
-    probe()
-    assert seen[-1] == 1 and fraction == 1 / 3
 
 
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
@@ -150,10 +84,9 @@ def test_own_grant_keeps_torch_on_one_thread_and_fixes_the_ranges():
     try:
         with serial(x):
             seen = {}
-            for _ in range(6):
-                with parallel(x, "own site", own=True):
+            for grant in (1, 2):
+                with _threads._granting(grant, 1):
                     assert torch.get_num_threads() == 1  # torch's team stays asleep
-                    grant = _threads.granted()
                     # the ranges follow the fit's thread count, not the grant
                     bounds = _threads.even_bounds(10)
                     assert list(bounds) == [0, 5, 10]
@@ -162,7 +95,6 @@ def test_own_grant_keeps_torch_on_one_thread_and_fixes_the_ranges():
                         (a, b, threading.get_ident(), torch.get_num_threads())), bounds)
                     seen[grant] = where
             assert _threads.granted() == 1
-        assert seen.keys() == {1, 2}
         me = threading.get_ident()
         # one thread: the ranges one after another on the caller; two: at once,
         # the second on a worker whose torch also runs on one thread

@@ -250,7 +250,7 @@ def clip_and_step(optimizer, params, max_norm, ws=None):
                 factor = max_norm / (float(norm) + 1e-6)
             else:
                 _clip_with_norm(with_grads, max_norm, norm)
-    with parallel(params[0], "adam", own=True):  # one fused pass
+    with parallel(params[0], own=True):  # one fused pass
         if factor is None:
             optimizer.step()
         else:

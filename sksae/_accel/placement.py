@@ -10,7 +10,7 @@ rule of thumb holds on every machine, so such a call site asks
 :func:`run_faster` to run it where it has measured faster: the device's own
 code, or the same computation on host copies (compiled per-row code or numpy
 views), with the result copied back. The choice is made per call site and
-shape by :class:`sksae._accel.threads.ThreadChooser`'s rule (both options
+shape by a :class:`Chooser` (both options
 measured, the slower one retried less and less often). Both options compute
 the same result up to floating-point rounding.
 
@@ -29,12 +29,79 @@ import numpy as np
 import torch
 
 from .device import is_accelerator, synchronize
-from .threads import ThreadChooser
 
-__all__ = ["array_views", "row_block", "run_faster", "unit_ball"]
+__all__ = ["Chooser", "array_views", "row_block", "run_faster", "unit_ball"]
 
 _choosers = {}
 _MAX_CHOOSERS = 1024
+
+
+class Chooser:
+    """Picks the faster of two options for one call site from measured durations.
+
+    Each option's duration is an exponentially weighted average of its recent
+    calls; the faster one is used, and the other is tried again after
+    ``explore`` calls. The interval doubles (up to ``max_explore``) each time a
+    trial confirms the choice and falls back to ``min_explore`` when it
+    changes it, so a much slower option costs little once known.
+
+    Parameters
+    ----------
+    min_explore, max_explore : int
+        Bounds of the number of calls between two trials of the other option.
+    smoothing : float
+        Weight of the newest duration in the running average.
+    """
+
+    def __init__(self, min_explore=8, max_explore=256, smoothing=0.3):
+        self.min_explore = min_explore
+        self.max_explore = max_explore
+        self.smoothing = smoothing
+        self.seconds = {}
+        self.choice = None
+        self.explore = min_explore
+        self.since_trial = 0
+
+    def pick(self, first, second):
+        """The option for the next call, ``first`` or ``second`` (any hashable labels)."""
+        for option in (first, second):  # each option measured once before any choice
+            if option not in self.seconds:
+                return option
+        if self.since_trial >= self.explore:
+            return second if self.choice == first else first
+        return self.choice
+
+    def wants_timing(self, option):
+        """Whether a call of ``option`` must be timed for the next choice.
+
+        Every call until both options are known, the trials of the other
+        option, and the call of the chosen one just before a trial (so that
+        the two are compared on fresh numbers). Other calls may run untimed
+        and are counted with :meth:`skip`.
+        """
+        return (self.choice is None or option != self.choice
+                or self.since_trial + 1 >= self.explore)
+
+    def skip(self):
+        """Count an untimed call of the chosen option."""
+        self.since_trial += 1
+
+    def record(self, option, seconds):
+        """Account one call of ``option`` threads that took ``seconds``."""
+        old = self.seconds.get(option)
+        trial = self.choice is not None and option != self.choice
+        self.seconds[option] = (seconds if old is None or trial
+                                else old + self.smoothing * (seconds - old))
+        if len(self.seconds) < 2:
+            return
+        best = min(self.seconds, key=self.seconds.get)
+        if trial:
+            self.since_trial = 0
+            self.explore = (self.min_explore if best != self.choice
+                            else min(2 * self.explore, self.max_explore))
+        else:
+            self.since_trial += 1
+        self.choice = best
 
 
 def _bucket(n):
@@ -69,8 +136,8 @@ def run_faster(site, t, on_device, on_host):
     if chooser is None:
         if len(_choosers) >= _MAX_CHOOSERS:
             _choosers.clear()
-        chooser = _choosers[key] = ThreadChooser()
-    option = chooser.pick_between("device", "host")
+        chooser = _choosers[key] = Chooser()
+    option = chooser.pick("device", "host")
     run = on_device if option == "device" else on_host
     if not chooser.wants_timing(option):  # settled: no synchronisation
         chooser.skip()

@@ -22,7 +22,7 @@ import torch
 
 from .compiled import kernel
 from .sparse import Pattern
-from .threads import even_bounds, parallel, row_probe, run_ranges
+from .threads import even_bounds, parallel, run_ranges
 
 __all__ = ["encoder_product", "pre_activation", "selection_pre_activation", "topk",
            "select_topk", "batch_topk_pattern", "dead_latent_picks"]
@@ -32,7 +32,7 @@ _BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7
 
 
 def encoder_product(bias, centred, W, out=None):
-    """``bias + centred W^T`` (into ``out``, whose first rows probe the thread choice).
+    """``bias + centred W^T`` (into ``out`` when given).
 
     ``bias=None``: ``centred W^T`` alone. With ``out`` (a CPU buffer) the rows
     are split into ranges run on sksae's threads, each a product on one torch
@@ -44,14 +44,12 @@ def encoder_product(bias, centred, W, out=None):
         return torch.addmm(bias, rows, W.T, out=into)
 
     if out is None:
-        with parallel(centred, "encoder product"):
+        with parallel(centred):
             return product(centred, None)
 
-    def split(m):  # the first m rows; a range of a few rows would take GEMV's other path
-        run_ranges(lambda a, b: product(centred[a:b], out[a:b]), even_bounds(m, min_size=16))
-
-    with parallel(centred, "encoder product", *row_probe(split, centred.shape[0]), own=True):
-        split(centred.shape[0])
+    with parallel(centred, own=True):  # a range of a few rows would take GEMV's other path
+        run_ranges(lambda a, b: product(centred[a:b], out[a:b]),
+                   even_bounds(centred.shape[0], min_size=16))
     return out
 
 
@@ -82,7 +80,7 @@ def selection_pre_activation(p, x_BD, ws, centred=None):
                        init=lambda t: t[:, D + 1].zero_())
     x_low = ws.scratch("x low", (B, D + 2), W, dtype=low,
                        init=lambda t: t[:, D:].copy_(t.new_tensor([1, 0])))
-    with parallel(W, "cast", own=True):
+    with parallel(W, own=True):
         run_ranges(lambda a, b: W_low[a:b, :D].copy_(W[a:b]), even_bounds(W.shape[0]))
     W_low[:, D].copy_(p["b_enc"])
     x_low[:, :D].copy_(centred)
@@ -91,10 +89,8 @@ def selection_pre_activation(p, x_BD, ws, centred=None):
 
 
 def topk(pre_BF, k):
-    """``torch.topk`` of each row (unsorted), on the thread count measured faster."""
-    probe = row_probe(lambda m: torch.topk(pre_BF[:m], k, dim=-1, sorted=False),
-                      pre_BF.shape[0])
-    with parallel(pre_BF, "top-k", *probe):
+    """``torch.topk`` of each row (unsorted), on the fit's threads."""
+    with parallel(pre_BF):
         return torch.topk(pre_BF, k, dim=-1, sorted=False)
 
 
@@ -114,11 +110,8 @@ def select_topk(pre_BF, k):
     bits = pre_BF.contiguous().view(int_dtype).numpy()
     out = np.empty((B, k), dtype=np.int64)
 
-    def run(m):
-        run_ranges(lambda a, b: rows(bits, k, magnitude, a, b, out), even_bounds(m))
-
-    with parallel(pre_BF, "compiled top-k", *row_probe(run, B), own=True):
-        run(B)
+    with parallel(pre_BF, own=True):
+        run_ranges(lambda a, b: rows(bits, k, magnitude, a, b, out), even_bounds(B))
     return torch.from_numpy(out)
 
 
@@ -129,7 +122,7 @@ def batch_topk_pattern(pre_BF, K):
         return compiled
     B, F = pre_BF.shape
     flat = pre_BF.reshape(-1)
-    with parallel(pre_BF, "batch top-k"):
+    with parallel(pre_BF):
         chosen = torch.topk(flat, K, sorted=False).indices
     chosen = torch.sort(chosen).values  # row-major order: rows ascending
     rows = torch.div(chosen, F, rounding_mode="floor")
@@ -162,7 +155,7 @@ def _compiled_batch_topk(pre_BF, K):
     bits = pre_BF.contiguous().view(int_dtype).numpy()
     B, F = bits.shape
     counts = np.empty(B, np.int64)
-    with parallel(pre_BF, "compiled batch top-k", own=True):
+    with parallel(pre_BF, own=True):
         bounds = even_bounds(B)
         # one histogram per row range (integer counts: their sum does not depend on the split)
         hists = {}

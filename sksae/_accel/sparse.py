@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .compiled import kernel
 from .device import is_accelerator
 from .threads import even_bounds, parallel, range_count, run_ranges
 from .threads import serial as _serial
@@ -166,7 +167,7 @@ def unit_rows_(W):
         return W.div_(torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min_(1e-12))
     rows = W.detach().numpy()
     eps = rows.dtype.type(1e-12)
-    with parallel(W, "unit rows", own=True):
+    with parallel(W, own=True):
         run_ranges(lambda a, b: fused(rows, eps, a, b), even_bounds(rows.shape[0]))
     return W
 
@@ -186,7 +187,6 @@ def _compiled(name, *tensors):
     if dtype not in (torch.float32, torch.float64) or any(
             t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return None
-    from .compiled import kernel
     return kernel(name)
 
 
@@ -195,7 +195,7 @@ def _np(t):
     return t.detach().contiguous().numpy()
 
 
-def _by_latent(site, like, kernel, pat, *args):
+def _by_latent(like, kernel, pat, *args):
     """Run a compiled pass over every latent of ``pat``, split over the threads :func:`parallel` grants.
 
     The kernel is called as ``kernel(crow_T, rows_T, order, *args, f0, f1)``
@@ -205,7 +205,7 @@ def _by_latent(site, like, kernel, pat, *args):
     order, crow_T, rows = (_np(t) for t in _transpose(pat))
     n_components = crow_T.shape[0] - 1
     n = range_count(n_components)
-    with parallel(like, site, own=True):
+    with parallel(like, own=True):
         total = int(crow_T[-1])
         bounds = ([0] + [int(np.searchsorted(crow_T, i * total // n)) for i in range(1, n)]
                   + [n_components])
@@ -235,7 +235,7 @@ def _gather_rows(pat, W_FD, weights_N, bias_D=None):
                 pat.indices[lo:hi], W_FD, pat.crow[a:b + 1] - lo, mode="sum",
                 per_sample_weights=weights[lo:hi], include_last_offset=True)
 
-        with parallel(weights, "gather rows", own=True):
+        with parallel(weights, own=True):
             run_ranges(part, bounds)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out if bias_D is None else out.add_(bias_D.to(out.dtype))
@@ -259,54 +259,35 @@ def _scatter_rows(pat, Y_BD, weights_N, ws=None, owner=None):
             torch.float32, torch.float64):
         S_T = _csr(crow_T, rows, weights, (F_, Y.shape[0]))
         out = _buffer(ws, (F_, D), Y, owner)
-        with parallel(Y, "scatter rows"):
+        with parallel(Y):
             # beta=0: the buffer's old contents are ignored, NaN included
             return torch.addmm(out, S_T, Y, beta=0, out=out)
-    with parallel(Y, "scatter rows"):
+    with parallel(Y):
         return F.embedding_bag(rows, Y, crow_T, mode="sum", per_sample_weights=weights,
                                include_last_offset=True)
 
 
 def _transpose(pat):
-    """``(order, crow_T, rows)`` of the transposed pattern, computed once per pattern.
+    """``(order, crow_T, rows)`` of the transposed pattern.
 
     ``order`` sorts the entries by latent, ``crow_T`` (F + 1) delimits each
-    latent's entries in that order, ``rows`` gives their rows.
-
-    A step transposes the same codes' pattern twice (the decoder's and the
-    encoder's weight gradients): the result is kept on the indices tensor's
-    base (so it lives as long as the indices and cannot be confused with other
-    ones), keyed by its version, position and the row offsets.
+    latent's entries in that order, ``rows`` gives their rows. On the CPU a
+    compiled counting sort (one O(N + F) pass, the same result as the sort).
     """
     idx = pat.indices
-    base = idx._base if idx._base is not None else idx
-    key = (base._version, idx.storage_offset(), idx.shape[0], idx.stride(0), pat.n_components,
-           pat.crow.shape[0])
-    cached = getattr(base, "_sksae_transpose", None)
-    if cached is not None and cached[0] == key and (
-            cached[1] is pat.crow or torch.equal(cached[1], pat.crow)):
-        return cached[2]
-    from .compiled import kernel
-
     count_sort = kernel("transpose") if idx.device.type == "cpu" else None
-    if count_sort is not None:  # one O(N + F) pass, the same result as the sort
+    if count_sort is not None:
         N = idx.shape[0]
         order, rows = (idx.new_empty(N, dtype=torch.int64) for _ in range(2))
         crow_T = idx.new_empty(pat.n_components + 1, dtype=torch.int64)
         count_sort(_np(idx.to(torch.int64)), _np(pat.crow.to(torch.int64)), pat.n_components,
                    crow_T.numpy(), rows.numpy(), order.numpy())
-    else:
-        order = _stable_argsort(idx, pat.n_components)
-        sorted_idx = idx.index_select(0, order)
-        latents = torch.arange(pat.n_components + 1, device=sorted_idx.device)
-        crow_T = torch.searchsorted(sorted_idx, latents)
-        rows = pat.rows().index_select(0, order)
-    out = (order, crow_T, rows)
-    try:
-        base._sksae_transpose = (key, pat.crow, out)
-    except (AttributeError, RuntimeError):  # e.g. tensors that take no attributes
-        pass
-    return out
+        return order, crow_T, rows
+    order = _stable_argsort(idx, pat.n_components)
+    sorted_idx = idx.index_select(0, order)
+    latents = torch.arange(pat.n_components + 1, device=sorted_idx.device)
+    crow_T = torch.searchsorted(sorted_idx, latents)
+    return order, crow_T, pat.rows().index_select(0, order)
 
 
 def _stable_argsort(idx, n_components):
@@ -335,7 +316,7 @@ def _sampled_dots(pat, A_BD, W_FD, bias_F=None):
     if fused is not None:
         out = A.new_empty(pat.indices.shape[0])
         bias = W_FD.new_zeros(1) if bias_F is None else bias_F.to(W_FD.dtype)
-        _by_latent("sampled dots", A, fused, pat, _np(A), _np(W_FD), _np(bias),
+        _by_latent(A, fused, pat, _np(A), _np(W_FD), _np(bias),
                    bias_F is not None, out.numpy())
         return out
     out = _sampled_dot_products(pat, A, W_FD)
@@ -347,11 +328,11 @@ def _sampled_dot_products(pat, A, W_FD):
     if A.dtype in (torch.float32, torch.float64):
         zeros = A.new_zeros(pat.indices.shape[0])
         if A.device.type != "cpu":
-            with quiet_csr(), parallel(A, "sampled dots"):
+            with quiet_csr(), parallel(A):
                 return torch.sparse.sampled_addmm(pat.csr(zeros), A, W_FD.T, beta=0.0).values()
         order, crow_T, rows = _transpose(pat)
         S_T = _csr(crow_T, rows, zeros, (pat.n_components, pat.n_rows))
-        with quiet_csr(), parallel(A, "sampled dots"):
+        with quiet_csr(), parallel(A):
             by_latent = torch.sparse.sampled_addmm(S_T, W_FD, A.T, beta=0.0).values()
         return torch.empty_like(by_latent).index_copy_(0, order, by_latent)
     # half precision: gather in chunks that stay in cache
@@ -392,7 +373,7 @@ class _SparseDecode(torch.autograd.Function):
                 dots = grad.new_empty(values.shape[0])
                 g_W = _buffer(ws, tuple(W.shape), W, owner=W)
                 row_sq = grad.new_empty(W.shape[0])
-                _by_latent("decode backward", grad, fused, ctx.pat, _np(values), _np(grad),
+                _by_latent(grad, fused, ctx.pat, _np(values), _np(grad),
                            _np(W), dots.numpy(), g_W.numpy(), row_sq.numpy(), tangent is not None)
                 if ws is not None:
                     ws.note_norm(g_W, row_sq)
@@ -452,7 +433,7 @@ class _GatherPre(torch.autograd.Function):
                 g_W = _buffer(ws, tuple(W.shape), W, owner=W)
                 h = g.new_empty(pat.n_components)
                 row_sq = g.new_empty(pat.n_components)
-                _by_latent("gather backward", g, fused, pat, _np(g), _np(centred), g_W.numpy(),
+                _by_latent(g, fused, pat, _np(g), _np(centred), g_W.numpy(),
                            h.numpy(), row_sq.numpy())
                 if ws is not None:
                     ws.note_norm(g_W, row_sq)

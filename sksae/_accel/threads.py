@@ -1,131 +1,47 @@
-"""Intra-op threads of a CPU training step: one by default, more where measured faster.
+"""Threads of a CPU training step: torch on one, the parallel work on sksae's own pool.
 
 A training step is a few dense operations (the encoder product, the top-k,
-Adam) among many short memory-bound passes. On a quiet machine the dense ones
-run faster on two threads than on one. On a machine whose cores are busy
-with other work they can run many times *slower* on two: OpenMP threads spin
-and wait for each other at every barrier, and one of them waits for the
-scheduler (the user guide's performance notes give the measurements).
+Adam) among many short memory-bound passes. The step keeps torch on one
+intra-op thread (:func:`serial`), and each heavy operation asks
+:func:`parallel` for the fit's threads:
 
-So the step runs on one thread (:func:`serial`) and each heavy operation (the
-encoder product, the top-k, Adam, the sparse kernels' gathers, scatters,
-sampled products and compiled passes; for DictionaryLearnerGPU each coder
-call and dictionary update) asks :func:`parallel` for the faster of one
-thread and all of them, measured on the previous calls at the same call site
-and shape. The choice is re-measured now and then (less often while it keeps
-being confirmed), so a fit follows the machine's load as it changes. Where an
-operation's rows are independent (the encoder product, the top-k), the other
-option is timed on a probe of its first rows instead of the whole call, so a
-trial of a slower option costs a fraction of a call instead of a whole one. The thread count does not change results: the operations routed here
-(MKL's GEMM split over output blocks, top-k, fused Adam, ``embedding_bag``
-over bags, sampled products per entry, the compiled passes per latent range)
-give the same bits on any number of threads, which ``tests/test_threads.py``
-checks.
+- operations whose work splits into independent ranges (rows of the encoder
+  product and of the top-k, bags of the decode, elements of Adam, latents of
+  the compiled passes) run their ranges on sksae's own worker threads with
+  ``own=True`` (:func:`run_ranges`), torch staying on one thread in each. One
+  pool for all the step's parallel work matters on a small machine: after an
+  OpenMP region its idle worker keeps spinning for milliseconds (libgomp's
+  default wait policy), and any other thread shares a core with it; with
+  every part of the step on the one pool, the OpenMP team never wakes;
+- the few that cannot be split so (MKL's sparse-dense product, a top-k over a
+  whole flattened batch; for DictionaryLearnerGPU each coder call and
+  dictionary update) get torch's threads back for their duration.
 
-Operations whose work splits into independent ranges (rows of the encoder
-product and of the top-k, bags of the decode, elements of Adam, latents of
-the compiled passes) do not use torch's OpenMP threads at all: with
-``own=True`` :func:`parallel` grants them threads of sksae's own pool and
-leaves torch on one thread, and they run their ranges with
-:func:`run_ranges`. The ranges are those of :func:`even_bounds`, fixed by
-the thread count at the start of the fit; the choice only decides whether
-they run one after another or at once, so it cannot change a bit. One pool
-for all the step's parallel work matters on a small machine: after an
-OpenMP region its idle worker keeps spinning for milliseconds (libgomp's
-default wait policy), and any other thread shares a core with it; with every
-part of the step on the one pool the OpenMP team never wakes.
+The ranges are those of :func:`even_bounds`, fixed by the fit's thread count,
+and every operation routed here (MKL's GEMM split over output blocks, top-k,
+fused Adam, ``embedding_bag`` over bags, sampled products per entry, the
+compiled passes per latent range) gives the same bits on any number of
+threads, which ``tests/test_threads.py`` checks.
+
+The thread counts are per Python thread (a thread-local, as torch's own
+intra-op setting is), so that fits in concurrent threads keep apart.
+``benchmarks/bench_mechanisms.py`` measures what the pool is worth.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["serial", "parallel", "row_probe", "run_ranges", "even_bounds", "range_count",
-           "granted", "serial_threads", "ThreadChooser"]
+__all__ = ["serial", "parallel", "run_ranges", "even_bounds", "range_count", "granted",
+           "serial_threads"]
 
 #: per Python thread: intra-op threads outside the outermost :func:`serial`
 #: block (``outer`` absent outside), so that fits in concurrent threads keep apart
 _state = threading.local()
-#: one chooser per (call site, shape, dtype)
-_choosers = {}
-_MAX_CHOOSERS = 4096
-
-
-class ThreadChooser:
-    """Picks 1 or ``n`` threads for one call site from measured durations.
-
-    Each option's duration is an exponentially weighted average of its recent
-    calls; the faster one is used, and the other is tried again after
-    ``explore`` calls. The interval doubles (up to ``max_explore``) each time a
-    trial confirms the choice and falls back to ``min_explore`` when it
-    changes it, so a much slower option costs little once known.
-
-    Parameters
-    ----------
-    min_explore, max_explore : int
-        Bounds of the number of calls between two trials of the other option.
-    smoothing : float
-        Weight of the newest duration in the running average.
-    """
-
-    def __init__(self, min_explore=8, max_explore=256, smoothing=0.3):
-        self.min_explore = min_explore
-        self.max_explore = max_explore
-        self.smoothing = smoothing
-        self.seconds = {}
-        self.choice = None
-        self.explore = min_explore
-        self.since_trial = 0
-
-    def pick(self, n):
-        """Thread count for the next call, 1 or ``n``."""
-        return self.pick_between(n, 1)
-
-    def pick_between(self, first, second):
-        """The option for the next call, ``first`` or ``second`` (any hashable labels)."""
-        for option in (first, second):  # each option measured once before any choice
-            if option not in self.seconds:
-                return option
-        if self.since_trial >= self.explore:
-            return second if self.choice == first else first
-        return self.choice
-
-    def wants_timing(self, option):
-        """Whether a call of ``option`` must be timed for the next choice.
-
-        Every call until both options are known, the trials of the other
-        option, and the call of the chosen one just before a trial (so that
-        the two are compared on fresh numbers). Other calls may run untimed
-        and are counted with :meth:`skip`.
-        """
-        return (self.choice is None or option != self.choice
-                or self.since_trial + 1 >= self.explore)
-
-    def skip(self):
-        """Count an untimed call of the chosen option."""
-        self.since_trial += 1
-
-    def record(self, option, seconds):
-        """Account one call of ``option`` threads that took ``seconds``."""
-        old = self.seconds.get(option)
-        trial = self.choice is not None and option != self.choice
-        self.seconds[option] = (seconds if old is None or trial
-                                else old + self.smoothing * (seconds - old))
-        if len(self.seconds) < 2:
-            return
-        best = min(self.seconds, key=self.seconds.get)
-        if trial:
-            self.since_trial = 0
-            self.explore = (self.min_explore if best != self.choice
-                            else min(2 * self.explore, self.max_explore))
-        else:
-            self.since_trial += 1
-        self.choice = best
 
 
 @contextlib.contextmanager
@@ -148,64 +64,25 @@ def serial(t):
 
 
 @contextlib.contextmanager
-def parallel(t, site, probe=None, fraction=None, own=False):
-    """Inside a :func:`serial` block, run the block on the measured-faster thread count.
+def parallel(t, own=False):
+    """Inside a :func:`serial` block, run the block on the fit's threads.
 
     Parameters
     ----------
     t : Tensor
-        The operation's main operand: its device, shape and dtype key the
-        measurements together with ``site``.
-    site : str
-        Name of the call site (e.g. ``"encoder product"``).
-    probe : callable, optional
-        Does ``fraction`` of the block's work (e.g. its first rows) into
-        memory that the block then overwrites. With a probe, the option not in
-        use is measured on the probe (its duration divided by ``fraction``)
-        and the block runs on the current choice, so trying a slower option
-        costs a fraction of a call. The probe's results are overwritten, so
-        they never reach the output.
-    fraction : float, optional
-        The share of the block's work that ``probe`` does, in (0, 1].
+        The operation's main operand: nothing changes off the CPU.
     own : bool, default=False
         The block runs its work with :func:`run_ranges` (on the threads of
-        sksae's pool) and torch stays on one thread; otherwise the choice is
-        torch's intra-op thread count.
+        sksae's pool) and torch stays on one thread; otherwise torch's
+        intra-op thread count is the fit's for the block.
     """
     n = serial_threads()
     if n is None or t.device.type != "cpu":
         yield
         return
-    key = (site, tuple(t.shape), t.dtype)
-    chooser = _choosers.get(key)
-    if chooser is None:
-        if len(_choosers) >= _MAX_CHOOSERS:  # many distinct shapes: start over, bounded
-            _choosers.clear()
-        chooser = _choosers[key] = ThreadChooser()
-    prev = torch.get_num_threads()  # 1, or the choice of an enclosing block
-    option = chooser.pick(n)
-    grant = _granting if own else _threads
-    if probe is not None and chooser.seconds and option != _running(chooser):
-        with grant(option, prev):
-            start = time.perf_counter()
-            probe()
-            chooser.record(option, (time.perf_counter() - start) / fraction)
-        option = chooser.pick(n)
-    with grant(option, prev):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            chooser.record(option, time.perf_counter() - start)
-
-
-def row_probe(work, n_rows, share=8):
-    """``(probe, fraction)`` for :func:`parallel` from ``work(m)``, the block's work on its first m rows.
-
-    The probe does 1/``share`` of the rows (at least one).
-    """
-    m = max(1, n_rows // share)
-    return (lambda: work(m)), m / max(n_rows, 1)
+    prev = torch.get_num_threads()  # 1, or the count of an enclosing block
+    with (_granting if own else _threads)(n, prev):
+        yield
 
 
 _pool = (0, None)
@@ -282,13 +159,6 @@ def range_count(n_items, min_size=1):
     """How many ranges :func:`even_bounds` splits ``n_items`` into."""
     n = serial_threads() or torch.get_num_threads()
     return max(1, min(n, n_items // max(min_size, 1)))
-
-
-def _running(chooser):
-    """The option a call runs on when it is not a trial: the choice, else the one measured."""
-    if chooser.choice is not None:
-        return chooser.choice
-    return next(iter(chooser.seconds))
 
 
 @contextlib.contextmanager

@@ -132,7 +132,7 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
         # measured faster for this call site and shape (sksae._accel.threads): e.g. two
         # threads help the wide toy blocks, and slow the small china ones or any
         # block on busy cores. Same codes either way.
-        with serial(X), parallel(X, site):
+        with serial(X), parallel(X):
             return CODERS[algorithm](X, D, gram=gram, cov=cov, **kwargs)
 
     if algorithm == "threshold":  # one product: no sequential work to move
