@@ -6,7 +6,9 @@ library has no switches for this). Runs alternate between the unpatched step
 and each patched one, for several rounds, and the script prints every run's
 samples/s, the medians, and per mechanism ``worth = baseline / without`` (1.10
 means the step is 10% faster with it). Issue 16's rule: a mechanism stays
-where it is worth at least 5% at a benchmarked shape on some device.
+where it is worth at least 5% at a benchmarked shape on some device. Two were
+removed that way (a per-call-site choice of 1 or n threads, and a cache of
+the codes' transposed pattern); their runs are in ``results/mechanisms_*.txt``.
 
 Usage::
 
@@ -42,21 +44,13 @@ MECHANISMS = {
                 "import contextlib\n"
                 "from sksae._accel.workspace import StepWorkspace\n"
                 "StepWorkspace.lending = contextlib.contextmanager(lambda self, t: (yield self))"),
-    "chooser": ("measured choice of 1 or n threads per call site (ThreadChooser); without it: n",
-                "from sksae._accel.threads import ThreadChooser\n"
-                "ThreadChooser.pick = lambda self, n: n"),
-    "threads": ("a second thread at all; without it every call site runs on one",
-                "from sksae._accel.threads import ThreadChooser\n"
-                "ThreadChooser.pick = lambda self, n: 1"),
-    "transpose-cache": ("the codes' transposed pattern kept for the second backward (_transpose)",
-                        "from sksae._accel import sparse\n"
-                        "_t = sparse._transpose\n"
-                        "def _fresh(pat):\n"
-                        "    base = pat.indices._base if pat.indices._base is not None "
-                        "else pat.indices\n"
-                        "    base.__dict__.pop('_sksae_transpose', None)\n"
-                        "    return _t(pat)\n"
-                        "sparse._transpose = _fresh"),
+    "threads": ("a second thread at all; without it every operation of the step runs on one",
+                "import contextlib\n"
+                "import sksae._accel.threads as t, sksae._accel.select as s\n"
+                "import sksae._accel.sparse as sp, sksae._accel.adam as a\n"
+                "one = contextlib.contextmanager(lambda x, own=False: (yield))\n"
+                "for m in (t, s, sp, a):\n"
+                "    m.parallel = one"),
     "norm-notes": ("gradient norms noted by the compiled backward passes (StepWorkspace.note_norm)",
                    "from sksae._accel.workspace import StepWorkspace\n"
                    "StepWorkspace.note_norm = lambda self, t, r: None"),
