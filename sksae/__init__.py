@@ -1,8 +1,8 @@
 """sksae: sparse autoencoders and GPU dictionary learning as scikit-learn estimators.
 
 Public names are imported lazily so that ``import sksae`` stays cheap and the
-submodules (``sksae.datasets``, ``sksae.metrics``, ``sksae.model_selection``,
-``sksae.plotting``) load only when used.
+submodules (``sksae.architectures``, ``sksae.datasets``, ``sksae.metrics``,
+``sksae.model_selection``, ``sksae.plotting``, ``sksae.interop``) load only when used.
 """
 
 import importlib
@@ -16,7 +16,7 @@ _LAZY = {
     "save": "sksae._io",
     "load": "sksae._io",
 }
-_SUBMODULES = ("datasets", "metrics", "model_selection", "plotting", "interop")
+_SUBMODULES = ("architectures", "datasets", "metrics", "model_selection", "plotting", "interop")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

@@ -20,10 +20,11 @@ from .gated import Gated
 from .jumprelu import JumpReLU
 from .matryoshka import MatryoshkaBatchTopK
 from .relu import ReLU
-from .topk import TopK
+from .topk import TopK, TopKFamily
 
-__all__ = ["Architecture", "PenaltyWarmup", "EncodeOutput", "LossInputs", "Schedule",
-           "SparseCodes", "decode", "REGISTRY", "register", "get", "available", "NAMES"]
+__all__ = ["Architecture", "PenaltyWarmup", "TopKFamily", "EncodeOutput", "LossInputs",
+           "Schedule", "SparseCodes", "decode", "REGISTRY", "register", "get", "available",
+           "NAMES", "ReLU", "TopK", "BatchTopK", "MatryoshkaBatchTopK", "JumpReLU", "Gated"]
 
 REGISTRY = {cls.name: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, Gated,
                                       MatryoshkaBatchTopK)}
