@@ -213,7 +213,7 @@ def build_parser():
                           "as a JSON object (e.g. '{\"prefix_sizes\": [64, 256]}')")
     fit.add_argument("--n-components", type=int, default=None,
                      help="dictionary size (default: 8 x n_features)")
-    fit.add_argument("--k", type=int, default=32, help="active latents (topk, batchtopk)")
+    fit.add_argument("--k", type=int, default=32, help="active latents (the TopK family: topk, batchtopk, matryoshka)")
     fit.add_argument("--alpha", type=float, default=None,
                      help="L1 weight (relu, gated; default: the estimator's)")
     fit.add_argument("--l0-coefficient", type=float, default=None,
