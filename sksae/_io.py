@@ -28,6 +28,8 @@ import json
 import math
 import numbers
 import os
+import re
+import secrets
 import warnings
 from pathlib import Path
 
@@ -40,7 +42,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _MAX_CONFIG_BYTES = 16 * 2**20
+_MAX_JSON_DEPTH = 32  # sksae writes depth 4; SAELens and sparsify configs stay under 10
 _FLOAT_DTYPES = ("float32", "float64")
+# dtypes a saved tensor may have: weights, history records (int64 epochs), the RNG key
+_TENSOR_DTYPES = ("float32", "float64", "int64", "uint32")
+_MT19937_KEY = 624
 
 # class name -> (module, private numpy state restored so that partial_fit continues)
 _REGISTRY = {
@@ -117,6 +123,96 @@ def _is_public_fitted(name):
     return name.endswith("_") and not name.startswith("_")
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _json_depth(text):
+    """Deepest nesting of arrays and objects in the JSON ``text`` (brackets in strings skipped)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    return int(np.cumsum(np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)).max())
+
+
+def _loads_bounded(text, max_depth=_MAX_JSON_DEPTH):
+    """``json.loads(text)``, refusing (ValueError) nesting deeper than ``max_depth``.
+
+    The depth is measured before parsing, so a deeply nested document is
+    refused without recursing; a RecursionError that escapes anyway (a
+    smaller interpreter limit) is refused as well.
+    """
+    depth = _json_depth(text)
+    if depth > max_depth:
+        raise ValueError(f"JSON nested {depth} levels deep (at most {max_depth} allowed)")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None
+
+
+def _write_exclusive(folder, name, data):
+    """Write ``data`` to a new temporary file in ``folder``; return its path.
+
+    The file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` under a random
+    name: a file or symbolic link planted in the folder is never opened or
+    followed. The data is flushed to disk before returning.
+    """
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_BINARY", 0))
+    for _ in range(64):
+        tmp = Path(folder) / f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+    raise FileExistsError(f"could not create a temporary file for {name} in {folder}.")
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms where a folder cannot be opened (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_files(folder, files):
+    """Write ``{name: bytes}`` into ``folder``, each file replaced atomically.
+
+    Every temporary file is written (and flushed) first, then each is renamed
+    over its target in order; the renames never follow a link planted under a
+    target's name (the link itself is replaced). A failure before the renames
+    leaves the folder as it was.
+    """
+    folder = Path(folder)
+    temps = {}
+    try:
+        for name, data in files.items():
+            temps[name] = _write_exclusive(folder, name, data)
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+        _fsync_dir(folder)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)  # no-op for the temporaries already renamed
+
+
 # ------------------------------------------------------------------------- save
 def save(model, path):
     """Save a fitted sksae estimator to the folder ``path``.
@@ -163,7 +259,6 @@ def save(model, path):
     >>> np.allclose(sksae.load(folder).transform(X), sae.transform(X))
     True
     """
-    from safetensors.numpy import save_file
     from sklearn.utils.validation import check_is_fitted
 
     import sksae
@@ -230,10 +325,9 @@ def save(model, path):
         if arr.dtype == object:
             raise TypeError(f"sksae.save: array {key} has dtype object.")
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
-    save_file(arrays, str(weights), metadata={"format": FORMAT})
+    from safetensors.numpy import save as to_bytes
+
+    weights = to_bytes(arrays, metadata={"format": FORMAT})
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -245,18 +339,25 @@ def save(model, path):
         "random_state": attributes_state,
         "arrays": {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
                    for k, v in sorted(arrays.items())},
-        "weights_sha256": _sha256_file(weights),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
     }
     config = {**body, "config_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
-    tmp = folder / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
-    os.replace(tmp, folder / CONFIG_FILE)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # The weights are renamed into place before the config that names their digest:
+    # an interruption in between leaves a folder that load refuses (digest mismatch).
+    _write_files(folder, {WEIGHTS_FILE: weights,
+                          CONFIG_FILE: json.dumps(config, indent=1, sort_keys=True).encode()})
     return folder
 
 
 # ------------------------------------------------------------------------- load
 def _refuse(path, problem):
     raise ValueError(f"Refusing to load {str(path)!r}: {problem}")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _read_config(folder):
@@ -266,112 +367,257 @@ def _read_config(folder):
     for f in (cfg_path, weights):
         if not f.is_file():
             _refuse(folder, f"{f.name} is missing.")
-    if cfg_path.stat().st_size > _MAX_CONFIG_BYTES:
-        _refuse(folder, f"{CONFIG_FILE} is larger than {_MAX_CONFIG_BYTES} bytes.")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(cfg_path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        _refuse(folder, f"{CONFIG_FILE} cannot be read ({exc}).")
+    if len(raw) > _MAX_CONFIG_BYTES:
+        _refuse(folder, f"{CONFIG_FILE} is larger than {_MAX_CONFIG_BYTES} bytes.")
+    try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        config = _loads_bounded(raw.decode("utf-8"))
+    except ValueError as exc:
         _refuse(folder, f"{CONFIG_FILE} is not valid JSON ({exc}).")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         _refuse(folder, f"{CONFIG_FILE} is not an sksae model config (no "
                         f"'format': {FORMAT!r}); for SAELens or sparsify folders use "
                         "sksae.interop.")
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") != FORMAT_VERSION \
+            or type(config.get("format_version")) is not int:
         _refuse(folder, f"format_version {config.get('format_version')!r} is not "
                         f"supported (this sksae reads version {FORMAT_VERSION}).")
     body = {k: v for k, v in config.items() if k != "config_sha256"}
     if hashlib.sha256(_canonical(body)).hexdigest() != config.get("config_sha256"):
         _refuse(folder, f"{CONFIG_FILE} was modified after saving (its SHA-256 does "
                         "not match config_sha256).")
-    if _sha256_file(weights) != config.get("weights_sha256"):
+    try:
+        digest = _sha256_file(weights)
+    except OSError as exc:
+        _refuse(folder, f"{WEIGHTS_FILE} cannot be read ({exc}).")
+    if digest != config.get("weights_sha256"):
         _refuse(folder, f"{WEIGHTS_FILE} is corrupted or was modified after saving "
                         "(its SHA-256 does not match weights_sha256).")
     for key, kind in (("params", dict), ("attributes", dict), ("string_attributes", dict),
-                      ("arrays", dict), ("estimator", str)):
+                      ("arrays", dict), ("estimator", str), ("random_state", (dict, type(None)))):
         if not isinstance(config.get(key), kind):
             _refuse(folder, f"{CONFIG_FILE} field {key!r} is missing or malformed.")
     return config
 
 
 def _read_arrays(folder, manifest):
-    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    for key, spec in manifest.items():
+        if not (isinstance(spec, dict) and spec.get("dtype") in _TENSOR_DTYPES
+                and isinstance(spec.get("shape"), list)
+                and all(_is_int(n) and n >= 0 for n in spec["shape"])):
+            _refuse(folder, f"the manifest entry of tensor {key!r} is malformed ({spec!r}; "
+                            f"dtypes allowed: {', '.join(_TENSOR_DTYPES)}).")
     try:
         arrays = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError) as exc:
-        _refuse(folder, f"{WEIGHTS_FILE} is not a readable safetensors file ({exc}).")
+    except MemoryError:
+        raise
+    except Exception as exc:  # the parser's own errors: the file is not safetensors
+        _refuse(folder, f"{WEIGHTS_FILE} is not a readable safetensors file "
+                        f"({type(exc).__name__}: {exc}).")
     if set(arrays) != set(manifest):
         _refuse(folder, f"the tensors in {WEIGHTS_FILE} {sorted(arrays)} do not match "
                         f"the manifest {sorted(manifest)}.")
     for key, arr in arrays.items():
         spec = manifest[key]
-        if (not isinstance(spec, dict) or str(arr.dtype) != spec.get("dtype")
-                or list(arr.shape) != spec.get("shape")):
+        if str(arr.dtype) != spec["dtype"] or list(arr.shape) != spec["shape"]:
             _refuse(folder, f"tensor {key!r} has dtype {arr.dtype} and shape "
                             f"{list(arr.shape)}, the manifest says {spec}.")
     return arrays
 
 
-def _check_fitted_arrays(folder, model, fitted):
-    """Shapes, dtypes and finiteness of the weights against the scalar metadata."""
+def _check_array(folder, name, arr, shapes, dtype):
+    """``arr`` is an ndarray of one of ``shapes``, of ``dtype``, all finite."""
+    if not isinstance(arr, np.ndarray):
+        _refuse(folder, f"fitted attribute {name} is missing.")
+    if arr.shape not in shapes:
+        _refuse(folder, f"{name} has shape {arr.shape}; expected "
+                        f"{' or '.join(map(str, shapes))}.")
+    if arr.dtype != dtype:
+        _refuse(folder, f"{name} has dtype {arr.dtype}, components_ {dtype}.")
+    if not np.isfinite(arr).all():
+        _refuse(folder, f"{name} contains NaN or infinite values.")
+
+
+def _check_scalars(folder, model, fitted):
+    """Types and ranges of the scalar fitted attributes."""
+    sae = type(model).__name__ == "SparseAutoencoder"
+    counts = {"n_features_in_": 1, "n_iter_": 0, "n_steps_": 0}
+    if sae:
+        counts["n_components_"] = 1
+    for name, low in counts.items():
+        value = fitted.get(name)
+        if not _is_int(value) or value < low:
+            _refuse(folder, f"{name}={value!r} is not an integer >= {low}.")
+    for name, value in fitted.items():
+        if "/" in name or name in counts or isinstance(value, (np.ndarray, dict)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            _refuse(folder, f"attribute {name}={value!r} is not finite.")
+    if sae:
+        scale = fitted.get("input_scale_")
+        if not (isinstance(scale, float) and math.isfinite(scale) and scale > 0):
+            _refuse(folder, "input_scale_ is missing or not a positive number.")
+
+
+def _check_history(folder, fitted):
+    """``history_`` and ``loss_curve_``: records of the training run.
+
+    They are 1-D numeric arrays (one length per group); their values are what
+    training recorded and may hold NaN (a metric not recorded at a step) or
+    infinities (e.g. the FVU of a constant batch), so finiteness is not
+    required of them.
+    """
+    history = fitted.setdefault("history_", {"step": {}, "epoch": {}})
+    if not isinstance(history, dict) or not set(history) <= {"step", "epoch"}:
+        _refuse(folder, f"history_ has groups {sorted(history)}; expected 'step' and "
+                        "'epoch'.")
+    for group in ("step", "epoch"):
+        records = history.setdefault(group, {})
+        if not isinstance(records, dict):
+            _refuse(folder, f"history_[{group!r}] is an array, not a dict of records.")
+        lengths = set()
+        for key, arr in records.items():
+            if arr.ndim != 1 or arr.dtype.kind not in "fi":
+                _refuse(folder, f"history_[{group!r}][{key!r}] is not a 1-D numeric array.")
+            lengths.add(arr.shape[0])
+        if len(lengths) > 1:
+            _refuse(folder, f"the records of history_[{group!r}] have different lengths "
+                            f"{sorted(lengths)}.")
+    curve = fitted.get("loss_curve_")
+    if curve is not None and (curve.ndim != 1 or curve.dtype.kind != "f"):
+        _refuse(folder, "loss_curve_ is not a 1-D float array.")
+
+
+def _check_random_state(folder, keys, state):
+    """The MT19937 state in full: numpy accepts some invalid ones and crashes later."""
+    if not isinstance(keys, np.ndarray) or keys.dtype != np.uint32 \
+            or keys.shape != (_MT19937_KEY,):
+        _refuse(folder, f"the random state's key must be {_MT19937_KEY} uint32 values.")
+    if not isinstance(state, dict) or set(state) != {"kind", "pos", "has_gauss",
+                                                     "cached_gaussian"}:
+        _refuse(folder, "the saved random state is malformed (expected the fields kind, "
+                        "pos, has_gauss, cached_gaussian).")
+    if state["kind"] != "MT19937":
+        _refuse(folder, f"random state kind {state['kind']!r} is not 'MT19937'.")
+    pos, has_gauss, gauss = state["pos"], state["has_gauss"], state["cached_gaussian"]
+    if not _is_int(pos) or not 0 <= pos <= _MT19937_KEY:
+        _refuse(folder, f"random state pos={pos!r} is not an integer in [0, {_MT19937_KEY}].")
+    if not _is_int(has_gauss) or has_gauss not in (0, 1):
+        _refuse(folder, f"random state has_gauss={has_gauss!r} is not 0 or 1.")
+    if isinstance(gauss, bool) or not isinstance(gauss, (int, float)) \
+            or not math.isfinite(gauss):
+        _refuse(folder, f"random state cached_gaussian={gauss!r} is not a finite number.")
+    rs = np.random.RandomState()
+    rs.set_state(("MT19937", keys, int(pos), int(has_gauss), float(gauss)))
+    return rs
+
+
+def _check_sae(folder, model, fitted, comps):
+    """Fit's constraints of a SparseAutoencoder, and the shapes of its arrays."""
+    n_atoms, n_features = comps.shape
+    if fitted["n_components_"] != n_atoms:
+        _refuse(folder, f"n_components_={fitted['n_components_']!r} does not "
+                        f"match components_ of shape {comps.shape}.")
+    try:  # the checks fit runs before training: architecture hyperparameters, init
+        arch, n_components, _ = model._resolve(n_features)
+    except (ValueError, TypeError) as exc:
+        _refuse(folder, f"invalid architecture hyperparameters ({exc}).")
+    if n_components != n_atoms:
+        _refuse(folder, f"n_components={model.n_components} does not match "
+                        f"components_ of shape {comps.shape}.")
+    expected = {"components_": [(n_atoms, n_features)],
+                "encoder_weights_": [(n_atoms, n_features)],
+                "encoder_bias_": [(n_atoms,)], "decoder_bias_": [(n_features,)]}
+    expected.update(arch.fitted_shapes(n_atoms))
+    _check_history(folder, fitted)
+    return expected, {}
+
+
+def _check_dictionary_learner(folder, model, fitted, comps, rs_state):
+    """Fit's constraints of a DictionaryLearnerGPU, its arrays and its private state."""
+    from .coders import check_positive_coding
+
+    n_atoms, n_features = comps.shape
+    n_components = model.n_components if model.n_components is not None else n_features
+    if n_components != n_atoms:
+        _refuse(folder, f"n_components={model.n_components} does not match "
+                        f"components_ of shape {comps.shape}.")
+    try:
+        check_positive_coding(model.fit_algorithm, model.positive_code)
+    except ValueError as exc:
+        _refuse(folder, f"invalid parameters ({exc}).")
+    if model.dict_init is not None:
+        init = model.dict_init
+        if not (isinstance(init, np.ndarray) and init.ndim == 2
+                and init.dtype.kind == "f" and init.shape[1] == n_features
+                and np.isfinite(init).all()):
+            _refuse(folder, f"dict_init must be a finite float array with {n_features} "
+                            "columns.")
+    expected = {"components_": [(n_atoms, n_features)]}
+    state = {"state/_A": [(n_atoms, n_atoms)], "state/_B": [(n_features, n_atoms)]}
+    keys = fitted.get("state/_random_state")
+    if rs_state is None or keys is None:
+        _refuse(folder, "the random state of partial_fit is missing.")
+    rs = _check_random_state(folder, keys, rs_state)
+    return expected, {**state, "state/_random_state": rs}
+
+
+def _check_fitted_arrays(folder, model, fitted, rs_state=None):
+    """Every fitted value against the parameters and each other: names, shapes, dtypes,
+    finiteness, and the constraints fit checks. Returns the private state to set."""
     comps = fitted.get("components_")
     if not isinstance(comps, np.ndarray) or comps.ndim != 2:
         _refuse(folder, "components_ is missing or not a 2-D array.")
     if str(comps.dtype) not in _FLOAT_DTYPES:
         _refuse(folder, f"components_ has dtype {comps.dtype}; expected float32 or float64.")
+    _check_scalars(folder, model, fitted)
     n_atoms, n_features = comps.shape
-    if fitted.get("n_features_in_") != n_features:
+    if fitted["n_features_in_"] != n_features:
         _refuse(folder, f"n_features_in_={fitted.get('n_features_in_')!r} does not match "
                         f"components_ of shape {comps.shape}.")
     names = fitted.get("feature_names_in_")
     if names is not None and len(names) != n_features:
         _refuse(folder, "feature_names_in_ does not have n_features_in_ entries.")
-    expected = {"components_": [(n_atoms, n_features)]}
+    for key, value in fitted.items():
+        if isinstance(value, np.ndarray) and value.dtype == object \
+                and key != "feature_names_in_":
+            _refuse(folder, f"string attribute {key!r} is not feature_names_in_.")
     if type(model).__name__ == "SparseAutoencoder":
-        if fitted.get("n_components_") != n_atoms:
-            _refuse(folder, f"n_components_={fitted.get('n_components_')!r} does not "
-                            f"match components_ of shape {comps.shape}.")
-        if not (isinstance(fitted.get("input_scale_"), float)
-                and math.isfinite(fitted["input_scale_"]) and fitted["input_scale_"] > 0):
-            _refuse(folder, "input_scale_ is missing or not a positive number.")
-        try:
-            arch = model._architecture(n_atoms, n_features)
-        except (ValueError, TypeError) as exc:
-            _refuse(folder, f"invalid architecture hyperparameters ({exc}).")
-        expected.update({"encoder_weights_": [(n_atoms, n_features)],
-                         "encoder_bias_": [(n_atoms,)], "decoder_bias_": [(n_features,)]})
-        expected.update(arch.fitted_shapes(n_atoms))
+        if rs_state is not None:
+            _refuse(folder, "a SparseAutoencoder has no saved random state.")
+        expected, state = _check_sae(folder, model, fitted, comps)
     else:
-        if model.n_components is not None and model.n_components != n_atoms:
-            _refuse(folder, f"n_components={model.n_components} does not match "
-                            f"components_ of shape {comps.shape}.")
-        for key in _REGISTRY[type(model).__name__][1]:
-            state = fitted.get(f"state/{key}")
-            if state is not None and (state.dtype != comps.dtype or state.ndim != 2):
-                _refuse(folder, f"state {key} has the wrong dtype or shape.")
-    for attr, shapes in expected.items():
-        arr = fitted.get(attr)
-        if not isinstance(arr, np.ndarray):
-            _refuse(folder, f"fitted attribute {attr} is missing.")
-        if arr.shape not in shapes:
-            _refuse(folder, f"{attr} has shape {arr.shape}; expected "
-                            f"{' or '.join(map(str, shapes))}.")
-        if arr.dtype != comps.dtype:
-            _refuse(folder, f"{attr} has dtype {arr.dtype}, components_ {comps.dtype}.")
-        if not np.isfinite(arr).all():
-            _refuse(folder, f"{attr} contains NaN or infinite values.")
+        expected, state = _check_dictionary_learner(folder, model, fitted, comps, rs_state)
+    records = ("history_", "loss_curve_")
+    for key, value in fitted.items():
+        if isinstance(value, np.ndarray) and value.dtype != object and key not in expected \
+                and key not in state and key not in records:
+            where = "private state" if key.startswith("state/") else "fitted array"
+            _refuse(folder, f"{where} {key!r} is not one of {type(model).__name__}'s "
+                            f"({sorted(set(expected) | set(state))}).")
+    for attr, shapes in {**expected, **{k: v for k, v in state.items()
+                                        if isinstance(v, list)}}.items():
+        _check_array(folder, attr, fitted.get(attr), shapes, comps.dtype)
+    return {key[len("state/"):]: fitted[key] if isinstance(value, list) else value
+            for key, value in state.items()}
 
 
 def load(path, *, device=None):
     """Load an estimator saved by :func:`save`.
 
     Nothing is unpickled and no code named by the folder is imported or run.
-    The folder is refused, with a :class:`ValueError` naming the problem, when
-    a file is missing or unreadable, a SHA-256 digest does not match (a
-    corrupted or edited file), the class is not an sksae estimator, a
-    parameter is unknown or invalid, or the arrays disagree with the manifest
-    or with each other.
+    Every value read is validated: the class comes from a whitelist, each
+    parameter is checked against the estimator's constraints and the
+    cross-parameter constraints that ``fit`` checks, every array against the
+    manifest, the parameters and the other arrays (name, shape, dtype,
+    finiteness), and the private state a :class:`~sksae.DictionaryLearnerGPU`
+    keeps for ``partial_fit`` against its own whitelist.
 
     The loaded estimator is fitted: ``transform``, ``inverse_transform`` and
     ``score`` give the results of the saved one. A
@@ -379,7 +625,7 @@ def load(path, *, device=None):
     so ``fit`` and ``partial_fit`` on it start a new training run (to
     fine-tune from the saved atoms, pass ``init=loaded.components_`` to a new
     estimator). A :class:`~sksae.DictionaryLearnerGPU` keeps its sufficient
-    statistics, so its ``partial_fit`` continues.
+    statistics and random state, so its ``partial_fit`` continues.
 
     Parameters
     ----------
@@ -394,16 +640,59 @@ def load(path, *, device=None):
     Returns
     -------
     model : SparseAutoencoder or DictionaryLearnerGPU
-        The fitted estimator.
+        The fitted estimator. Its weights and state are finite; the training
+        records ``history_`` and ``loss_curve_`` are returned as saved (they
+        may hold NaN for a metric that was not recorded at a step).
+
+    Raises
+    ------
+    ValueError
+        The folder is refused, with a message naming the problem, when:
+
+        - it is not a folder, or ``config.json`` or ``model.safetensors`` is
+          missing or unreadable;
+        - ``config.json`` is not JSON, is larger than 16 MiB or nests arrays
+          and objects more than 32 levels deep, is not an sksae config, or
+          has a ``format_version`` this sksae does not read;
+        - a SHA-256 digest does not match (a corrupted or edited file; an
+          interrupted :func:`save` is refused the same way);
+        - the class is not an sksae estimator;
+        - a parameter is unknown, not a JSON scalar, or invalid, or the
+          parameters break a constraint that ``fit`` checks (``k`` larger
+          than the number of components, ``n_components`` other than the
+          number of atoms, an ``init``/``dict_init`` of the wrong shape,
+          ``positive_code`` with a greedy ``fit_algorithm``...);
+        - a tensor is not in the manifest or has another dtype or shape, is
+          not a fitted attribute of the estimator, disagrees with the other
+          arrays in shape or dtype, or holds NaN or infinite values;
+        - a scalar fitted attribute has the wrong type or range, or would
+          shadow a method;
+        - a tensor under ``state/`` is not in the estimator's whitelist
+          (:class:`~sksae.DictionaryLearnerGPU`: ``_A`` of shape
+          ``(n_components, n_components)``, ``_B`` of shape
+          ``(n_features, n_components)`` in the dtype of ``components_``,
+          and the ``_random_state`` key), or the saved random state is not a
+          valid MT19937 state (624 uint32 key values, ``0 <= pos <= 624``,
+          ``has_gauss`` 0 or 1, a finite ``cached_gaussian``).
+
+        No other exception type escapes for a malformed folder.
 
     See Also
     --------
     save : Write the folder.
     sksae.interop.from_saelens : Import an SAE saved by SAELens.
     """
+    folder = Path(path)
+    try:
+        return _load(folder, device)
+    except (TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError) as exc:  # a malformed value no explicit check anticipated
+        _refuse(folder, f"malformed contents ({type(exc).__name__}: {exc}).")
+
+
+def _load(folder, device):
     from ._accel.device import device_available
 
-    folder = Path(path)
     config = _read_config(folder)
     cls = _estimator_class(config["estimator"])
     arrays = _read_arrays(folder, config["arrays"])
@@ -420,12 +709,18 @@ def load(path, *, device=None):
         if isinstance(value, list) or (isinstance(value, dict) and not (
                 isinstance(defaults.get(key, 0), (dict, type(None))) and _is_json_mapping(value))):
             _refuse(folder, f"parameter {key} is not a JSON scalar.")
+        if isinstance(value, float) and not math.isfinite(value):
+            _refuse(folder, f"parameter {key}={value!r} is not finite.")
+    for key in params:
+        if key.startswith("params/") or (f"params/{key}" in arrays
+                                          and key not in ("init", "dict_init")):
+            _refuse(folder, f"parameter {key} cannot be an array.")
     if device is not None:
         params["device"] = device
     elif isinstance(params.get("device"), str) and params["device"].startswith("cuda") \
             and not device_available(params["device"]):
         warnings.warn(f"The model was saved with device={params['device']!r}, but CUDA is "
-                      "not available here: using device='auto'.", UserWarning, stacklevel=2)
+                      "not available here: using device='auto'.", UserWarning, stacklevel=3)
         params["device"] = "auto"
     model = cls(**params)
     try:
@@ -446,41 +741,40 @@ def load(path, *, device=None):
     history = {}
     for key, arr in arrays.items():
         head, _, rest = key.partition("/")
-        if head in ("params", "state"):
-            if head == "state":
-                fitted[key] = arr
+        if head == "params":
+            continue
+        if head == "state":
+            fitted[key] = arr
             continue
         if not _is_public_fitted(head):
             _refuse(folder, f"tensor name {key!r} is not a fitted attribute.")
         if rest:
+            if head != "history_":
+                _refuse(folder, f"tensor name {key!r}: only history_ holds nested records.")
             group, _, sub = rest.partition("/")
             target = history.setdefault(head, {})
             if sub:
-                target.setdefault(group, {})[sub] = arr
+                if not isinstance(target.setdefault(group, {}), dict) or "/" in sub:
+                    _refuse(folder, f"tensor name {key!r} is not a history record.")
+                target[group][sub] = arr
             else:
+                if group in target:
+                    _refuse(folder, f"tensor name {key!r} is not a history record.")
                 target[group] = arr
         else:
             fitted[key] = arr
+    for key in history:
+        if key in fitted:
+            _refuse(folder, f"{key} is saved both as an attribute and as records.")
     fitted.update(history)
     for key in fitted:
         if "/" not in key and hasattr(cls, key):
             _refuse(folder, f"attribute {key!r} would shadow a class attribute.")
-    _check_fitted_arrays(folder, model, fitted)
+    state = _check_fitted_arrays(folder, model, fitted, config.get("random_state"))
 
     for key, value in fitted.items():
-        if key.startswith("state/"):
-            setattr(model, key[len("state/"):], value)
-        else:
+        if not key.startswith("state/"):
             setattr(model, key, value)
-    rs_attr = _RANDOM_STATE_ATTRS.get(cls.__name__)
-    rs_state = config.get("random_state")
-    if rs_attr and rs_state is not None:
-        keys = getattr(model, rs_attr, None)
-        try:
-            rs = np.random.RandomState()
-            rs.set_state((str(rs_state["kind"]), keys, int(rs_state["pos"]),
-                          int(rs_state["has_gauss"]), float(rs_state["cached_gaussian"])))
-        except (TypeError, ValueError, KeyError) as exc:
-            _refuse(folder, f"the saved random state is malformed ({exc}).")
-        setattr(model, rs_attr, rs)
+    for key, value in state.items():
+        setattr(model, key, value)
     return model
