@@ -237,7 +237,12 @@ def save(model, path):
         A fitted estimator (any architecture).
     path : str or path-like
         Folder to write; created if needed. Existing ``config.json`` and
-        ``model.safetensors`` in it are overwritten.
+        ``model.safetensors`` in it are replaced: each file is first written
+        in full to a new temporary file in the folder (created exclusively,
+        never through a link planted there), then renamed over the old one,
+        so a failure while writing leaves the old folder intact, and a link
+        named ``config.json`` or ``model.safetensors`` is replaced, not
+        followed.
 
     Returns
     -------

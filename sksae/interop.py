@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import architectures
+from ._io import _loads_bounded, _write_files
 
 __all__ = ["to_saelens", "from_saelens", "from_sparsify"]
 
@@ -47,25 +48,47 @@ _MAX_CFG_BYTES = 2**20
 
 
 # --------------------------------------------------------------------- helpers
+_MAX_CFG_DEPTH = 32
+
+
 def _read_json(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
-    if path.stat().st_size > _MAX_CFG_BYTES:
-        raise ValueError(f"{path} is larger than {_MAX_CFG_BYTES} bytes: not a config.")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CFG_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc}).") from None
+    if len(raw) > _MAX_CFG_BYTES:
+        raise ValueError(f"{path} is larger than {_MAX_CFG_BYTES} bytes: not a config.")
+    try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        cfg = _loads_bounded(raw.decode("utf-8"), _MAX_CFG_DEPTH)
+    except ValueError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}).") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} does not hold a JSON object.")
     return cfg
 
 
+def _float_dtype(dtype):
+    """``dtype`` as a numpy float32 or float64 dtype; anything else is refused."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or isinstance(dtype, bool) or dt.name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
+    return dt
+
+
 def _read_tensors(path, dtype):
-    """Tensors of a safetensors file as numpy arrays of ``dtype`` (bf16 included)."""
+    """Tensors of a safetensors file as numpy arrays of ``dtype`` (bf16 included).
+
+    Only floating-point tensors are read: an integer or boolean tensor is
+    refused, not cast.
+    """
     import torch
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -73,12 +96,30 @@ def _read_tensors(path, dtype):
         raise FileNotFoundError(f"{path} does not exist.")
     try:
         tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc}).") from None
-    out = {k: v.to(torch.float64).numpy().astype(dtype) for k, v in tensors.items()}
-    if "r_mag" in out:  # exp in float64: exp(log(s)) rounds back to s
-        out["mag_scale"] = np.exp(tensors["r_mag"].to(torch.float64).numpy()).astype(dtype)
+    except MemoryError:
+        raise
+    except Exception as exc:  # the parser's own errors: the file is not safetensors
+        raise ValueError(f"{path} is not a readable safetensors file "
+                         f"({type(exc).__name__}: {exc}).") from None
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; SAE weights "
+                             "are floating point.")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf, refused later
+        out = {k: v.to(torch.float64).numpy().astype(dtype) for k, v in tensors.items()}
+        if "r_mag" in out:  # exp in float64: exp(log(s)) rounds back to s
+            out["mag_scale"] = np.exp(tensors["r_mag"].to(torch.float64).numpy()).astype(dtype)
     return out
+
+
+def _refusing(source, call):
+    """``call()``, a malformed value that no explicit check anticipated refused as ValueError."""
+    try:
+        return call()
+    except (TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError) as exc:
+        raise ValueError(f"{source}: malformed contents ({type(exc).__name__}: "
+                         f"{exc}).") from exc
 
 
 def _expect(tensors, name, shape, source):
@@ -121,11 +162,14 @@ def _fitted_sae(architecture, W_enc_FD, b_enc_F, W_dec_FD, b_dec_D, extra=None, 
         sae._architecture(n_components, n_features)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: {exc}") from None
-    sae.components_ = np.ascontiguousarray(W_dec_FD)
-    sae.encoder_weights_ = np.ascontiguousarray(W_enc_FD)
-    sae.encoder_bias_ = b_enc_F
-    sae.decoder_bias_ = b_dec_D
-    for attr, value in (extra or {}).items():
+    arrays = {"components_": np.ascontiguousarray(W_dec_FD),
+              "encoder_weights_": np.ascontiguousarray(W_enc_FD),
+              "encoder_bias_": b_enc_F, "decoder_bias_": b_dec_D, **(extra or {})}
+    for attr, value in arrays.items():
+        # sums of finite weights (folded biases, rescaled rows) can still overflow
+        if not np.isfinite(value).all():
+            raise ValueError(f"{source}: {attr} holds NaN or infinite values (after "
+                             "folding the biases and scales into the weights).")
         setattr(sae, attr, value)
     sae.n_components_ = n_components
     sae.n_features_in_ = n_features
@@ -174,7 +218,8 @@ def to_saelens(model, path, *, dtype=None):
     path : str or path-like
         Folder to write (created if needed).
     dtype : {"float32", "float64"} or None, default=None
-        Dtype of the saved tensors; None keeps the model's.
+        Dtype of the saved tensors; None keeps the model's; any
+        other dtype is refused (ValueError).
 
     Returns
     -------
@@ -186,7 +231,7 @@ def to_saelens(model, path, *, dtype=None):
     from_saelens : The inverse.
     sksae.save : sksae's own format, for every estimator and all metadata.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as to_bytes
     from sklearn.utils.validation import check_is_fitted
 
     import sksae
@@ -196,9 +241,7 @@ def to_saelens(model, path, *, dtype=None):
     if not isinstance(model, SparseAutoencoder):
         raise TypeError(f"to_saelens exports a SparseAutoencoder, not {type(model).__name__}.")
     check_is_fitted(model)
-    dtype = np.dtype(dtype or model.components_.dtype)
-    if dtype.name not in ("float32", "float64"):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}.")
+    dtype = _float_dtype(model.components_.dtype if dtype is None else dtype)
     d_sae, d_in = model.components_.shape
     arch = model._architecture(d_sae, d_in)
     saelens_arch = arch.saelens_architecture
@@ -242,8 +285,9 @@ def to_saelens(model, path, *, dtype=None):
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / SAELENS_WEIGHTS))
-    (folder / SAELENS_CFG).write_text(json.dumps(cfg, indent=2))
+    # each file written to a new temporary (no planted link followed), then renamed
+    _write_files(folder, {SAELENS_WEIGHTS: to_bytes(tensors),
+                          SAELENS_CFG: json.dumps(cfg, indent=2).encode()})
     return folder
 
 
@@ -280,6 +324,20 @@ def from_saelens(path, *, device="auto", dtype="float32"):
         A fitted estimator (``n_iter_ = 0``, empty ``history_``,
         ``input_scale_ = 1.0``).
 
+    Raises
+    ------
+    FileNotFoundError
+        ``cfg.json`` or ``sae_weights.safetensors`` is missing.
+    ValueError
+        ``dtype`` is not float32 or float64; ``cfg.json`` is not a JSON
+        object, is larger than 1 MiB or nests more than 32 levels deep; the
+        weights file is not safetensors or holds a non-floating-point tensor;
+        a tensor is missing, has the wrong shape or holds NaN or infinite
+        values (also after the conversion to ``dtype`` and the folding of
+        biases and scales); the configuration is unsupported or its
+        hyperparameters are invalid (e.g. ``k`` larger than ``d_sae``). No
+        other exception type escapes for a malformed folder.
+
     See Also
     --------
     to_saelens : The inverse.
@@ -287,6 +345,11 @@ def from_saelens(path, *, device="auto", dtype="float32"):
     """
     folder = Path(path)
     source = f"SAELens folder {str(folder)!r}"
+    dtype = _float_dtype(dtype)
+    return _refusing(source, lambda: _from_saelens(folder, source, device, dtype))
+
+
+def _from_saelens(folder, source, device, dtype):
     cfg = _read_json(folder / SAELENS_CFG)
     d_in = _positive_int(cfg, "d_in", source)
     d_sae = _positive_int(cfg, "d_sae", source)
@@ -299,7 +362,7 @@ def from_saelens(path, *, device="auto", dtype="float32"):
         raise ValueError(f"{source} uses rescale_acts_by_decoder_norm, not supported.")
     arch = cfg.get("architecture", "standard")
     activation = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
-    tensors = _read_tensors(folder / SAELENS_WEIGHTS, np.dtype(dtype))
+    tensors = _read_tensors(folder / SAELENS_WEIGHTS, dtype)
 
     W_enc_DF = _expect(tensors, "W_enc", (d_in, d_sae), source)
     W_dec_FD = _expect(tensors, "W_dec", (d_sae, d_in), source)
@@ -357,12 +420,28 @@ def from_sparsify(path, *, device="auto", dtype="float32"):
     sae : SparseAutoencoder
         A fitted estimator with ``architecture="topk"``.
 
+    Raises
+    ------
+    FileNotFoundError
+        ``cfg.json`` or ``sae.safetensors`` is missing.
+    ValueError
+        As :func:`from_saelens`: a non-float ``dtype``, an oversized or too
+        deeply nested ``cfg.json``, a non-floating-point, misshapen or
+        non-finite tensor, an unsupported configuration or ``k`` larger than
+        the number of latents. No other exception type escapes for a
+        malformed folder.
+
     See Also
     --------
     from_saelens : Import a SAELens SAE.
     """
     folder = Path(path)
     source = f"sparsify folder {str(folder)!r}"
+    dtype = _float_dtype(dtype)
+    return _refusing(source, lambda: _from_sparsify(folder, source, device, dtype))
+
+
+def _from_sparsify(folder, source, device, dtype):
     if not (folder / SPARSIFY_CFG).is_file() and folder.is_dir():
         subs = sorted(p.name for p in folder.iterdir() if (p / SPARSIFY_CFG).is_file())
         if subs:
@@ -381,17 +460,20 @@ def from_sparsify(path, *, device="auto", dtype="float32"):
         raise ValueError(f"{source} uses activation={activation!r}, which no registered "
                          "architecture reads.")
     k = _positive_int(cfg, "k", source)
-    tensors = _read_tensors(folder / SPARSIFY_WEIGHTS, np.dtype(dtype))
+    tensors = _read_tensors(folder / SPARSIFY_WEIGHTS, dtype)
     if "W_skip" in tensors:
         raise ValueError(f"{source} has a skip connection (W_skip): not supported.")
     if "encoder.weight" not in tensors:
         raise ValueError(f"{source} has no tensor 'encoder.weight' (found "
                          f"{sorted(tensors)}).")
+    if tensors["encoder.weight"].ndim != 2:
+        raise ValueError(f"{source}: encoder.weight has shape "
+                         f"{list(tensors['encoder.weight'].shape)}; expected [d_sae, d_in].")
     d_sae, d_in = tensors["encoder.weight"].shape
     if cfg.get("d_in") is not None and _positive_int(cfg, "d_in", source) != d_in:
         raise ValueError(f"{source}: cfg d_in={cfg['d_in']} but encoder.weight has "
                          f"{d_in} columns.")
-    if cfg.get("num_latents") and cfg["num_latents"] != d_sae:
+    if cfg.get("num_latents") and cfg["num_latents"] != d_sae:  # 0: from expansion_factor
         raise ValueError(f"{source}: cfg num_latents={cfg['num_latents']} but "
                          f"encoder.weight has {d_sae} rows.")
     if k > d_sae:
