@@ -4,17 +4,218 @@ Commands: ``demo`` (recovery comparison on toy data, PNG summary), ``fit``
 (train a sparse autoencoder on a .npy array and save it), ``transform``
 (encode a .npy array with a saved model), ``bench`` (a quick built-in
 comparison of every SAE architecture and the dictionary learners).
+
+Exit statuses: 0 success; 2 a user error (bad option or value, missing or
+unreadable file, a file that is not a .npy array, a folder that is not a
+model, a parameter the estimator refuses, training that diverged), reported
+as one line on stderr (``--debug`` shows the traceback); 130 interrupted
+(Ctrl-C); 1 anything else, an sksae bug, shown with its traceback.
+
+Outputs are written to a temporary file or folder next to the target and
+renamed into place at the end, so an interrupted or failed run leaves no
+half-written output and leaves its inputs untouched; an output that is an
+input (or inside the model folder) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
+import secrets
+import shutil
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 from . import architectures
 
+EPILOG = """\
+exit statuses:
+  0    success
+  2    user error: bad option or value, missing or unreadable file, not a .npy
+       file, not a model folder, a parameter the estimator refuses, diverged
+       training (one line on stderr; --debug shows the traceback)
+  130  interrupted (Ctrl-C); no partial output is left behind
+  1    an internal error (a bug): shown with its traceback
 
+Outputs are written to a temporary sibling and renamed into place at the end."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps one-line texts (descriptions); keeps texts laid out with newlines (epilogs)."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class UserError(Exception):
+    """A mistake in the command line or its files: one line, status 2."""
+
+
+# ------------------------------------------------------------- option types
+def _int_type(minimum, what):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = _int_type(1, "a positive integer (>= 1)")
+non_negative_int = _int_type(0, "a non-negative integer (>= 0)")
+
+
+def _float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    return value
+
+
+def non_negative_float(text):
+    """A finite float >= 0 (penalty weights)."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value
+
+
+def learning_rate(text):
+    """``auto`` or a finite float > 0."""
+    if text == "auto":
+        return text
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 'auto' or a number > 0")
+    return value
+
+
+def seed(text):
+    """A NumPy seed: an integer in [0, 2**32 - 1]."""
+    value = non_negative_int(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at most 2**32 - 1")
+    return value
+
+
+# ------------------------------------------------------ paths and atomic writes
+def _temp_sibling(target, suffix=""):
+    """A fresh hidden name next to ``target`` (same folder, same file system)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def _remove(path):
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _inside(path, folder):
+    """Whether the real ``path`` is ``folder`` or lies under it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_output_parent(output):
+    parent = Path(output).parent
+    if not parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "output folder does not exist", str(parent))
+
+
+@contextmanager
+def _atomic_file(output):
+    """A temporary file path next to ``output``; renamed to it if the block succeeds."""
+    output = Path(output)
+    if output.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "output is a folder", str(output))
+    _check_output_parent(output)
+    tmp = _temp_sibling(output, output.suffix)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+    try:
+        yield tmp
+        os.replace(tmp, output)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _is_replaceable_model_folder(folder):
+    """Empty, or an sksae model folder (its config.json says format "sksae")."""
+    from ._io import CONFIG_FILE, FORMAT
+
+    if not any(folder.iterdir()):
+        return True
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+@contextmanager
+def _atomic_folder(output):
+    """A temporary folder next to ``output``; it replaces ``output`` if the block succeeds.
+
+    An existing ``output`` must be an empty folder or an sksae model folder; it is
+    renamed aside, the new folder renamed in, and only then removed.
+    """
+    output = Path(output)
+    if output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise FileExistsError(errno.EEXIST, "output exists and is not a folder",
+                                  str(output))
+        if not _is_replaceable_model_folder(output):
+            raise UserError(f"{output} exists and is not an sksae model folder; "
+                            "remove it or choose another --output.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(output)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        if output.exists():
+            old = _temp_sibling(output, ".old")
+            os.replace(output, old)
+            try:
+                os.replace(tmp, output)
+            except BaseException:
+                os.replace(old, output)
+                raise
+            _remove(old)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------ commands
 def _demo(args):
     from ._demo import run_demo
 
@@ -26,8 +227,13 @@ def _demo(args):
             figure = args.figure
         except ImportError:
             print("(matplotlib is not installed: no summary figure)")
-    run_demo(n_samples=args.n_samples, device=args.device, random_state=args.random_state,
-             verbose=args.verbose, figure=figure)
+    if figure is None:
+        run_demo(n_samples=args.n_samples, device=args.device,
+                 random_state=args.random_state, verbose=args.verbose, figure=None)
+        return 0
+    with _atomic_file(figure) as tmp:
+        run_demo(n_samples=args.n_samples, device=args.device,
+                 random_state=args.random_state, verbose=args.verbose, figure=str(tmp))
     return 0
 
 
@@ -36,8 +242,13 @@ def _load_rows(path):
     import numpy as np
 
     if not str(path).endswith(".npy"):
-        raise SystemExit(f"error: {path} is not a .npy file (save arrays with numpy.save).")
-    X = np.load(path, mmap_mode="r", allow_pickle=False)
+        raise UserError(f"{path} is not a .npy file (save arrays with numpy.save).")
+    try:
+        X = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npy array: {exc}") from exc
+    if X.ndim == 0 or X.size == 0:
+        raise UserError(f"{path} holds an array of shape {X.shape}: no rows to use.")
     if X.ndim != 2:
         X = X.reshape(-1, X.shape[-1])  # e.g. (batch, tokens, d_model) activations
     return X
@@ -45,19 +256,21 @@ def _load_rows(path):
 
 def _load_model(folder):
     """An sksae folder, or a SAELens or sparsify SAE folder."""
-    from pathlib import Path
-
     from . import interop
     from ._io import CONFIG_FILE, load
 
     folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(errno.ENOENT, "No such model folder", str(folder))
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "model is not a folder", str(folder))
     if (folder / CONFIG_FILE).is_file():
         return load(folder)
     if (folder / interop.SAELENS_WEIGHTS).is_file():
         return interop.from_saelens(folder)
     if (folder / interop.SPARSIFY_WEIGHTS).is_file():
         return interop.from_sparsify(folder)
-    raise SystemExit(f"error: {folder} is not an sksae, SAELens or sparsify model folder.")
+    raise UserError(f"{folder} is not an sksae, SAELens or sparsify model folder.")
 
 
 def _architecture_params(text):
@@ -67,11 +280,16 @@ def _architecture_params(text):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: --architecture-params is not valid JSON ({exc}).") from None
+        raise UserError(f"--architecture-params is not valid JSON ({exc}).") from None
     if not isinstance(value, dict):
-        raise SystemExit("error: --architecture-params must be a JSON object, "
-                         "e.g. '{\"prefix_sizes\": [64, 256]}'.")
+        raise UserError("--architecture-params must be a JSON object, "
+                        "e.g. '{\"prefix_sizes\": [64, 256]}'.")
     return value
+
+
+def _last(history, key):
+    values = history.get("epoch", {}).get(key, ())
+    return float(values[-1]) if len(values) else None
 
 
 def _fit(args):
@@ -80,8 +298,10 @@ def _fit(args):
     from ._io import save
     from ._sae import SparseAutoencoder
 
+    if _inside(args.acts, args.output):
+        raise UserError(f"--output {args.output} is (or contains) the input {args.acts}; "
+                        "choose another folder.")
     X = _load_rows(args.acts)
-    lr = args.learning_rate if args.learning_rate == "auto" else float(args.learning_rate)
     # penalty weights left unset keep the estimator's defaults
     penalties = {k: v for k, v in (("alpha", args.alpha), ("l0_coefficient",
                                                            args.l0_coefficient))
@@ -89,39 +309,52 @@ def _fit(args):
     sae = SparseAutoencoder(
         n_components=args.n_components, architecture=args.architecture, k=args.k,
         architecture_params=_architecture_params(args.architecture_params),
-        learning_rate=lr, batch_size=args.batch_size, max_iter=args.max_iter,
-        device=args.device, precision=args.precision, random_state=args.random_state,
-        verbose=0 if args.quiet else 1, **penalties)
-    print(f"Fitting {sae.architecture} SAE on {X.shape[0]} rows x {X.shape[1]} features "
-          f"({args.acts}, memory-mapped)")
-    start = time.perf_counter()
-    sae.fit(X)
-    seconds = time.perf_counter() - start
-    fve = sae.history_["epoch"]["fve"][-1] if "fve" in sae.history_["epoch"] else float("nan")
-    l0 = sae.history_["epoch"]["l0"][-1]
-    print(f"{sae.n_components_} atoms, {sae.n_steps_} steps in {seconds:.1f} s; "
-          f"last epoch: FVE {fve:.3f}, L0 {l0:.1f}")
-    print(f"Saved to {save(sae, args.output)}")
+        learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_iter=args.max_iter, device=args.device, precision=args.precision,
+        random_state=args.random_state, verbose=0 if args.quiet else 1, **penalties)
+    with _atomic_folder(args.output) as tmp:
+        print(f"Fitting {sae.architecture} SAE on {X.shape[0]} rows x {X.shape[1]} "
+              f"features ({args.acts}, memory-mapped)")
+        start = time.perf_counter()
+        sae.fit(X)
+        seconds = time.perf_counter() - start
+        fve, l0 = _last(sae.history_, "fve"), _last(sae.history_, "l0")
+        if l0 is None:  # --max-iter 0 (or an estimator that records no epoch)
+            last = "no epoch trained: the saved model is its initialization"
+        else:
+            last = (f"last epoch: FVE {float('nan') if fve is None else fve:.3f}, "
+                    f"L0 {l0:.1f}")
+        print(f"{sae.n_components_} atoms, {sae.n_steps_} steps in {seconds:.1f} s; {last}")
+        save(sae, tmp)
+    print(f"Saved to {args.output}")
     return 0
 
 
 def _transform(args):
     import numpy as np
 
+    if _same_file(args.output, args.acts):
+        raise UserError(f"--output {args.output} is the input {args.acts}; "
+                        "write the codes to another file.")
+    if _inside(args.output, args.model):
+        raise UserError(f"--output {args.output} is inside the model folder {args.model}; "
+                        "write the codes elsewhere.")
     model = _load_model(args.model)
     X = _load_rows(args.acts)
-    n_out = model.transform(X[:1]).shape[1]
+    n_out = model.transform(np.asarray(X[:1])).shape[1]
     dtype = np.dtype(args.dtype)
-    out = np.lib.format.open_memmap(args.output, mode="w+", dtype=dtype,
-                                    shape=(X.shape[0], n_out))
-    for start in range(0, X.shape[0], args.chunk_rows):
-        stop = min(start + args.chunk_rows, X.shape[0])
-        out[start:stop] = model.transform(np.asarray(X[start:stop]))
-    out.flush()
-    print(f"Wrote codes of shape {out.shape} ({dtype}) to {args.output}")
+    shape = (X.shape[0], n_out)
+    with _atomic_file(args.output) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        try:
+            for start in range(0, X.shape[0], args.chunk_rows):
+                stop = min(start + args.chunk_rows, X.shape[0])
+                out[start:stop] = model.transform(np.asarray(X[start:stop]))
+            out.flush()
+        finally:
+            del out  # unmap before the rename (or the removal)
+    print(f"Wrote codes of shape {shape} ({dtype}) to {args.output}")
     return 0
-
-
 def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
     """The ``bench`` command: every estimator on one toy problem, one table.
 
@@ -185,25 +418,40 @@ def _bench(args):
 
 def build_parser():
     """The argument parser of ``python -m sksae``."""
-    parser = argparse.ArgumentParser(prog="python -m sksae", description=__doc__)
+    formatter = _Formatter
+    parser = argparse.ArgumentParser(prog="python -m sksae",
+                                     description=__doc__.split("\n\n")[0] + "\n\n"
+                                     + __doc__.split("\n\n")[1],
+                                     epilog=EPILOG, formatter_class=formatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="fit an SAE and scikit-learn's dictionary learning "
-                                       "on toy superposition data and compare them")
-    demo.add_argument("--n-samples", type=int, default=20_000)
+    def command(name, **kwargs):
+        p = sub.add_parser(name, epilog=EPILOG, formatter_class=formatter, **kwargs)
+        # also accepted after the command; SUPPRESS keeps the top-level value otherwise
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of a user error")
+        return p
+
+    demo = command("demo", help="fit an SAE and scikit-learn's dictionary learning "
+                                "on toy superposition data and compare them")
+    demo.add_argument("--n-samples", type=positive_int, default=20_000)
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--random-state", type=int, default=0)
+    demo.add_argument("--random-state", type=seed, default=0)
     demo.add_argument("--figure", default="sksae_demo.png",
                       help="path of the PNG summary figure (default: %(default)s)")
     demo.add_argument("--no-figure", action="store_true", help="do not write the figure")
     demo.add_argument("-v", "--verbose", action="count", default=0)
     demo.set_defaults(func=_demo)
 
-    fit = sub.add_parser(
+    fit = command(
         "fit", help="train a sparse autoencoder on activations in a .npy file and save it",
         description="Train a SparseAutoencoder on ACTS (a .npy array of shape (n_rows, "
                     "n_features), memory-mapped; higher-dimensional arrays are flattened "
-                    "to rows) and save it with sksae.save.")
+                    "to rows) and save it with sksae.save. The folder is written "
+                    "under a temporary name and renamed at the end; an existing OUTPUT "
+                    "is replaced only if it is empty or an sksae model folder.")
     fit.add_argument("acts", help="input .npy file")
     fit.add_argument("-o", "--output", required=True, help="model folder to write")
     fit.add_argument("--architecture", default="topk", choices=architectures.available(),
@@ -211,36 +459,41 @@ def build_parser():
     fit.add_argument("--architecture-params", default=None, metavar="JSON",
                      help="hyperparameters of the architecture that are not options here, "
                           "as a JSON object (e.g. '{\"prefix_sizes\": [64, 256]}')")
-    fit.add_argument("--n-components", type=int, default=None,
+    fit.add_argument("--n-components", type=positive_int, default=None,
                      help="dictionary size (default: 8 x n_features)")
-    fit.add_argument("--k", type=int, default=32, help="active latents (the TopK family: topk, batchtopk, matryoshka)")
-    fit.add_argument("--alpha", type=float, default=None,
+    fit.add_argument("--k", type=positive_int, default=32,
+                     help="active latents (the TopK family: topk, batchtopk, matryoshka)")
+    fit.add_argument("--alpha", type=non_negative_float, default=None,
                      help="L1 weight (relu, gated; default: the estimator's)")
-    fit.add_argument("--l0-coefficient", type=float, default=None,
+    fit.add_argument("--l0-coefficient", type=non_negative_float, default=None,
                      help="L0 weight (jumprelu; default: the estimator's)")
-    fit.add_argument("--learning-rate", default="auto")
-    fit.add_argument("--batch-size", type=int, default=1024)
-    fit.add_argument("--max-iter", type=int, default=30, help="epochs")
+    fit.add_argument("--learning-rate", type=learning_rate, default="auto",
+                     help="'auto' or a number > 0 (default: %(default)s)")
+    fit.add_argument("--batch-size", type=positive_int, default=1024)
+    fit.add_argument("--max-iter", type=non_negative_int, default=30,
+                     help="epochs; 0 saves the initialized, untrained model "
+                          "(default: %(default)s)")
     fit.add_argument("--device", default="auto")
     fit.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                      help="precision of the training step's products (see SparseAutoencoder)")
-    fit.add_argument("--random-state", type=int, default=None)
+    fit.add_argument("--random-state", type=seed, default=None)
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
 
-    tr = sub.add_parser(
+    tr = command(
         "transform", help="encode a .npy file with a saved model",
         description="Encode ACTS with the model in MODEL_DIR (an sksae.save folder, or a "
                     "SAELens or sparsify SAE folder) and write the codes to a .npy file, "
-                    "chunk by chunk.")
+                    "chunk by chunk, under a temporary name renamed at the end. OUTPUT "
+                    "may not be ACTS nor lie inside MODEL_DIR.")
     tr.add_argument("model", help="model folder")
     tr.add_argument("acts", help="input .npy file")
     tr.add_argument("-o", "--output", required=True, help="output .npy file")
     tr.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    tr.add_argument("--chunk-rows", type=int, default=65536)
+    tr.add_argument("--chunk-rows", type=positive_int, default=65536)
     tr.set_defaults(func=_transform)
 
-    bench = sub.add_parser(
+    bench = command(
         "bench", help="quick comparison of every SAE architecture and dictionary learner",
         description="Fit every SparseAutoencoder architecture, DictionaryLearnerGPU and "
                     "scikit-learn's MiniBatchDictionaryLearning on toy superposition data "
@@ -248,18 +501,58 @@ def build_parser():
                     "recovery of the true features. Built in and small (well under a "
                     "minute on a CPU); the full benchmarks are the scripts in benchmarks/ "
                     "of the source repository.")
-    bench.add_argument("--n-samples", type=int, default=4000)
-    bench.add_argument("--n-features", type=int, default=16)
+    bench.add_argument("--n-samples", type=positive_int, default=4000)
+    bench.add_argument("--n-features", type=positive_int, default=16)
     bench.add_argument("--device", default="auto")
-    bench.add_argument("--random-state", type=int, default=0)
+    bench.add_argument("--random-state", type=seed, default=0)
     bench.set_defaults(func=_bench)
     return parser
 
 
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError,
+                   NotADirectoryError, PermissionError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", -1)}
+
+
+def _user_message(exc):
+    """The one-line message of a user error, or None if ``exc`` is not one."""
+    if isinstance(exc, UserError):
+        text = str(exc)
+    elif isinstance(exc, OSError) and (isinstance(exc, _USER_OS_ERRORS)
+                                      or exc.errno in _USER_ERRNOS):
+        text = (f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename
+                else str(exc) or type(exc).__name__)
+    elif isinstance(exc, FloatingPointError):  # training diverged
+        text = (f"{exc} (training diverged: try a smaller --learning-rate, "
+                "--precision float32, or check the input for huge values)")
+    elif isinstance(exc, (ValueError, TypeError)):
+        text = str(exc) or type(exc).__name__
+    else:
+        return None
+    return " ".join(text.split())  # one line
+
+
 def main(argv=None):
-    """Entry point of ``python -m sksae`` and of the ``sksae`` script."""
+    """Entry point of ``python -m sksae`` and of the ``sksae`` script.
+
+    Returns the exit status (0, 2 for a user error, 130 if interrupted); argparse
+    errors raise SystemExit(2); an internal error propagates (a traceback, status 1).
+    """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None or args.debug:
+            raise
+        sys.stdout.flush()
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
