@@ -15,6 +15,7 @@ _LAZY = {
     "sparse_encode": "sksae._dict_learning",
     "save": "sksae._io",
     "load": "sksae._io",
+    "TrainingDivergedError": "sksae._base",
 }
 _SUBMODULES = ("architectures", "datasets", "metrics", "model_selection", "plotting", "interop")
 

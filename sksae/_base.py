@@ -19,6 +19,7 @@ __all__ = [
     "batched_apply",
     "inference_chunk_rows",
     "restore_on_failure",
+    "TrainingDivergedError",
 ]
 
 _NP_TO_TORCH = {
@@ -109,13 +110,75 @@ def batched_apply(fn, X, *, device, dtype, chunk_rows):
     return np.concatenate(outs, axis=0)
 
 
-class restore_on_failure:
-    """Context manager: if the block raises, put back the estimator's fitted state.
+class TrainingDivergedError(FloatingPointError, ValueError):
+    """Training produced a non-finite loss, gradient norm or parameter.
 
-    Fitted attributes (names ending in ``_``) and private state (names starting
-    with ``_``) are restored by reference, so a failed ``fit`` or ``partial_fit``
-    on a fitted model leaves it exactly as it was. Training code must therefore
-    build new arrays rather than mutate fitted ones in place.
+    Raised by ``fit`` and ``partial_fit`` of :class:`~sksae.SparseAutoencoder`
+    and :class:`~sksae.DictionaryLearnerGPU` when a step diverges (too large a
+    learning rate, data of too large a scale for its dtype, ...). The
+    estimator is left exactly as it was before the call. A subclass of
+    :class:`FloatingPointError` (hence :class:`ArithmeticError`) and of
+    :class:`ValueError`.
+
+    Parameters
+    ----------
+    message : str
+    step : int, default=None
+        The step of the call (counted from 1) whose value was not finite, when
+        known.
+    metric : str, default=None
+        What was not finite: ``"loss"``, ``"grad_norm"``, ``"parameters"``, ...
+    value : float, default=None
+        The value read (``nan``, ``inf`` or ``-inf``), when it is a scalar.
+
+    Attributes
+    ----------
+    step : int or None
+    metric : str or None
+    value : float or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksae import SparseAutoencoder, TrainingDivergedError
+    >>> X = np.random.RandomState(0).randn(200, 8)
+    >>> sae = SparseAutoencoder(n_components=16, k=2, max_iter=2, learning_rate=1e30,
+    ...                         device="cpu", random_state=0)
+    >>> try:
+    ...     sae.fit(X)
+    ... except TrainingDivergedError as exc:
+    ...     print(exc.metric)
+    grad_norm
+    >>> hasattr(sae, "components_")
+    False
+    """
+
+    def __init__(self, message, *, step=None, metric=None, value=None):
+        super().__init__(message)
+        self.step = step
+        self.metric = metric
+        self.value = value
+
+
+def _restorable_generators(estimator):
+    """The numpy ``RandomState`` objects the estimator holds, but numpy's global one."""
+    global_rng = np.random.mtrand._rand
+    return [v for v in vars(estimator).values()
+            if isinstance(v, np.random.RandomState) and v is not global_rng]
+
+
+class restore_on_failure:
+    """Context manager: if the block raises, put back the estimator's state.
+
+    On any exception, :class:`KeyboardInterrupt` included, the fitted
+    attributes (names ending in ``_``) and private state (names starting with
+    ``_``) are put back as they were, attributes set by the block are deleted
+    (an interrupted first fit leaves the estimator unfitted), and every numpy
+    ``RandomState`` the estimator holds (its ``random_state`` or a private
+    generator; not numpy's global one) is rewound, so that a failed ``fit`` or
+    ``partial_fit`` leaves the estimator exactly as it was. The attributes are
+    kept by reference (copy on write): training code must build new arrays and
+    tensors rather than mutate the ones the estimator holds.
     """
 
     def __init__(self, estimator):
@@ -124,13 +187,17 @@ class restore_on_failure:
     def __enter__(self):
         self.saved = {k: v for k, v in vars(self.estimator).items()
                       if k.endswith("_") or k.startswith("_")}
+        self.rng_states = [(rng, rng.get_state())
+                           for rng in _restorable_generators(self.estimator)]
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, Exception):
+        if exc_type is not None:
             state = vars(self.estimator)
             for k in [k for k in state if (k.endswith("_") or k.startswith("_"))
                       and k not in self.saved]:
                 del state[k]
             state.update(self.saved)
+            for rng, rng_state in self.rng_states:
+                rng.set_state(rng_state)
         return False

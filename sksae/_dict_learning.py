@@ -10,6 +10,7 @@ dictionary update); the minibatch loop and its early stopping are the shared
 
 from __future__ import annotations
 
+import math
 import warnings
 from numbers import Integral, Real
 
@@ -28,14 +29,16 @@ from sklearn.utils.validation import _num_features, check_is_fitted, validate_da
 
 from ._accel.device import resolve_device
 from ._base import (
+    TrainingDivergedError,
     as_tensor,
     batched_apply,
     inference_chunk_rows,
     make_generator,
+    restore_on_failure,
     to_numpy,
     torch_dtype,
 )
-from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
+from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._online import init_dictionary, update_dictionary, update_stats
 from ._accel.threads import parallel, serial
 from .coders import check_positive_coding, encode
@@ -49,6 +52,9 @@ __all__ = ["DictionaryLearnerGPU", "sparse_encode"]
 _FIT_TOL = 1e-4
 
 _ALGORITHMS = {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"}
+
+_DIVERGENCE_HINT = ("Scale X down (e.g. with sklearn.preprocessing.StandardScaler) or "
+                    "train on float64 data. The model is left as it was before this call.")
 
 
 def _code_rows(X, D, algorithm, *, n_nonzero_coefs, alpha, max_iter, positive, device,
@@ -375,6 +381,10 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         with serial(Xb), parallel(Xb):
             resid = torch.addmm(Xb, code, D, alpha=-1.0)
             cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
+            if Xb.device.type == "cpu" and not math.isfinite(value := float(cost)):
+                # read for free on the CPU: raise before the statistics take it in
+                raise TrainingDivergedError(f"The batch cost is {value}.", metric="loss",
+                                            value=value)
             update_stats(A, B, Xb, code, step)
             update_dictionary(D, A, B, Xb, random_state, positive=self.positive_dict)
         return cost
@@ -394,7 +404,26 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         -------
         self : object
             Fitted estimator.
+
+        Raises
+        ------
+        sksae.TrainingDivergedError
+            When training diverges: a batch cost or the dictionary is not
+            finite (data too large for its dtype). The message names the
+            step. On the CPU a step whose cost is not finite is never applied.
+
+        Notes
+        -----
+        Whatever the exception, :class:`KeyboardInterrupt` included, the
+        estimator is left exactly as it was before the call: fitted
+        attributes, sufficient statistics and random state (a first fit that
+        fails leaves it unfitted).
         """
+        with restore_on_failure(self):
+            self._fit(X)
+        return self
+
+    def _fit(self, X):
         device, n_components = self._validate_before_data(X)
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C")
         n_components = n_components or X.shape[1]
@@ -417,11 +446,12 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
         result = run_minibatch_loop(step, source, max_epochs=self.max_iter, stopper=stopper,
                                     callback=self.callback, verbose=int(self.verbose),
-                                    desc="DictionaryLearnerGPU", param_change=change)
+                                    desc="DictionaryLearnerGPU", param_change=change,
+                                    state_finite=lambda: bool(torch.isfinite(D).all()),
+                                    divergence_hint=_DIVERGENCE_HINT)
         self.n_steps_ = result.n_steps
         self.n_iter_ = int(np.ceil(self.n_steps_ / source.steps_per_epoch))
         self._set_state(D, A, B, random_state)
-        return self
 
     @_fit_context(prefer_skip_nested_validation=True)
     def partial_fit(self, X, y=None):
@@ -438,7 +468,26 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         -------
         self : object
             Updated estimator.
+
+        Raises
+        ------
+        sksae.TrainingDivergedError
+            When training diverges: a batch cost or the dictionary is not
+            finite (data too large for its dtype). The message names the
+            step. On the CPU a step whose cost is not finite is never applied.
+
+        Notes
+        -----
+        Whatever the exception, :class:`KeyboardInterrupt` included, the
+        estimator is left exactly as it was before the call: fitted
+        attributes, sufficient statistics and random state (a first fit that
+        fails leaves it unfitted).
         """
+        with restore_on_failure(self):
+            self._partial_fit(X)
+        return self
+
+    def _partial_fit(self, X):
         first = not hasattr(self, "components_")
         device, n_components = self._validate_before_data(X)
         X = validate_data(self, X, dtype=[np.float64, np.float32], order="C", reset=first)
@@ -453,11 +502,19 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             D, A, B = (as_tensor(a, device, dtype) for a in (self.components_, self._A, self._B))
             D, A, B = D.clone(), A.clone(), B.clone()
             n_steps = self.n_steps_
-        self._step(as_tensor(X, device, D.dtype), D, A, B, n_steps, random_state)
+        try:
+            cost = float(self._step(as_tensor(X, device, D.dtype), D, A, B, n_steps,
+                                    random_state))
+        except TrainingDivergedError as exc:
+            raise _diverged(type(self).__name__, 1, 1, exc.metric, exc.value,
+                            _DIVERGENCE_HINT) from None
+        if not math.isfinite(cost):
+            raise _diverged(type(self).__name__, 1, 1, "loss", cost, _DIVERGENCE_HINT)
+        if not bool(torch.isfinite(D).all()):
+            raise _diverged(type(self).__name__, 1, 1, "parameters", None, _DIVERGENCE_HINT)
         self.n_steps_ = n_steps + 1
         self.n_iter_ = getattr(self, "n_iter_", 0)
         self._set_state(D, A, B, random_state)
-        return self
 
     def _set_state(self, D, A, B, random_state):
         # Device-free numpy state: a model fitted on a GPU unpickles on a CPU.

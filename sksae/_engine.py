@@ -6,7 +6,10 @@ over epochs. On accelerators metrics are pulled to the host every
 ``sync_every`` steps only, so the step loop never waits on the device; the
 convergence rule is replayed step by step on the pulled values, so it gives the
 same decisions as checking after every step (stopping may come up to
-``sync_every - 1`` steps later).
+``sync_every - 1`` steps later). The metrics named in ``finite`` are checked
+when they are pulled: a non-finite one raises
+:class:`sksae.TrainingDivergedError` naming the step (the estimators put their
+state back as it was before the call).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from ._accel.device import fits_on_device, host_read_interval
 from ._accel.threads import serial
-from ._base import as_tensor
+from ._base import TrainingDivergedError, as_tensor
 
 __all__ = ["EarlyStopping", "BatchSource", "LoopResult", "run_minibatch_loop"]
 
@@ -175,6 +178,21 @@ def _stack(values):
     return np.asarray(values, dtype=np.float64)
 
 
+_WHAT = {"loss": "loss", "grad_norm": "gradient norm"}
+
+
+def _diverged(desc, step, steps_per_epoch, metric, value, hint):
+    """The :class:`TrainingDivergedError` of step ``step`` (counted from 1) of a call."""
+    epoch = (step - 1) // steps_per_epoch + 1
+    if metric == "parameters":
+        what = "the parameters are no longer finite"
+    else:
+        what = f"the {_WHAT.get(metric, metric)} is {value}"
+    message = (f"{desc} diverged at step {step} of this call (epoch {epoch}): {what}. "
+               f"{hint}".rstrip())
+    return TrainingDivergedError(message, step=step, metric=metric, value=value)
+
+
 def _progress_bar(total, desc, verbose):
     if not verbose:
         return None
@@ -185,7 +203,8 @@ def _progress_bar(total, desc, verbose):
 
 def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
                        verbose=0, desc="fit", sync_every=None, param_change=None,
-                       postfix_keys=("loss",)):
+                       postfix_keys=("loss",), finite=("loss",), state_finite=None,
+                       divergence_hint=""):
     """Run ``step`` over minibatches for at most ``max_epochs`` epochs.
 
     Parameters
@@ -212,10 +231,25 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
     postfix_keys : tuple of str
         Metrics shown on the progress bar; ``"fvu"`` is shown as ``"fve"``
         (``1 - fvu``, also added to the records).
+    finite : tuple of str, default=("loss",)
+        Metrics that must be finite, checked when they are read (no extra
+        host synchronisation).
+    state_finite : callable or None
+        ``state_finite() -> bool``: whether the trained parameters are all
+        finite; called at each read of the metrics, after their check.
+    divergence_hint : str
+        Advice appended to the message of a divergence.
 
     Returns
     -------
     result : LoopResult
+
+    Raises
+    ------
+    sksae.TrainingDivergedError
+        When a metric of ``finite`` is not finite, ``state_finite`` returns
+        False, or ``step`` raises one (then named with its step here). The
+        state trained by ``step`` is not restored here: that is the caller's.
     """
     steps_per_epoch = source.steps_per_epoch
     total = max_epochs * steps_per_epoch
@@ -237,6 +271,7 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
             return
         # every step must report the same metric names, or the records misalign
         stacked = {k: _stack([p[1][k] for p in pending]) for k in pending[0][1]}
+        check(stacked)
         if "fvu" in stacked and "fve" not in stacked:
             stacked["fve"] = 1.0 - stacked["fvu"]  # what users read: FVE = 1 - FVU
         for k, v in stacked.items():
@@ -252,10 +287,28 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
             bar.set_postfix({k: f"{stacked[k][-1]:.4g}" for k in shown if k in stacked})
         pending.clear()
 
+    def check(stacked):
+        bad = [(int(np.argmax(~np.isfinite(stacked[k]))), k) for k in finite
+               if k in stacked and not np.isfinite(stacked[k]).all()]
+        if bad:
+            j, k = min(bad)
+            raise _diverged(desc, pending[j][0] + 1, steps_per_epoch, k,
+                            float(stacked[k][j]), divergence_hint)
+        if state_finite is not None and not state_finite():
+            raise _diverged(desc, pending[-1][0] + 1, steps_per_epoch, "parameters",
+                            None, divergence_hint)
+
     try:
         for _ in range(max_epochs):
             for batch in source.epoch():
-                metrics = step(batch, n_steps, total)
+                try:
+                    metrics = step(batch, n_steps, total)
+                except TrainingDivergedError as exc:
+                    if exc.step is not None:
+                        raise
+                    flush()  # an earlier step may have diverged first
+                    raise _diverged(desc, n_steps + 1, steps_per_epoch, exc.metric,
+                                    exc.value, divergence_hint) from None
                 change = param_change() if needs_change else None
                 pending.append((n_steps, metrics, change))
                 n_steps += 1

@@ -23,7 +23,7 @@ from ._base import (
     restore_on_failure,
     torch_dtype,
 )
-from ._engine import BatchSource, EarlyStopping, run_minibatch_loop
+from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._sae_trainer import SAETrainer, init_parameters
 from .metrics import fraction_variance_explained
 
@@ -214,7 +214,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Training loss at every step (normalised units).
     history_ : dict
         ``history_["step"]``: dict of per-step arrays (``loss``, ``mse``,
-        ``fvu``, ``l0``, ``dead_fraction``, ``lr`` and architecture terms);
+        ``fvu``, ``l0``, ``dead_fraction``, ``grad_norm`` (the gradients'
+        norm before clipping), ``lr`` and architecture terms);
         ``history_["epoch"]``: their means per epoch.
     n_features_in_ : int
         Number of features seen during fit.
@@ -396,6 +397,24 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         self : object
             Fitted estimator.
+
+        Raises
+        ------
+        sksae.TrainingDivergedError
+            When training diverges: a step's loss or gradient norm, or the
+            trained parameters, are not finite (too large a
+            ``learning_rate``, or data too large for ``normalize=False``).
+            The message names the step. Checked when the training loop reads
+            its metrics, without extra synchronisation (every 32 steps on
+            accelerators); on the CPU a step whose gradient norm is not
+            finite is never applied.
+
+        Notes
+        -----
+        Whatever the exception, :class:`KeyboardInterrupt` included, the
+        estimator is left exactly as it was before the call: fitted
+        attributes, training state and random state (a first fit that fails
+        leaves it unfitted).
         """
         with restore_on_failure(self):
             resume = self.warm_start and hasattr(self, "_train_state")
@@ -423,6 +442,24 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         self : object
             Fitted estimator.
+
+        Raises
+        ------
+        sksae.TrainingDivergedError
+            When training diverges: a step's loss or gradient norm, or the
+            trained parameters, are not finite (too large a
+            ``learning_rate``, or data too large for ``normalize=False``).
+            The message names the step. Checked when the training loop reads
+            its metrics, without extra synchronisation (every 32 steps on
+            accelerators); on the CPU a step whose gradient norm is not
+            finite is never applied.
+
+        Notes
+        -----
+        Whatever the exception, :class:`KeyboardInterrupt` included, the
+        estimator is left exactly as it was before the call: fitted
+        attributes, training state and random state (a first fit that fails
+        leaves it unfitted).
         """
         with restore_on_failure(self):
             resume = hasattr(self, "_train_state")
@@ -447,8 +484,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             rng = np.random.RandomState()
             rng.set_state(state["rng"])
             scale, dead_window = state["scale"], state["dead_window"]
-            params = {k: v.to(device, dtype) for k, v in state["trainer"]["params"].items()}
-            buffers = {k: v.to(device, dtype) for k, v in state["trainer"]["buffers"].items()}
+            # copies: the trainer updates its tensors in place, and the state must stay
+            # as it is should this call fail (restore_on_failure puts it back)
+            params = {k: v.to(device, dtype, copy=True)
+                      for k, v in state["trainer"]["params"].items()}
+            buffers = {k: v.to(device, dtype, copy=True)
+                       for k, v in state["trainer"]["buffers"].items()}
             generator = make_generator(rng)
         else:
             rng = check_random_state(self.random_state)
@@ -493,12 +534,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                     and self._resample(trainer, X, scale, device, dtype, generator))
             return out
 
+        hint = self._divergence_hint(lr, resume, scale)
         result = run_minibatch_loop(
             step, source, max_epochs=max_epochs, stopper=stopper, callback=self.callback,
             verbose=self.verbose, desc=f"{type(self).__name__}({self.architecture})",
             param_change=param_change if self.tol > 0 else None,
             postfix_keys=("loss", "fvu", "l0", "dead_fraction"),
+            finite=("loss", "grad_norm"), divergence_hint=hint,
         )
+        if not all(bool(torch.isfinite(v).all())
+                   for v in (*trainer.params.values(), *trainer.buffers.values())):
+            # finite losses and gradients can still step to an overflow at the last step
+            raise _diverged(type(self).__name__ + f"({self.architecture})", result.n_steps,
+                            steps_per_epoch, "parameters", None, hint)
         self._export(arch, trainer, scale, X.dtype)
         self._record(result, steps_per_epoch, resume)
         self.n_components_ = n_components
@@ -509,6 +557,16 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "dead_window": dead_window,
             "rng": rng.get_state(),
         }
+
+    def _divergence_hint(self, lr, resume, scale):
+        """The advice of a :class:`TrainingDivergedError`."""
+        advice = f"Lower learning_rate (it is {lr:.3g})"
+        if not self.normalize:
+            advice += " or set normalize=True"
+        elif resume:
+            advice += (", or train on data of the scale of the first fit's (normalize=True "
+                       f"fixed input_scale_={scale:.3g} then)")
+        return advice + ". The model is left as it was before this call."
 
     def _initial_parameters(self, X, arch, n_components, rng, generator, device, dtype):
         """Normalisation scale, initial tensors (training units) and the calibration sample.

@@ -159,6 +159,9 @@ class StepOutput(NamedTuple):
         The total loss, the mean squared error per row, the fraction of
         variance unexplained, the mean number of active latents and the
         fraction of latents dead at this step.
+    grad_norm : Tensor
+        The total norm of the gradients before clipping (the training loop
+        checks it and the loss for finiteness when it reads the metrics).
     terms : dict of Tensor
         The architecture's loss terms.
     """
@@ -168,12 +171,14 @@ class StepOutput(NamedTuple):
     fvu: torch.Tensor
     l0: torch.Tensor
     dead_fraction: torch.Tensor
+    grad_norm: torch.Tensor
     terms: dict
 
     def as_dict(self):
         """Every metric by name (the architecture's terms after the shared ones)."""
         return {"loss": self.loss, "mse": self.mse, "fvu": self.fvu, "l0": self.l0,
-                "dead_fraction": self.dead_fraction, **self.terms}
+                "dead_fraction": self.dead_fraction, "grad_norm": self.grad_norm,
+                **self.terms}
 
 
 class DeadLatentBound:
@@ -470,7 +475,7 @@ class SAETrainer:
                 loss.backward()
         if tangent is None or not tangent.complete:
             self._project_decoder_grad()
-        clip_and_step(self.optimizer, self.params.values(), self.clip_norm, ws)
+        grad_norm = clip_and_step(self.optimizer, self.params.values(), self.clip_norm, ws)
         with torch.no_grad():
             unit_rows_(self.params["W_dec"])
             self.arch.after_step(p, enc)
@@ -482,6 +487,7 @@ class SAETrainer:
                 l0=_l0(enc.codes),
                 dead_fraction=(self.rows_since_fired >= self.dead_window)
                 .to(torch.float32).mean(),
+                grad_norm=grad_norm.detach(),
                 terms={k: v.detach() for k, v in terms.items()})
 
     @torch.no_grad()
@@ -567,13 +573,23 @@ class SAETrainer:
         }
 
     def load_state_dict(self, state):
+        """Resume from :meth:`state_dict`'s output, which is copied and left unchanged."""
         with torch.no_grad():
             for k, v in state["params"].items():
                 self.params[k].copy_(v)
             for k, v in state["buffers"].items():
                 self.buffers[k].copy_(v)
         defaults = self.optimizer.defaults
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state["optimizer"]
+        if not isinstance(self.optimizer, FusedAdam):
+            # torch.optim.Adam keeps the tensors it is given where their device and
+            # dtype fit (and a non-fused step count as it is), then updates them in
+            # place: it gets copies, so that the caller's state stays as it was
+            saved = {**saved, "state": {
+                i: {k: v.clone() if isinstance(v, torch.Tensor) and (
+                    k == "step" or v.device == self.device) else v for k, v in moments.items()}
+                for i, moments in saved["state"].items()}}
+        self.optimizer.load_state_dict(saved)
         for group in self.optimizer.param_groups:
             # a state saved by another kind of step (fused or not, recorded on a GPU
             # or eager on the CPU) runs with the implementation chosen here: every

@@ -12,9 +12,11 @@ fused=True)``, so it gives the same bits, and it reads and writes the same
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
+from .._base import TrainingDivergedError
 from .threads import even_bounds, parallel, run_ranges, serial_threads
 
 __all__ = ["FusedAdam", "fused_cpu_kernel", "make_adam", "total_norm", "clip_and_step"]
@@ -237,6 +239,19 @@ def clip_and_step(optimizer, params, max_norm, ws=None):
     CPU the norm is read (free there), gradients that need no clipping are
     left as they are, and with :class:`FusedAdam` the factor is folded into
     the optimizer's pass instead of a separate multiply.
+
+    Returns
+    -------
+    norm : Tensor
+        The total norm of the gradients before clipping (0-dim, on their
+        device; 0 when no tensor has a gradient), for the caller to check
+        when it reads its metrics.
+
+    Raises
+    ------
+    sksae.TrainingDivergedError
+        On the CPU, when the norm is not finite: raised before the optimizer
+        steps, so no parameter changes.
     """
     params = list(params)
     with_grads = [p for p in params if p.grad is not None]
@@ -245,13 +260,21 @@ def clip_and_step(optimizer, params, max_norm, ws=None):
         norm = total_norm([p.grad for p in with_grads], ws)
         if with_grads[0].device.type != "cpu":
             _clip_with_norm(with_grads, max_norm, norm)
-        elif float(norm) + 1e-6 > max_norm:
-            if isinstance(optimizer, FusedAdam):
-                factor = max_norm / (float(norm) + 1e-6)
-            else:
-                _clip_with_norm(with_grads, max_norm, norm)
+        else:
+            value = float(norm)
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"The gradient norm is {value}.", metric="grad_norm", value=value)
+            if value + 1e-6 > max_norm:
+                if isinstance(optimizer, FusedAdam):
+                    factor = max_norm / (value + 1e-6)
+                else:
+                    _clip_with_norm(with_grads, max_norm, norm)
+    else:
+        norm = torch.zeros((), device=params[0].device)
     with parallel(params[0], own=True):  # one fused pass
         if factor is None:
             optimizer.step()
         else:
             optimizer.step(grad_scale=1.0 / factor)
+    return norm
