@@ -550,6 +550,8 @@ def _mutate_config(cfg, rng):
     for _ in range(rng.randint(1, 4)):
         paths = [p for p in _leaves(cfg)
                  if p and p[0] not in ("config_sha256", "weights_sha256")]
+        if not paths:
+            return
         path = paths[rng.randint(len(paths))]
         node = cfg
         for key in path[:-1]:
@@ -620,3 +622,34 @@ def test_mutated_folders_load_soundly_or_raise_value_error(which, saved_sae, sav
         outcomes["loaded"] += 1
         _assert_loaded_model_is_sound(model)
     assert outcomes["refused"] > 0
+
+
+@pytest.mark.parametrize("which", ["saelens", "sparsify"])
+def test_mutated_peer_folders_import_soundly_or_raise_value_error(which, saved_sae,
+                                                                  tmp_path):
+    if which == "saelens":
+        src = to_saelens(sksae.load(saved_sae), tmp_path / "src")
+        weights, importer = "sae_weights.safetensors", from_saelens
+    else:
+        src = _sparsify_folder(tmp_path / "src")
+        weights, importer = "sae.safetensors", from_sparsify
+    rng = np.random.RandomState(99)
+    refused = 0
+    for case in range(30):
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        for f in src.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        if case % 2 == 0:
+            (folder / weights).write_bytes(_mutate_bytes((folder / weights).read_bytes(), rng))
+        else:
+            cfg = json.loads((folder / "cfg.json").read_text())
+            _mutate_config(cfg, rng)
+            (folder / "cfg.json").write_text(json.dumps(cfg))
+        try:
+            model = importer(folder, dtype="float64" if case % 3 == 0 else "float32")
+        except ValueError:
+            refused += 1
+            continue
+        _assert_loaded_model_is_sound(model)
+    assert refused > 0
