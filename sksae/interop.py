@@ -73,13 +73,13 @@ def _read_json(path):
 
 def _float_dtype(dtype):
     """``dtype`` as a numpy float32 or float64 dtype; anything else is refused."""
-    try:
-        dt = np.dtype(dtype)
+    try:  # np.dtype(None) is float64: None is refused, not read as a default
+        dt = None if dtype is None or isinstance(dtype, bool) else np.dtype(dtype)
     except TypeError:
         dt = None
-    if dt is None or isinstance(dtype, bool) or dt.name not in ("float32", "float64"):
+    if dt is None or dt.name not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
-    return dt
+    return np.dtype(dt.name)  # native byte order ('>f4' is float32 too)
 
 
 def _read_tensors(path, dtype):

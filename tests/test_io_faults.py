@@ -435,7 +435,7 @@ def _sparsify_folder(folder, tensors=None, **cfg):
 
 
 @pytest.mark.parametrize("dtype", ["int64", "int32", "float16", "bool", "complex128",
-                                   np.int64, "nonsense", True])
+                                   np.int64, "nonsense", True, None, ""])
 def test_importers_refuse_non_float_dtypes(tmp_path, saved_sae, dtype):
     saelens = _saelens_folder(tmp_path / "sl")
     sparsify = _sparsify_folder(tmp_path / "sp")
@@ -443,16 +443,20 @@ def test_importers_refuse_non_float_dtypes(tmp_path, saved_sae, dtype):
         from_saelens(saelens, dtype=dtype)
     with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64'"):
         from_sparsify(sparsify, dtype=dtype)
-    with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64'"):
-        to_saelens(sksae.load(saved_sae), tmp_path / "out", dtype=dtype)
+    if dtype is not None:  # to_saelens's None keeps the model's dtype
+        with pytest.raises(ValueError, match="dtype must be 'float32' or 'float64'"):
+            to_saelens(sksae.load(saved_sae), tmp_path / "out", dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", np.float64])
-def test_importers_accept_float_dtypes(tmp_path, dtype):
+@pytest.mark.parametrize("dtype, expected", [("float32", np.float32), ("float64", np.float64),
+                                             (np.float64, np.float64), (">f4", np.float32)])
+def test_importers_accept_float_dtypes(tmp_path, X, dtype, expected):
     sae = from_saelens(_saelens_folder(tmp_path / "sl"), dtype=dtype)
-    assert sae.components_.dtype == np.dtype(dtype)
+    assert sae.components_.dtype == np.dtype(expected)  # native byte order
+    sae.transform(X)
     sae = from_sparsify(_sparsify_folder(tmp_path / "sp"), dtype=dtype)
-    assert sae.components_.dtype == np.dtype(dtype)
+    assert sae.components_.dtype == np.dtype(expected)
+    sae.transform(X)
 
 
 @pytest.mark.parametrize("make", [_saelens_folder, _sparsify_folder])
