@@ -560,10 +560,10 @@ def _check_dictionary_learner(folder, model, fitted, comps, rs_state):
     if model.dict_init is not None:
         init = model.dict_init
         if not (isinstance(init, np.ndarray) and init.ndim == 2
-                and init.dtype.kind == "f" and init.shape[1] == n_features
-                and np.isfinite(init).all()):
-            _refuse(folder, f"dict_init must be a finite float array with {n_features} "
-                            "columns.")
+                and init.dtype.kind in "fiu" and init.shape[1] == n_features
+                and np.isfinite(init).all()):  # fit casts it with check_array
+            _refuse(folder, f"dict_init must be a finite numeric 2-D array with "
+                            f"{n_features} columns.")
     expected = {"components_": [(n_atoms, n_features)]}
     state = {"state/_A": [(n_atoms, n_atoms)], "state/_B": [(n_features, n_atoms)]}
     keys = fitted.get("state/_random_state")

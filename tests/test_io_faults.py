@@ -261,10 +261,34 @@ def test_dictionary_learner_dict_init_checked(saved_dl, tmp_path):
         c["params"].pop("dict_init")
 
     for name, init in (("cols", np.zeros((6, 5))), ("nan", np.full((6, 8), np.nan)),
-                       ("int", np.zeros((6, 8), np.int64))):
+                       ("1d", np.zeros(8))):
         with pytest.raises(ValueError, match="dict_init"):
             sksae.load(_forged(saved_dl, tmp_path / name, edit_config=drop,
                                edit_arrays=_set("params/dict_init", init)))
+    # integers are what fit accepts (it casts them): a DL fitted so saves and loads
+    loaded = sksae.load(_forged(saved_dl, tmp_path / "int", edit_config=drop,
+                                edit_arrays=_set("params/dict_init",
+                                                 np.ones((6, 8), np.int64))))
+    assert loaded.dict_init.dtype == np.int64
+
+
+def test_every_estimator_configuration_that_fits_saves_and_loads(X, tmp_path):
+    """The load checks refuse nothing that fit accepted."""
+    models = [
+        DictionaryLearnerGPU(n_components=None, max_iter=1, random_state=0, device="cpu",
+                             dict_init=np.arange(64).reshape(8, 8) % 5 + 1,
+                             fit_algorithm="cd", positive_code=True,
+                             transform_algorithm="lasso_cd"),
+        SparseAutoencoder(n_components=None, architecture="relu", max_iter=1,
+                          batch_size=64, random_state=0, device="cpu"),
+        SparseAutoencoder(n_components=16, architecture="topk", k=16, max_iter=1,
+                          batch_size=64, random_state=0, device="cpu",
+                          init=np.random.RandomState(0).randn(16, 8).tolist()),
+    ]
+    for i, model in enumerate(models):
+        model.fit(X)
+        loaded = sksae.load(sksae.save(model, tmp_path / str(i)))
+        assert_array_equal(loaded.transform(X), model.transform(X))
 
 
 @pytest.mark.parametrize("edit, message", [
