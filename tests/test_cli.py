@@ -25,7 +25,16 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
-    assert "usage: python -m sksae " + command in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: python -m sksae " + command in out
+    # the exit statuses are documented (issue 19)
+    assert "exit statuses:" in out and "130" in out and "--debug" in out
+
+
+def test_module_docstring_documents_exit_statuses():
+    from sksae import __main__ as cli
+
+    assert "Exit statuses" in cli.__doc__ and "130" in cli.__doc__
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +61,8 @@ def test_fit_then_transform(acts, tmp_path):
     assert codes.shape == (300, 16) and codes.dtype == np.float32
     assert_allclose(codes, model.transform(X))
     assert ((codes > 0).sum(axis=1) <= 2).all()
+    # outputs were written under temporary names and renamed: none left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "model"]
 
 
 def test_transform_reads_saelens_folders(acts, tmp_path):
@@ -79,3 +90,4 @@ def test_demo_writes_png_in_working_directory(tmp_path):
     assert "held-out FVE" in out and "MMCS" in out
     png = tmp_path / "sksae_demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sksae_demo.png"]

@@ -338,3 +338,11 @@ def test_ctrl_c_during_fit_exits_130_and_writes_nothing(tmp_path):
     assert err.strip() == "interrupted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acts.npy"]
     assert (tmp_path / "acts.npy").read_bytes() == before
+
+
+def test_real_divergence_is_a_user_error(acts, tmp_path, capsys):
+    line = assert_user_error(main(["fit", str(acts), "-o", str(tmp_path / "m"), *FIT,
+                                   "--learning-rate", "1e12", "--max-iter", "3"]),
+                             capsys, "diverged")
+    assert "--learning-rate" in line
+    assert list(tmp_path.iterdir()) == []
