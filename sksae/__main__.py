@@ -11,10 +11,11 @@ model, a parameter the estimator refuses, training that diverged), reported
 as one line on stderr (``--debug`` shows the traceback); 130 interrupted
 (Ctrl-C); 1 anything else, an sksae bug, shown with its traceback.
 
-Outputs are written to a temporary file or folder next to the target and
-renamed into place at the end, so an interrupted or failed run leaves no
-half-written output and leaves its inputs untouched; an output that is an
-input (or inside the model folder) is refused.
+``fit``'s model folder and ``transform``'s .npy are written to a temporary
+folder or file next to the target and renamed into place at the end, so an
+interrupted or failed run leaves no half-written output and leaves its inputs
+untouched; an output that is an input (or inside the model folder) is refused.
+``fit --max-iter 0`` saves the initialized, untrained model.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ exit statuses:
   130  interrupted (Ctrl-C); no partial output is left behind
   1    an internal error (a bug): shown with its traceback
 
-Outputs are written to a temporary sibling and renamed into place at the end."""
+fit's model folder and transform's .npy are written under a temporary name
+next to the target and renamed into place at the end."""
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -227,13 +229,10 @@ def _demo(args):
             figure = args.figure
         except ImportError:
             print("(matplotlib is not installed: no summary figure)")
-    if figure is None:
-        run_demo(n_samples=args.n_samples, device=args.device,
-                 random_state=args.random_state, verbose=args.verbose, figure=None)
-        return 0
-    with _atomic_file(figure) as tmp:
-        run_demo(n_samples=args.n_samples, device=args.device,
-                 random_state=args.random_state, verbose=args.verbose, figure=str(tmp))
+    # the figure is written directly: run_demo prints the path it writes to, and it
+    # saves the figure in one call at the end (a temporary name would show there)
+    run_demo(n_samples=args.n_samples, device=args.device, random_state=args.random_state,
+             verbose=args.verbose, figure=figure)
     return 0
 
 
