@@ -57,6 +57,16 @@ _DIVERGENCE_HINT = ("Scale X down (e.g. with sklearn.preprocessing.StandardScale
                     "train on float64 data. The model is left as it was before this call.")
 
 
+def _finite(D):
+    """Whether every entry of the dictionary is finite.
+
+    One reduction: after a step every atom lies in the unit ball, so the sum
+    cannot overflow and is finite exactly when every entry is (a sum that is
+    not is confirmed entry by entry).
+    """
+    return math.isfinite(float(D.sum())) or bool(torch.isfinite(D).all())
+
+
 def _code_rows(X, D, algorithm, *, n_nonzero_coefs, alpha, max_iter, positive, device,
                init=None):
     """Codes of numpy ``X`` on numpy ``D``, batched over rows on ``device``."""
@@ -447,7 +457,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         result = run_minibatch_loop(step, source, max_epochs=self.max_iter, stopper=stopper,
                                     callback=self.callback, verbose=int(self.verbose),
                                     desc="DictionaryLearnerGPU", param_change=change,
-                                    state_finite=lambda: bool(torch.isfinite(D).all()),
+                                    state_finite=lambda: _finite(D),
                                     divergence_hint=_DIVERGENCE_HINT)
         self.n_steps_ = result.n_steps
         self.n_iter_ = int(np.ceil(self.n_steps_ / source.steps_per_epoch))
@@ -510,7 +520,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                             _DIVERGENCE_HINT) from None
         if not math.isfinite(cost):
             raise _diverged(type(self).__name__, 1, 1, "loss", cost, _DIVERGENCE_HINT)
-        if not bool(torch.isfinite(D).all()):
+        if not _finite(D):
             raise _diverged(type(self).__name__, 1, 1, "parameters", None, _DIVERGENCE_HINT)
         self.n_steps_ = n_steps + 1
         self.n_iter_ = getattr(self, "n_iter_", 0)
