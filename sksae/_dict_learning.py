@@ -428,6 +428,8 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         estimator is left exactly as it was before the call: fitted
         attributes, sufficient statistics and random state (a first fit that
         fails leaves it unfitted).
+        A ``RandomState`` instance given as ``random_state`` is rewound too;
+        numpy's global one (used with ``random_state=None``) is not.
         """
         with restore_on_failure(self):
             self._fit(X)
@@ -492,6 +494,8 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         estimator is left exactly as it was before the call: fitted
         attributes, sufficient statistics and random state (a first fit that
         fails leaves it unfitted).
+        A ``RandomState`` instance given as ``random_state`` is rewound too;
+        numpy's global one (used with ``random_state=None``) is not.
         """
         with restore_on_failure(self):
             self._partial_fit(X)

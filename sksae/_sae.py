@@ -415,6 +415,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         estimator is left exactly as it was before the call: fitted
         attributes, training state and random state (a first fit that fails
         leaves it unfitted).
+        A ``RandomState`` instance given as ``random_state`` is rewound too;
+        numpy's global one (used with ``random_state=None``) is not.
         """
         with restore_on_failure(self):
             resume = self.warm_start and hasattr(self, "_train_state")
@@ -460,6 +462,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         estimator is left exactly as it was before the call: fitted
         attributes, training state and random state (a first fit that fails
         leaves it unfitted).
+        A ``RandomState`` instance given as ``random_state`` is rewound too;
+        numpy's global one (used with ``random_state=None``) is not.
         """
         with restore_on_failure(self):
             resume = hasattr(self, "_train_state")
