@@ -201,17 +201,22 @@ def _atomic_folder(output):
     os.mkdir(tmp)
     try:
         yield tmp
-        if output.exists():
-            old = _temp_sibling(output, ".old")
-            os.replace(output, old)
-            try:
+        from ._base import deferred_interrupts
+
+        with deferred_interrupts():  # a Ctrl-C lands before the swap or after it
+            if output.exists():
+                old = _temp_sibling(output, ".old")
+                os.replace(output, old)
+                try:
+                    os.replace(tmp, output)
+                except BaseException:
+                    os.replace(old, output)
+                    raise
+            else:
+                old = None
                 os.replace(tmp, output)
-            except BaseException:
-                os.replace(old, output)
-                raise
+        if old is not None:
             _remove(old)
-        else:
-            os.replace(tmp, output)
     except BaseException:
         _remove(tmp)
         raise

@@ -6,6 +6,9 @@ Device handling (resolution, CUDA graphs, autocast) lives in
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import warnings
 
 import numpy as np
@@ -201,3 +204,27 @@ class restore_on_failure:
             for rng, rng_state in self.rng_states:
                 rng.set_state(rng_state)
         return False
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has ended.
+
+    For a few steps that must happen together (the renames that replace a
+    saved folder's files): an interrupt then lands before them or after them,
+    never between. Only the main thread receives signals; elsewhere (and where
+    SIGINT has no Python handler) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+

@@ -152,20 +152,23 @@ def _loads_bounded(text, max_depth=_MAX_JSON_DEPTH):
         raise ValueError("JSON nested too deeply to parse") from None
 
 
-def _write_exclusive(folder, name, data):
-    """Write ``data`` to a new temporary file in ``folder``; return its path.
+def _write_exclusive(folder, name, data, temps):
+    """Write ``data`` to a new temporary file in ``folder``, recorded as ``temps[name]``.
 
     The file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` under a random
     name: a file or symbolic link planted in the folder is never opened or
-    followed. The data is flushed to disk before returning.
+    followed. Its path is in ``temps`` before it exists, so that a caller's
+    clean-up finds it whenever an interrupt lands. The data is flushed to disk
+    before returning.
     """
     flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
              | getattr(os, "O_BINARY", 0))
     for _ in range(64):
-        tmp = Path(folder) / f".{name}.{secrets.token_hex(8)}.tmp"
+        tmp = temps[name] = Path(folder) / f".{name}.{secrets.token_hex(8)}.tmp"
         try:
             fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
+            del temps[name]  # not ours
             continue
         try:
             with os.fdopen(fd, "wb") as f:
@@ -198,15 +201,19 @@ def _write_files(folder, files):
     Every temporary file is written (and flushed) first, then each is renamed
     over its target in order; the renames never follow a link planted under a
     target's name (the link itself is replaced). A failure before the renames
-    leaves the folder as it was.
+    leaves the folder as it was; a Ctrl-C during the renames is held until
+    they are done.
     """
+    from ._base import deferred_interrupts
+
     folder = Path(folder)
     temps = {}
     try:
         for name, data in files.items():
-            temps[name] = _write_exclusive(folder, name, data)
-        for name, tmp in temps.items():
-            os.replace(tmp, folder / name)
+            _write_exclusive(folder, name, data, temps)
+        with deferred_interrupts():  # a Ctrl-C lands before the renames or after them
+            for name, tmp in temps.items():
+                os.replace(tmp, folder / name)
         _fsync_dir(folder)
     finally:
         for tmp in temps.values():

@@ -393,11 +393,11 @@ def test_interrupted_save_leaves_the_old_folder(X, saved_sae, tmp_path, monkeypa
     real_write = _io._write_exclusive
     calls = []
 
-    def fail_on_second(folder, name, data):
+    def fail_on_second(folder, name, data, temps):
         calls.append(name)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real_write(folder, name, data)
+        return real_write(folder, name, data, temps)
 
     monkeypatch.setattr(_io, "_write_exclusive", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
