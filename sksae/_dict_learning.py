@@ -27,7 +27,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import _num_features, check_is_fitted, validate_data
 
-from ._accel.device import resolve_device
+from ._accel.device import free_host_value, resolve_device
 from ._base import (
     TrainingDivergedError,
     as_tensor,
@@ -373,7 +373,16 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         dict_init = None if self.dict_init is None else as_tensor(
             check_array(self.dict_init, dtype=X.dtype), device, dtype)
         gen = make_generator(random_state) if dict_init is None else None
-        D = init_dictionary(Xt, n_components, gen, dict_init)
+        try:
+            D = init_dictionary(Xt, n_components, gen, dict_init)
+        except RuntimeError as exc:  # e.g. torch's LinAlgError on an ill-conditioned X
+            raise ValueError(f"The dictionary could not be initialised from X ({exc}). "
+                             f"{_DIVERGENCE_HINT}") from None
+        if not _finite(D):
+            raise TrainingDivergedError(
+                f"{type(self).__name__} could not initialise: the initial dictionary is not "
+                f"finite (X's scale overflows {X.dtype} in the randomized SVD). "
+                f"{_DIVERGENCE_HINT}", step=0, metric="parameters", value=None)
         A = torch.zeros(n_components, n_components, dtype=dtype, device=device)
         B = torch.zeros(X.shape[1], n_components, dtype=dtype, device=device)
         return D, A, B
@@ -381,9 +390,11 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     def _step(self, Xb, D, A, B, step, random_state):
         """One minibatch step (scikit-learn's ``_minibatch_step``); returns the batch cost.
 
-        On the CPU the statistics and dictionary updates run on one thread or
-        all of torch's, as measured faster (:mod:`sksae._accel.threads`); the coder
-        chooses for itself.
+        On the CPU the statistics and dictionary updates run on the fit's
+        threads (:mod:`sksae._accel.threads`). A non-finite batch cost raises
+        :class:`~sksae.TrainingDivergedError` before the statistics take it in
+        where reading it is free (the CPU); elsewhere the training loop checks
+        it with the metrics it reads.
         """
         code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,
                          max_iter=self.transform_max_iter, positive=self.positive_code,
@@ -391,7 +402,8 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         with serial(Xb), parallel(Xb):
             resid = torch.addmm(Xb, code, D, alpha=-1.0)
             cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
-            if Xb.device.type == "cpu" and not math.isfinite(value := float(cost)):
+            value = free_host_value(cost)
+            if value is not None and not math.isfinite(value):
                 # read for free on the CPU: raise before the statistics take it in
                 raise TrainingDivergedError(f"The batch cost is {value}.", metric="loss",
                                             value=value)
@@ -461,6 +473,9 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                                     desc="DictionaryLearnerGPU", param_change=change,
                                     state_finite=lambda: _finite(D),
                                     divergence_hint=_DIVERGENCE_HINT)
+        if not _finite(D):  # e.g. no step to check (max_iter=0) or an overflow at the last
+            raise _diverged(type(self).__name__, result.n_steps, source.steps_per_epoch,
+                            "parameters", None, _DIVERGENCE_HINT)
         self.n_steps_ = result.n_steps
         self.n_iter_ = int(np.ceil(self.n_steps_ / source.steps_per_epoch))
         self._set_state(D, A, B, random_state)

@@ -546,12 +546,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             postfix_keys=("loss", "fvu", "l0", "dead_fraction"),
             finite=("loss", "grad_norm"), divergence_hint=hint,
         )
-        if not all(bool(torch.isfinite(v).all())
-                   for v in (*trainer.params.values(), *trainer.buffers.values())):
-            # finite losses and gradients can still step to an overflow at the last step
+        exported = self._exported(arch, trainer, scale, X.dtype)
+        if not self._usable(arch, exported, X, device):
+            # finite losses and gradients can still step to an overflow at the last step,
+            # or to weights so large that the user's units or a forward pass overflow
             raise _diverged(type(self).__name__ + f"({self.architecture})", result.n_steps,
                             steps_per_epoch, "parameters", None, hint)
-        self._export(arch, trainer, scale, X.dtype)
+        for attr, value in exported.items():
+            setattr(self, attr, value)
         self._record(result, steps_per_epoch, resume)
         self.n_components_ = n_components
         self.input_scale_ = float(scale)
@@ -599,13 +601,32 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         sample = torch.as_tensor(X[np.sort(rows)]).to(device, dtype) * scale
         return trainer.resample_dead_latents(sample, generator)
 
-    def _export(self, arch, trainer, scale, dtype):
-        """Fitted attributes in the user's units, as numpy arrays of ``dtype``."""
+    @staticmethod
+    def _exported(arch, trainer, scale, dtype):
+        """{attribute: array}: the fitted attributes in the user's units, of ``dtype``."""
         p = {k: v.detach() for k, v in {**trainer.params, **trainer.buffers}.items()}
         p = arch.fold_scale(p, scale)
         names = {**_BASE_PUBLIC, **arch.public_names}
-        for tensor_name, attr in names.items():
-            setattr(self, attr, p[tensor_name].to("cpu", torch.float64).numpy().astype(dtype))
+        with np.errstate(over="ignore"):  # an overflow is refused by _usable
+            return {attr: p[tensor_name].to("cpu", torch.float64).numpy().astype(dtype)
+                    for tensor_name, attr in names.items()}
+
+    @staticmethod
+    def _usable(arch, exported, X, device, n_rows=256):
+        """Whether the fitted arrays are finite and encode and decode rows of ``X`` finitely."""
+        if not all(np.isfinite(a).all() for a in exported.values()):
+            return False
+        names = {**_BASE_PUBLIC, **arch.public_names}
+        dtype = torch_dtype(exported["components_"].dtype)
+        p = {k: torch.as_tensor(exported[attr]).to(device, dtype) for k, attr in names.items()}
+        rows = np.asarray(X[:n_rows])
+        if not np.isfinite(rows).all():
+            return True  # the input itself is not finite: nothing to learn from it
+        with torch.inference_mode():
+            x = torch.as_tensor(rows).to(device, dtype)
+            codes = arch.encode(p, x)
+            recon = codes @ p["W_dec"] + p["b_dec"]
+            return bool(torch.isfinite(codes).all() and torch.isfinite(recon).all())
 
     def _record(self, result, steps_per_epoch, resume):
         """Per-step records and their per-epoch means, appended when resuming."""

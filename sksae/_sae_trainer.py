@@ -386,8 +386,8 @@ class SAETrainer:
         """One optimizer step on a normalised batch; returns a :class:`StepOutput`.
 
         On the CPU the step runs on one intra-op thread
-        (:func:`sksae._accel.threads.serial`): its heavy operations take more
-        where measured faster. Where CUDA graphs are supported it is a replay of
+        (:func:`sksae._accel.threads.serial`): its heavy operations run on the
+        fit's threads (:func:`sksae._accel.threads.parallel`). Where CUDA graphs are supported it is a replay of
         a recorded step (see the class notes).
         """
         if self.graphs:

@@ -455,7 +455,8 @@ def _from_sparsify(folder, source, device, dtype):
         raise ValueError(f"{source} has a skip connection (W_skip): not supported.")
     activation = cfg.get("activation", "topk")
     readers = [name for name in architectures.available()
-               if architectures.get(name).sparsify_activation == activation]
+               if isinstance(activation, str)
+               and architectures.get(name).sparsify_activation == activation]
     if not readers:
         raise ValueError(f"{source} uses activation={activation!r}, which no registered "
                          "architecture reads.")

@@ -23,3 +23,16 @@ def device(request):
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+# hypothesis profiles for tests/test_fuzz.py: "ci" (a fixed budget, derandomised so that
+# CI runs are repeatable) by default; "long" with --hypothesis-profile=long
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_FUZZ_CHECKS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=_FUZZ_CHECKS)
+settings.register_profile("long", max_examples=1000, deadline=None,
+                          suppress_health_check=_FUZZ_CHECKS)
+settings.load_profile("ci")
+

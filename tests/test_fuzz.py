@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
@@ -38,13 +38,7 @@ from sksae import _io
 from sksae.architectures import available
 from sksae.interop import from_saelens, from_sparsify, to_saelens
 
-settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile(
-    "long", max_examples=2000, deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.load_profile("ci")
+# the profiles ("ci", the default, and "long") are registered in conftest.py
 
 X = np.random.RandomState(0).randn(120, 6).astype(np.float32)
 

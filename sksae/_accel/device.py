@@ -14,7 +14,7 @@ import torch
 
 __all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
            "HostReading", "side_stream", "capture_graph", "graphs_supported", "fits_on_device",
-           "host_read_interval", "device_available"]
+           "host_read_interval", "device_available", "free_host_value"]
 
 
 def resolve_device(device="auto"):
@@ -189,3 +189,8 @@ def device_available(device):
     except ValueError:
         return False
     return True
+
+
+def free_host_value(t):
+    """``float(t)`` where reading it costs no synchronisation (the CPU), else None."""
+    return None if is_accelerator(t.device) else float(t)

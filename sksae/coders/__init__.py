@@ -128,10 +128,8 @@ def encode(X, D, algorithm, *, n_nonzero_coefs=None, alpha=None, gram=None, cov=
     site = f"sparse coding ({algorithm})"
 
     def run(X, D, gram, cov, kwargs):
-        # On the CPU the coder runs on one thread or on all of torch's, whichever has
-        # measured faster for this call site and shape (sksae._accel.threads): e.g. two
-        # threads help the wide toy blocks, and slow the small china ones or any
-        # block on busy cores. Same codes either way.
+        # On the CPU the coder runs on the fit's threads (sksae._accel.threads); the
+        # codes do not depend on the thread count.
         with serial(X), parallel(X):
             return CODERS[algorithm](X, D, gram=gram, cov=cov, **kwargs)
 
