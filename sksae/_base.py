@@ -228,3 +228,13 @@ def deferred_interrupts():
     if caught:
         raise KeyboardInterrupt
 
+
+def check_finite_output(out, X, estimator):
+    """Raise ValueError when finite ``X`` gives non-finite ``out`` (an overflow); return ``out``."""
+    if not np.isfinite(out).all() and np.isfinite(X).all():
+        raise ValueError(
+            f"{type(estimator).__name__}.transform overflowed: X's values are too large for "
+            f"{out.dtype} with this model (largest |x| = {np.abs(X).max():.3g}). Scale X "
+            "down, or pass float64 data.")
+    return out
+

@@ -29,6 +29,7 @@ from sklearn.utils.validation import _num_features, check_is_fitted, validate_da
 
 from ._accel.device import free_host_value, resolve_device
 from ._base import (
+    check_finite_output,
     TrainingDivergedError,
     as_tensor,
     batched_apply,
@@ -565,6 +566,11 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         code : ndarray of shape (n_samples, n_components)
             Codes (``2 * n_components`` columns with ``split_sign``), in ``X``'s
             floating dtype.
+
+        Raises
+        ------
+        ValueError
+            When finite ``X`` overflows the codes' dtype with this model.
         """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
@@ -575,6 +581,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                           n_nonzero_coefs=self.transform_n_nonzero_coefs, alpha=alpha,
                           max_iter=self.transform_max_iter, positive=self.positive_code,
                           device=resolve_device(self.device))
+        check_finite_output(code, X, self)
         if self.split_sign:
             code = np.hstack([np.maximum(code, 0), -np.minimum(code, 0)])
         return code

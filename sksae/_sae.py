@@ -18,6 +18,7 @@ from . import architectures
 from ._accel.device import resolve_device
 from ._base import (
     batched_apply,
+    check_finite_output,
     inference_chunk_rows,
     make_generator,
     restore_on_failure,
@@ -669,6 +670,11 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         -------
         codes : ndarray of shape (n_samples, n_components)
             Same floating dtype as ``X`` (integers become float64).
+
+        Raises
+        ------
+        ValueError
+            When finite ``X`` overflows the codes' dtype with this model.
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
@@ -676,8 +682,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         dtype = torch_dtype(X.dtype)
         arch, p = self._inference_params(device, dtype)
         chunk = inference_chunk_rows(self.n_components_, X.itemsize)
-        return batched_apply(lambda xb: arch.encode(p, xb), X, device=device, dtype=dtype,
-                             chunk_rows=chunk)
+        codes = batched_apply(lambda xb: arch.encode(p, xb), X, device=device, dtype=dtype,
+                              chunk_rows=chunk)
+        return check_finite_output(codes, X, self)
 
     def inverse_transform(self, X):
         """Reconstruct data from codes: ``codes @ components_ + decoder_bias_``.

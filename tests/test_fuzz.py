@@ -277,7 +277,17 @@ def test_sparse_autoencoder_fit_raises_documented_or_gives_finite(
     for key, value in vars(model).items():
         if isinstance(value, np.ndarray) and value.dtype.kind == "f" and key not in _RECORDS:
             assert np.isfinite(value).all(), key
-    assert np.isfinite(model.transform(X)).all() or not np.isfinite(X).all()
+    _transform_finite_or_refused(model, X)
+
+
+def _transform_finite_or_refused(model, X):
+    """``transform`` gives finite codes for finite X, or refuses an overflow with ValueError."""
+    try:
+        codes = model.transform(X)
+    except ValueError as exc:
+        assert "overflowed" in str(exc) or not np.isfinite(X).all(), exc
+        return
+    assert np.isfinite(codes).all() or not np.isfinite(X).all()
 
 
 @given(X=inputs, n_components=st.one_of(st.none(), st.integers(-1, 8)),
@@ -296,7 +306,7 @@ def test_dictionary_learner_fit_raises_documented_or_gives_finite(
     except (ValueError, TypeError, FloatingPointError):
         return
     assert np.isfinite(model.components_).all()
-    assert np.isfinite(model.transform(X)).all() or not np.isfinite(X).all()
+    _transform_finite_or_refused(model, X)
 
 
 # -- the command line -------------------------------------------------------------------
@@ -368,3 +378,32 @@ def test_out_of_range_random_state_cannot_crash_a_process(folders, tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("refused") and "random" in proc.stdout
+
+
+# -- what the long runs found (each fixed; kept as plain regression tests) -------------------
+def test_weights_that_overflow_a_forward_pass_are_a_divergence():
+    X = np.random.RandomState(0).randn(2, 1).astype(np.float32)
+    model = SparseAutoencoder(architecture="batchtopk", k=2, learning_rate=1.8446744953318855e19,
+                              batch_size=2, max_iter=1, normalize=False, device="cpu",
+                              random_state=0)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        model.fit(X)
+    assert not hasattr(model, "components_")
+
+
+def test_untrained_dictionary_that_overflows_transform_is_refused():
+    X = (np.random.RandomState(0).randn(1, 2) * 1e30).astype(np.float32)
+    model = DictionaryLearnerGPU(alpha=0.0, batch_size=16, max_iter=0, device="cpu",
+                                 random_state=0).fit(X)
+    assert np.isfinite(model.components_).all()
+    with pytest.raises(ValueError, match="transform overflowed.*Scale X down"):
+        model.transform(X)
+
+
+def test_sparsify_folder_without_an_activation_name_is_refused(folders, tmp_path):
+    folder = tmp_path / "s"
+    shutil.copytree(folders["sparsify"], folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "activation": None}))
+    with pytest.raises(ValueError, match="activation=None"):
+        from_sparsify(folder)
