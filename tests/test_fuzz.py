@@ -20,12 +20,10 @@ CI runs the "ci" profile (a fixed budget of a few minutes); a longer run is
 ``python -m pytest tests/test_fuzz.py --hypothesis-profile=long``.
 """
 
-import hashlib
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
+from _folders import forge
 from sksae import DictionaryLearnerGPU, SparseAutoencoder, load, save
 from sksae import _io
 from sksae.architectures import available
@@ -101,18 +100,6 @@ def _set(obj, path, value):
         target = target[key]
     target[path[-1]] = value
     return obj
-
-
-def _sign(folder):
-    """Recompute the digests of an sksae folder after a mutation (as a forger would)."""
-    cfg_path = folder / _io.CONFIG_FILE
-    config = json.loads(cfg_path.read_text())
-    if not isinstance(config, dict):
-        return
-    body = {k: v for k, v in config.items() if k != "config_sha256"}
-    body["weights_sha256"] = _io._sha256_file(folder / _io.WEIGHTS_FILE)
-    config = {**body, "config_sha256": hashlib.sha256(_io._canonical(body)).hexdigest()}
-    cfg_path.write_text(json.dumps(config))
 
 
 @st.composite
@@ -188,7 +175,7 @@ def test_mutated_config_is_refused_or_loads_finite(folders, tmp_path, name, data
     path = data.draw(st.sampled_from(paths))
     config = _set(config, path, data.draw(json_values))
     (folder / _io.CONFIG_FILE).write_text(json.dumps(config))
-    _sign(folder)
+    forge(folder)
     _load_or_refuse(load, folder)
 
 
@@ -204,7 +191,7 @@ def test_mutated_tensors_are_refused_or_load_finite(folders, tmp_path, name, dat
     if data.draw(st.booleans()):  # a consistent manifest reaches the checks behind it
         config["arrays"] = _manifest(tensors)
     (folder / _io.CONFIG_FILE).write_text(json.dumps(config))
-    _sign(folder)
+    forge(folder)
     _load_or_refuse(load, folder)
 
 
@@ -220,7 +207,7 @@ def test_flipped_weight_bytes_are_refused_or_load_finite(folders, tmp_path, name
     for pos, xor in flips:
         raw[pos % len(raw)] ^= xor
     weights.write_bytes(bytes(raw))
-    _sign(folder)
+    forge(folder)
     _load_or_refuse(load, folder)
 
 
@@ -366,7 +353,7 @@ def test_out_of_range_random_state_cannot_crash_a_process(folders, tmp_path):
     config = json.loads((folder / _io.CONFIG_FILE).read_text())
     config["random_state"]["pos"] = 10**6
     (folder / _io.CONFIG_FILE).write_text(json.dumps(config))
-    _sign(folder)
+    forge(folder)
     code = ("import sys, numpy as np, sksae\n"
             "try:\n"
             "    m = sksae.load(sys.argv[1])\n"

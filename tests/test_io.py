@@ -1,17 +1,15 @@
 """sksae.save / sksae.load: exact round trips, and refusal of damaged or tampered folders."""
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
-from safetensors.numpy import load_file, save_file
 from sklearn.exceptions import NotFittedError
 
 import sksae
+from _folders import copy_folder, forge
 from sksae import DictionaryLearnerGPU, SparseAutoencoder
-from sksae._io import _canonical
 from sksae.architectures import REGISTRY
 
 ARCHITECTURES = sorted(REGISTRY)
@@ -122,33 +120,8 @@ def test_save_refuses_foreign_or_unfitted_estimators(tmp_path):
 
 
 # ------------------------------------------------------------------- tampering
-def _copy(src, dst):
-    dst.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (dst / name).write_bytes((src / name).read_bytes())
-    return dst
-
-
-def _forge(folder, edit_config=None, edit_arrays=None):
-    """Edit a saved folder and recompute every digest, as a deliberate forger would."""
-    cfg = json.loads((folder / "config.json").read_text())
-    if edit_arrays is not None:
-        arrays = load_file(str(folder / "model.safetensors"))
-        edit_arrays(arrays)
-        save_file(arrays, str(folder / "model.safetensors"))
-        cfg["arrays"] = {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
-                         for k, v in arrays.items()}
-        cfg["weights_sha256"] = hashlib.sha256(
-            (folder / "model.safetensors").read_bytes()).hexdigest()
-    if edit_config is not None:
-        edit_config(cfg)
-    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
-    cfg["config_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
 def test_corrupted_weights_are_refused(saved_topk, tmp_path):
-    folder = _copy(saved_topk, tmp_path / "m")
+    folder = copy_folder(saved_topk, tmp_path / "m")
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[-3] ^= 0xFF
     (folder / "model.safetensors").write_bytes(bytes(data))
@@ -157,7 +130,7 @@ def test_corrupted_weights_are_refused(saved_topk, tmp_path):
 
 
 def test_edited_config_is_refused(saved_topk, tmp_path):
-    folder = _copy(saved_topk, tmp_path / "m")
+    folder = copy_folder(saved_topk, tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
     cfg["params"]["k"] = 3
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -183,19 +156,19 @@ def test_edited_config_is_refused(saved_topk, tmp_path):
     (None, lambda a: a.update(_secret=np.zeros(1)), "not a fitted attribute"),
 ])
 def test_forged_folders_are_refused(saved_topk, tmp_path, edit_config, edit_arrays, message):
-    folder = _copy(saved_topk, tmp_path / "m")
-    _forge(folder, edit_config, edit_arrays)
+    folder = copy_folder(saved_topk, tmp_path / "m")
+    forge(folder, edit_config, edit_arrays)
     with pytest.raises(ValueError, match=message):
         sksae.load(folder)
 
 
 def test_manifest_mismatch_is_refused(saved_topk, tmp_path):
-    folder = _copy(saved_topk, tmp_path / "m")
+    folder = copy_folder(saved_topk, tmp_path / "m")
 
     def lie(cfg):
         cfg["arrays"]["components_"]["shape"] = [1, 1]
 
-    _forge(folder, edit_config=lie)
+    forge(folder, edit_config=lie)
     with pytest.raises(ValueError, match="manifest"):
         sksae.load(folder)
 
@@ -203,11 +176,11 @@ def test_manifest_mismatch_is_refused(saved_topk, tmp_path):
 def test_missing_or_garbled_files_are_refused(saved_topk, tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         sksae.load(tmp_path / "nothing")
-    folder = _copy(saved_topk, tmp_path / "m")
+    folder = copy_folder(saved_topk, tmp_path / "m")
     (folder / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors is missing"):
         sksae.load(folder)
-    folder = _copy(saved_topk, tmp_path / "g")
+    folder = copy_folder(saved_topk, tmp_path / "g")
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         sksae.load(folder)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from numpy.testing import assert_array_equal
-from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch
 
 import sksae
+from _folders import copy_folder, forge
 from sksae import DictionaryLearnerGPU, SparseAutoencoder
 from sksae import _io
 from sksae._io import _canonical
@@ -41,34 +41,9 @@ def saved_dl(X, tmp_path_factory):
     return sksae.save(model, tmp_path_factory.mktemp("dl"))
 
 
-def _copy(src, dst):
-    dst.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (dst / name).write_bytes((src / name).read_bytes())
-    return dst
-
-
-def _forge(folder, edit_config=None, edit_arrays=None):
-    """Edit a saved folder and recompute every digest."""
-    cfg = json.loads((folder / "config.json").read_text())
-    if edit_arrays is not None:
-        arrays = {k: np.array(v) for k, v in load_file(str(folder / "model.safetensors")).items()}
-        edit_arrays(arrays)
-        save_file(arrays, str(folder / "model.safetensors"))
-        cfg["arrays"] = {k: {"dtype": str(v.dtype), "shape": list(v.shape)}
-                         for k, v in arrays.items()}
-    cfg["weights_sha256"] = hashlib.sha256(
-        (folder / "model.safetensors").read_bytes()).hexdigest()
-    if edit_config is not None:
-        edit_config(cfg)
-    body = {k: v for k, v in cfg.items() if k != "config_sha256"}
-    cfg["config_sha256"] = hashlib.sha256(_canonical(body)).hexdigest()
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
 def _forged(src, tmp_path, edit_config=None, edit_arrays=None):
-    folder = _copy(src, tmp_path / "forged")
-    _forge(folder, edit_config, edit_arrays)
+    folder = copy_folder(src, tmp_path / "forged")
+    forge(folder, edit_config, edit_arrays)
     return folder
 
 
@@ -171,7 +146,7 @@ def test_random_state_at_the_boundary_continues(saved_dl, tmp_path, X):
 
 # ------------------------------------------------------------------- JSON nesting
 def test_deeply_nested_config_is_refused(saved_sae, tmp_path):
-    folder = _copy(saved_sae, tmp_path / "m")
+    folder = copy_folder(saved_sae, tmp_path / "m")
     (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="nested 100000 levels deep"):
         sksae.load(folder)
@@ -237,8 +212,8 @@ def test_matryoshka_prefix_sizes_checked(X, tmp_path):
     model = SparseAutoencoder(n_components=16, architecture="matryoshka", k=2, max_iter=1,
                               batch_size=64, random_state=0, device="cpu",
                               architecture_params={"prefix_sizes": [4, 8]}).fit(X)
-    folder = _copy(sksae.save(model, tmp_path / "m"), tmp_path / "f")
-    _forge(folder, edit_config=lambda c: c["params"].update(
+    folder = copy_folder(sksae.save(model, tmp_path / "m"), tmp_path / "f")
+    forge(folder, edit_config=lambda c: c["params"].update(
         architecture_params={"prefix_sizes": [4, 16]}))
     with pytest.raises(ValueError, match="prefix_sizes"):
         sksae.load(folder)
@@ -355,7 +330,7 @@ def test_unexpected_exception_types_become_value_errors(saved_sae, tmp_path, mon
 def test_save_does_not_follow_planted_links(X, saved_sae, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    folder = _copy(saved_sae, tmp_path / "m")
+    folder = copy_folder(saved_sae, tmp_path / "m")
     os.symlink(victim, folder / "config.json.tmp")
     os.symlink(victim, folder / "model.safetensors.tmp")
     model = sksae.load(folder)
@@ -386,7 +361,7 @@ def test_to_saelens_does_not_follow_planted_links(saved_sae, tmp_path):
 
 
 def test_interrupted_save_leaves_the_old_folder(X, saved_sae, tmp_path, monkeypatch):
-    folder = _copy(saved_sae, tmp_path / "m")
+    folder = copy_folder(saved_sae, tmp_path / "m")
     old = sksae.load(folder)
     new = SparseAutoencoder(n_components=16, architecture="relu", max_iter=1,
                             batch_size=64, random_state=1, device="cpu").fit(X)
@@ -410,7 +385,7 @@ def test_interrupted_save_leaves_the_old_folder(X, saved_sae, tmp_path, monkeypa
 def test_save_interrupted_between_renames_is_refused_not_mixed(X, saved_sae, tmp_path,
                                                                monkeypatch):
     """The weights are renamed first; a crash before the config follows is detected."""
-    folder = _copy(saved_sae, tmp_path / "m")
+    folder = copy_folder(saved_sae, tmp_path / "m")
     new = SparseAutoencoder(n_components=16, architecture="relu", max_iter=1,
                             batch_size=64, random_state=1, device="cpu").fit(X)
     real_replace = os.replace
@@ -625,7 +600,7 @@ def test_mutated_folders_load_soundly_or_raise_value_error(which, saved_sae, sav
     rng = np.random.RandomState(1234 if which == "sae" else 4321)
     outcomes = {"loaded": 0, "refused": 0}
     for case in range(40):
-        folder = _copy(src, tmp_path / f"case{case}")
+        folder = copy_folder(src, tmp_path / f"case{case}")
         if case % 2 == 0:
             weights = folder / "model.safetensors"
             weights.write_bytes(_mutate_bytes(weights.read_bytes(), rng))
