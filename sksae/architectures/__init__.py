@@ -23,8 +23,8 @@ from .relu import ReLU
 from .topk import TopK, TopKFamily
 
 __all__ = ["Architecture", "PenaltyWarmup", "TopKFamily", "EncodeOutput", "LossInputs",
-           "Schedule", "SparseCodes", "decode", "REGISTRY", "register", "get", "available",
-           "NAMES", "ReLU", "TopK", "BatchTopK", "MatryoshkaBatchTopK", "JumpReLU", "Gated"]
+           "Schedule", "SparseCodes", "decode", "register", "get", "available", "ReLU",
+           "TopK", "BatchTopK", "MatryoshkaBatchTopK", "JumpReLU", "Gated"]
 
 REGISTRY = {cls.name: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU, Gated,
                                       MatryoshkaBatchTopK)}
