@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import os
 import secrets
@@ -170,13 +169,13 @@ def _atomic_file(output):
 
 def _is_replaceable_model_folder(folder):
     """Empty, or an sksae model folder (its config.json says format "sksae")."""
-    from ._io import CONFIG_FILE, FORMAT
+    from ._io import _MAX_CONFIG_BYTES, CONFIG_FILE, FORMAT, read_json_bounded
 
     if not any(folder.iterdir()):
         return True
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
+    try:  # bounded: a planted config cannot exhaust memory or the recursion limit
+        config = read_json_bounded(folder / CONFIG_FILE, _MAX_CONFIG_BYTES)
+    except ValueError:
         return False
     return isinstance(config, dict) and config.get("format") == FORMAT
 
@@ -279,11 +278,13 @@ def _load_model(folder):
 
 def _architecture_params(text):
     """``--architecture-params``: a JSON object, or None."""
+    from ._io import _loads_bounded
+
     if text is None:
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
+        value = _loads_bounded(text)  # JSONDecodeError and too deep a nesting: ValueError
+    except ValueError as exc:
         raise UserError(f"--architecture-params is not valid JSON ({exc}).") from None
     if not isinstance(value, dict):
         raise UserError("--architecture-params must be a JSON object, "

@@ -152,6 +152,34 @@ def _loads_bounded(text, max_depth=_MAX_JSON_DEPTH):
         raise ValueError("JSON nested too deeply to parse") from None
 
 
+def read_json_bounded(path, max_bytes, max_depth=_MAX_JSON_DEPTH):
+    """The JSON document in ``path``, read with a size and a nesting bound.
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be read, is larger than ``max_bytes``, or is not
+        valid JSON nested at most ``max_depth`` levels; the message names the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ValueError(f"{path.name} cannot be read ({exc}).") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path.name} is larger than {max_bytes} bytes.")
+    try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return _loads_bounded(raw.decode("utf-8"), max_depth)
+    except ValueError as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({exc}).") from None
+
+
+#: exceptions of a malformed value that no explicit check anticipated: load and the
+#: importers refuse them as ValueError
+MALFORMED = (TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+
+
 def _write_exclusive(folder, name, data, temps):
     """Write ``data`` to a new temporary file in ``folder``, recorded as ``temps[name]``.
 
@@ -380,16 +408,9 @@ def _read_config(folder):
         if not f.is_file():
             _refuse(folder, f"{f.name} is missing.")
     try:
-        with open(cfg_path, "rb") as f:
-            raw = f.read(_MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        _refuse(folder, f"{CONFIG_FILE} cannot be read ({exc}).")
-    if len(raw) > _MAX_CONFIG_BYTES:
-        _refuse(folder, f"{CONFIG_FILE} is larger than {_MAX_CONFIG_BYTES} bytes.")
-    try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        config = _loads_bounded(raw.decode("utf-8"))
+        config = read_json_bounded(cfg_path, _MAX_CONFIG_BYTES)
     except ValueError as exc:
-        _refuse(folder, f"{CONFIG_FILE} is not valid JSON ({exc}).")
+        _refuse(folder, str(exc))
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         _refuse(folder, f"{CONFIG_FILE} is not an sksae model config (no "
                         f"'format': {FORMAT!r}); for SAELens or sparsify folders use "
@@ -697,8 +718,7 @@ def load(path, *, device=None):
     folder = Path(path)
     try:
         return _load(folder, device)
-    except (TypeError, KeyError, IndexError, AttributeError, OverflowError,
-            RecursionError) as exc:  # a malformed value no explicit check anticipated
+    except MALFORMED as exc:
         _refuse(folder, f"malformed contents ({type(exc).__name__}: {exc}).")
 
 

@@ -37,6 +37,19 @@ _BASE_PUBLIC = {
     "W_dec": "components_",
     "b_dec": "decoder_bias_",
 }
+
+
+def _fitted_names(arch):
+    """{tensor name: fitted attribute} of every array the architecture exports."""
+    return {**_BASE_PUBLIC, **arch.public_names}
+
+
+def _inference_tensors(arch, arrays, device, dtype):
+    """Inference tensors of ``arch`` from its fitted arrays (``arrays[attribute]``)."""
+    return {k: torch.as_tensor(arrays[attr]).to(device, dtype)
+            for k, attr in _fitted_names(arch).items()}
+
+
 _SAMPLE_ROWS = 16384  # rows used for the normalisation scale, b_dec and data init
 _MAX_DEAD_WINDOW = 10_000_000  # the peers' dead window, in rows
 
@@ -607,19 +620,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """{attribute: array}: the fitted attributes in the user's units, of ``dtype``."""
         p = {k: v.detach() for k, v in {**trainer.params, **trainer.buffers}.items()}
         p = arch.fold_scale(p, scale)
-        names = {**_BASE_PUBLIC, **arch.public_names}
         with np.errstate(over="ignore"):  # an overflow is refused by _usable
             return {attr: p[tensor_name].to("cpu", torch.float64).numpy().astype(dtype)
-                    for tensor_name, attr in names.items()}
+                    for tensor_name, attr in _fitted_names(arch).items()}
 
     @staticmethod
     def _usable(arch, exported, X, device, n_rows=256):
         """Whether the fitted arrays are finite and encode and decode rows of ``X`` finitely."""
         if not all(np.isfinite(a).all() for a in exported.values()):
             return False
-        names = {**_BASE_PUBLIC, **arch.public_names}
         dtype = torch_dtype(exported["components_"].dtype)
-        p = {k: torch.as_tensor(exported[attr]).to(device, dtype) for k, attr in names.items()}
+        p = _inference_tensors(arch, exported, device, dtype)
         rows = np.asarray(X[:n_rows])
         if not np.isfinite(rows).all():
             return True  # the input itself is not finite: nothing to learn from it
@@ -652,10 +663,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     # -------------------------------------------------------------- inference
     def _inference_params(self, device, dtype):
         arch = self._architecture(self.n_components_, self.n_features_in_)
-        names = {**_BASE_PUBLIC, **arch.public_names}
-        p = {k: torch.as_tensor(getattr(self, attr)).to(device, dtype)
-             for k, attr in names.items()}
-        return arch, p
+        return arch, _inference_tensors(arch, vars(self), device, dtype)
 
     def transform(self, X):
         """Encode ``X`` into sparse non-negative codes.

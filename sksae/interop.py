@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import architectures
-from ._io import _loads_bounded, _write_files
+from ._io import MALFORMED, _write_files, read_json_bounded
 
 __all__ = ["to_saelens", "from_saelens", "from_sparsify"]
 
@@ -56,16 +56,9 @@ def _read_json(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist.")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_CFG_BYTES + 1)
-    except OSError as exc:
-        raise ValueError(f"{path} cannot be read ({exc}).") from None
-    if len(raw) > _MAX_CFG_BYTES:
-        raise ValueError(f"{path} is larger than {_MAX_CFG_BYTES} bytes: not a config.")
-    try:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        cfg = _loads_bounded(raw.decode("utf-8"), _MAX_CFG_DEPTH)
+        cfg = read_json_bounded(path, _MAX_CFG_BYTES, _MAX_CFG_DEPTH)
     except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}).") from None
+        raise ValueError(f"{path.parent}: {exc}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} does not hold a JSON object.")
     return cfg
@@ -116,8 +109,7 @@ def _refusing(source, call):
     """``call()``, a malformed value that no explicit check anticipated refused as ValueError."""
     try:
         return call()
-    except (TypeError, KeyError, IndexError, AttributeError, OverflowError,
-            RecursionError) as exc:
+    except MALFORMED as exc:
         raise ValueError(f"{source}: malformed contents ({type(exc).__name__}: "
                          f"{exc}).") from exc
 
