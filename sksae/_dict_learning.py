@@ -39,7 +39,9 @@ from ._base import (
     to_numpy,
     torch_dtype,
 )
+from ._data import FULL_SCAN_BYTES, Rows, check_input, iter_chunks, take
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
+from ._stream import StreamSource
 from ._online import init_dictionary, update_dictionary, update_stats
 from ._accel.threads import parallel, serial
 from .coders import check_positive_coding, encode
@@ -51,6 +53,9 @@ __all__ = ["DictionaryLearnerGPU", "sparse_encode"]
 # dictionary measurably (the held-out objective tests check it), while the
 # last digits cost most of the coding time on ill-conditioned batches.
 _FIT_TOL = 1e-4
+
+#: rows of the randomized-SVD initialisation on an out-of-core X too large to load
+_INIT_SAMPLE_ROWS = 65536
 
 _ALGORITHMS = {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"}
 
@@ -227,9 +232,14 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     batch_size : int, default=256
         Rows per minibatch.
     shuffle : bool, default=True
-        Shuffle the rows once before cycling through them.
+        Shuffle the rows once before cycling through them. For an activation
+        store, zarr or h5py array (:mod:`sksae.activations`), where random row
+        reads are slow, the block shuffle of
+        :class:`~sksae.SparseAutoencoder` (``shuffle="blocks"``) instead.
     dict_init : ndarray of shape (n_components, n_features), default=None
-        Initial dictionary (else a randomized SVD of ``X``).
+        Initial dictionary (else a randomized SVD of ``X``; of a random
+        sample of ``_INIT_SAMPLE_ROWS = 65536`` rows when ``X`` is out of core
+        and larger than 2 GiB).
     transform_algorithm : {"lasso_lars", "lasso_cd", "lars", "omp", \
             "threshold"}, default="omp"
         Coder used by :meth:`transform`.
@@ -370,7 +380,16 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     def _start(self, X, device, n_components, random_state):
         """Initial dictionary and zeroed sufficient statistics, as tensors."""
         dtype = torch_dtype(X.dtype)
-        Xt = as_tensor(X, device, dtype)
+        if isinstance(X, Rows):
+            # all of it when it fits in memory, as for an array; else a random sample
+            n = X.n_samples
+            if n * X.shape[1] * X.dtype.itemsize <= FULL_SCAN_BYTES:
+                rows = np.arange(n)
+            else:
+                rows = np.sort(random_state.choice(n, min(n, _INIT_SAMPLE_ROWS), replace=False))
+            Xt = as_tensor(take(X, rows), device, dtype)
+        else:
+            Xt = as_tensor(X, device, dtype)
         dict_init = None if self.dict_init is None else as_tensor(
             check_array(self.dict_init, dtype=X.dtype), device, dtype)
         gen = make_generator(random_state) if dict_init is None else None
@@ -450,14 +469,18 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
 
     def _fit(self, X):
         device, n_components = self._validate_before_data(X)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], order="C")
+        X = check_input(self, X, reset=True, order="C")
         n_components = n_components or X.shape[1]
         random_state = check_random_state(self.random_state)
         D, A, B = self._start(X, device, n_components, random_state)
         batch_size = min(self.batch_size, X.shape[0])
         gen = make_generator(random_state) if self.shuffle else None
-        source = BatchSource(X, batch_size, device, D.dtype, gen,
-                             shuffle="once" if self.shuffle else "none")
+        if isinstance(X, Rows):
+            shuffle = ("blocks" if X.blocks else "once") if self.shuffle else "none"
+            source = StreamSource(X, batch_size, device, D.dtype, gen, shuffle=shuffle)
+        else:
+            source = BatchSource(X, batch_size, device, D.dtype, gen,
+                                 shuffle="once" if self.shuffle else "none")
         stopper = EarlyStopping(X.shape[0], batch_size, tol=self.tol,
                                 max_no_improvement=self.max_no_improvement)
         old = D.clone()
@@ -488,7 +511,8 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            One minibatch.
+            One minibatch. An out-of-core input (:mod:`sksae.activations`) is
+            taken ``batch_size`` rows at a time, one step each.
         y : Ignored
             Not used, present for API consistency by convention.
 
@@ -514,7 +538,14 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         numpy's global one (used with ``random_state=None``) is not.
         """
         with restore_on_failure(self):
-            self._partial_fit(X)
+            checked = check_input(self, X, reset=not hasattr(self, "components_"))
+            if isinstance(checked, Rows):
+                # one step per batch_size rows, in order (a store is never one minibatch)
+                for start in range(0, checked.n_samples, self.batch_size):
+                    stop = min(start + self.batch_size, checked.n_samples)
+                    self._partial_fit(take(checked, np.arange(start, stop)))
+            else:
+                self._partial_fit(X)
         return self
 
     def _partial_fit(self, X):
@@ -573,15 +604,24 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             When finite ``X`` overflows the codes' dtype with this model.
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = check_input(self, X, reset=False)
         check_positive_coding(self.transform_algorithm, self.positive_code)
         alpha = self.alpha if self.transform_alpha is None else self.transform_alpha
-        code = _code_rows(X, self.components_.astype(X.dtype, copy=False),
-                          self.transform_algorithm,
-                          n_nonzero_coefs=self.transform_n_nonzero_coefs, alpha=alpha,
-                          max_iter=self.transform_max_iter, positive=self.positive_code,
-                          device=resolve_device(self.device))
-        check_finite_output(code, X, self)
+        device = resolve_device(self.device)
+
+        def code_of(Xc):
+            code = _code_rows(Xc, self.components_.astype(Xc.dtype, copy=False),
+                              self.transform_algorithm,
+                              n_nonzero_coefs=self.transform_n_nonzero_coefs, alpha=alpha,
+                              max_iter=self.transform_max_iter, positive=self.positive_code,
+                              device=device)
+            return check_finite_output(code, Xc, self)
+
+        if isinstance(X, Rows):  # chunk by chunk, each checked as it is read
+            code = np.concatenate([code_of(chunk.cpu().numpy()) for _, chunk in
+                                   iter_chunks(X, 65536, "cpu", torch_dtype(X.dtype))])
+        else:
+            code = code_of(X)
         if self.split_sign:
             code = np.hstack([np.maximum(code, 0), -np.minimum(code, 0)])
         return code

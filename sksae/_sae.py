@@ -7,12 +7,13 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import (Interval, StrOptions,
                                              validate_parameter_constraints)
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import architectures
 from ._accel.device import resolve_device
@@ -24,7 +25,9 @@ from ._base import (
     restore_on_failure,
     torch_dtype,
 )
+from ._data import Rows, check_input, head, iter_chunks, take
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
+from ._stream import StreamSource, as_shuffle
 from ._sae_trainer import SAETrainer, init_parameters
 from .metrics import fraction_variance_explained
 
@@ -52,6 +55,35 @@ def _inference_tensors(arch, arrays, device, dtype):
 
 _SAMPLE_ROWS = 16384  # rows used for the normalisation scale, b_dec and data init
 _MAX_DEAD_WINDOW = 10_000_000  # the peers' dead window, in rows
+
+
+def _to_csr(codes):
+    """A ``csr_array`` of a chunk of dense codes (a tensor on any device)."""
+    nz = codes.nonzero()  # row-major: the CSR order
+    rows, cols = nz[:, 0], nz[:, 1]
+    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
+    indptr[1:] = torch.bincount(rows, minlength=codes.shape[0]).cumsum(0)
+    return sp.csr_array((codes[rows, cols].cpu().numpy(), cols.cpu().numpy(),
+                         indptr.cpu().numpy()), shape=tuple(codes.shape))
+
+
+def _sparse_decode(codes, W, b, chunk_rows):
+    """``codes @ W + b`` for sparse ``codes``: a weighted sum of atoms per row, by chunks."""
+    codes = sp.csr_array(codes)
+    codes.sum_duplicates()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, codes.shape[0], chunk_rows):
+            part = codes[start:start + chunk_rows]
+            cols = torch.from_numpy(part.indices.astype(np.int64)).to(W.device)
+            offsets = torch.from_numpy(part.indptr[:-1].astype(np.int64)).to(W.device)
+            weights = torch.from_numpy(part.data).to(W.device, W.dtype)
+            out = torch.nn.functional.embedding_bag(cols, W, offsets, mode="sum",
+                                                    per_sample_weights=weights)
+            outs.append((out + b).cpu().numpy())
+    if not outs:
+        raise ValueError("Found array with 0 sample(s) (shape=(0, ...)).")
+    return np.concatenate(outs)
 
 
 class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -133,6 +165,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         Rows per optimizer step. Small batches take more steps per pass, which
         recovers features from a few passes over small data sets faster; on a
         GPU with millions of rows, 4096 is the peers' choice.
+    shuffle : {"auto", "rows", "blocks"} or bool, default="auto"
+        How each epoch orders the rows. ``"rows"`` (or True): a random
+        permutation of all rows. ``"blocks"``: contiguous blocks of
+        ``shuffle_buffer // 16`` rows in a random order, read 16 at a time into
+        a buffer whose rows are shuffled, so that reads from disk stay
+        sequential. False: the rows in order. ``"auto"``: ``"blocks"`` for
+        activation stores (:mod:`sksae.activations`), zarr and h5py arrays,
+        ``"rows"`` for arrays and memory maps (the same batches as before).
+    shuffle_buffer : int, default=None
+        Rows per read of an out-of-core input (the shuffle buffer of
+        ``"blocks"``); None means about 128 MiB of stored values. Larger
+        buffers mix rows from more places of the input and take more memory.
+    sparse_output : bool, default=False
+        When True, :meth:`transform` returns a ``scipy.sparse.csr_array``,
+        built chunk by chunk without ever holding the dense codes (1M rows of
+        24,576 latents are 98 GB dense in float32, a few hundred MB sparse at
+        ``k=32``).
     max_iter : int, default=20
         Maximum number of epochs (passes over the training data). The learning
         rate decays to zero over the last 20% of the ``max_iter`` epochs.
@@ -274,6 +323,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "threshold_momentum": [Interval(Real, 0, 1, closed="left")],
         "learning_rate": [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": [StrOptions({"auto", "rows", "blocks"}), "boolean"],
+        "shuffle_buffer": [Interval(Integral, 1, None, closed="left"), None],
+        "sparse_output": ["boolean"],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "max_no_improvement": [Interval(Integral, 0, None, closed="left"), None],
@@ -304,6 +356,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         threshold_momentum=0.999,
         learning_rate="auto",
         batch_size=256,
+        shuffle="auto",
+        shuffle_buffer=None,
+        sparse_output=False,
         max_iter=20,
         tol=0.0,
         max_no_improvement=None,
@@ -330,6 +385,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.threshold_momentum = threshold_momentum
         self.learning_rate = learning_rate
         self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.sparse_output = sparse_output
         self.max_iter = max_iter
         self.tol = tol
         self.max_no_improvement = max_no_improvement
@@ -393,7 +451,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         return arch, n_components, lr
 
     def _validate(self, X, reset):
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=reset)
+        """``X`` as an ndarray, or as :class:`~sksae._data.Rows` read batch by batch."""
+        return check_input(self, X, reset=reset)
 
     # ---------------------------------------------------------------- fitting
     @_fit_context(prefer_skip_nested_validation=True)
@@ -531,8 +590,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             trainer.calibrate_encoder_scale(calibration)
 
         # the batches come normalised (multiplied by scale in the gather)
-        source = BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch",
-                             scale=scale)
+        source = self._batch_source(X, device, dtype, generator, scale)
         stopper = None if partial else EarlyStopping(
             n_samples, source.batch_size, self.tol, self.max_no_improvement)
         prev = {}
@@ -578,6 +636,20 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "rng": rng.get_state(),
         }
 
+    def _batch_source(self, X, device, dtype, generator, scale):
+        """Minibatches of ``X``: in memory as before, else read by a background thread."""
+        shuffle = self.shuffle
+        if not isinstance(X, Rows) and shuffle in ("auto", "rows", True):
+            return BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch",
+                               scale=scale)
+        if not isinstance(X, Rows) and shuffle is False:
+            return BatchSource(X, self.batch_size, device, dtype, generator, shuffle="none",
+                               scale=scale)
+        rows = X if isinstance(X, Rows) else Rows(X)
+        return StreamSource(rows, self.batch_size, device, dtype, generator,
+                            shuffle=as_shuffle(shuffle, rows), buffer_rows=self.shuffle_buffer,
+                            scale=scale)
+
     def _divergence_hint(self, lr, resume, scale):
         """The advice of a :class:`TrainingDivergedError`."""
         advice = f"Lower learning_rate (it is {lr:.3g})"
@@ -595,7 +667,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         once the trainer exists (:meth:`SAETrainer.calibrate_encoder_scale`).
         """
         n_samples, n_features = X.shape
-        sample = X[rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False)]
+        sample = take(X, rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False))
         sample = torch.as_tensor(sample, dtype=torch.float64)
         scale = 1.0
         if self.normalize:
@@ -612,7 +684,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _resample(trainer, X, scale, device, dtype, generator):
         """Resample dead latents from up to ``_SAMPLE_ROWS`` random rows of ``X``."""
         rows = torch.randperm(X.shape[0], generator=generator)[:_SAMPLE_ROWS].numpy()
-        sample = torch.as_tensor(X[np.sort(rows)]).to(device, dtype) * scale
+        sample = torch.as_tensor(take(X, np.sort(rows))).to(device, dtype) * scale
         return trainer.resample_dead_latents(sample, generator)
 
     @staticmethod
@@ -631,7 +703,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return False
         dtype = torch_dtype(exported["components_"].dtype)
         p = _inference_tensors(arch, exported, device, dtype)
-        rows = np.asarray(X[:n_rows])
+        rows = np.asarray(head(X, n_rows))
         if not np.isfinite(rows).all():
             return True  # the input itself is not finite: nothing to learn from it
         with torch.inference_mode():
@@ -668,46 +740,65 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def transform(self, X):
         """Encode ``X`` into sparse non-negative codes.
 
-        Rows are encoded independently, in memory-bounded chunks.
+        Rows are encoded independently, in memory-bounded chunks. An activation
+        store, memory map, zarr or h5py array is read chunk by chunk, each
+        chunk checked for NaN/inf; to write the codes of an input too large
+        for them to disk, use :func:`sksae.activations.transform_to_store`.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Or an out-of-core input (:mod:`sksae.activations`).
 
         Returns
         -------
-        codes : ndarray of shape (n_samples, n_components)
-            Same floating dtype as ``X`` (integers become float64).
+        codes : ndarray or scipy.sparse.csr_array of shape (n_samples, n_components)
+            Same floating dtype as ``X`` (integers become float64; float16 and
+            bfloat16 inputs give float32). A ``csr_array`` when
+            ``sparse_output=True``.
 
         Raises
         ------
         ValueError
-            When finite ``X`` overflows the codes' dtype with this model.
+            When finite ``X`` overflows the codes' dtype with this model, or
+            a row of an out-of-core ``X`` is not finite (the message names it).
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
         device = resolve_device(self.device)
         dtype = torch_dtype(X.dtype)
         arch, p = self._inference_params(device, dtype)
-        chunk = inference_chunk_rows(self.n_components_, X.itemsize)
-        codes = batched_apply(lambda xb: arch.encode(p, xb), X, device=device, dtype=dtype,
-                              chunk_rows=chunk)
-        return check_finite_output(codes, X, self)
+        chunk = inference_chunk_rows(self.n_components_, X.dtype.itemsize)
+        if not self.sparse_output and not isinstance(X, Rows):
+            codes = batched_apply(lambda xb: arch.encode(p, xb), X, device=device,
+                                  dtype=dtype, chunk_rows=chunk)
+            return check_finite_output(codes, X, self)
+        parts = []
+        with torch.inference_mode():
+            for _, xb in iter_chunks(X, chunk, device, dtype):
+                codes = arch.encode(p, xb)
+                if not torch.isfinite(codes).all():
+                    check_finite_output(codes.cpu().numpy(), xb.cpu().numpy(), self)
+                parts.append(_to_csr(codes) if self.sparse_output else codes.cpu().numpy())
+        if self.sparse_output:
+            return sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        return np.concatenate(parts)
 
     def inverse_transform(self, X):
         """Reconstruct data from codes: ``codes @ components_ + decoder_bias_``.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_components)
-            Codes, e.g. from :meth:`transform`.
+        X : array-like or sparse matrix of shape (n_samples, n_components)
+            Codes, e.g. from :meth:`transform` (dense, or sparse with
+            ``sparse_output=True``).
 
         Returns
         -------
         X_original : ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32])
+        codes = check_array(X, dtype=[np.float64, np.float32], accept_sparse=["csr"])
         if codes.shape[1] != self.n_components_:
             raise ValueError(
                 f"X has {codes.shape[1]} features (codes), but {type(self).__name__} "
@@ -718,7 +809,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         W = torch.as_tensor(self.components_).to(device, dtype)
         b = torch.as_tensor(self.decoder_bias_).to(device, dtype)
         chunk = inference_chunk_rows(max(self.n_components_, self.n_features_in_),
-                                     codes.itemsize)
+                                     codes.itemsize if not sp.issparse(codes)
+                                     else codes.dtype.itemsize)
+        if sp.issparse(codes):
+            return _sparse_decode(codes, W, b, chunk)
         return batched_apply(lambda zb: zb @ W + b, codes, device=device, dtype=dtype,
                              chunk_rows=chunk)
 
@@ -727,11 +821,14 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
         ``FVE = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, the mean taken
         per input feature over the rows of ``X``; equal to
-        ``r2_score(X, X_hat, multioutput="variance_weighted")``.
+        ``r2_score(X, X_hat, multioutput="variance_weighted")``. An
+        out-of-core ``X`` is scored chunk by chunk (float64 sums, the chunks'
+        means and variances merged as Chan et al.).
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Or an out-of-core input (:mod:`sksae.activations`).
         y : Ignored
             Not used, present for API consistency by convention.
 
@@ -741,7 +838,31 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        return fraction_variance_explained(X, self.inverse_transform(self.transform(X)))
+        if not isinstance(X, Rows):
+            recon = self.inverse_transform(self.transform(X))
+            return fraction_variance_explained(X, recon)
+        device = resolve_device(self.device)
+        dtype = torch_dtype(X.dtype)
+        arch, p = self._inference_params(device, dtype)
+        chunk = inference_chunk_rows(self.n_components_, X.dtype.itemsize)
+        n, mean, m2, sse = 0, None, None, 0.0
+        with torch.inference_mode():
+            for _, xb in iter_chunks(X, chunk, device, dtype):
+                recon = arch.encode(p, xb) @ p["W_dec"] + p["b_dec"]
+                x64 = xb.double()
+                sse += float((x64 - recon.double()).square().sum())
+                nb, mb = len(xb), x64.mean(0)
+                m2b = (x64 - mb).square().sum(0)
+                if mean is None:
+                    n, mean, m2 = nb, mb, m2b
+                else:
+                    delta = mb - mean
+                    total = n + nb
+                    mean = mean + delta * (nb / total)
+                    m2 = m2 + m2b + delta.square() * (n * nb / total)
+                    n = total
+        sst = float(m2.sum())
+        return 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else 0.0)
 
     @property
     def _n_features_out(self):

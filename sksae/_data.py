@@ -1,0 +1,214 @@
+"""Inputs the estimators read without loading: activation stores, memory maps, zarr, h5py.
+
+:func:`check_input` is the estimators' one entry for ``X``. In-memory arrays
+go through scikit-learn's ``validate_data`` as before (with its full NaN/inf
+scan). Out-of-core inputs, and in-memory arrays larger than
+``FULL_SCAN_BYTES``, come back as :class:`Rows`: their shape and features are
+checked, their values are not read, and every batch or chunk read later is
+checked for NaN/inf instead (the error names the row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.utils.validation import _check_feature_names, _check_n_features, validate_data
+
+from .activations._store import ActivationStore
+
+__all__ = ["Rows", "is_out_of_core", "check_input", "take", "head", "FULL_SCAN_BYTES",
+           "NonFiniteRowError"]
+
+#: in-memory arrays larger than this are checked batch by batch, not scanned whole
+FULL_SCAN_BYTES = 2 * 2**30
+
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+          np.dtype(np.float64): torch.float64}
+
+
+class NonFiniteRowError(ValueError):
+    """NaN or infinity found in a row of an input read batch by batch."""
+
+
+def is_out_of_core(X):
+    """Whether ``X`` is read row range by row range rather than taken as an array.
+
+    Activation stores, numpy memory maps, and zarr and h5py arrays.
+    """
+    if isinstance(X, (ActivationStore, np.memmap)):
+        return True
+    if isinstance(X, (np.ndarray, torch.Tensor, list, tuple)) or sp.issparse(X):
+        return False
+    root = type(X).__module__.split(".")[0]
+    return root in ("zarr", "h5py") and len(getattr(X, "shape", ())) == 2
+
+
+class Rows:
+    """Row access to a 2-D input that is not loaded: reads and gathers as host tensors.
+
+    Parameters
+    ----------
+    X : ActivationStore, np.memmap, ndarray, zarr or h5py array
+
+    Attributes
+    ----------
+    shape : tuple
+    raw_dtype : torch.dtype
+        The dtype reads return (the storage dtype).
+    dtype : numpy.dtype
+        The dtype computations and outputs use: float64 for float64 data,
+        float32 otherwise.
+    blocks : bool
+        Whether random row reads are slow here (stores, zarr, h5py), so that
+        shuffling should read contiguous blocks.
+    """
+
+    def __init__(self, X):
+        self.X = X
+        self.shape = tuple(int(s) for s in X.shape)
+        if isinstance(X, ActivationStore):
+            self.raw_dtype = X._torch_dtype
+        else:
+            self.raw_dtype = _TORCH[np.dtype(X.dtype)]
+        self.dtype = np.dtype(np.float64 if self.raw_dtype == torch.float64 else np.float32)
+        self.blocks = not isinstance(X, np.ndarray)
+        self.nbytes = self.shape[0] * self.shape[1] * torch.empty(
+            (), dtype=self.raw_dtype).element_size()
+
+    @property
+    def n_samples(self):
+        return self.shape[0]
+
+    def read(self, start, stop):
+        """Rows ``start:stop`` (a host tensor of ``raw_dtype``, a copy)."""
+        if isinstance(self.X, ActivationStore):
+            return self.X.read_raw(start, stop)
+        return torch.from_numpy(np.array(self.X[start:stop], order="C"))
+
+    def take(self, rows):
+        """Rows ``rows`` (int array, any order, repeats allowed) as a host tensor (a copy)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if isinstance(self.X, ActivationStore):
+            return self.X.take_raw(rows)
+        if isinstance(self.X, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(self.X[rows]))
+        # zarr and h5py read sorted, distinct rows
+        unique, inverse = np.unique(rows, return_inverse=True)
+        if hasattr(self.X, "get_orthogonal_selection"):
+            got = self.X.get_orthogonal_selection((unique, slice(None)))
+        else:
+            got = self.X[unique]
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(got)[inverse]))
+
+    def where(self, row):
+        """The place of ``row`` in the input, for messages."""
+        if isinstance(self.X, ActivationStore):
+            i = self.X.shard_of(row)
+            rel = self.X._files[i].relative_to(self.X.path)
+            return f"row {row} (shard {i}, {rel}, of {self.X.path})"
+        return f"row {row}"
+
+    def check_finite(self, batch, row_ids):
+        """Raise :class:`NonFiniteRowError` naming the first non-finite row of ``batch``.
+
+        ``row_ids``: the rows of the input the batch's rows are (a host tensor
+        or array, or a start offset for contiguous rows).
+        """
+        bad = ~torch.isfinite(batch).all(dim=1)
+        if bool(bad.any()):
+            self.raise_row(int(bad.to(torch.int8).argmax()), row_ids)
+
+    def raise_row(self, j, row_ids):
+        """Raise :class:`NonFiniteRowError` for row ``j`` of a batch of rows ``row_ids``."""
+        row = int(row_ids + j) if isinstance(row_ids, int) else int(row_ids[j])
+        raise NonFiniteRowError(
+            f"Input X contains NaN or infinity in {self.where(row)}. Every batch is checked "
+            "as it is read; the estimator is left as it was before this call.")
+
+
+def _check_dtype(X):
+    if isinstance(X, ActivationStore):
+        return
+    dtype = np.dtype(X.dtype)
+    if dtype not in _TORCH:
+        raise ValueError(
+            f"sksae reads out-of-core inputs (stores, memory maps, zarr and h5py arrays) of "
+            f"dtype float16, bfloat16 (stores), float32 or float64; got {dtype}. Convert it, "
+            "e.g. with sksae.activations.save_store(X, path, dtype='float32').")
+
+
+def check_input(estimator, X, *, reset, order=None):
+    """``X`` validated for ``estimator``: an ndarray, or :class:`Rows` read batch by batch.
+
+    Parameters
+    ----------
+    estimator : BaseEstimator
+    X : array-like or out-of-core input
+    reset : bool
+        Whether to set ``n_features_in_`` (``fit``), or check it.
+    order : {"C", None}
+        Memory order for in-memory arrays (scikit-learn's ``order``).
+
+    Returns
+    -------
+    X : ndarray or Rows
+    """
+    if not is_out_of_core(X):
+        big = getattr(X, "nbytes", 0) > FULL_SCAN_BYTES
+        X = validate_data(estimator, X, dtype=[np.float64, np.float32], order=order,
+                          reset=reset, ensure_all_finite=not big)
+        return Rows(X) if big else X
+    shape = tuple(X.shape)
+    if len(shape) != 2:
+        raise ValueError(f"Expected a 2D array, got an input of shape {shape}.")
+    if shape[0] < 1:
+        raise ValueError(f"Found array with 0 sample(s) (shape={shape}) while a minimum of 1 "
+                         "is required.")
+    if shape[1] < 1:
+        raise ValueError(f"Found array with 0 feature(s) (shape={shape}) while a minimum of 1 "
+                         "is required.")
+    _check_dtype(X)
+    _check_feature_names(estimator, X, reset=reset)
+    _check_n_features(estimator, X, reset=reset)
+    return Rows(X)
+
+
+def take(X, rows):
+    """Rows ``rows`` of an ndarray or :class:`Rows`, as a numpy array of its compute dtype.
+
+    Rows of :class:`Rows` are checked for NaN/inf (the error names the row).
+    """
+    if isinstance(X, Rows):
+        t = X.take(rows).to(torch_dtype_of(X.dtype))
+        X.check_finite(t, np.asarray(rows))
+        return t.numpy()
+    return X[rows]
+
+
+def head(X, n):
+    """The first ``n`` rows, as :func:`take`."""
+    if isinstance(X, Rows):
+        return X.read(0, min(n, X.n_samples)).to(torch_dtype_of(X.dtype)).numpy()
+    return X[:n]
+
+
+def torch_dtype_of(dtype):
+    return _TORCH[np.dtype(dtype)]
+
+
+def iter_chunks(X, chunk_rows, device, dtype):
+    """``(start, chunk)`` over ``X``'s rows, chunks as ``dtype`` tensors on ``device``.
+
+    Chunks of :class:`Rows` are checked for NaN/inf (the error names the row).
+    """
+    from ._base import as_tensor
+
+    for start in range(0, X.shape[0], chunk_rows):
+        stop = min(start + chunk_rows, X.shape[0])
+        if isinstance(X, Rows):
+            chunk = X.read(start, stop).to(device, non_blocking=True).to(dtype)
+            X.check_finite(chunk, start)
+        else:
+            chunk = as_tensor(X[start:stop], device, dtype)
+        yield start, chunk

@@ -1,0 +1,190 @@
+"""Minibatches of an input that is not in memory: buffered reads, block shuffle, checks.
+
+:class:`StreamSource` is :class:`sksae._engine.BatchSource`'s counterpart for
+:class:`sksae._data.Rows`. It reads a buffer of rows at a time, in a
+background thread (:func:`sksae._accel.prefetch.read_ahead`) while the current
+buffer trains, and cuts it into batches; each batch is converted from the
+storage dtype on the device and checked for NaN/inf there.
+
+Shuffles:
+
+- ``"rows"``: a permutation of every row per epoch, drawn exactly as
+  ``BatchSource`` draws it (the same batches as training on the array in
+  memory), read by gathering rows (random reads: meant for inputs in memory
+  or in the page cache).
+- ``"blocks"``: the rows are cut into contiguous blocks of
+  ``buffer_rows // 16`` rows; each epoch takes the blocks in a random order,
+  16 at a time into a buffer, and shuffles the rows inside the buffer. Reads
+  stay sequential, within a block; a batch mixes rows of up to 16 places of
+  the input.
+- ``"none"``: the rows in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._accel.device import host_read_interval, is_accelerator
+from ._accel.prefetch import read_ahead
+
+__all__ = ["StreamSource", "BLOCKS_PER_BUFFER", "default_buffer_rows"]
+
+BLOCKS_PER_BUFFER = 16
+_BUFFER_BYTES = 128 * 2**20
+
+
+def default_buffer_rows(rows):
+    """Rows of a shuffle buffer of about 128 MiB of stored values."""
+    row_bytes = rows.nbytes / max(1, rows.n_samples)
+    return int(max(BLOCKS_PER_BUFFER, _BUFFER_BYTES // max(1, row_bytes)))
+
+
+class StreamSource:
+    """Minibatches of :class:`~sksae._data.Rows` as tensors of ``dtype`` on ``device``.
+
+    Parameters
+    ----------
+    rows : Rows
+    batch_size : int
+    device : torch.device
+    dtype : torch.dtype
+    generator : torch.Generator
+        CPU generator; drawn from in the calling thread only, at the start of
+        each epoch (the same draws as ``BatchSource`` for ``"rows"``).
+    shuffle : {"rows", "blocks", "none", "once"}
+        ``"once"``: one permutation for the whole fit, as ``BatchSource``.
+    buffer_rows : int or None
+        Rows read at a time (the shuffle buffer); None: about 128 MiB.
+    scale : float, default=1.0
+    read_ahead_depth : int, default=2
+        Buffers read ahead by the background thread (0: read in this thread).
+    """
+
+    def __init__(self, rows, batch_size, device, dtype, generator, shuffle="rows",
+                 buffer_rows=None, scale=1.0, read_ahead_depth=2):
+        self.rows = rows
+        self.n_samples = rows.n_samples
+        self.batch_size = min(batch_size, self.n_samples)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.generator = generator
+        self.shuffle = shuffle
+        self.scale = scale
+        self.depth = read_ahead_depth
+        buffer_rows = default_buffer_rows(rows) if buffer_rows is None else int(buffer_rows)
+        # whole batches per buffer, so that no batch straddles two reads
+        self.buffer_rows = max(1, buffer_rows // self.batch_size) * self.batch_size
+        self.block_rows = max(1, buffer_rows // BLOCKS_PER_BUFFER)
+        self._order = None
+        if shuffle == "once":
+            self._order = torch.randperm(self.n_samples, generator=generator)
+        self._pin = is_accelerator(self.device)
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(self.n_samples / self.batch_size)
+
+    # ---------------------------------------------------------------- buffers
+    def _in_order(self):
+        for start in range(0, self.n_samples, self.buffer_rows):
+            stop = min(start + self.buffer_rows, self.n_samples)
+            yield self.rows.read(start, stop), start
+
+    def _gathered(self, order):
+        for start in range(0, self.n_samples, self.buffer_rows):
+            ids = order[start:start + self.buffer_rows]
+            yield self.rows.take(ids.numpy()), ids
+
+    def _blocks(self, seed):
+        gen = torch.Generator().manual_seed(seed)
+        n_blocks = math.ceil(self.n_samples / self.block_rows)
+        blocks = torch.randperm(n_blocks, generator=gen).tolist()
+        carry, carry_ids = None, None
+        for g in range(0, n_blocks, BLOCKS_PER_BUFFER):
+            group = blocks[g:g + BLOCKS_PER_BUFFER]
+            parts, ids = [], []
+            for b in group:
+                start = b * self.block_rows
+                stop = min(start + self.block_rows, self.n_samples)
+                parts.append(self.rows.read(start, stop))
+                ids.append(torch.arange(start, stop))
+            if carry is not None:
+                parts.insert(0, carry)
+                ids.insert(0, carry_ids)
+            data, ids = torch.cat(parts), torch.cat(ids)
+            perm = torch.randperm(len(data), generator=gen)
+            data, ids = data.index_select(0, perm), ids.index_select(0, perm)
+            last = g + BLOCKS_PER_BUFFER >= n_blocks
+            usable = len(data) if last else len(data) // self.batch_size * self.batch_size
+            carry, carry_ids = (data[usable:], ids[usable:]) if usable < len(data) else (None, None)
+            if usable:
+                yield data[:usable], ids[:usable]
+
+    def _buffers(self):
+        """The epoch's buffers, planned here (generator draws), read by the caller's thread."""
+        if self.shuffle == "none":
+            return self._in_order()
+        if self.shuffle == "blocks":
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            return self._blocks(seed)
+        order = (torch.randperm(self.n_samples, generator=self.generator)
+                 if self.shuffle == "rows" else self._order)
+        return self._gathered(order)
+
+    def _pinned(self, buffers):
+        for data, ids in buffers:
+            yield (data.pin_memory() if self._pin else data), ids
+
+    # ---------------------------------------------------------------- batches
+    def epoch(self):
+        """Yield the batches of one epoch; NaN/inf in a batch raises, naming its row."""
+        pending = []  # accelerators: per-batch flags, read every few batches
+        interval = host_read_interval(self.device, every_step=True)
+
+        def check_pending():
+            if not pending:
+                return
+            found = torch.stack([p[0] for p in pending]).cpu()  # one read for the lot
+            for (bad, j), (_, ids) in zip(found.tolist(), pending):
+                if bad:
+                    self.rows.raise_row(j, ids)
+            pending.clear()
+
+        buffers = read_ahead(self._pinned(self._buffers()), self.depth)
+        try:
+            for data, ids in buffers:
+                for start in range(0, len(data), self.batch_size):
+                    raw = data[start:start + self.batch_size]
+                    batch = raw.to(self.device, non_blocking=self._pin)
+                    fresh = batch is not raw
+                    if batch.dtype != self.dtype:
+                        batch, fresh = batch.to(self.dtype), True
+                    if self.scale != 1.0:
+                        batch = batch.mul_(self.scale) if fresh else batch * self.scale
+                    batch_ids = ids + start if isinstance(ids, int) else ids[start:start + len(raw)]
+                    if interval == 1:
+                        self.rows.check_finite(batch, batch_ids)
+                    else:
+                        bad = ~torch.isfinite(batch).all(dim=1)
+                        first = bad.to(torch.int8).argmax()
+                        pending.append((torch.stack([bad.any().to(first.dtype), first]),
+                                        batch_ids))
+                        if len(pending) >= interval:
+                            check_pending()
+                    yield batch
+            check_pending()
+        finally:
+            buffers.close()
+
+
+def as_shuffle(shuffle, rows):
+    """The resolved shuffle of an estimator's ``shuffle`` parameter for ``rows``."""
+    if shuffle == "auto":
+        return "blocks" if rows.blocks else "rows"
+    if shuffle is False:
+        return "none"
+    if shuffle is True:
+        return "rows"
+    return shuffle

@@ -1,0 +1,604 @@
+"""The on-disk activation store: ``.npy`` shards per layer and a JSON manifest.
+
+Layout of a store folder::
+
+    manifest.json               what is in the store (below)
+    layer-000/shard-000000.npy  rows of the first layer, one file per shard
+    layer-001/shard-000000.npy  the same rows (positions) of the second layer
+    ...
+
+Shards are plain ``.npy`` files (read as memory maps, never with pickle);
+bfloat16, which numpy lacks, is stored as its raw 16-bit words (``<u2``) and
+named in the manifest. The manifest records the storage dtype, the layers
+(name, folder, number of features), every shard's rows and, per layer, its
+file and SHA-256 digest, how many input batches the shards cover (for resuming
+a harvest) and a free-form description of the source. A store is written
+shard by shard: each shard file and then the manifest are written under a
+temporary name and renamed into place, so an interruption leaves the completed
+shards and a manifest that lists exactly them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import MALFORMED, read_json_bounded
+
+__all__ = ["ActivationStore", "open_store", "save_store", "StoreWriter", "STORAGE_DTYPES"]
+
+FORMAT = "sksae-activations"
+VERSION = 1
+MANIFEST = "manifest.json"
+_MAX_MANIFEST_BYTES = 64 * 2**20
+
+#: storage dtype name -> (numpy dtype of the shard files, torch dtype of the values)
+STORAGE_DTYPES = {
+    "float16": (np.dtype("<f2"), torch.float16),
+    "bfloat16": (np.dtype("<u2"), torch.bfloat16),
+    "float32": (np.dtype("<f4"), torch.float32),
+    "float64": (np.dtype("<f8"), torch.float64),
+}
+_LAYER_DIR = re.compile(r"layer-\d{3,6}")
+_SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
+
+
+class StoreError(ValueError):
+    """A store folder that cannot be read: missing, malformed, truncated or tampered with."""
+
+
+def _sha256(path, chunk=16 * 2**20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def _write_json_atomic(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _npy_header(path):
+    """(shape, dtype, fortran_order, data offset) of a ``.npy`` file, without reading its data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return shape, dtype, fortran, f.tell()
+
+
+def to_storage(values, storage_dtype):
+    """Host numpy array of ``values`` (a tensor, any device) in the shard files' dtype."""
+    file_dtype, torch_dtype = STORAGE_DTYPES[storage_dtype]
+    t = values.detach().to(torch_dtype)
+    if storage_dtype == "bfloat16":
+        t = t.view(torch.int16)
+    return t.cpu().numpy().view(file_dtype)
+
+
+class StoreWriter:
+    """Appends shards to a store folder; the manifest always lists exactly the completed ones.
+
+    Parameters
+    ----------
+    path : path-like
+        The store folder (created when missing).
+    layers : dict
+        ``{layer name: number of features}``, in order.
+    storage_dtype : {"float16", "bfloat16", "float32", "float64"}
+    source : dict
+        Free-form description of where the rows come from (JSON-serialisable).
+    resume : bool
+        Keep the shards of an unfinished store with the same layers, dtype and
+        source (their digests are checked first) instead of refusing it.
+    overwrite : bool
+        Replace whatever store is there.
+    """
+
+    def __init__(self, path, layers, storage_dtype, source, *, resume=False, overwrite=False):
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}; "
+                             f"got {storage_dtype!r}.")
+        self.path = Path(path)
+        self.layers = dict(layers)
+        self.storage_dtype = storage_dtype
+        self.source = source
+        spec = {"storage_dtype": storage_dtype,
+                "layers": [{"name": name, "dir": f"layer-{i:03d}", "n_features": int(d)}
+                           for i, (name, d) in enumerate(self.layers.items())],
+                "source": source}
+        json.dumps(spec)  # refuse what JSON cannot hold now, not after the first shard
+        self.manifest = {"format": FORMAT, "version": VERSION, **spec, "n_rows": 0,
+                         "n_batches": 0, "complete": False, "shards": []}
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists() and not overwrite:
+            old = _read_manifest(self.path)
+            if old.get("complete"):
+                raise FileExistsError(f"{self.path} already holds a complete store; pass "
+                                      "overwrite=True to replace it.")
+            if not resume:
+                raise FileExistsError(f"{self.path} holds an unfinished store (an interrupted "
+                                      "run); pass resume=True to continue it or "
+                                      "overwrite=True to start again.")
+            mismatch = [key for key in ("storage_dtype", "layers", "source")
+                        if old.get(key) != json.loads(json.dumps(spec[key]))]
+            if mismatch:
+                raise ValueError(f"Cannot resume {self.path}: its {', '.join(mismatch)} "
+                                 "differ from this run's. Pass overwrite=True to start again.")
+            for name in self.layers:  # every listed shard is there, whole, with its digest
+                ActivationStore(self.path, layer=name, verify="full", _manifest=old)
+            self.manifest = old
+        elif self.path.exists() and any(self.path.iterdir()) and not overwrite \
+                and not manifest_path.exists():
+            raise FileExistsError(f"{self.path} exists and is not an sksae store; refusing "
+                                  "to write into it.")
+        elif overwrite and self.path.exists():
+            self._clear()
+        for entry in self.manifest["layers"]:
+            (self.path / entry["dir"]).mkdir(parents=True, exist_ok=True)
+        self._remove_strays()
+        _write_json_atomic(manifest_path, self.manifest)
+
+    @property
+    def n_rows(self):
+        return self.manifest["n_rows"]
+
+    @property
+    def n_batches(self):
+        """Input batches the completed shards cover."""
+        return self.manifest["n_batches"]
+
+    def _clear(self):
+        """Remove a previous store's files (only what a store holds)."""
+        for entry in self.path.iterdir():
+            if entry.is_dir() and _LAYER_DIR.fullmatch(entry.name):
+                for f in entry.iterdir():
+                    if f.name.startswith("shard-"):
+                        f.unlink()
+                if not any(entry.iterdir()):
+                    entry.rmdir()
+            elif entry.name.startswith(MANIFEST):
+                entry.unlink()
+
+    def _remove_strays(self):
+        """Shard files that no manifest entry lists (a shard written when the run stopped)."""
+        listed = {f["file"] for s in self.manifest["shards"] for f in s["files"].values()}
+        for entry in self.manifest["layers"]:
+            folder = self.path / entry["dir"]
+            for f in folder.iterdir():
+                rel = f"{entry['dir']}/{f.name}"
+                if f.name.startswith("shard-") and rel not in listed:
+                    f.unlink()
+
+    def write_shard(self, arrays, n_batches):
+        """Append one shard: ``arrays[layer]`` of shape (rows, n_features), in storage dtype.
+
+        ``n_batches`` is the number of input batches the shard completes.
+        """
+        index = len(self.manifest["shards"])
+        rows = None
+        files = {}
+        for entry in self.manifest["layers"]:
+            a = np.ascontiguousarray(arrays[entry["name"]])
+            if a.dtype != STORAGE_DTYPES[self.storage_dtype][0] or a.ndim != 2 \
+                    or a.shape[1] != entry["n_features"]:
+                raise ValueError(f"layer {entry['name']!r}: expected rows of "
+                                 f"{entry['n_features']} {self.storage_dtype} values; got "
+                                 f"{a.shape} {a.dtype}.")
+            if rows is not None and a.shape[0] != rows:
+                raise ValueError("Every layer of a shard must have the same number of rows.")
+            rows = a.shape[0]
+            rel = f"{entry['dir']}/shard-{index:06d}.npy"
+            target = self.path / rel
+            tmp = target.with_name(target.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            files[entry["name"]] = {"file": rel, "sha256": _sha256(target)}
+        self.manifest["shards"].append({"rows": int(rows), "batches": int(n_batches),
+                                        "files": files})
+        self.manifest["n_rows"] += int(rows)
+        self.manifest["n_batches"] += int(n_batches)
+        _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+    def close(self, n_batches=0):
+        """Mark the store complete (``n_batches`` more input batches gave no rows)."""
+        self.manifest["n_batches"] += int(n_batches)
+        self.manifest["complete"] = True
+        _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def _read_manifest(path):
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise StoreError(f"{path} is not an activation store (no {MANIFEST}).")
+    try:
+        manifest = read_json_bounded(path / MANIFEST, _MAX_MANIFEST_BYTES)
+    except ValueError as exc:
+        raise StoreError(f"{path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}/{MANIFEST} is not an sksae activation store's manifest.")
+    if manifest.get("version") != VERSION:
+        raise StoreError(f"{path}: store version {manifest.get('version')!r} is not "
+                         f"supported (this sksae reads version {VERSION}).")
+    return manifest
+
+
+class ActivationStore:
+    """A read-only, array-like view of one layer of an activation store.
+
+    It has ``shape``, ``dtype``, ``len`` and numpy-style row indexing (an
+    integer, a slice, an integer or boolean array; a second index selects
+    columns), and reads only the rows asked for: shards are memory-mapped.
+    :class:`~sksae.SparseAutoencoder` and :class:`~sksae.DictionaryLearnerGPU`
+    take it in ``fit``, ``partial_fit``, ``transform`` and ``score`` without
+    loading it; ``np.asarray(store)`` loads it whole.
+
+    Open stores with :func:`open_store`.
+
+    Parameters
+    ----------
+    path : path-like
+        The store folder.
+    layer : str, default=None
+        Which layer; may be left out when the store holds one.
+    verify : {"lazy", "full", "none"}, default="lazy"
+        When to check the shards' SHA-256 digests (shapes, dtypes and file
+        sizes are always checked at opening): ``"lazy"`` checks each shard
+        file the first time any of its rows is read through this object,
+        ``"full"`` checks every shard now, ``"none"`` never.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    layer : str
+    layers : list of str
+        Every layer of the store.
+    shape : tuple of int
+        ``(n_rows, n_features)``.
+    dtype : numpy.dtype
+        Dtype of the arrays indexing returns: ``float16``, ``float32`` or
+        ``float64``; ``float32`` for a bfloat16 store (numpy has no bfloat16).
+    storage_dtype : str
+        ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+    manifest : dict
+        The store's manifest (its ``"source"`` describes where the rows came from).
+    complete : bool
+        False for the store of a harvest that was interrupted (its completed
+        shards are readable).
+    """
+
+    def __init__(self, path, layer=None, *, verify="lazy", _manifest=None):
+        if verify not in ("lazy", "full", "none"):
+            raise ValueError(f"verify must be 'lazy', 'full' or 'none'; got {verify!r}.")
+        self.path = Path(path)
+        manifest = _manifest if _manifest is not None else _read_manifest(self.path)
+        try:
+            self._parse(manifest, layer)
+        except MALFORMED as exc:
+            raise StoreError(f"{self.path}/{MANIFEST} is malformed ({type(exc).__name__}: "
+                             f"{exc}).") from None
+        self.manifest = manifest
+        self._verify = verify
+        self._verified = set()
+        self._lock = threading.Lock()
+        self._maps = [None] * len(self._files)
+        if verify == "full":
+            for i in range(len(self._files)):
+                self._check_digest(i)
+
+    def _parse(self, manifest, layer):
+        storage = manifest["storage_dtype"]
+        if storage not in STORAGE_DTYPES:
+            raise StoreError(f"{self.path}: unknown storage dtype {storage!r}.")
+        self.storage_dtype = storage
+        self._file_dtype, self._torch_dtype = STORAGE_DTYPES[storage]
+        layers = manifest["layers"]
+        self.layers = [entry["name"] for entry in layers]
+        if layer is None:
+            if len(layers) != 1:
+                raise ValueError(f"{self.path} holds {len(layers)} layers "
+                                 f"({self.layers}); pass layer= one of them.")
+            entry = layers[0]
+        else:
+            matches = [e for e in layers if e["name"] == layer]
+            if not matches:
+                raise ValueError(f"{self.path} has no layer {layer!r}; it has {self.layers}.")
+            entry = matches[0]
+        self.layer = entry["name"]
+        if not _LAYER_DIR.fullmatch(entry["dir"]):
+            raise StoreError(f"{self.path}: bad layer folder name {entry['dir']!r}.")
+        n_features = int(entry["n_features"])
+        if n_features < 1:
+            raise StoreError(f"{self.path}: layer {self.layer!r} has {n_features} features.")
+        self._files, self._digests, rows = [], [], []
+        for i, shard in enumerate(manifest["shards"]):
+            info = shard["files"][self.layer]
+            rel = info["file"]
+            folder, _, name = rel.partition("/")
+            if folder != entry["dir"] or not _SHARD_FILE.fullmatch(name):
+                raise StoreError(f"{self.path}: shard {i} names {rel!r}, not a shard of "
+                                 f"{entry['dir']}/.")
+            n = int(shard["rows"])
+            file = self.path / folder / name
+            self._check_file(i, file, n, n_features)
+            self._files.append(file)
+            self._digests.append(str(info["sha256"]))
+            rows.append(n)
+        self._offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
+        n_rows = int(self._offsets[-1])
+        if n_rows != int(manifest["n_rows"]):
+            raise StoreError(f"{self.path}: the shards hold {n_rows} rows, the manifest says "
+                             f"{manifest['n_rows']}.")
+        self.shape = (n_rows, n_features)
+        self.complete = bool(manifest.get("complete", False))
+
+    def _check_file(self, i, file, n, n_features):
+        """A shard file that is there, an .npy of the stated shape and dtype, whole."""
+        what = f"{self.path}: shard {i} ({file.relative_to(self.path)})"
+        if file.is_symlink() or not file.is_file():
+            raise StoreError(f"{what} is missing.")
+        try:
+            shape, dtype, fortran, offset = _npy_header(file)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{what} is not a readable .npy file ({exc}).") from None
+        if shape != (n, n_features) or dtype != self._file_dtype or fortran:
+            raise StoreError(f"{what} holds {shape} {dtype}; the manifest says "
+                             f"({n}, {n_features}) {self.storage_dtype}.")
+        expected = offset + n * n_features * self._file_dtype.itemsize
+        size = file.stat().st_size
+        if size != expected:
+            raise StoreError(f"{what} is {size} bytes, expected {expected}: truncated or "
+                             "altered.")
+
+    def _check_digest(self, i):
+        with self._lock:
+            if i in self._verified:
+                return
+            if _sha256(self._files[i]) != self._digests[i]:
+                raise StoreError(f"{self.path}: shard {i} "
+                                 f"({self._files[i].relative_to(self.path)}) does not match "
+                                 "its SHA-256 digest in the manifest: it was altered or "
+                                 "corrupted.")
+            self._verified.add(i)
+
+    def verify(self):
+        """Check every shard's SHA-256 digest; raise ``ValueError`` naming the first bad one."""
+        for i in range(len(self._files)):
+            self._check_digest(i)
+        return self
+
+    # ------------------------------------------------------------ array protocol
+    @property
+    def dtype(self):
+        return np.dtype(np.float32) if self.storage_dtype == "bfloat16" else self._file_dtype
+
+    @property
+    def ndim(self):
+        return 2
+
+    @property
+    def nbytes(self):
+        """Bytes on disk of this layer's values (what loading it in storage dtype takes)."""
+        return self.shape[0] * self.shape[1] * self._file_dtype.itemsize
+
+    @property
+    def n_shards(self):
+        return len(self._files)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        return (f"ActivationStore({str(self.path)!r}, layer={self.layer!r}, shape={self.shape}, "
+                f"storage_dtype={self.storage_dtype!r})")
+
+    def _map(self, i):
+        if self._verify == "lazy":
+            self._check_digest(i)
+        m = self._maps[i]
+        if m is None:
+            m = np.load(self._files[i], mmap_mode="r", allow_pickle=False)
+            self._maps[i] = m
+        return m
+
+    def shard_of(self, row):
+        """Index of the shard that holds ``row``."""
+        return int(np.searchsorted(self._offsets, row, side="right") - 1)
+
+    def read_raw(self, start, stop):
+        """Rows ``start:stop`` as a host tensor of the storage's torch dtype (a copy)."""
+        start, stop = max(0, start), min(stop, self.shape[0])
+        out = np.empty((max(0, stop - start), self.shape[1]), dtype=self._file_dtype)
+        pos = start
+        while pos < stop:
+            i = self.shard_of(pos)
+            lo = pos - self._offsets[i]
+            hi = min(stop, self._offsets[i + 1]) - self._offsets[i]
+            out[pos - start: pos - start + hi - lo] = self._map(i)[lo:hi]
+            pos += hi - lo
+        return self._as_torch(out)
+
+    def take_raw(self, rows):
+        """Rows ``rows`` (integers, any order, repeats allowed) as a host tensor (a copy)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for a store of {self.shape[0]} rows.")
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        out = np.empty((rows.size, self.shape[1]), dtype=self._file_dtype)
+        shard = np.searchsorted(self._offsets, sorted_rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(shard)) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
+            if a == b:
+                continue
+            i = int(shard[a])
+            out[order[a:b]] = self._map(i)[sorted_rows[a:b] - self._offsets[i]]
+        return self._as_torch(out)
+
+    def _as_torch(self, out):
+        t = torch.from_numpy(out)
+        return t.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else t
+
+    def _values(self, t):
+        """Numpy values of a raw tensor (bfloat16 becomes float32)."""
+        if t.dtype == torch.bfloat16:
+            return t.float().numpy()
+        return t.numpy()
+
+    def __getitem__(self, key):
+        cols = None
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise IndexError("an ActivationStore is 2-dimensional.")
+            key, cols = key
+        if isinstance(key, (int, np.integer)):
+            n = self.shape[0]
+            row = int(key) + n if key < 0 else int(key)
+            if not 0 <= row < n:
+                raise IndexError(f"row {key} is out of range for {n} rows.")
+            out = self._values(self.read_raw(row, row + 1))[0]
+            return out if cols is None else out[cols]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step == 1:
+                out = self._values(self.read_raw(start, stop))
+            else:
+                out = self._values(self.take_raw(np.arange(start, stop, step)))
+        else:
+            idx = np.asarray(key)
+            if idx.dtype == bool:
+                if idx.shape != (self.shape[0],):
+                    raise IndexError("a boolean row index must have one entry per row.")
+                idx = np.flatnonzero(idx)
+            elif not np.issubdtype(idx.dtype, np.integer):
+                raise IndexError(f"cannot index rows with {idx.dtype} values.")
+            idx = np.where(idx < 0, idx + self.shape[0], idx)
+            out = self._values(self.take_raw(idx.ravel())).reshape(*idx.shape, self.shape[1])
+        return out if cols is None else out[:, cols]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __iter__(self):
+        for start in range(0, self.shape[0], 4096):
+            yield from self[start:start + 4096]
+
+
+def open_store(path, layer=None, *, verify="lazy"):
+    """Open one layer of an activation store as an array-like :class:`ActivationStore`.
+
+    Parameters
+    ----------
+    path : path-like
+        A store folder, written by :func:`harvest` or :func:`save_store`.
+    layer : str, default=None
+        The layer to read; may be left out when the store holds one.
+    verify : {"lazy", "full", "none"}, default="lazy"
+        When to check the shards' SHA-256 digests: each shard the first time
+        it is read (``"lazy"``), all now (``"full"``), or never (``"none"``).
+        Missing, truncated or resized shards are refused at opening whatever
+        ``verify`` is.
+
+    Returns
+    -------
+    store : ActivationStore
+
+    Raises
+    ------
+    ValueError
+        When the folder is not a store, the layer is not in it, or a shard is
+        missing, truncated or (when checked) does not match its digest.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> from sksae.activations import save_store, open_store
+    >>> X = np.random.RandomState(0).randn(1000, 8).astype(np.float32)
+    >>> folder = os.path.join(tempfile.mkdtemp(), "store")
+    >>> _ = save_store(X, folder, dtype="float16", shard_rows=300)
+    >>> store = open_store(folder)
+    >>> store.shape, store.dtype, store.n_shards
+    ((1000, 8), dtype('float16'), 4)
+    >>> bool(np.allclose(store[10:12], X[10:12], atol=1e-2))
+    True
+    """
+    return ActivationStore(path, layer, verify=verify)
+
+
+def save_store(X, path, *, dtype="float16", shard_rows=1 << 20, layer="activations",
+               source=None, overwrite=False, chunk_rows=65536):
+    """Write a 2-D array (or any array-like with row slicing) to an activation store.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Read ``chunk_rows`` rows at a time (a memory map or another store is
+        never loaded whole).
+    path : path-like
+        The store folder to create.
+    dtype : {"float16", "bfloat16", "float32", "float64"}, default="float16"
+        Storage dtype.
+    shard_rows : int, default=1048576
+        Rows per shard file.
+    layer : str, default="activations"
+        The name of the one layer.
+    source : dict, default=None
+        Description of the data, kept in the manifest.
+    overwrite : bool, default=False
+        Replace a store already at ``path``.
+    chunk_rows : int, default=65536
+        Rows read at a time.
+
+    Returns
+    -------
+    store : ActivationStore
+        The written store, opened.
+    """
+    if len(getattr(X, "shape", ())) != 2:
+        X = np.asarray(X)
+    if len(X.shape) != 2:
+        raise ValueError(f"X must be 2-dimensional; got shape {X.shape}.")
+    n, d = X.shape
+    writer = StoreWriter(path, {layer: d}, dtype,
+                         source if source is not None else {"kind": "array"},
+                         overwrite=overwrite)
+    if writer.n_rows:
+        raise FileExistsError(f"{path} already holds rows; pass overwrite=True.")
+    step = max(1, min(int(shard_rows), int(chunk_rows)))
+    buf, filled = [], 0
+    for start in range(0, n, step):
+        part = np.asarray(X[start:start + step])
+        buf.append(to_storage(torch.from_numpy(np.ascontiguousarray(part)), dtype))
+        filled += len(part)
+        while filled >= shard_rows:
+            block = np.concatenate(buf)
+            writer.write_shard({layer: block[:shard_rows]}, n_batches=0)
+            rest = block[shard_rows:]
+            buf, filled = ([rest] if len(rest) else []), len(rest)
+    if filled:
+        writer.write_shard({layer: np.concatenate(buf)}, n_batches=0)
+    writer.close()
+    return ActivationStore(path, layer, verify="none")
