@@ -22,7 +22,7 @@ def run(*args, cwd):
 
 @pytest.mark.parametrize("command", ["demo", "fit", "transform", "bench"])
 def test_help(command, capsys):
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^0$") as exc:
         main([command, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out

@@ -85,7 +85,7 @@ def test_debug_shows_the_traceback(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
     assert "FileNotFoundError" in proc.stderr
-    with pytest.raises(FileNotFoundError):  # before the command too
+    with pytest.raises(FileNotFoundError, match="missing.npy"):  # before the command too
         main(["--debug", "fit", str(tmp_path / "missing.npy"), "-o", str(tmp_path / "m")])
 
 
@@ -159,7 +159,7 @@ def test_numeric_options_are_validated(command, option, value, acts, model_dir, 
                           str(tmp_path / "codes.npy")],
             "fit": ["fit", str(acts), "-o", str(tmp_path / "m")],
             "demo": ["demo", "--no-figure"], "bench": ["bench"]}[command]
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^2$") as exc:
         main([*args, f"{option}={value}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
@@ -273,7 +273,7 @@ def test_transform_failure_leaves_old_output(error, acts, model_dir, tmp_path, c
         assert main(args) == 130
         assert capsys.readouterr().err.strip() == "interrupted"
     else:  # a bug keeps its traceback (status 1)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="a bug"):
             main(args)
     assert codes.read_bytes() == before and leftovers(tmp_path) == []
 
@@ -299,7 +299,7 @@ def test_fit_failure_while_saving_leaves_old_model(error, acts, tmp_path, capsys
         assert main(args) == 130
         assert capsys.readouterr().err.strip() == "interrupted"
     elif isinstance(error, RuntimeError):
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="a bug"):
             main(args)
     else:  # disk full: a user's problem, one line
         assert_user_error(main(args), capsys, "No space left")

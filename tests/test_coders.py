@@ -79,7 +79,7 @@ def test_lasso_warm_start_is_used(rng):
 
 def test_max_iter_convergence_warning(rng):
     X, D = _problem(rng)
-    with pytest.warns(ConvergenceWarning):
+    with pytest.warns(ConvergenceWarning, match=r"lasso_cd did not converge in max_iter=1 "):
         sparse_encode(X, D, algorithm="lasso_cd", alpha=0.05, max_iter=1, device="cpu")
 
 
@@ -104,7 +104,7 @@ def test_errors(rng):
     with pytest.raises(ValueError, match="cannot be more than"):
         sparse_encode(X, D, algorithm="omp", n_nonzero_coefs=D.shape[0] + 1)
     X[0, 0] = np.nan
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Input contains NaN"):
         sparse_encode(X, D)
 
 

@@ -169,7 +169,7 @@ def test_max_iter_not_converged(engine, rng, monkeypatch):
         tor, _ = _path(X, D, "torch", alpha=alpha, max_iter=2)
         np.testing.assert_allclose(got, tor, atol=1e-10)
     monkeypatch.setattr(_compiled, "_USE_NUMBA", engine == "numba")
-    with pytest.warns(ConvergenceWarning):
+    with pytest.warns(ConvergenceWarning, match=r"lasso_lars did not converge in max_iter=2 "):
         sparse_encode(X, D, algorithm="lasso_lars", alpha=alpha, max_iter=2, device="cpu")
 
 
@@ -183,7 +183,7 @@ def test_fallback_without_numba(rng, monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert not _compiled.compiled_backend()
     assert _compiled.kernel("omp") is None
-    with pytest.raises(ImportError):
+    with pytest.raises(ImportError, match="import of numba halted"):
         _compiled.kernel("omp", required=True)
     X, D = _problem(rng, n=10)
     got, ok = _path(X, D, None, alpha=0.05)

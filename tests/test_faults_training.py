@@ -113,7 +113,7 @@ def test_sae_huge_learning_rate_raises_and_stays_unfitted(X):
         model.fit(X)
     assert info.value.metric in ("loss", "grad_norm") and info.value.step >= 1
     assert_unchanged(before, model)
-    with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError, match="is not fitted yet"):
         check_is_fitted(model)
 
 
@@ -123,7 +123,7 @@ def test_sae_infinite_gradient_norm_raises_not_zero_division(X):
     with pytest.raises(TrainingDivergedError,
                        match=r"diverged at step 1 of this call \(epoch 1\).*set normalize=True"):
         model.fit(X * 1e30)
-    with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError, match="is not fitted yet"):
         check_is_fitted(model)
 
 
@@ -135,7 +135,7 @@ def test_sae_diverging_partial_fit_leaves_good_model_unchanged(X, normalize):
     with pytest.raises(TrainingDivergedError, match="diverged at step 1 of this call"):
         model.partial_fit(X * 1e30)
     assert_unchanged(before, model)
-    with pytest.raises(TrainingDivergedError):
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+ of this call"):
         model.fit(X * 1e30) if not normalize else model.set_params(
             learning_rate=1e30).fit(X)
     model.set_params(learning_rate="auto")
@@ -160,7 +160,7 @@ def test_dl_float32_overflow_raises_and_stays_unfitted(X):
                              r"not initialise: the initial dictionary is not finite).*Scale X"):
         model.fit((X * 1e18).astype(np.float32))
     assert_unchanged(before, model)
-    with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError, match="is not fitted yet"):
         check_is_fitted(model)
 
 
@@ -185,7 +185,7 @@ def test_sae_interrupted_call_on_fitted_model_changes_nothing(X, exc, method):
     model = sae().fit(X)
     before = state(model)
     model.set_params(callback=Raise(3, exc))
-    with pytest.raises(exc):
+    with pytest.raises(exc, match="raised by the test's callback"):
         getattr(model, method)(X)
     model.set_params(callback=None)
     before["callback"] = ("parameter", id(None))
@@ -199,10 +199,10 @@ def test_interrupted_first_call_leaves_estimator_unfitted(X, exc, method):
         if isinstance(model, DictionaryLearnerGPU) and method == "partial_fit":
             continue  # one step and no callback: see test_dl_interrupted_partial_fit...
         before = state(model)
-        with pytest.raises(exc):
+        with pytest.raises(exc, match="raised by the test's callback"):
             getattr(model, method)(X)
         assert_unchanged(before, model)
-        with pytest.raises(NotFittedError):
+        with pytest.raises(NotFittedError, match="is not fitted yet"):
             check_is_fitted(model)
 
 
@@ -211,7 +211,7 @@ def test_dl_interrupted_fit_on_fitted_model_changes_nothing(X, exc):
     model = dl().fit(X)
     before = state(model)
     model.set_params(callback=Raise(2, exc))
-    with pytest.raises(exc):
+    with pytest.raises(exc, match="raised by the test's callback"):
         model.fit(X[::-1].copy())
     model.set_params(callback=None)
     before["callback"] = ("parameter", id(None))
@@ -236,11 +236,11 @@ def test_dl_interrupted_partial_fit_changes_nothing(X, monkeypatch, exc, first):
         raise exc("interrupted in the dictionary update")
 
     monkeypatch.setattr(module, "update_dictionary", interrupted)
-    with pytest.raises(exc):
+    with pytest.raises(exc, match="interrupted in the dictionary update"):
         model.partial_fit(X[:64])
     assert_unchanged(before, model)
     if first:
-        with pytest.raises(NotFittedError):
+        with pytest.raises(NotFittedError, match="is not fitted yet"):
             check_is_fitted(model)
 
 
@@ -250,7 +250,7 @@ def test_refit_with_other_width_interrupted_keeps_old_width(X, exc, make):
     model = make().fit(X)
     before = state(model)
     model.set_params(callback=Raise(2, exc))
-    with pytest.raises(exc):
+    with pytest.raises(exc, match="raised by the test's callback"):
         model.fit(X[:, :5])
     model.set_params(callback=None)
     before["callback"] = ("parameter", id(None))
@@ -273,7 +273,7 @@ def test_failed_partial_fit_does_not_move_training_state(X, monkeypatch, optimiz
     clean = sae().fit(X)
     faulty = sae().fit(X)
     faulty.set_params(callback=Raise(4, RuntimeError))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="raised by the test's callback"):
         faulty.partial_fit(X)
     faulty.set_params(callback=None)
     clean.partial_fit(X)
@@ -289,7 +289,7 @@ def test_failed_warm_start_fit_does_not_move_training_state(X):
     clean = sae(warm_start=True).fit(X)
     faulty = sae(warm_start=True).fit(X)
     faulty.set_params(callback=Raise(5, RuntimeError))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="raised by the test's callback"):
         faulty.fit(X)
     faulty.set_params(callback=None)
     np.testing.assert_array_equal(faulty.fit(X).components_, clean.fit(X).components_)
@@ -299,7 +299,7 @@ def test_failed_warm_start_fit_does_not_move_training_state(X):
 def test_failed_fit_rewinds_a_random_state_instance(X, make):
     rng = np.random.RandomState(7)
     model = make(random_state=rng, callback=Raise(2))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="raised by the test's callback"):
         model.fit(X)
     np.testing.assert_array_equal(rng.get_state()[1], np.random.RandomState(7).get_state()[1])
     model.set_params(callback=None)

@@ -115,7 +115,7 @@ def test_save_refuses_foreign_or_unfitted_estimators(tmp_path):
 
     with pytest.raises(TypeError, match="sksae estimators"):
         sksae.save(PCA().fit(np.eye(3)), tmp_path / "pca")
-    with pytest.raises(NotFittedError):
+    with pytest.raises(NotFittedError, match="is not fitted yet"):
         sksae.save(SparseAutoencoder(), tmp_path / "unfitted")
 
 

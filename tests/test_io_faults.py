@@ -520,11 +520,11 @@ def test_sparsify_malformed_folders_raise_value_error(tmp_path, cfg, tensors, me
 
 
 def test_importers_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"nothing\S* does not exist"):
         from_saelens(tmp_path / "nothing")
     folder = _saelens_folder(tmp_path / "f")
     (folder / "sae_weights.safetensors").unlink()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"sae_weights.safetensors does not exist"):
         from_saelens(folder)
     folder = _sparsify_folder(tmp_path / "g")
     (folder / "sae.safetensors").write_bytes(b"\xff" * 64)
