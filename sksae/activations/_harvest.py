@@ -218,7 +218,7 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
         raise ValueError("batches is empty: there is nothing to harvest.") from None
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # put back module by module
     model.eval()
     try:
         def forward(batch):
@@ -305,7 +305,8 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if isinstance(layers, str):
         return ActivationStore(path, layers, verify="none")
     return {n: ActivationStore(path, n, verify="none") for n in names}

@@ -1,0 +1,287 @@
+"""Harvesting activations from a torch model into an on-disk store, and reading it back."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sksae.activations import harvest, open_store, save_store
+
+
+class TinyLM(nn.Module):
+    """A two-layer causal transformer language model, small enough for the suite."""
+
+    def __init__(self, vocab=40, d=16, n_layers=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, 2, 32, dropout=0.2, batch_first=True)
+            for _ in range(n_layers))
+        self.head = nn.Linear(d, vocab)
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        h = self.embed(input_ids)
+        causal = nn.Transformer.generate_square_subsequent_mask(input_ids.shape[1])
+        for block in self.blocks:
+            h = block(h, src_mask=causal, is_causal=True)
+        return self.head(h)
+
+
+def make_batches(n_batches=6, batch=3, seq=7, vocab=40, seed=0):
+    """Dict batches with right padding (attention_mask zero on the padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, vocab, (batch, seq), generator=gen)
+        lengths = torch.randint(2, seq + 1, (batch,), generator=gen)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def reference(model, batches, layer, keep=lambda b: b["attention_mask"].bool()):
+    """What a forward hook sees at ``layer`` (eval mode), masked rows dropped."""
+    seen = []
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+    model.eval()
+    with torch.no_grad():
+        rows = []
+        for b in batches:
+            seen.clear()
+            model(**b)
+            rows.append(seen[0][keep(b)])
+    handle.remove()
+    return torch.cat(rows)
+
+
+@pytest.fixture
+def model():
+    return TinyLM()
+
+
+def test_store_holds_exactly_the_hooked_activations(model, tmp_path):
+    batches = make_batches()
+    ref = reference(model, batches, "blocks.0")
+    model.train()
+    model.blocks[1].eval()
+    store = harvest(model, batches, "blocks.0", tmp_path / "s", dtype="float32",
+                    shard_rows=10, progress=False)
+    assert store.shape == tuple(ref.shape)
+    assert store.n_shards > 2
+    np.testing.assert_array_equal(np.asarray(store), ref.numpy())
+    assert model.training and not model.blocks[1].training  # modes are put back
+
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("float16", torch.float16),
+                                                ("bfloat16", torch.bfloat16)])
+def test_half_precision_store_holds_the_rounded_activations(model, tmp_path, dtype, torch_dtype):
+    batches = make_batches()
+    ref = reference(model, batches, "blocks.1")
+    store = harvest(model, batches, "blocks.1", tmp_path / "s", dtype=dtype, shard_rows=16,
+                    progress=False)
+    assert store.storage_dtype == dtype
+    expected = ref.to(torch_dtype).float().numpy()
+    np.testing.assert_array_equal(np.asarray(store).astype(np.float32), expected)
+    assert store.dtype == (np.float16 if dtype == "float16" else np.float32)
+    # the files hold 2 bytes a value
+    assert store.nbytes == store.shape[0] * store.shape[1] * 2
+
+
+def test_masked_positions_are_absent(model, tmp_path):
+    batches = make_batches()
+    n_kept = sum(int(b["attention_mask"].sum()) for b in batches)
+    store = harvest(model, batches, "embed", tmp_path / "a", dtype="float32", progress=False)
+    assert store.shape[0] == n_kept
+    # the embedding rows of the kept tokens, in order: padding (token 0) never appears
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
+    np.testing.assert_array_equal(np.asarray(store), model.embed.weight[ids].detach().numpy())
+
+    def no_bos(b):  # a user mask: padding and the first position dropped
+        return b["attention_mask"].bool() & (torch.arange(b["input_ids"].shape[1]) > 0)
+
+    store2 = harvest(model, batches, "embed", tmp_path / "b", mask=no_bos, dtype="float32",
+                     progress=False)
+    assert store2.shape[0] == n_kept - sum(len(b["input_ids"]) for b in batches)
+    full = harvest(model, batches, "embed", tmp_path / "c", mask=None, dtype="float32",
+                   progress=False)
+    assert full.shape[0] == sum(b["input_ids"].numel() for b in batches)
+
+
+def test_several_layers_are_row_aligned(model, tmp_path):
+    batches = make_batches()
+    stores = harvest(model, batches, ["blocks.0", "head"], tmp_path / "s", dtype="float32",
+                     shard_rows=12, progress=False)
+    assert set(stores) == {"blocks.0", "head"}
+    assert stores["blocks.0"].shape == (stores["head"].shape[0], 16)
+    assert stores["head"].shape[1] == 40
+    # the head's rows are the head applied to the last block's rows: check alignment
+    last = reference(model, batches, "blocks.1")
+    np.testing.assert_allclose(np.asarray(stores["head"]),
+                               model.head(last).detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"holds 2 layers .*pass layer="):
+        open_store(tmp_path / "s")
+
+
+def test_stop_early_skips_the_later_layers(tmp_path):
+    model = TinyLM()
+    ran = []
+    model.head.register_forward_hook(lambda *a: ran.append(1))
+    harvest(model, make_batches(2), "blocks.0", tmp_path / "a", progress=False)
+    assert ran == []
+    harvest(model, make_batches(2), "blocks.0", tmp_path / "b", stop_early=False,
+            progress=False)
+    assert len(ran) == 2
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(batches, n):
+    for i, b in enumerate(batches):
+        if i == n:
+            raise KeyboardInterrupt
+        yield b
+
+
+def test_interrupted_harvest_resumes_to_the_same_store(tmp_path):
+    batches = make_batches(n_batches=9)
+    whole = harvest(TinyLM(), batches, "blocks.0", tmp_path / "whole", shard_rows=10,
+                    progress=False)
+    model = TinyLM()
+    with pytest.raises(KeyboardInterrupt):
+        harvest(model, interrupt_after(batches, 6), "blocks.0", tmp_path / "part",
+                shard_rows=10, progress=False)
+    part = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert not part["complete"] and 0 < len(part["shards"]) < whole.n_shards
+    done = part["n_batches"]
+    assert 0 < done <= 6
+    # an unfinished store is readable, and is not taken over by a run that does not resume
+    assert open_store(tmp_path / "part").complete is False
+    with pytest.raises(FileExistsError, match="unfinished store"):
+        harvest(TinyLM(), batches, "blocks.0", tmp_path / "part", shard_rows=10,
+                resume=False, progress=False)
+    model = TinyLM()
+    resumed = harvest(model, batches, "blocks.0", tmp_path / "part", shard_rows=10,
+                      progress=False)
+    # the model ran on the first batch (to size the layers) and the batches not yet stored
+    assert model.calls == 1 + len(batches) - done
+    a = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert a["shards"] == b["shards"] and b["complete"]
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(whole))
+    with pytest.raises(FileExistsError, match="complete store"):
+        harvest(TinyLM(), batches, "blocks.0", tmp_path / "part", progress=False)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    batches = make_batches()
+    with pytest.raises(KeyboardInterrupt):
+        harvest(TinyLM(), interrupt_after(batches, 4), "blocks.0", tmp_path / "s",
+                shard_rows=5, progress=False)
+    with pytest.raises(ValueError, match="Cannot resume .* storage_dtype differ"):
+        harvest(TinyLM(), batches, "blocks.0", tmp_path / "s", shard_rows=5, dtype="float32",
+                progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_bad_arguments_are_named(model, tmp_path):
+    with pytest.raises(ValueError, match=r"no submodule 'blocks\.7' \(did you mean"):
+        harvest(model, make_batches(1), "blocks.7", tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match="dtype must be"):
+        harvest(model, make_batches(1), "embed", tmp_path / "s", dtype="int8", progress=False)
+    with pytest.raises(ValueError, match="batches is empty"):
+        harvest(model, [], "embed", tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match="mask must be"):
+        harvest(model, make_batches(1), "embed", tmp_path / "s", mask="padding",
+                progress=False)
+    with pytest.raises(ValueError, match="the mask has shape"):
+        harvest(model, make_batches(1), "embed", tmp_path / "t",
+                mask=lambda b: torch.ones(2, 2, dtype=torch.bool), progress=False)
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="TorchScript modules do not support forward hooks"):
+        harvest(scripted, [torch.zeros(2, 4)], "0", tmp_path / "u", progress=False)
+
+
+def test_max_rows_and_plain_tensor_batches(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 5, generator=gen)
+    store = harvest(model, X.split(8), "1", tmp_path / "s", dtype="float32", max_rows=21,
+                    progress=False)
+    assert store.shape == (21, 6)
+    np.testing.assert_array_equal(np.asarray(store), torch.relu(model[0](X[:21])).detach())
+
+
+# ----------------------------------------------------------------- integrity
+@pytest.fixture
+def small_store(tmp_path):
+    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
+    save_store(X, tmp_path / "s", dtype="float32", shard_rows=30)
+    return X, tmp_path / "s"
+
+
+def test_tampered_shard_is_refused(small_store):
+    X, path = small_store
+    shard = path / "layer-000" / "shard-000002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard 2 .* does not match its SHA-256 digest"):
+        open_store(path, verify="full")
+    store = open_store(path)  # lazy: the shard is checked when first read
+    np.testing.assert_array_equal(store[:30], X[:30])
+    with pytest.raises(ValueError, match=r"shard 2 .* SHA-256"):
+        store[65:70]
+    with pytest.raises(ValueError, match="SHA-256"):
+        open_store(path).verify()
+
+
+def test_truncated_or_missing_shard_is_refused(small_store):
+    _, path = small_store
+    shard = path / "layer-000" / "shard-000001.npy"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=r"shard 1 .* bytes, expected .*truncated"):
+        open_store(path, verify="none")
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"shard 1 .* is missing"):
+        open_store(path)
+
+
+def test_malformed_manifests_are_refused(small_store, tmp_path):
+    _, path = small_store
+    manifest = json.loads((path / "manifest.json").read_text())
+    bad = dict(manifest, shards=[dict(manifest["shards"][0], files={
+        "activations": {"file": "../../etc/passwd", "sha256": "0"}})])
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="not a shard of layer-000"):
+        open_store(path)
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, n_rows=7)))
+    with pytest.raises(ValueError, match="the shards hold 100 rows, the manifest says 7"):
+        open_store(path)
+    (path / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        open_store(path)
+    with pytest.raises(ValueError, match="not an activation store"):
+        open_store(tmp_path)
+
+
+def test_store_indexing_is_numpy_indexing(small_store):
+    X, path = small_store
+    store = open_store(path)
+    assert len(store) == 100 and store.ndim == 2
+    for key in [5, -1, slice(None), slice(20, 75), slice(10, 90, 7), [3, 99, 3, 40],
+                np.arange(100) % 3 == 0, (slice(28, 33), 2), (np.array([64, 1]), slice(1, 3))]:
+        np.testing.assert_array_equal(store[key], X[key])
+    with pytest.raises(IndexError, match="out of range"):
+        store[100]
+    with pytest.raises(IndexError, match="out of range"):
+        store[[0, 100]]
+    with pytest.raises(ValueError, match="has no layer 'x'"):
+        open_store(path, layer="x")
