@@ -1,9 +1,12 @@
 """Command-line interface: ``python -m sksae COMMAND``.
 
-Commands: ``demo`` (recovery comparison on toy data, PNG summary), ``fit``
-(train a sparse autoencoder on a .npy array and save it), ``transform``
-(encode a .npy array with a saved model), ``bench`` (a quick built-in
-comparison of every SAE architecture and the dictionary learners).
+Commands: ``demo`` (recovery comparison on toy data, PNG summary), ``harvest``
+(run a torch model over token ids or text and store named submodules'
+activations on disk), ``fit`` (train a sparse autoencoder on a .npy array or
+an activation store and save it), ``transform`` (encode a .npy array or a
+store with a saved model, to a .npy file or a sparse code store), ``bench``
+(a quick built-in comparison of every SAE architecture and the dictionary
+learners).
 
 Exit statuses: 0 success; 2 a user error (bad option or value, missing or
 unreadable file, a file that is not a .npy array, a folder that is not a
@@ -240,12 +243,22 @@ def _demo(args):
     return 0
 
 
-def _load_rows(path):
-    """A .npy file memory-mapped (no pickle), as a 2-D array."""
+def _load_rows(path, layer=None):
+    """A .npy file memory-mapped (no pickle), as a 2-D array, or an activation store."""
     import numpy as np
 
+    if Path(path).is_dir():
+        from .activations import open_store
+        from .activations._store import MANIFEST
+
+        if not (Path(path) / MANIFEST).is_file():
+            raise UserError(f"{path} is a folder but not an activation store (no {MANIFEST}).")
+        return open_store(path, layer)
+    if layer is not None:
+        raise UserError(f"--layer applies to an activation store; {path} is a file.")
     if not str(path).endswith(".npy"):
-        raise UserError(f"{path} is not a .npy file (save arrays with numpy.save).")
+        raise UserError(f"{path} is not a .npy file (save arrays with numpy.save) nor an "
+                        "activation store folder.")
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError) as exc:
@@ -306,7 +319,7 @@ def _fit(args):
     if _inside(args.acts, args.output):
         raise UserError(f"--output {args.output} is (or contains) the input {args.acts}; "
                         "choose another folder.")
-    X = _load_rows(args.acts)
+    X = _load_rows(args.acts, args.layer)
     # penalty weights left unset keep the estimator's defaults
     penalties = {k: v for k, v in (("alpha", args.alpha), ("l0_coefficient",
                                                            args.l0_coefficient))
@@ -315,11 +328,13 @@ def _fit(args):
         n_components=args.n_components, architecture=args.architecture, k=args.k,
         architecture_params=_architecture_params(args.architecture_params),
         learning_rate=args.learning_rate, batch_size=args.batch_size,
-        max_iter=args.max_iter, device=args.device, precision=args.precision,
+        shuffle=False if args.shuffle == "none" else args.shuffle,
+        shuffle_buffer=args.shuffle_buffer, max_iter=args.max_iter, device=args.device, precision=args.precision,
         random_state=args.random_state, verbose=0 if args.quiet else 1, **penalties)
     with _atomic_folder(args.output) as tmp:
+        how = "read batch by batch" if Path(args.acts).is_dir() else "memory-mapped"
         print(f"Fitting {sae.architecture} SAE on {X.shape[0]} rows x {X.shape[1]} "
-              f"features ({args.acts}, memory-mapped)")
+              f"features ({args.acts}, {how})")
         start = time.perf_counter()
         sae.fit(X)
         seconds = time.perf_counter() - start
@@ -345,7 +360,18 @@ def _transform(args):
         raise UserError(f"--output {args.output} is inside the model folder {args.model}; "
                         "write the codes elsewhere.")
     model = _load_model(args.model)
-    X = _load_rows(args.acts)
+    X = _load_rows(args.acts, args.layer)
+    if not str(args.output).endswith(".npy"):
+        from .activations import transform_to_store
+
+        if Path(args.output).exists() and not (Path(args.output) / "manifest.json").is_file():
+            raise UserError(f"--output {args.output} exists and is not a code store; "
+                            "choose another path.")
+        codes = transform_to_store(model, X, args.output, chunk_rows=args.chunk_rows,
+                                   overwrite=True)
+        print(f"Wrote sparse codes of shape {codes.shape} ({codes.nnz} non-zeros) to the "
+              f"code store {args.output}")
+        return 0
     n_out = model.transform(np.asarray(X[:1])).shape[1]
     dtype = np.dtype(args.dtype)
     shape = (X.shape[0], n_out)
@@ -360,6 +386,131 @@ def _transform(args):
             del out  # unmap before the rename (or the removal)
     print(f"Wrote codes of shape {shape} ({dtype}) to {args.output}")
     return 0
+def _import_model(spec):
+    """``package.module:name`` or ``path/to/file.py:name``: a module, or a callable making one."""
+    import importlib
+    import importlib.util
+
+    import torch
+
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise UserError(f"MODEL {spec!r} must be 'package.module:name' or "
+                        "'path/to/file.py:name'.")
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise FileNotFoundError(errno.ENOENT, "No such model file", where)
+        module_spec = importlib.util.spec_from_file_location("_sksae_user_model", where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise UserError(f"cannot import {where!r} ({exc}).") from None
+    if not hasattr(module, name):
+        raise UserError(f"{where} has no {name!r}.")
+    model = getattr(module, name)
+    if not isinstance(model, torch.nn.Module) and callable(model):
+        model = model()
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"{spec} is a {type(model).__name__}, not a torch.nn.Module or a "
+                        "function returning one.")
+    return model
+
+
+def _token_batches(args):
+    """Batches of the token ids in ``args.tokens`` (a 2-D integer .npy), and their mask."""
+    import numpy as np
+    import torch
+
+    ids = _load_ids(args.tokens)
+    batches = [torch.from_numpy(np.array(ids[i:i + args.batch_size], dtype=np.int64))
+               for i in range(0, len(ids), args.batch_size)]
+
+    def mask(batch):
+        keep = torch.ones(batch.shape, dtype=torch.bool)
+        if args.pad_id is not None:
+            keep &= batch != args.pad_id
+        if args.skip_first:
+            keep[:, 0] = False
+        return keep
+
+    return batches, mask, {"tokens": str(args.tokens)}
+
+
+def _load_ids(path):
+    import numpy as np
+
+    if not str(path).endswith(".npy"):
+        raise UserError(f"--tokens {path} is not a .npy file.")
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npy array: {exc}") from exc
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.size == 0:
+        raise UserError(f"--tokens {path} must hold a 2-D array of integer token ids "
+                        f"(sequences x positions); it holds {ids.shape} {ids.dtype}.")
+    return ids
+
+
+def _text_batches(args):
+    """Tokenized batches of the lines of ``args.text`` (transformers' tokenizer)."""
+    import torch
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError("--text needs the transformers package (pip install transformers); "
+                        "or pass --tokens with token ids.") from None
+    if args.tokenizer is None:
+        raise UserError("--text needs --tokenizer (a local tokenizer folder).")
+    with open(args.text, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise UserError(f"--text {args.text} has no non-empty line.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the tokenizer {args.tokenizer!r} offline ({exc}).") \
+            from None
+    batches = [dict(tokenizer(lines[i:i + args.batch_size], padding=True, truncation=True,
+                              max_length=args.seq_len, return_tensors="pt"))
+               for i in range(0, len(lines), args.batch_size)]
+
+    def mask(batch):
+        keep = batch["attention_mask"].bool()
+        if args.skip_first:
+            keep = keep & (torch.arange(keep.shape[1]) > 0)
+        return keep
+
+    return batches, mask, {"text": str(args.text), "tokenizer": str(args.tokenizer),
+                           "seq_len": args.seq_len}
+
+
+def _harvest(args):
+    from .activations import harvest
+
+    if (args.tokens is None) == (args.text is None):
+        raise UserError("give exactly one of --tokens (a .npy of token ids) and --text "
+                        "(a text file, one input per line).")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} exists and is not a folder.")
+    model = _import_model(args.model)
+    batches, mask, source = _token_batches(args) if args.tokens else _text_batches(args)
+    stores = harvest(model, batches, args.layer if len(args.layer) > 1 else args.layer[0],
+                     args.output, mask=mask, dtype=args.dtype, shard_rows=args.shard_rows,
+                     max_rows=args.max_rows, device=None if args.device == "auto" else
+                     args.device, source=source, overwrite=args.overwrite,
+                     progress=not args.quiet)
+    stores = stores if isinstance(stores, dict) else {args.layer[0]: stores}
+    for name, store in stores.items():
+        print(f"{name}: {store.shape[0]} rows x {store.shape[1]} features "
+              f"({store.storage_dtype}, {store.n_shards} shards)")
+    print(f"Wrote the activation store {args.output}")
+    return 0
+
+
 def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
     """The ``bench`` command: every estimator on one toy problem, one table.
 
@@ -453,11 +604,14 @@ def build_parser():
     fit = command(
         "fit", help="train a sparse autoencoder on activations in a .npy file and save it",
         description="Train a SparseAutoencoder on ACTS (a .npy array of shape (n_rows, "
-                    "n_features), memory-mapped; higher-dimensional arrays are flattened "
-                    "to rows) and save it with sksae.save. The folder is written "
+                    "n_features), memory-mapped, higher-dimensional arrays flattened to "
+                    "rows; or an activation store folder, read batch by batch with a "
+                    "block shuffle) and save it with sksae.save. The folder is written "
                     "under a temporary name and renamed at the end; an existing OUTPUT "
                     "is replaced only if it is empty or an sksae model folder.")
-    fit.add_argument("acts", help="input .npy file")
+    fit.add_argument("acts", help="input .npy file or activation store folder")
+    fit.add_argument("--layer", default=None,
+                     help="the layer of a store that holds several (see harvest)")
     fit.add_argument("-o", "--output", required=True, help="model folder to write")
     fit.add_argument("--architecture", default="topk", choices=architectures.available(),
                      help="a registered architecture (default: %(default)s)")
@@ -475,6 +629,12 @@ def build_parser():
     fit.add_argument("--learning-rate", type=learning_rate, default="auto",
                      help="'auto' or a number > 0 (default: %(default)s)")
     fit.add_argument("--batch-size", type=positive_int, default=1024)
+    fit.add_argument("--shuffle", default="auto", choices=["auto", "rows", "blocks", "none"],
+                     help="row order of each epoch: 'auto' is blocks for a store, rows for a "
+                          ".npy (see SparseAutoencoder's shuffle)")
+    fit.add_argument("--shuffle-buffer", type=positive_int, default=None,
+                     help="rows per read of a store (the block shuffle's buffer; default "
+                          "about 128 MiB)")
     fit.add_argument("--max-iter", type=non_negative_int, default=30,
                      help="epochs; 0 saves the initialized, untrained model "
                           "(default: %(default)s)")
@@ -488,15 +648,55 @@ def build_parser():
     tr = command(
         "transform", help="encode a .npy file with a saved model",
         description="Encode ACTS with the model in MODEL_DIR (an sksae.save folder, or a "
-                    "SAELens or sparsify SAE folder) and write the codes to a .npy file, "
-                    "chunk by chunk, under a temporary name renamed at the end. OUTPUT "
+                    "SAELens or sparsify SAE folder) and write the codes to a .npy file "
+                    "(dense) or a code store folder (sparse), chunk by chunk, under a "
+                    "temporary name renamed at the end. OUTPUT "
                     "may not be ACTS nor lie inside MODEL_DIR.")
     tr.add_argument("model", help="model folder")
-    tr.add_argument("acts", help="input .npy file")
-    tr.add_argument("-o", "--output", required=True, help="output .npy file")
+    tr.add_argument("acts", help="input .npy file or activation store folder")
+    tr.add_argument("-o", "--output", required=True,
+                    help="output .npy file (dense codes), or a folder for a sparse code "
+                         "store (sksae.activations.open_codes)")
+    tr.add_argument("--layer", default=None,
+                    help="the layer of a store that holds several")
     tr.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     tr.add_argument("--chunk-rows", type=positive_int, default=65536)
     tr.set_defaults(func=_transform)
+
+    hv = command(
+        "harvest", help="store a torch model's activations over token ids or text",
+        description="Run MODEL over input batches and write the outputs of the --layer "
+                    "submodules (names from model.named_modules()) to an activation store "
+                    "folder (sksae.activations.open_store): sharded .npy files and a "
+                    "manifest with a digest per shard. Inputs: --tokens, a .npy of integer "
+                    "token ids (sequences x positions), or --text, a text file with one "
+                    "input per line and --tokenizer, a local tokenizer folder "
+                    "(transformers). An interrupted harvest resumes where it stopped when "
+                    "run again with the same arguments.")
+    hv.add_argument("model", help="'package.module:name' or 'path/to/file.py:name': a "
+                                  "torch.nn.Module or a function returning one")
+    hv.add_argument("--layer", action="append", required=True,
+                    help="a submodule whose output to store (repeat for several)")
+    hv.add_argument("-o", "--output", required=True, help="store folder to write")
+    hv.add_argument("--tokens", default=None, help=".npy of token ids")
+    hv.add_argument("--text", default=None, help="text file, one input per line")
+    hv.add_argument("--tokenizer", default=None, help="local tokenizer folder (with --text)")
+    hv.add_argument("--seq-len", type=positive_int, default=128,
+                    help="truncate texts to this many tokens (default: %(default)s)")
+    hv.add_argument("--pad-id", type=int, default=None,
+                    help="token id of padding in --tokens: those positions are dropped")
+    hv.add_argument("--skip-first", action="store_true",
+                    help="drop the first position of every sequence (BOS/CLS)")
+    hv.add_argument("--batch-size", type=positive_int, default=32,
+                    help="sequences per forward pass (default: %(default)s)")
+    hv.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    hv.add_argument("--shard-rows", type=positive_int, default=65536)
+    hv.add_argument("--max-rows", type=positive_int, default=None)
+    hv.add_argument("--device", default="auto",
+                    help="where the inputs go (default: the model's device)")
+    hv.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    hv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    hv.set_defaults(func=_harvest)
 
     bench = command(
         "bench", help="quick comparison of every SAE architecture and dictionary learner",
