@@ -32,6 +32,8 @@ from ._accel.prefetch import read_ahead
 __all__ = ["StreamSource", "BLOCKS_PER_BUFFER", "default_buffer_rows"]
 
 BLOCKS_PER_BUFFER = 16
+#: buffers read ahead by the background thread (0: none; benchmarks/bench_out_of_core.py)
+READ_AHEAD_DEPTH = 2
 _BUFFER_BYTES = 128 * 2**20
 
 
@@ -58,12 +60,13 @@ class StreamSource:
     buffer_rows : int or None
         Rows read at a time (the shuffle buffer); None: about 128 MiB.
     scale : float, default=1.0
-    read_ahead_depth : int, default=2
-        Buffers read ahead by the background thread (0: read in this thread).
+    read_ahead_depth : int, default=None
+        Buffers read ahead by the background thread (0: read in this thread);
+        None means ``READ_AHEAD_DEPTH`` (2).
     """
 
     def __init__(self, rows, batch_size, device, dtype, generator, shuffle="rows",
-                 buffer_rows=None, scale=1.0, read_ahead_depth=2):
+                 buffer_rows=None, scale=1.0, read_ahead_depth=None):
         self.rows = rows
         self.n_samples = rows.n_samples
         self.batch_size = min(batch_size, self.n_samples)
@@ -72,7 +75,7 @@ class StreamSource:
         self.generator = generator
         self.shuffle = shuffle
         self.scale = scale
-        self.depth = read_ahead_depth
+        self.depth = READ_AHEAD_DEPTH if read_ahead_depth is None else read_ahead_depth
         buffer_rows = default_buffer_rows(rows) if buffer_rows is None else int(buffer_rows)
         # whole batches per buffer, so that no batch straddles two reads
         self.buffer_rows = max(1, buffer_rows // self.batch_size) * self.batch_size

@@ -285,3 +285,20 @@ def test_store_indexing_is_numpy_indexing(small_store):
         store[[0, 100]]
     with pytest.raises(ValueError, match="has no layer 'x'"):
         open_store(path, layer="x")
+
+
+def test_positions_name_each_rows_sequence_and_token(model, tmp_path):
+    batches = make_batches()
+    store = harvest(model, batches, "embed", tmp_path / "s", dtype="float32", shard_rows=10,
+                    progress=False)
+    pos = store.positions()
+    assert pos.shape == (store.shape[0], 2) and pos.dtype == np.int64
+    ids = torch.cat([b["input_ids"] for b in batches])  # (sequences, positions)
+    masks = torch.cat([b["attention_mask"] for b in batches])
+    assert masks[pos[:, 0], pos[:, 1]].all()  # only kept positions
+    expected = model.embed.weight[ids[pos[:, 0], pos[:, 1]]].detach().numpy()
+    np.testing.assert_array_equal(np.asarray(store), expected)
+    np.testing.assert_array_equal(store.positions(5, 25), pos[5:25])
+    plain = save_store(np.zeros((4, 2), np.float32), tmp_path / "p")
+    with pytest.raises(ValueError, match="has no row positions"):
+        plain.positions()

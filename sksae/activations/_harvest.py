@@ -83,6 +83,8 @@ def _rows(output, keep, name):
         return output.reshape(-1, output.shape[-1]) if output.ndim <= 3 else \
             output.reshape(output.shape[0] * output.shape[1], -1)
     keep = keep.to(output.device)
+    if output.ndim == 2 and keep.ndim == 2 and keep.shape[1] == 1:
+        keep = keep[:, 0]
     if tuple(output.shape[:keep.ndim]) != tuple(keep.shape):
         raise ValueError(f"the mask has shape {tuple(keep.shape)}, but {name!r}'s output has "
                          f"shape {tuple(output.shape)}: the mask must cover its leading "
@@ -234,10 +236,11 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
             if absent:
                 raise RuntimeError(f"submodules {absent} did not run in the forward pass.")
             keep = _batch_mask(mask, batch)
-            return {n: _rows(captured[n], keep, n) for n in names}
+            out = {n: _rows(captured[n], keep, n) for n in names}
+            return out, _positions(captured[names[0]], keep)
 
         rows = forward(first)
-        spec = {n: int(r.shape[1]) for n, r in rows.items()}
+        spec = {n: int(r.shape[1]) for n, r in rows[0].items()}
         description = {"model": type(model).__qualname__, "mask": _describe_mask(mask),
                        "shard_rows": int(shard_rows), "max_rows": max_rows,
                        "user": source if source is not None else {}}
@@ -256,6 +259,8 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
         try:
             n_rows = writer.n_rows
             buffers = {n: [] for n in names}
+            where = []  # (sequence, position) of the buffered rows
+            sequences = 0
             buffered, batches_in_buffer = 0, 0
             finished = writer.manifest["complete"]
 
@@ -265,9 +270,10 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
                     return
                 if buffered:
                     writer.write_shard({n: np.concatenate(buffers[n]) for n in names},
-                                       batches_in_buffer)
+                                       batches_in_buffer, positions=np.concatenate(where))
                     for n in names:
                         buffers[n].clear()
+                    where.clear()
                     buffered, batches_in_buffer = 0, 0
 
             index = 0
@@ -275,16 +281,22 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
                 if finished:
                     break
                 index += 1
+                n_seq = _n_sequences(batch)
                 if index <= done:  # covered by a completed shard
+                    sequences += n_seq
                     if bar is not None:
                         bar.update(1)
                     continue
-                out = rows if index == 1 else forward(batch)
+                out, pos = rows if index == 1 else forward(batch)
                 count = next(iter(out.values())).shape[0]
                 if max_rows is not None:
                     count = min(count, int(max_rows) - n_rows - buffered)
                 for n in names:
                     buffers[n].append(to_storage(out[n][:count], dtype))
+                pos = pos[:count].cpu().numpy()
+                pos[:, 0] += sequences
+                where.append(pos)
+                sequences += n_seq
                 buffered += count
                 batches_in_buffer += 1
                 if bar is not None:
@@ -310,6 +322,28 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
     if isinstance(layers, str):
         return ActivationStore(path, layers, verify="none")
     return {n: ActivationStore(path, n, verify="none") for n in names}
+
+
+def _positions(output, keep):
+    """(sequence in the batch, position) of each row, in the order of :func:`_rows`."""
+    if output.ndim == 2:
+        n = output.shape[0]
+        grid = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1)
+        return grid if keep is None else grid[keep.reshape(-1).cpu()]
+    b, t = output.shape[:2]
+    grid = torch.stack(torch.meshgrid(torch.arange(b), torch.arange(t), indexing="ij"), -1)
+    return grid.reshape(-1, 2) if keep is None else grid[keep.cpu()]
+
+
+def _n_sequences(batch):
+    """The leading dimension of a batch (its first tensor's)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    return 0
 
 
 def _chain(first, rest):

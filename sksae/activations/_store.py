@@ -37,6 +37,7 @@ __all__ = ["ActivationStore", "open_store", "save_store", "StoreWriter", "STORAG
 FORMAT = "sksae-activations"
 VERSION = 1
 MANIFEST = "manifest.json"
+POSITIONS = "positions"  # folder of the optional (sequence, position) of every row
 _MAX_MANIFEST_BYTES = 64 * 2**20
 
 #: storage dtype name -> (numpy dtype of the shard files, torch dtype of the values)
@@ -170,7 +171,7 @@ class StoreWriter:
     def _clear(self):
         """Remove a previous store's files (only what a store holds)."""
         for entry in self.path.iterdir():
-            if entry.is_dir() and _LAYER_DIR.fullmatch(entry.name):
+            if entry.is_dir() and (_LAYER_DIR.fullmatch(entry.name) or entry.name == POSITIONS):
                 for f in entry.iterdir():
                     if f.name.startswith("shard-"):
                         f.unlink()
@@ -182,17 +183,31 @@ class StoreWriter:
     def _remove_strays(self):
         """Shard files that no manifest entry lists (a shard written when the run stopped)."""
         listed = {f["file"] for s in self.manifest["shards"] for f in s["files"].values()}
-        for entry in self.manifest["layers"]:
+        listed |= {s["positions"]["file"] for s in self.manifest["shards"] if "positions" in s}
+        for entry in [*self.manifest["layers"], {"dir": POSITIONS}]:
             folder = self.path / entry["dir"]
+            if not folder.is_dir():
+                continue
             for f in folder.iterdir():
                 rel = f"{entry['dir']}/{f.name}"
                 if f.name.startswith("shard-") and rel not in listed:
                     f.unlink()
 
-    def write_shard(self, arrays, n_batches):
+    def _write_file(self, rel, a):
+        target = self.path / rel
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array(f, a, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        return {"file": rel, "sha256": _sha256(target)}
+
+    def write_shard(self, arrays, n_batches, positions=None):
         """Append one shard: ``arrays[layer]`` of shape (rows, n_features), in storage dtype.
 
-        ``n_batches`` is the number of input batches the shard completes.
+        ``n_batches`` is the number of input batches the shard completes;
+        ``positions`` (rows, 2) int64, optional: each row's (sequence, position).
         """
         index = len(self.manifest["shards"])
         rows = None
@@ -207,17 +222,17 @@ class StoreWriter:
             if rows is not None and a.shape[0] != rows:
                 raise ValueError("Every layer of a shard must have the same number of rows.")
             rows = a.shape[0]
-            rel = f"{entry['dir']}/shard-{index:06d}.npy"
-            target = self.path / rel
-            tmp = target.with_name(target.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.lib.format.write_array(f, a, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            files[entry["name"]] = {"file": rel, "sha256": _sha256(target)}
-        self.manifest["shards"].append({"rows": int(rows), "batches": int(n_batches),
-                                        "files": files})
+            files[entry["name"]] = self._write_file(f"{entry['dir']}/shard-{index:06d}.npy", a)
+        shard = {"rows": int(rows), "batches": int(n_batches), "files": files}
+        if positions is not None:
+            positions = np.ascontiguousarray(positions, dtype="<i8")
+            if positions.shape != (rows, 2):
+                raise ValueError(f"positions must have shape ({rows}, 2); got "
+                                 f"{positions.shape}.")
+            (self.path / POSITIONS).mkdir(exist_ok=True)
+            shard["positions"] = self._write_file(f"{POSITIONS}/shard-{index:06d}.npy",
+                                                  positions)
+        self.manifest["shards"].append(shard)
         self.manifest["n_rows"] += int(rows)
         self.manifest["n_batches"] += int(n_batches)
         _write_json_atomic(self.path / MANIFEST, self.manifest)
@@ -382,6 +397,43 @@ class ActivationStore:
                                  "its SHA-256 digest in the manifest: it was altered or "
                                  "corrupted.")
             self._verified.add(i)
+
+    def positions(self, start=0, stop=None):
+        """``(sequence, position)`` of rows ``start:stop``, as an int64 array of shape (n, 2).
+
+        ``sequence`` counts the input sequences (the leading dimension of
+        every batch) from 0 in the order they were harvested, ``position`` is
+        the index within the sequence: where each row's token came from.
+        Only stores written by :func:`harvest` have them.
+        """
+        shards = self.manifest["shards"]
+        if not shards or any("positions" not in sh for sh in shards):
+            raise ValueError(f"{self.path} has no row positions (only harvest writes them).")
+        start, stop, _ = slice(start, stop).indices(self.shape[0])
+        parts = []
+        pos = start
+        while pos < stop:
+            i = self.shard_of(pos)
+            hi = min(stop, int(self._offsets[i + 1]))
+            parts.append(self._positions_map(i)[pos - self._offsets[i]: hi - self._offsets[i]])
+            pos = hi
+        return np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+
+    def _positions_map(self, i):
+        info = self.manifest["shards"][i]["positions"]
+        folder, _, name = str(info["file"]).partition("/")
+        file = self.path / POSITIONS / name
+        if folder != POSITIONS or not _SHARD_FILE.fullmatch(name) or not file.is_file():
+            raise StoreError(f"{self.path}: shard {i}'s positions file is missing or "
+                             "misnamed.")
+        if self._verify != "none" and _sha256(file) != info["sha256"]:
+            raise StoreError(f"{self.path}: shard {i}'s positions do not match their SHA-256 "
+                             "digest.")
+        got = np.load(file, mmap_mode="r", allow_pickle=False)
+        if got.shape != (int(self._offsets[i + 1] - self._offsets[i]), 2) \
+                or got.dtype != np.dtype("<i8"):
+            raise StoreError(f"{self.path}: shard {i}'s positions have shape {got.shape}.")
+        return got
 
     def verify(self):
         """Check every shard's SHA-256 digest; raise ``ValueError`` naming the first bad one."""
