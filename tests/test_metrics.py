@@ -180,7 +180,13 @@ def test_scorers_on_fitted_estimator(toy):
     assert make_mmcs_scorer(F, absolute=True)(pipe, X) == pytest.approx(
         mean_max_cosine_similarity(F, pipe[-1].components_, absolute=True)
     )
-    assert -1 <= fve_scorer(pipe, X) <= 1
+    X_hat = pipe.inverse_transform(pipe.transform(X)).astype(np.float64)
+    assert fve_scorer(pipe, X) == pytest.approx(
+        r2_score(X.astype(np.float64), X_hat, multioutput="variance_weighted"), rel=1e-12)
+
+
+def _unit(A):
+    return A / np.linalg.norm(A, axis=1, keepdims=True)
 
 
 def _dl_gpu():
@@ -230,10 +236,63 @@ def test_scorers_in_grid_search(toy, make_estimator, n_jobs, one_torch_thread):
         make_estimator(), {"alpha": [0.05, 0.5]}, scoring=scoring, refit="mmcs",
         cv=2, n_jobs=n_jobs,
     ).fit(X)
-    for name in scoring:
-        scores = search.cv_results_[f"mean_test_{name}"]
-        assert np.all(np.isfinite(scores)) and np.all(scores <= 1)
-    best = search.best_estimator_
-    assert make_mmcs_scorer(F, absolute=True)(best, X) == pytest.approx(
-        mean_max_cosine_similarity(F, best.components_, absolute=True)
-    )
+    # the best candidate's fold scores, recomputed by hand from the metrics' definitions
+    from sklearn.base import clone
+    from sklearn.model_selection import KFold
+
+    best = search.best_index_
+    params = search.cv_results_["params"][best]
+    for i, (train, test) in enumerate(KFold(2).split(X)):
+        est = clone(make_estimator()).set_params(**params).fit(X[train])
+        codes = est.transform(X[test])
+        X_hat = est.inverse_transform(codes)
+        fve = r2_score(X[test], X_hat, multioutput="variance_weighted")
+        over = max(0.0, (codes != 0).sum(1).mean() - 3.0) / 3.0
+        cos = np.abs(_unit(F) @ _unit(est.components_).T).max(1).mean()
+        for name, want in (("fve", fve), ("sparse", fve - over), ("mmcs", cos)):
+            assert search.cv_results_[f"split{i}_test_{name}"][best] == pytest.approx(
+                want, rel=1e-6, abs=1e-9), name
+    assert search.best_index_ == np.argmax(search.cv_results_["mean_test_mmcs"])
+
+
+def test_metrics_over_several_chunks_of_rows(monkeypatch):
+    """More rows than two of the metrics' 65,536-row chunks, against whole-array numpy."""
+    from sksae import metrics
+
+    rng = np.random.default_rng(0)
+    n = 2 * metrics._CHUNK_ROWS + 1000
+    X = rng.standard_normal((n, 3))
+    X[n // 2:] += 5.0  # chunks with other means: centring must use the global mean
+    X_hat = 0.8 * X + 0.3 * rng.standard_normal((n, 3)) + 0.1
+    assert fraction_variance_explained(X, X_hat) == pytest.approx(
+        r2_score(X, X_hat, multioutput="variance_weighted"), rel=1e-10)
+    mean = X.mean(0)
+    gamma = ((X_hat - mean) * (X - mean)).sum() / ((X_hat - mean) ** 2).sum()
+    assert relative_reconstruction_bias(X, X_hat) == pytest.approx(gamma, rel=1e-10)
+
+    codes = np.where(rng.random((n, 5)) < 0.2, rng.random((n, 5)), 0.0)
+    codes[:, 3] = 0
+    codes[-1, 3] = 2.0  # alive in the last chunk only
+    codes[:, 4] = 0
+    assert l0(codes) == pytest.approx((codes != 0).sum() / n, rel=1e-12)
+    np.testing.assert_allclose(feature_density(codes), (codes != 0).mean(0), rtol=1e-12)
+    assert dead_fraction(codes) == 0.2
+
+    learned = rng.standard_normal((4, 3))
+    cos = _unit(X) @ _unit(learned).T
+    np.testing.assert_allclose(max_cosine_similarity(X, learned), cos.max(1), rtol=1e-12)
+    np.testing.assert_allclose(max_cosine_similarity(X, learned, absolute=True),
+                               np.abs(cos).max(1), rtol=1e-12)
+    mmcs, rate = mean_max_cosine_similarity(X, learned, threshold=0.9)
+    assert mmcs == pytest.approx(cos.max(1).mean(), rel=1e-10)
+    assert rate == pytest.approx((cos.max(1) > 0.9).mean(), rel=1e-12)
+
+    # duplicate_fraction compares every atom with every other: chunks of 7 atoms here
+    monkeypatch.setattr(metrics, "_CHUNK_ROWS", 7)
+    atoms = rng.standard_normal((30, 16))
+    atoms[[5, 13, 29]] = 2 * atoms[[12, 2, 0]] + 0.01  # across chunk boundaries
+    cos = _unit(atoms) @ _unit(atoms).T
+    np.fill_diagonal(cos, -np.inf)
+    want = (cos.max(1) > 0.9).mean()
+    assert want == pytest.approx(6 / 30)
+    assert duplicate_fraction(atoms) == pytest.approx(want, rel=1e-12)
