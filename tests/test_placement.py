@@ -6,9 +6,10 @@ patched): the host copies are then plain copies, and both options must give
 the same result.
 """
 
-import time
+import types
 
 import numpy as np
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -57,24 +58,39 @@ def test_cpu_runs_the_device_function_unmeasured():
     assert not any(key[0] == "test cpu site" for key in _placement._choosers)
 
 
+class FakeClock:
+    """``time.perf_counter`` of the placement module: advanced only by the options run."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def read(self):
+        return self.now
+
+    def option(self, seconds, calls, label):
+        def run():
+            self.now += seconds
+            calls.append(label)
+            return "same"
+        return run
+
+
 def test_accelerator_calls_go_where_measured_faster(monkeypatch):
     monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
+    clock = FakeClock()
+    monkeypatch.setattr(_placement, "time", types.SimpleNamespace(perf_counter=clock.read))
     x = torch.zeros(200, 3)
     calls = []
-
-    def slow():
-        time.sleep(0.004)
-        calls.append("device")
-        return "same"
-
-    def fast():
-        calls.append("host")
-        return "same"
-
+    slow, fast = clock.option(0.004, calls, "device"), clock.option(0.001, calls, "host")
     outs = [run_faster("test site", x, slow, fast) for _ in range(40)]
     assert set(outs) == {"same"}
-    assert calls[:2] == ["device", "host"]  # both measured first
-    assert calls[10:].count("host") >= 25  # then mostly the faster one
+    # both measured first, then the faster; the slower one is retried after 8 calls of
+    # the faster, then after 16 (Chooser's min_explore, doubled when the trial confirms)
+    trials = [i for i, c in enumerate(calls) if c == "device"]
+    assert trials == [0, 9, 26]
+    chooser = _placement._choosers[("test site", (256, 3), x.dtype, "cpu")]
+    assert chooser.choice == "host" and chooser.seconds == pytest.approx(
+        {"device": 0.004, "host": 0.001}, rel=1e-12)
     # rows are bucketed: 200 and 256 rows share the measurements
     assert ("test site", (256, 3), x.dtype, "cpu") in _placement._choosers
 
@@ -84,20 +100,20 @@ def test_settled_choice_runs_without_synchronising(monkeypatch):
     monkeypatch.setattr(_placement, "is_accelerator", lambda device: True)
     syncs = []
     monkeypatch.setattr(_placement, "synchronize", lambda device: syncs.append(device))
+    clock = FakeClock()
+    monkeypatch.setattr(_placement, "time", types.SimpleNamespace(perf_counter=clock.read))
     x = torch.zeros(16, 3)
-
-    def slow():
-        time.sleep(0.003)
-        return "same"
-
+    calls = []
+    slow, fast = clock.option(0.003, calls, "device"), clock.option(0.0001, calls, "host")
     for _ in range(200):
-        run_faster("test sync site", x, slow, lambda: "same")
+        run_faster("test sync site", x, slow, fast)
     chooser = _placement._choosers[("test sync site", (16, 3), x.dtype, "cpu")]
     assert chooser.choice == "host"
-    timed = len(syncs) // 2  # a timed call synchronises before and after
-    # every call timed before (200) would be 400 syncs; settled, the trials and
-    # the calls just before them are timed: a few dozen at most
-    assert 2 <= timed <= 40, timed
+    # trials of "device" after 8, 16, 32 and 64 calls of "host" (the next after 128)
+    assert [i for i, c in enumerate(calls) if c == "device"] == [0, 9, 26, 59, 124]
+    # timed: the first two calls, each trial (4) and the call just before it (4), where
+    # timing every call would be 200; each timed call synchronises before and after
+    assert len(syncs) == 2 * (2 + 4 + 4)
 
 
 def test_dictionary_sweep_on_host_copies_equals_in_place(monkeypatch):
