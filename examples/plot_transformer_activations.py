@@ -103,6 +103,7 @@ ids = [ids for b in batches for ids in b["input_ids"].tolist()]
 def in_context(row, width=4):
     sentence, pos = positions[row]
     toks = tokenizer.convert_ids_to_tokens(ids[sentence])
+
     def text(part):
         return tokenizer.convert_tokens_to_string(
             [t for t in part if t not in tokenizer.all_special_tokens])
