@@ -22,6 +22,7 @@ from sksae.metrics import relative_reconstruction_bias
 ARCHS = available()  # entry points of installed packages included
 # small settings giving every architecture a few active latents per row
 SMALL = dict(n_components=32, k=3, alpha=1.0, l0_coefficient=1.0, batch_size=128,
+             precision="float32",
              max_iter=8, random_state=0)
 
 
@@ -176,7 +177,8 @@ def test_batchtopk_l0_training_exact_inference_close():
     X, X_test = X[:4000], X[4000:]
     k = 5
     sae = SparseAutoencoder(n_components=128, architecture="batchtopk", k=k,
-                            batch_size=256, max_iter=10, random_state=0).fit(X)
+                            batch_size=256, max_iter=10, random_state=0,
+                            precision="float32").fit(X)
     np.testing.assert_allclose(sae.history_["step"]["l0"], k)  # every training batch
     assert sae.threshold_.shape == () and sae.threshold_ > 0
     l0_test = (sae.transform(X_test) > 0).sum(1).mean()
@@ -257,7 +259,8 @@ def test_l1_shrinks_more_than_topk_jumprelu_gated():
     X = make_sparse_superposition(n_samples=5000, n_features=32, n_components=64,
                                   random_state=0)
     X, X_test = X[:4000], X[4000:]
-    common = dict(n_components=128, batch_size=256, max_iter=8, random_state=0)
+    common = dict(n_components=128, batch_size=256, max_iter=8, random_state=0,
+                  precision="float32")
     settings = {"relu": dict(alpha=5.0), "topk": dict(k=5), "jumprelu": dict(),
                 "gated": dict()}
     bias = {}

@@ -22,7 +22,7 @@ def X():
 
 def _sae(architecture, **kw):
     params = dict(n_components=16, architecture=architecture, k=2, max_iter=2,
-                  batch_size=64, random_state=0, device="cpu")
+                  batch_size=64, random_state=0, device="cpu", precision="float32")
     return SparseAutoencoder(**{**params, **kw})
 
 

@@ -86,7 +86,8 @@ def test_ragged_pattern_decode_and_gather(device, dtype):
     B, D, F = 16, 6, 40
     pat = _ragged(B, F, 8, device)
     p = _params(D, F, dtype, device)
-    x = torch.randn(B, D, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, dtype=dtype, generator=g).to(device)
     pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
 
     def loss(pre_used):
@@ -111,10 +112,11 @@ def test_gather_pre_gradients(device, dtype):
     """Sparse encoder backward equals autograd through the dense product, x included."""
     B, D, F, k = 20, 9, 64, 4
     p = _params(D, F, dtype, device, seed=3)
-    x = torch.randn(B, D, dtype=dtype, device=device, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, D, dtype=dtype, generator=g).to(device).requires_grad_(True)
     pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
     idx = torch.topk(pre.detach(), k, dim=-1).indices
-    w = torch.randn(B, k, dtype=dtype, device=device)
+    w = torch.randn(B, k, dtype=dtype, generator=g).to(device)
     sparse = gather_pre(pre.detach(), idx, x, p)
     dense = gather_pre(pre, idx, x, p)
     assert_close(sparse, dense)
@@ -160,9 +162,10 @@ def test_use_sparse_rule():
 
 
 def test_decode_dispatch(device):
-    W = torch.randn(40, 3, dtype=torch.float64, device=device)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(40, 3, dtype=torch.float64, generator=g).to(device)
     idx = torch.tensor([[1, 5], [2, 39]], device=device)
-    codes = SparseCodes(torch.rand(2, 2, dtype=torch.float64, device=device), idx)
+    codes = SparseCodes(torch.rand(2, 2, dtype=torch.float64, generator=g).to(device), idx)
     ref = codes.to_dense(40) @ W
     for kernels in ("auto", "sparse", "dense"):
         assert_close(decode(codes, W, kernels=kernels), ref)

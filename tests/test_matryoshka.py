@@ -138,7 +138,8 @@ def test_default_prefix_sizes():
     assert _arch(4, 8, k=1).prefix_sizes == [1, 2]  # n_components // 8 == 0 is dropped
     X = np.random.RandomState(0).randn(64, 8).astype(np.float32)
     sae = SparseAutoencoder(n_components=64, k=4, architecture="matryoshka", max_iter=1,
-                            batch_size=32, device="cpu", random_state=0).fit(X)
+                            batch_size=32, device="cpu", random_state=0,
+                            precision="float32").fit(X)
     assert {"mse_8", "mse_16", "mse_32"} <= set(sae.history_["step"])
     assert not any(key == "mse_64" for key in sae.history_["step"])
 
@@ -178,7 +179,8 @@ def X():
 def fitted(X):
     return SparseAutoencoder(n_components=32, k=4, architecture="matryoshka",
                              architecture_params={"prefix_sizes": PREFIXES}, max_iter=3,
-                             batch_size=64, device="cpu", random_state=0).fit(X)
+                             batch_size=64, device="cpu", random_state=0,
+                             precision="float32").fit(X)
 
 
 def test_transform_is_the_threshold_rule_row_by_row(fitted, X):
@@ -251,7 +253,7 @@ def test_first_prefix_reconstructs_far_better_than_batchtopk(seed):
     0.23-0.42 of the variance, BatchTopK's -0.13-0.08; margin >= 0.28."""
     X = _hierarchical(2000, seed)
     kw = dict(n_components=32, k=4, max_iter=6, batch_size=128, device="cpu",
-              random_state=seed)
+              random_state=seed, precision="float32")
     mat = SparseAutoencoder(architecture="matryoshka",
                             architecture_params={"prefix_sizes": [4, 8, 16]}, **kw).fit(X)
     plain = SparseAutoencoder(architecture="batchtopk", **kw).fit(X)

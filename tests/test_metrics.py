@@ -204,7 +204,7 @@ def _sae():
 
     return SparseAutoencoder(
         n_components=12, architecture="relu", alpha=0.1, max_iter=3,
-        batch_size=64, device="cpu", random_state=0,
+        batch_size=64, device="cpu", random_state=0, precision="float32",
     )
 
 

@@ -18,7 +18,7 @@ def data():
     X, features = make_sparse_superposition(400, 16, 24, random_state=0,
                                             return_features=True)
     sae = SparseAutoencoder(n_components=32, k=3, max_iter=2, batch_size=64,
-                            random_state=0, device="cpu").fit(X)
+                            random_state=0, device="cpu", precision="float32").fit(X)
     return X, features, sae
 
 

@@ -26,6 +26,23 @@ def test_product_dtype_rules(device):
         product_dtype("float16", device, torch.float32)
 
 
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_auto_follows_the_cpu_features(monkeypatch, avx512_bf16, amx):
+    """"auto" is bf16 exactly on CPUs with AVX512-BF16 or AMX: the probes injected, so
+    that both outcomes are checked on any CPU."""
+    from sksae._accel import device as _device
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    native = avx512_bf16 or amx
+    assert _device._cpu_native_bf16.__wrapped__() is native
+    monkeypatch.setattr(_device, "_cpu_native_bf16", lambda: native)
+    assert product_dtype("auto", "cpu", torch.float32) is (torch.bfloat16 if native else None)
+    assert product_dtype("auto", "cpu", torch.float64) is None
+
+
 def test_precision_is_validated():
     X = np.random.RandomState(0).randn(40, 6)
     with pytest.raises(InvalidParameterError, match="precision"):

@@ -62,6 +62,7 @@ def _model(**kw):
     kw = {"architecture_params": {"threshold": 0.3}, **kw}
     return SparseAutoencoder(n_components=12, architecture=FixedThreshold.name, alpha=0.01,
                              max_iter=2, batch_size=64, normalize=False, device="cpu",
+                             precision="float32",
                              random_state=0, **kw)
 
 

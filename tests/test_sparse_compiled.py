@@ -121,7 +121,9 @@ def test_a_training_step_runs_the_compiled_passes(monkeypatch):
         monkeypatch.setattr(module, "kernel", spy)
     X = np.random.RandomState(0).randn(256, 24).astype(np.float32)
     kw = dict(n_components=1024, k=4, batch_size=64, max_iter=2, random_state=0,
-              device="cpu")  # the compiled passes are the CPU step's
+              device="cpu", precision="bfloat16")
+    # the compiled passes are the CPU step's; "dots" serves the bf16 selection, forced
+    # here: precision="auto" picks it only on CPUs with AVX512-BF16 or AMX
     compiled = SparseAutoencoder(**kw).fit(X)
     assert {"transpose", "dots", "decode_backward", "gather_backward", "unit_rows"} <= set(calls)
     monkeypatch.setattr(_compiled, "_USE_NUMBA", False)
@@ -137,14 +139,15 @@ def test_clipping_reads_the_noted_norms_only_while_they_hold():
     from sksae._accel.adam import total_norm
     from sksae._accel.workspace import StepWorkspace
 
-    g = torch.randn(6, 4)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(6, 4, generator=gen)
     ws = StepWorkspace()
     ws.note_norm(g, g.pow(2).sum(1) * 4)  # outside noting_norms(): not noted
     assert ws.known_norm(g) is None
     with ws.noting_norms():
         ws.note_norm(g, g.pow(2).sum(1) * 4)  # a deliberately wrong note: 2x the norm
     assert_close(ws.known_norm(g), 2 * torch.linalg.vector_norm(g))
-    b = torch.randn(4)
+    b = torch.randn(4, generator=gen)
     expected = torch.linalg.vector_norm(torch.stack([2 * g.norm(), b.norm()]))
     assert_close(total_norm([g, b], ws), expected)  # the note is used
     g.add_(1.0)

@@ -40,7 +40,7 @@ def test_thread_count_does_not_change_the_fit(architecture):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((600, 24)).astype(np.float32)
     params = dict(n_components=512, k=4, architecture=architecture, batch_size=64,
-                  max_iter=2, random_state=0, device="cpu")
+                  max_iter=2, random_state=0, device="cpu", precision="float32")
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -44,7 +44,8 @@ def test_ties_keep_the_lower_indices_and_negatives_order_right():
 
 
 def test_thread_split_does_not_change_the_selection():
-    x = torch.randint(-20, 20, (257, 1024)).to(torch.bfloat16)  # many ties
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-20, 20, (257, 1024), generator=g).to(torch.bfloat16)  # many ties
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -61,7 +62,7 @@ def test_large_shares_of_a_row_go_to_torch_topk(monkeypatch):
 
     calls = []
     monkeypatch.setattr(_select, "kernel", lambda name: calls.append(name) or topk_rows)
-    x = torch.randn(4, 100)
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(0))
     assert torch.equal(select_topk(x, 7), torch.topk(x, 7, sorted=False).indices)
     assert calls == []  # 16 k > F: not even asked for
     select_topk(x, 6)
@@ -70,9 +71,10 @@ def test_large_shares_of_a_row_go_to_torch_topk(monkeypatch):
 
 def test_without_numba_it_is_torch_topk(monkeypatch):
     monkeypatch.setattr(_compiled, "_USE_NUMBA", False)
-    x = torch.randn(9, 50)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 50, generator=g)
     assert torch.equal(select_topk(x, 6), torch.topk(x, 6, sorted=False).indices)
-    x64 = torch.randn(9, 50, dtype=torch.float64)  # float64 never goes compiled
+    x64 = torch.randn(9, 50, dtype=torch.float64, generator=g)  # never goes compiled
     monkeypatch.setattr(_compiled, "_USE_NUMBA", True)
     assert torch.equal(select_topk(x64, 6), torch.topk(x64, 6, sorted=False).indices)
 
