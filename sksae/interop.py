@@ -1,11 +1,16 @@
 """Exchange sparse autoencoders with SAELens and EleutherAI sparsify.
 
 - :func:`to_saelens` writes a fitted :class:`~sksae.SparseAutoencoder` as a
-  SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) that
-  ``sae_lens.SAE.load_from_disk`` reads;
+  SAELens 6 folder (``cfg.json`` + ``sae_weights.safetensors``) that
+  ``sae_lens.SAE.load_from_disk`` reads, for every architecture;
 - :func:`from_saelens` reads such a folder (standard, topk, jumprelu, gated);
-- :func:`from_sparsify` reads a sparsify folder (``cfg.json`` +
-  ``sae.safetensors``, TopK).
+- :func:`to_sparsify` writes a TopK SAE as a sparsify folder (``cfg.json`` +
+  ``sae.safetensors``) that ``sparsify.SparseCoder.load_from_disk`` reads;
+- :func:`from_sparsify` reads such a folder.
+
+The supported versions of the peers (tested round trips through their own
+loaders, ``tests/test_interop_peers.py``) are those of the ``peers`` extra
+(``pip install "sksae[peers]"``), stated in the user guide.
 
 An imported SAE is a fitted :class:`~sksae.SparseAutoencoder`: ``transform``
 gives the peer library's ``encode``, ``inverse_transform`` its ``decode``,
@@ -38,7 +43,7 @@ import numpy as np
 from . import architectures
 from ._io import MALFORMED, _write_files, read_json_bounded
 
-__all__ = ["to_saelens", "from_saelens", "from_sparsify"]
+__all__ = ["to_saelens", "from_saelens", "to_sparsify", "from_sparsify"]
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -174,13 +179,44 @@ def _fitted_sae(architecture, W_enc_FD, b_enc_F, W_dec_FD, b_dec_D, extra=None, 
 
 
 # ---------------------------------------------------------------------- SAELens
-def to_saelens(model, path, *, dtype=None):
+#: the SAELens config layout a folder follows: ``load_from_disk`` reads a folder
+#: whose ``metadata.sae_lens_version`` is below 6.0 (or absent) as a pre-6 one
+_SAELENS_LAYOUT_VERSION = "6.0.0"
+
+
+def _export_setup(model, dtype, caller):
+    """``(architecture, dtype, cast)`` for an export of the fitted ``model``."""
+    from sklearn.utils.validation import check_is_fitted
+
+    from ._sae import SparseAutoencoder
+
+    if not isinstance(model, SparseAutoencoder):
+        raise TypeError(f"{caller} exports a SparseAutoencoder, not {type(model).__name__}.")
+    check_is_fitted(model)
+    dtype = _float_dtype(model.components_.dtype if dtype is None else dtype)
+    d_sae, d_in = model.components_.shape
+
+    def cast(a):
+        return np.ascontiguousarray(np.asarray(a, dtype=dtype))
+
+    return model._architecture(d_sae, d_in), dtype, cast
+
+
+def _metadata_string(name, value):
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}.")
+    return value
+
+
+def to_saelens(model, path, *, dtype=None, model_name="unknown", hook_name="unknown",
+               context_size=None, prepend_bos=True):
     """Export a fitted SparseAutoencoder as a SAELens folder.
 
-    Writes ``cfg.json`` and ``sae_weights.safetensors`` with SAELens's tensor
-    names and shapes: ``W_enc`` ``[d_in, d_sae]``, ``W_dec`` ``[d_sae, d_in]``,
-    ``b_enc`` ``[d_sae]``, ``b_dec`` ``[d_in]``, and ``threshold`` ``[d_sae]``
-    for JumpReLU. The mapping of architectures:
+    Writes ``cfg.json`` and ``sae_weights.safetensors`` in the layout of
+    SAELens 6 (``SAE.save_model``), which ``sae_lens.SAE.load_from_disk``
+    reads: tensors ``W_enc`` ``[d_in, d_sae]``, ``W_dec`` ``[d_sae, d_in]``,
+    ``b_enc`` ``[d_sae]``, ``b_dec`` ``[d_in]``, and ``threshold``
+    ``[d_sae]`` for JumpReLU. The mapping of architectures:
 
     ========================  ==========================================
     sksae ``architecture``    SAELens ``architecture``
@@ -189,7 +225,9 @@ def to_saelens(model, path, *, dtype=None):
     ``"topk"``                ``"topk"`` (``k``)
     ``"jumprelu"``            ``"jumprelu"``
     ``"batchtopk"``           ``"jumprelu"`` (the shared inference
-                              threshold copied to every latent)
+                              threshold copied to every latent, as
+                              SAELens saves its BatchTopK SAEs for
+                              inference)
     ``"gated"``               ``"gated"`` (``b_gate``, ``r_mag``, ``b_mag``)
     ``"matryoshka"``          ``"jumprelu"`` (as ``"batchtopk"``)
     ========================  ==========================================
@@ -197,11 +235,16 @@ def to_saelens(model, path, *, dtype=None):
     Each architecture gives its own mapping (``Architecture.to_saelens``);
     one without a SAELens equivalent is refused.
 
-    Every mapping is exact: SAELens's ``encode`` gives ``model.transform``.
-    ``cfg.json`` sets ``apply_b_dec_to_input=True`` and
-    ``normalize_activations="none"`` (sksae's normalisation is already folded
-    into the weights), and carries both the SAELens 6 fields and the older
-    ``activation_fn_str`` / ``activation_fn_kwargs`` ones.
+    Every mapping is exact: SAELens's ``encode`` gives ``model.transform``
+    and its ``decode`` gives ``model.inverse_transform``. ``cfg.json`` sets
+    ``apply_b_dec_to_input=True``, ``normalize_activations="none"`` (sksae's
+    normalisation is already folded into the weights) and
+    ``reshape_activations="none"``; its ``metadata`` holds the language-model
+    fields SAELens reads when it hooks the SAE into a model (``model_name``,
+    ``hook_name``, ``context_size``, ``prepend_bos``), ``sae_lens_version``
+    ``"6.0.0"`` (the config layout, not a SAELens release that wrote it),
+    and ``sksae_version`` and ``sksae_architecture``. Supported SAELens
+    versions: see the user guide's section on saving and sharing.
 
     Parameters
     ----------
@@ -212,49 +255,85 @@ def to_saelens(model, path, *, dtype=None):
     dtype : {"float32", "float64"} or None, default=None
         Dtype of the saved tensors; None keeps the model's; any
         other dtype is refused (ValueError).
+    model_name : str, default="unknown"
+        The language model whose activations the SAE was fitted on (the
+        TransformerLens name, e.g. ``"gpt2"``); "unknown" when it was fitted
+        on other data.
+    hook_name : str, default="unknown"
+        The hook point the activations were read at (e.g.
+        ``"blocks.8.hook_resid_pre"``), where ``HookedSAETransformer``
+        attaches the SAE.
+    context_size : int or None, default=None
+        Tokens per sequence of the training activations; None leaves it
+        unset (SAELens's ``ActivationsStore.from_sae`` then needs its own
+        ``context_size`` argument).
+    prepend_bos : bool, default=True
+        Whether the sequences started with a BOS token (SAELens's default).
 
     Returns
     -------
     path : pathlib.Path
         The folder.
 
+    Raises
+    ------
+    TypeError
+        ``model`` is not a SparseAutoencoder.
+    ValueError
+        The architecture has no SAELens equivalent; ``dtype`` is not float32
+        or float64; ``model_name`` or ``hook_name`` is not a non-empty
+        string, ``context_size`` not None or a positive integer, or
+        ``prepend_bos`` not a bool.
+
     See Also
     --------
     from_saelens : The inverse.
+    to_sparsify : Export a TopK SAE for EleutherAI sparsify.
     sksae.save : sksae's own format, for every estimator and all metadata.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> from sksae import SparseAutoencoder
+    >>> from sksae.interop import from_saelens, to_saelens
+    >>> X = np.random.RandomState(0).randn(64, 8).astype(np.float32)
+    >>> sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu",
+    ...                         random_state=0).fit(X)
+    >>> folder = to_saelens(sae, tempfile.mkdtemp(), model_name="gpt2",
+    ...                     hook_name="blocks.8.hook_resid_pre", context_size=128)
+    >>> sorted(p.name for p in folder.iterdir())
+    ['cfg.json', 'sae_weights.safetensors']
+    >>> np.allclose(from_saelens(folder).transform(X), sae.transform(X))
+    True
     """
     from safetensors.numpy import save as to_bytes
-    from sklearn.utils.validation import check_is_fitted
 
     import sksae
 
-    from ._sae import SparseAutoencoder
-
-    if not isinstance(model, SparseAutoencoder):
-        raise TypeError(f"to_saelens exports a SparseAutoencoder, not {type(model).__name__}.")
-    check_is_fitted(model)
-    dtype = _float_dtype(model.components_.dtype if dtype is None else dtype)
+    arch, dtype, cast = _export_setup(model, dtype, "to_saelens")
     d_sae, d_in = model.components_.shape
-    arch = model._architecture(d_sae, d_in)
     saelens_arch = arch.saelens_architecture
     if saelens_arch is None:
         raise ValueError(f"architecture {arch.name!r} has no SAELens equivalent.")
-
-    def cast(a):
-        return np.ascontiguousarray(np.asarray(a, dtype=dtype))
+    metadata = {"sae_lens_version": _SAELENS_LAYOUT_VERSION,
+                "sae_lens_training_version": None,  # not trained by SAELens
+                "model_name": _metadata_string("model_name", model_name),
+                "hook_name": _metadata_string("hook_name", hook_name)}
+    if context_size is not None:
+        if isinstance(context_size, (bool, np.bool_)) or not isinstance(
+                context_size, (int, np.integer)) or context_size < 1:
+            raise ValueError(f"context_size must be None or a positive integer, got "
+                             f"{context_size!r}.")
+    if not isinstance(prepend_bos, (bool, np.bool_)):
+        raise ValueError(f"prepend_bos must be a bool, got {prepend_bos!r}.")
+    metadata.update(context_size=None if context_size is None else int(context_size),
+                    prepend_bos=bool(prepend_bos), sksae_version=sksae.__version__,
+                    sksae_architecture=arch.name)
 
     own, cfg_extra = arch.to_saelens(model)
     tensors = {"W_enc": cast(model.encoder_weights_.T), "W_dec": cast(model.components_),
                "b_dec": cast(model.decoder_bias_), **{k: cast(v) for k, v in own.items()}}
-    activation = "topk" if "k" in cfg_extra else "relu"
-
-    meta = {"model_name": None, "hook_name": None, "hook_layer": None,
-            "hook_head_index": None, "model_class_name": None, "prepend_bos": None,
-            "context_size": None, "dataset_path": None, "neuronpedia_id": None,
-            "model_from_pretrained_kwargs": None, "exclude_special_tokens": None,
-            "seqpos_slice": None}
     cfg = {
-        "architecture": saelens_arch,
         "d_in": int(d_in),
         "d_sae": int(d_sae),
         "dtype": dtype.name,
@@ -263,17 +342,8 @@ def to_saelens(model, path, *, dtype=None):
         "normalize_activations": "none",
         "reshape_activations": "none",
         **cfg_extra,
-        "meta": meta,
-        # the SAELens < 6 layout keeps these at the top level
-        "activation_fn_str": activation,
-        "activation_fn": activation,
-        "activation_fn_kwargs": {"k": cfg_extra["k"]} if activation == "topk" else {},
-        "finetuning_scaling_factor": False,
-        **meta,
-        "dataset_trust_remote_code": False,
-        "sae_lens_training_version": None,
-        "sksae_version": sksae.__version__,
-        "sksae_architecture": arch.name,
+        "metadata": metadata,
+        "architecture": saelens_arch,
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -386,6 +456,100 @@ def _from_saelens(folder, source, device, dtype):
 
 
 # --------------------------------------------------------------------- sparsify
+def to_sparsify(model, path, *, dtype=None):
+    """Export a fitted TopK SparseAutoencoder as an EleutherAI sparsify folder.
+
+    Writes ``cfg.json`` (``activation="topk"``, ``k``, ``num_latents``,
+    ``d_in``...) and ``sae.safetensors`` (``encoder.weight`` ``[d_sae, d_in]``,
+    ``encoder.bias`` ``[d_sae]``, ``W_dec`` ``[d_sae, d_in]``, ``b_dec``
+    ``[d_in]``), the layout of sparsify's ``SparseCoder.save_to_disk``, which
+    ``SparseCoder.load_from_disk`` reads. sparsify encodes with
+    ``TopK(ReLU(encoder(x - b_dec)))``, exactly sksae's
+    ``architecture="topk"``, so its ``encode`` then ``decode`` give
+    ``model.transform`` and ``model.inverse_transform``.
+
+    Only architectures whose inference rule sparsify has can be exported
+    (their ``Architecture.sparsify_activation``; ``"topk"`` for TopK).
+    BatchTopK and Matryoshka are refused: at inference they keep the
+    activations above a learned threshold, a variable number per row, which
+    sparsify's fixed-``k`` encoder cannot reproduce (export them with
+    :func:`to_saelens`, as a JumpReLU). Supported sparsify versions: see the
+    user guide's section on saving and sharing.
+
+    Parameters
+    ----------
+    model : SparseAutoencoder
+        A fitted autoencoder with ``architecture="topk"``.
+    path : str or path-like
+        Folder to write (created if needed).
+    dtype : {"float32", "float64"} or None, default=None
+        Dtype of the saved tensors (sparsify loads the SAE in this dtype);
+        None keeps the model's; any other dtype is refused (ValueError).
+
+    Returns
+    -------
+    path : pathlib.Path
+        The folder.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a SparseAutoencoder.
+    ValueError
+        The architecture has no sparsify equivalent, or ``dtype`` is not
+        float32 or float64.
+
+    See Also
+    --------
+    from_sparsify : The inverse.
+    to_saelens : Export any architecture for SAELens.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> from sksae import SparseAutoencoder
+    >>> from sksae.interop import from_sparsify, to_sparsify
+    >>> X = np.random.RandomState(0).randn(64, 8).astype(np.float32)
+    >>> sae = SparseAutoencoder(n_components=16, k=4, max_iter=1, device="cpu",
+    ...                         random_state=0).fit(X)
+    >>> folder = to_sparsify(sae, tempfile.mkdtemp())
+    >>> sorted(p.name for p in folder.iterdir())
+    ['cfg.json', 'sae.safetensors']
+    >>> np.allclose(from_sparsify(folder).transform(X), sae.transform(X))
+    True
+    """
+    from safetensors.numpy import save as to_bytes
+
+    arch, dtype, cast = _export_setup(model, dtype, "to_sparsify")
+    if arch.sparsify_activation is None:
+        raise ValueError(f"architecture {arch.name!r} has no sparsify equivalent (sparsify "
+                         "encodes with a fixed number of latents per row: architecture="
+                         "'topk'); use to_saelens.")
+    d_sae, d_in = model.components_.shape
+    W_dec = cast(model.components_)
+    norms = np.linalg.norm(W_dec.astype(np.float64), axis=1)
+    cfg = {
+        "activation": arch.sparsify_activation,
+        "expansion_factor": max(1, d_sae // d_in),  # num_latents takes precedence
+        # a training setting; loading keeps the saved rows whatever it says
+        "normalize_decoder": bool(np.allclose(norms, 1, rtol=0, atol=1e-4)),
+        "num_latents": int(d_sae),
+        "k": int(model.k),
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": int(d_in),  # sparsify's own fields only: it reports any other on loading
+    }
+    tensors = {"encoder.weight": cast(model.encoder_weights_),
+               "encoder.bias": cast(model.encoder_bias_),
+               "W_dec": W_dec, "b_dec": cast(model.decoder_bias_)}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_files(folder, {SPARSIFY_WEIGHTS: to_bytes(tensors),
+                          SPARSIFY_CFG: json.dumps(cfg, indent=2).encode()})
+    return folder
+
+
 def from_sparsify(path, *, device="auto", dtype="float32"):
     """Import an EleutherAI sparsify SAE folder as a fitted SparseAutoencoder.
 

@@ -1,5 +1,9 @@
-"""SAELens and sparsify folders: export/import round trips and the peers' own formulas."""
+"""SAELens and sparsify folders: export/import round trips and the peers' own formulas.
 
+The same round trips through the installed peers' own code: tests/test_interop_peers.py.
+"""
+
+import doctest
 import json
 
 import numpy as np
@@ -15,7 +19,8 @@ from sklearn.pipeline import make_pipeline
 
 from sksae import SparseAutoencoder
 from sksae.architectures import REGISTRY
-from sksae.interop import from_saelens, from_sparsify, to_saelens
+import sksae.interop
+from sksae.interop import from_saelens, from_sparsify, to_saelens, to_sparsify
 
 D_IN, D_SAE = 8, 16
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu",
@@ -77,7 +82,11 @@ def test_saelens_round_trip_and_names(fitted, X, tmp_path, architecture):
     if cfg["architecture"] == "jumprelu":
         assert shapes["threshold"] == (D_SAE,)
     if architecture == "topk":
-        assert cfg["k"] == 3 and cfg["activation_fn_kwargs"] == {"k": 3}
+        assert cfg["k"] == 3
+    # SAELens 6's layout: a version >= 6 in metadata, no pre-6 top-level fields
+    assert cfg["metadata"]["sae_lens_version"] == "6.0.0"
+    assert cfg["metadata"]["sksae_architecture"] == architecture
+    assert not {"hook_name", "model_name", "activation_fn_str", "activation_fn"} & set(cfg)
 
     imported = from_saelens(folder)
     codes = model.transform(X)
@@ -198,3 +207,70 @@ def test_imported_sae_in_a_pipeline(fitted, X, tmp_path):
     assert_array_equal(imported.encoder_weights_, weights)  # not retrained
     assert make_pipeline(imported).transform(X).shape == (len(X), D_SAE)
     assert imported.get_feature_names_out()[0] == "sparseautoencoder0"
+
+
+def test_saelens_metadata_from_the_arguments(fitted, tmp_path):
+    folder = to_saelens(fitted["topk"], tmp_path / "a")
+    meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+    # strings where SAELens wants strings (hook_name is tested with `in` on load)
+    assert meta["model_name"] == meta["hook_name"] == "unknown"
+    assert meta["context_size"] is None and meta["prepend_bos"] is True
+    folder = to_saelens(fitted["topk"], tmp_path / "b", model_name="gpt2",
+                        hook_name="blocks.8.hook_resid_pre", context_size=np.int64(128),
+                        prepend_bos=False)
+    meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+    assert (meta["model_name"], meta["hook_name"], meta["context_size"],
+            meta["prepend_bos"]) == ("gpt2", "blocks.8.hook_resid_pre", 128, False)
+    assert from_saelens(folder).k == 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"model_name": None}, "model_name must be a non-empty string"),
+    ({"hook_name": ""}, "hook_name must be a non-empty string"),
+    ({"context_size": 0}, "context_size must be None or a positive integer"),
+    ({"context_size": True}, "context_size must be None or a positive integer"),
+    ({"context_size": 12.0}, "context_size must be None or a positive integer"),
+    ({"prepend_bos": "yes"}, "prepend_bos must be a bool"),
+])
+def test_saelens_metadata_arguments_are_checked(fitted, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        to_saelens(fitted["topk"], tmp_path / "sae", **kwargs)
+    assert not (tmp_path / "sae").exists()
+
+
+def test_sparsify_export_round_trip(fitted, X, tmp_path):
+    model = fitted["topk"]
+    folder = to_sparsify(model, tmp_path / "sp")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["activation"] == "topk" and cfg["k"] == 3
+    assert (cfg["d_in"], cfg["num_latents"]) == (D_IN, D_SAE)
+    assert not (cfg["transcode"] or cfg["skip_connection"] or cfg["multi_topk"])
+    shapes = {k: v.shape for k, v in load_file(str(folder / "sae.safetensors")).items()}
+    assert shapes == {"encoder.weight": (D_SAE, D_IN), "encoder.bias": (D_SAE,),
+                      "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)}
+    back = from_sparsify(folder)
+    assert back.architecture == "topk" and back.k == 3
+    assert_array_equal(back.transform(X), model.transform(X))
+    codes = model.transform(X)
+    assert_array_equal(back.inverse_transform(codes), model.inverse_transform(codes))
+    assert load_file(str(to_sparsify(model, tmp_path / "f64", dtype="float64")
+                         / "sae.safetensors"))["W_dec"].dtype == np.float64
+
+
+@pytest.mark.parametrize("architecture", sorted(set(REGISTRY) - {"topk"}))
+def test_sparsify_export_refuses_other_architectures(fitted, tmp_path, architecture):
+    with pytest.raises(ValueError, match=f"architecture '{architecture}' has no sparsify"):
+        to_sparsify(fitted[architecture], tmp_path / "sp")
+
+
+def test_exports_refuse_other_estimators(tmp_path):
+    from sksae import DictionaryLearnerGPU
+
+    for export in (to_saelens, to_sparsify):
+        with pytest.raises(TypeError, match="exports a SparseAutoencoder"):
+            export(DictionaryLearnerGPU(n_components=2), tmp_path / "x")
+
+
+def test_interop_docstring_examples():
+    result = doctest.testmod(sksae.interop, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

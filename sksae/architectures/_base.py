@@ -208,7 +208,7 @@ class Architecture:
     kernels = "auto"
     #: SAELens ``architecture`` this one exports to (None: no export)
     saelens_architecture = None
-    #: sparsify ``activation`` this architecture imports (None: none)
+    #: sparsify ``activation`` this architecture exports to and imports (None: none)
     sparsify_activation = None
 
     def __init__(self, hparams, n_components, n_features):
