@@ -18,7 +18,7 @@ from sklearn.utils.validation import _check_feature_names, _check_n_features, va
 from .activations._store import ActivationStore
 
 __all__ = ["Rows", "is_out_of_core", "check_input", "take", "head", "FULL_SCAN_BYTES",
-           "NonFiniteRowError"]
+           "NonFiniteRowError", "sample_rows", "sample_rows_torch"]
 
 #: in-memory arrays larger than this are checked batch by batch, not scanned whole
 FULL_SCAN_BYTES = 2 * 2**30
@@ -172,6 +172,40 @@ def check_input(estimator, X, *, reset, order=None):
     _check_feature_names(estimator, X, reset=reset)
     _check_n_features(estimator, X, reset=reset)
     return Rows(X)
+
+
+def sample_rows(random_state, n, m):
+    """``m`` distinct row indices of ``range(n)`` drawn from a numpy ``RandomState``.
+
+    ``random_state.choice(n, m, replace=False)`` (what sksae has always drawn)
+    up to 2**22 rows; beyond, where that permutes all ``n`` indices (160 MB at
+    20M rows), distinct draws of ``randint`` in the order drawn, so that the
+    memory stays ``O(m)`` whatever ``n``.
+    """
+    m = min(m, n)
+    if n <= 2**22:
+        return random_state.choice(n, m, replace=False)
+    picked = np.zeros(0, dtype=np.int64)
+    while len(picked) < m:
+        draw = random_state.randint(0, n, size=2 * (m - len(picked)) + 16)
+        both = np.concatenate([picked, draw])
+        _, first = np.unique(both, return_index=True)
+        picked = both[np.sort(first)]
+    return picked[:m]
+
+
+def sample_rows_torch(generator, n, m):
+    """:func:`sample_rows` drawn from a torch ``Generator`` (``randperm(n)[:m]`` up to 2**22)."""
+    m = min(m, n)
+    if n <= 2**22:
+        return torch.randperm(n, generator=generator)[:m].numpy()
+    picked = np.zeros(0, dtype=np.int64)
+    while len(picked) < m:
+        draw = torch.randint(0, n, (2 * (m - len(picked)) + 16,), generator=generator).numpy()
+        both = np.concatenate([picked, draw])
+        _, first = np.unique(both, return_index=True)
+        picked = both[np.sort(first)]
+    return picked[:m]
 
 
 def take(X, rows):

@@ -39,7 +39,7 @@ from ._base import (
     to_numpy,
     torch_dtype,
 )
-from ._data import FULL_SCAN_BYTES, Rows, check_input, iter_chunks, take
+from ._data import FULL_SCAN_BYTES, Rows, check_input, iter_chunks, sample_rows, take
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource
 from ._online import init_dictionary, update_dictionary, update_stats
@@ -386,7 +386,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             if n * X.shape[1] * X.dtype.itemsize <= FULL_SCAN_BYTES:
                 rows = np.arange(n)
             else:
-                rows = np.sort(random_state.choice(n, min(n, _INIT_SAMPLE_ROWS), replace=False))
+                rows = np.sort(sample_rows(random_state, n, _INIT_SAMPLE_ROWS))
             Xt = as_tensor(take(X, rows), device, dtype)
         else:
             Xt = as_tensor(X, device, dtype)

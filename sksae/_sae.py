@@ -25,7 +25,8 @@ from ._base import (
     restore_on_failure,
     torch_dtype,
 )
-from ._data import Rows, check_input, head, iter_chunks, take
+from ._data import (Rows, check_input, head, iter_chunks, sample_rows, sample_rows_torch,
+                    take)
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource, as_shuffle
 from ._sae_trainer import SAETrainer, init_parameters
@@ -667,7 +668,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         once the trainer exists (:meth:`SAETrainer.calibrate_encoder_scale`).
         """
         n_samples, n_features = X.shape
-        sample = take(X, rng.choice(n_samples, min(n_samples, _SAMPLE_ROWS), replace=False))
+        sample = take(X, sample_rows(rng, n_samples, _SAMPLE_ROWS))
         sample = torch.as_tensor(sample, dtype=torch.float64)
         scale = 1.0
         if self.normalize:
@@ -683,7 +684,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     @staticmethod
     def _resample(trainer, X, scale, device, dtype, generator):
         """Resample dead latents from up to ``_SAMPLE_ROWS`` random rows of ``X``."""
-        rows = torch.randperm(X.shape[0], generator=generator)[:_SAMPLE_ROWS].numpy()
+        rows = sample_rows_torch(generator, X.shape[0], _SAMPLE_ROWS)
         sample = torch.as_tensor(take(X, np.sort(rows))).to(device, dtype) * scale
         return trainer.resample_dead_latents(sample, generator)
 

@@ -305,3 +305,18 @@ def test_read_ahead_raises_where_the_producer_failed_and_stops_its_thread():
     gen.close()
     assert not any(t.name == "sksae-read-ahead" for t in threading.enumerate())
     assert list(read_ahead(iter([1, 2, 3]), depth=0)) == [1, 2, 3]
+
+
+def test_row_samples_stay_small_for_huge_inputs():
+    from sksae._data import sample_rows, sample_rows_torch
+
+    rs = np.random.RandomState(0)
+    np.testing.assert_array_equal(sample_rows(np.random.RandomState(0), 1000, 10),
+                                  rs.choice(1000, 10, replace=False))  # as before, small n
+    big = sample_rows(np.random.RandomState(0), 10**12, 5000)
+    assert len(np.unique(big)) == 5000 and big.min() >= 0 and big.max() < 10**12
+    gen = torch.Generator().manual_seed(0)
+    expected = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:10].numpy()
+    np.testing.assert_array_equal(sample_rows_torch(gen, 1000, 10), expected)
+    big = sample_rows_torch(torch.Generator().manual_seed(0), 10**12, 5000)
+    assert len(np.unique(big)) == 5000 and big.max() < 10**12
