@@ -7,6 +7,7 @@ or interrupted run leaves no partial output and never touches its inputs.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,8 @@ def acts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(acts, tmp_path_factory):
     sae = sksae.SparseAutoencoder(n_components=16, k=2, max_iter=1, batch_size=64,
-                                  random_state=0, device="cpu").fit(np.load(acts))
+                                  random_state=0, device="cpu",
+                                  precision="float32").fit(np.load(acts))
     return sksae.save(sae, tmp_path_factory.mktemp("model") / "model")
 
 
@@ -144,17 +146,26 @@ def test_parameter_errors_from_the_estimator(acts, tmp_path, capsys):
     assert not (tmp_path / "m").exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("command, option, value", [
-    ("transform", "--chunk-rows", "-5"), ("transform", "--chunk-rows", "0"),
-    ("transform", "--chunk-rows", "1.5"), ("fit", "--n-components", "0"),
-    ("fit", "--k", "-1"), ("fit", "--batch-size", "0"), ("fit", "--max-iter", "-1"),
-    ("fit", "--learning-rate", "0"), ("fit", "--learning-rate", "-1e-3"),
-    ("fit", "--learning-rate", "nan"), ("fit", "--learning-rate", "fast"),
-    ("fit", "--alpha", "-1"), ("fit", "--alpha", "inf"), ("fit", "--l0-coefficient", "-2"),
-    ("fit", "--random-state", "-1"), ("demo", "--n-samples", "0"),
-    ("bench", "--n-samples", "-3"), ("bench", "--n-features", "0")])
-def test_numeric_options_are_validated(command, option, value, acts, model_dir, tmp_path,
-                                       capsys):
+POS, NONNEG = "must be a positive integer (>= 1)", "must be a non-negative integer (>= 0)"
+
+
+@pytest.mark.parametrize("command, option, value, reason", [
+    ("transform", "--chunk-rows", "-5", POS), ("transform", "--chunk-rows", "0", POS),
+    ("transform", "--chunk-rows", "1.5", "is not an integer"),
+    ("fit", "--n-components", "0", POS), ("fit", "--k", "-1", POS),
+    ("fit", "--batch-size", "0", POS), ("fit", "--max-iter", "-1", NONNEG),
+    ("fit", "--learning-rate", "0", "must be 'auto' or a number > 0"),
+    ("fit", "--learning-rate", "-1e-3", "must be 'auto' or a number > 0"),
+    ("fit", "--learning-rate", "nan", "must be a finite number"),
+    ("fit", "--learning-rate", "fast", "is not a number"),
+    ("fit", "--alpha", "-1", "must be >= 0"), ("fit", "--alpha", "inf", "must be a finite number"),
+    ("fit", "--alpha", "x", "is not a number"), ("fit", "--l0-coefficient", "-2", "must be >= 0"),
+    ("fit", "--random-state", "-1", NONNEG),
+    ("fit", "--random-state", "4294967296", "must be at most 2**32 - 1"),
+    ("demo", "--n-samples", "0", POS), ("bench", "--n-samples", "-3", POS),
+    ("bench", "--n-features", "0", POS)])
+def test_numeric_options_are_validated(command, option, value, reason, acts, model_dir,
+                                       tmp_path, capsys):
     args = {"transform": ["transform", str(model_dir), str(acts), "-o",
                           str(tmp_path / "codes.npy")],
             "fit": ["fit", str(acts), "-o", str(tmp_path / "m")],
@@ -163,7 +174,9 @@ def test_numeric_options_are_validated(command, option, value, acts, model_dir, 
         main([*args, f"{option}={value}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {option}" in err and "Traceback" not in err
+    assert f"argument {option}: {value!r}" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"{value!r}{':' if reason[0] == 'm' else ''} "
+                                                 f"{reason}"), err
     assert list(tmp_path.iterdir()) == []  # the regression: --chunk-rows -5 wrote zeros
 
 
@@ -346,3 +359,120 @@ def test_real_divergence_is_a_user_error(acts, tmp_path, capsys):
                              capsys, "diverged")
     assert "--learning-rate" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------ every error branch, by its message
+MODEL_PY = """
+import torch
+
+
+def make():
+    return torch.nn.Sequential(torch.nn.Embedding(30, 4), torch.nn.Linear(4, 4))
+
+
+not_a_module = 3
+"""
+
+
+def _error_cases(tmp, acts, model):
+    """(argv, regex of the whole message after 'error: ') for each user-error branch."""
+    (tmp / "folder.npy").mkdir()
+    (tmp / "plain_dir").mkdir()
+    (tmp / "file").write_text("x")
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "notes.txt").write_text("keep")
+    (tmp / "acts.txt").write_text("1 2")
+    (tmp / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    np.save(tmp / "empty.npy", np.zeros((0, 3), np.float32))
+    (tmp / "codes_dir").mkdir()
+    (tmp / "m.py").write_text(MODEL_PY)
+    np.save(tmp / "ids.npy", np.ones((2, 3), np.int64))
+    np.save(tmp / "fids.npy", np.ones((2, 3)))
+    (tmp / "ids.txt").write_text("1 2 3")
+    (tmp / "blank.txt").write_text("\n  \n")
+    (tmp / "lines.txt").write_text("hello\n")
+    t, a, m = str(tmp), str(acts), str(model)
+    fit = ["fit", a, *FIT, "-o"]
+    tr = ["transform", m, a, "-o"]
+    hv = ["harvest", f"{t}/m.py:make", "--layer", "1", "-q", "-o", f"{t}/store"]
+    e = re.escape
+    return [
+        (tr + [f"{t}/no/codes.npy"], f"output folder does not exist: {e(t)}/no"),
+        (tr + [f"{t}/folder.npy"], f"output is a folder: {e(t)}/folder.npy"),
+        (fit + [f"{t}/file"], f"output exists and is not a folder: {e(t)}/file"),
+        (fit + [f"{t}/notes"], f"{e(t)}/notes exists and is not an sksae model folder; remove "
+                               "it or choose another --output."),
+        (["fit", f"{t}/plain_dir", "-o", f"{t}/m"],
+         f"{e(t)}/plain_dir is a folder but not an activation store \\(no manifest.json\\)."),
+        (["fit", a, "--layer", "x", "-o", f"{t}/m"],
+         f"--layer applies to an activation store; {e(a)} is a file."),
+        (["fit", f"{t}/acts.txt", "-o", f"{t}/m"],
+         f"{e(t)}/acts.txt is not a .npy file \\(save arrays with numpy.save\\) nor an "
+         "activation store folder."),
+        (["fit", f"{t}/bad.npy", "-o", f"{t}/m"], f"{e(t)}/bad.npy is not a readable .npy "
+                                                  "array: .+"),
+        (["fit", f"{t}/empty.npy", "-o", f"{t}/m"],
+         f"{e(t)}/empty.npy holds an array of shape \\(0, 3\\): no rows to use."),
+        (["transform", f"{t}/nomodel", a, "-o", f"{t}/c.npy"],
+         f"No such model folder: {e(t)}/nomodel"),
+        (["transform", a, a, "-o", f"{t}/c.npy"], f"model is not a folder: {e(a)}"),
+        (["transform", f"{t}/plain_dir", a, "-o", f"{t}/c.npy"],
+         f"{e(t)}/plain_dir is not an sksae, SAELens or sparsify model folder."),
+        (fit + [f"{t}/m", "--architecture-params", "{x"],
+         "--architecture-params is not valid JSON \\(.+\\)."),
+        (fit + [f"{t}/m", "--architecture-params", "[1]"],
+         "--architecture-params must be a JSON object, e.g. .+"),
+        (["fit", a, *FIT, "-o", str(acts.parent)],
+         f"--output {e(str(acts.parent))} is \\(or contains\\) the input {e(a)}; choose "
+         "another folder."),
+        (tr + [a], f"--output {e(a)} is the input {e(a)}; write the codes to another file."),
+        (tr + [f"{m}/codes.npy"], f"--output {e(m)}/codes.npy is inside the model folder "
+                                  f"{e(m)}; write the codes elsewhere."),
+        (tr + [f"{t}/codes_dir"], f"--output {e(t)}/codes_dir exists and is not a code store; "
+                                  "choose another path."),
+        (["harvest", "nomodule", "--layer", "1", "--tokens", f"{t}/ids.npy", "-o", f"{t}/s"],
+         "MODEL 'nomodule' must be 'package.module:name' or 'path/to/file.py:name'."),
+        (["harvest", f"{t}/none.py:make", "--layer", "1", "--tokens", f"{t}/ids.npy",
+          "-o", f"{t}/s"], f"No such model file: {e(t)}/none.py"),
+        (["harvest", "sksae_no_such_pkg:make", "--layer", "1", "--tokens", f"{t}/ids.npy",
+          "-o", f"{t}/s"], "cannot import 'sksae_no_such_pkg' \\(No module named .+\\)."),
+        (["harvest", f"{t}/m.py:nothing", "--layer", "1", "--tokens", f"{t}/ids.npy",
+          "-o", f"{t}/s"], f"{e(t)}/m.py has no 'nothing'."),
+        (["harvest", f"{t}/m.py:not_a_module", "--layer", "1", "--tokens", f"{t}/ids.npy",
+          "-o", f"{t}/s"], f"{e(t)}/m.py:not_a_module is a int, not a torch.nn.Module or a "
+                           "function returning one."),
+        (hv, "give exactly one of --tokens \\(a .npy of token ids\\) and --text \\(a text "
+             "file, one input per line\\)."),
+        (hv[:-1] + [f"{t}/file", "--tokens", f"{t}/ids.npy"],
+         f"--output {e(t)}/file exists and is not a folder."),
+        (hv + ["--tokens", f"{t}/ids.txt"], f"--tokens {e(t)}/ids.txt is not a .npy file."),
+        (hv + ["--tokens", f"{t}/bad.npy"], f"{e(t)}/bad.npy is not a readable .npy array: .+"),
+        (hv + ["--tokens", f"{t}/fids.npy"],
+         f"--tokens {e(t)}/fids.npy must hold a 2-D array of integer token ids \\(sequences x "
+         "positions\\); it holds \\(2, 3\\) float64."),
+        (hv + ["--text", f"{t}/lines.txt"], "--text needs --tokenizer \\(a local tokenizer "
+                                            "folder\\)."),
+        (hv + ["--text", f"{t}/blank.txt", "--tokenizer", f"{t}/tok"],
+         f"--text {e(t)}/blank.txt has no non-empty line."),
+        (hv + ["--text", f"{t}/lines.txt", "--tokenizer", f"{t}/plain_dir"],
+         f"cannot load the tokenizer '{e(t)}/plain_dir' offline \\(.+\\)."),
+    ]
+
+
+def test_every_user_error_branch_names_its_cause(acts, model_dir, tmp_path, capsys,
+                                                 monkeypatch):
+    before = {p: p.read_bytes() for p in (acts, model_dir / "config.json")}
+    cases = _error_cases(tmp_path, acts, model_dir)
+    for argv, message in cases:
+        line = assert_user_error(main(argv), capsys)
+        assert re.fullmatch("error: " + message, line), (argv, line)
+    assert len(cases) == 31
+    # --text without the optional transformers wheel
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    line = assert_user_error(main(["harvest", f"{tmp_path}/m.py:make", "--layer", "1", "-o",
+                                   f"{tmp_path}/s", "--text", f"{tmp_path}/lines.txt"]), capsys)
+    assert line == ("error: --text needs the transformers package (pip install transformers); "
+                    "or pass --tokens with token ids.")
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+    assert leftovers(tmp_path) == []
