@@ -100,7 +100,8 @@ def _synthetic(n_rows, n_features, seed=0):
             vals = r.exponential(1.0, size=(n, 5)).astype(np.float32)
             codes = sp.csr_array((vals.ravel(), cols.ravel(), np.arange(0, 5 * n + 1, 5)),
                                  shape=(n, n_true))
-            return codes @ atoms + 0.01 * r.standard_normal((n, n_features), np.float32)
+            noise = r.standard_normal((n, n_features)).astype(np.float32)
+            return codes @ atoms + 0.01 * noise
 
     return Rows()
 

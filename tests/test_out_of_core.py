@@ -252,8 +252,8 @@ def test_memmaps_train_like_arrays_without_a_copy(data, tmp_path):
 def test_zarr_and_h5py_arrays(data, tmp_path):
     zarr = pytest.importorskip("zarr")
     h5py = pytest.importorskip("h5py")
-    z = zarr.create_array(str(tmp_path / "z.zarr"), shape=data.shape, chunks=(256, 12),
-                          dtype="float32")
+    z = zarr.open_array(str(tmp_path / "z.zarr"), mode="w", shape=data.shape,
+                        chunks=(256, 12), dtype="float32")
     z[:] = data
     with h5py.File(tmp_path / "a.h5", "w") as f:
         f.create_dataset("acts", data=data, chunks=(256, 12))
