@@ -81,6 +81,7 @@ def _synthetic(n_rows, n_features, seed=0):
     n_true = 2 * n_features
     atoms = rng.randn(n_true, n_features).astype(np.float32)
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    noise = 0.01 * rng.standard_normal((1 << 18, n_features)).astype(np.float32)
 
     class Rows:
         shape = (n_rows, n_features)
@@ -90,18 +91,20 @@ def _synthetic(n_rows, n_features, seed=0):
             return n_rows
 
         def __getitem__(self, key):
-            import scipy.sparse as sp
+            import torch
 
             start, stop, _ = key.indices(n_rows)
             r = np.random.RandomState([seed, start])
             n = stop - start
-            # about 5 active true features a row, exponential magnitudes
-            cols = r.randint(0, n_true, size=(n, 5))
-            vals = r.exponential(1.0, size=(n, 5)).astype(np.float32)
-            codes = sp.csr_array((vals.ravel(), cols.ravel(), np.arange(0, 5 * n + 1, 5)),
-                                 shape=(n, n_true))
-            noise = r.standard_normal((n, n_features)).astype(np.float32)
-            return codes @ atoms + 0.01 * noise
+            # about 5 active true features a row, exponential magnitudes, a little noise
+            cols = torch.from_numpy(r.randint(0, n_true, size=(n, 5)))
+            vals = torch.from_numpy(r.exponential(1.0, size=(n, 5)).astype(np.float32))
+            x = torch.nn.functional.embedding_bag(cols, torch.from_numpy(atoms), mode="sum",
+                                                  per_sample_weights=vals.reshape(n, 5))
+            shift = int(r.randint(len(noise)))
+            x += torch.from_numpy(np.roll(noise, shift, axis=0)[:n] if n <= len(noise)
+                                  else np.resize(noise, (n, n_features)))
+            return x.numpy()
 
     return Rows()
 
