@@ -1,6 +1,7 @@
 """``python -m sksae``: every command in a subprocess on small inputs, and --help."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -70,24 +71,82 @@ def test_transform_reads_saelens_folders(acts, tmp_path):
 
     X = np.load(acts)
     model = sksae.SparseAutoencoder(n_components=16, k=2, max_iter=1, batch_size=64,
-                                    random_state=0, device="cpu").fit(X)
+                                    random_state=0, device="cpu", precision="float32").fit(X)
     to_saelens(model, tmp_path / "saelens")
     run("transform", tmp_path / "saelens", acts, "-o", tmp_path / "codes.npy", cwd=tmp_path)
     assert_allclose(np.load(tmp_path / "codes.npy"), model.transform(X))
 
 
-def test_bench(tmp_path):
-    out = run("bench", "--n-samples", "300", "--n-features", "8", cwd=tmp_path)
-    for name in ("SAE topk", "SAE jumprelu", "DictionaryLearnerGPU",
-                 "sklearn MiniBatchDictionaryLearning", "held-out FVE", "transform rows/s"):
-        assert name in out
+def _recording_evaluations(monkeypatch):
+    """Wrap the table's evaluate_recovery: each (row, model, X_test, features) it saw."""
+    import sksae._demo
+
+    seen = []
+    real = sksae._demo.evaluate_recovery
+
+    def evaluate(name, model, X_test, features, seconds):
+        row = real(name, model, X_test, features, seconds)
+        seen.append((row, model, X_test, features))
+        return row
+
+    monkeypatch.setattr(sksae._demo, "evaluate_recovery", evaluate)
+    return seen
+
+
+def _check_table(out, seen):
+    """Each row's numbers recomputed with numpy and scikit-learn, and printed as computed."""
+    from sklearn.metrics import r2_score
+
+    for row, model, X_test, features in seen:
+        codes = model.transform(X_test)
+        X_hat = np.asarray(model.inverse_transform(codes), dtype=np.float64)
+        unit = lambda A: A / np.linalg.norm(A, axis=1, keepdims=True)  # noqa: E731
+        best = (unit(features) @ unit(model.components_.astype(np.float64)).T).max(1)
+        want = {"held-out FVE": r2_score(X_test.astype(np.float64), X_hat,
+                                         multioutput="variance_weighted"),
+                "L0": (codes != 0).sum(1).mean(), "MMCS": best.mean(),
+                "recovered@0.9": (best >= 0.9).mean()}
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (row["model"], key)
+        cells = [f"{row[k]:.3f}" for k in ("fit s", "held-out FVE", "L0", "MMCS",
+                                            "recovered@0.9")]
+        line = next(x for x in out.splitlines() if x.strip().startswith(row["model"] + "  "))
+        assert line.strip()[len(row["model"]):].split()[:5] == cells, line
+    assert out.count("\n" + "-" * 5) == 1  # one table
+
+
+def test_bench(tmp_path, capsys, monkeypatch):
+    seen = _recording_evaluations(monkeypatch)
+    assert main(["bench", "--n-samples", "300", "--n-features", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    names = [row["model"] for row, *_ in seen]
+    assert names == [f"SAE {a}" for a in sksae.architectures.available()] + [
+        "DictionaryLearnerGPU", "sklearn MiniBatchDictionaryLearning"]
+    assert "Toy data: 300 rows, 8 dims, 16 true features; 32 atoms." in out
+    _check_table(out, seen)
+    rows = {row["model"]: row for row, *_ in seen}
+    assert rows["SAE topk"]["L0"] == 5.0  # k=5 latents on every row
+    X_test = seen[0][2]
+    assert X_test.shape == (60, 8)  # a fifth of the rows held out
+    for row, *_ in seen:
+        assert re.fullmatch(r"[\d,]+", row["transform rows/s"])
 
 
 @pytest.mark.slow
-def test_demo_writes_png_in_working_directory(tmp_path):
+def test_demo_writes_png_in_working_directory(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    out = run("demo", "--n-samples", "300", cwd=tmp_path)
-    assert "held-out FVE" in out and "MMCS" in out
+    seen = _recording_evaluations(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--n-samples", "300", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert [row["model"] for row, *_ in seen] == ["SparseAutoencoder(topk, k=8)",
+                                                  "sklearn MiniBatchDictionaryLearning"]
+    _check_table(out, seen)
+    assert seen[0][0]["L0"] == 8.0
     png = tmp_path / "sksae_demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sksae_demo.png"]
+    import matplotlib.image
+
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0.05
