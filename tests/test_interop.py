@@ -203,7 +203,14 @@ def test_imported_sae_in_a_pipeline(fitted, X, tmp_path):
     y = (X[:, 0] > 0).astype(int)
     weights = imported.encoder_weights_.copy()
     pipe = make_pipeline(FrozenEstimator(imported), LogisticRegression()).fit(X, y)
-    assert pipe.score(X, y) > 0.5
+    # the classifier sees the SAELens folder's TopK codes, written out in numpy
+    tensors = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    pre = (X - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    codes = np.where(pre >= np.sort(pre, axis=1)[:, [-3]], np.maximum(pre, 0), 0)
+    reference = LogisticRegression().fit(codes, y)
+    assert_allclose(pipe[-1].coef_, reference.coef_, rtol=1e-5, atol=1e-6)
+    majority = max(y.mean(), 1 - y.mean())  # 0.55: what a constant prediction scores
+    assert pipe.score(X, y) == reference.score(codes, y) > majority + 0.1
     assert_array_equal(imported.encoder_weights_, weights)  # not retrained
     assert make_pipeline(imported).transform(X).shape == (len(X), D_SAE)
     assert imported.get_feature_names_out()[0] == "sparseautoencoder0"
