@@ -8,7 +8,7 @@ from sksae.architectures import available
 # Small, fast settings: the checks fit dozens of times on tiny arrays.
 SAE_INSTANCES = [
     SparseAutoencoder(n_components=8, architecture=name, k=1, max_iter=3, batch_size=16,
-                      random_state=0)
+                      random_state=0, precision="float32")
     for name in available()
 ]
 

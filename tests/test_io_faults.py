@@ -30,7 +30,8 @@ def X():
 @pytest.fixture(scope="module")
 def saved_sae(X, tmp_path_factory):
     model = SparseAutoencoder(n_components=16, architecture="topk", k=2, max_iter=2,
-                              batch_size=64, random_state=0, device="cpu").fit(X)
+                              batch_size=64, random_state=0, device="cpu",
+                              precision="float32").fit(X)
     return sksae.save(model, tmp_path_factory.mktemp("sae"))
 
 
@@ -211,6 +212,7 @@ def test_sae_init_array_checked_as_at_fit(saved_sae, tmp_path):
 def test_matryoshka_prefix_sizes_checked(X, tmp_path):
     model = SparseAutoencoder(n_components=16, architecture="matryoshka", k=2, max_iter=1,
                               batch_size=64, random_state=0, device="cpu",
+                              precision="float32",
                               architecture_params={"prefix_sizes": [4, 8]}).fit(X)
     folder = copy_folder(sksae.save(model, tmp_path / "m"), tmp_path / "f")
     forge(folder, edit_config=lambda c: c["params"].update(
@@ -255,9 +257,9 @@ def test_every_estimator_configuration_that_fits_saves_and_loads(X, tmp_path):
                              fit_algorithm="cd", positive_code=True,
                              transform_algorithm="lasso_cd"),
         SparseAutoencoder(n_components=None, architecture="relu", max_iter=1,
-                          batch_size=64, random_state=0, device="cpu"),
+                          batch_size=64, random_state=0, device="cpu", precision="float32"),
         SparseAutoencoder(n_components=16, architecture="topk", k=16, max_iter=1,
-                          batch_size=64, random_state=0, device="cpu",
+                          batch_size=64, random_state=0, device="cpu", precision="float32",
                           init=np.random.RandomState(0).randn(16, 8).tolist()),
     ]
     for i, model in enumerate(models):
@@ -364,7 +366,8 @@ def test_interrupted_save_leaves_the_old_folder(X, saved_sae, tmp_path, monkeypa
     folder = copy_folder(saved_sae, tmp_path / "m")
     old = sksae.load(folder)
     new = SparseAutoencoder(n_components=16, architecture="relu", max_iter=1,
-                            batch_size=64, random_state=1, device="cpu").fit(X)
+                            batch_size=64, random_state=1, device="cpu",
+                            precision="float32").fit(X)
     real_write = _io._write_exclusive
     calls = []
 
@@ -387,7 +390,8 @@ def test_save_interrupted_between_renames_is_refused_not_mixed(X, saved_sae, tmp
     """The weights are renamed first; a crash before the config follows is detected."""
     folder = copy_folder(saved_sae, tmp_path / "m")
     new = SparseAutoencoder(n_components=16, architecture="relu", max_iter=1,
-                            batch_size=64, random_state=1, device="cpu").fit(X)
+                            batch_size=64, random_state=1, device="cpu",
+                            precision="float32").fit(X)
     real_replace = os.replace
     calls = []
 
