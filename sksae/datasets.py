@@ -83,19 +83,46 @@ def firing_probabilities(n_components, avg_active=5.0, frequency_decay=0.99):
 
 
 def _magnitude_sampler(magnitude):
-    """(low, high) of the uniform law of active magnitudes."""
-    if isinstance(magnitude, str):  # "uniform", the only string option
-        return 0.0, 1.0
-    if isinstance(magnitude, Real):
+    """A function ``draw(rng, size)`` of the active magnitudes."""
+    if magnitude == "exponential":
+        return lambda rng, size: rng.exponential(1.0, size=size)
+    if magnitude == "lognormal":
+        return lambda rng, size: rng.lognormal(0.0, 1.0, size=size)
+    if isinstance(magnitude, str):  # "uniform"
+        low, high = 0.0, 1.0
+    elif isinstance(magnitude, Real):
         if magnitude <= 0:
             raise ValueError(f"magnitude must be positive, got {magnitude}.")
-        return float(magnitude), float(magnitude)
-    low, high = (float(v) for v in magnitude)
-    if not 0 <= low <= high:
+        low = high = float(magnitude)
+    else:
+        low, high = (float(v) for v in magnitude)
+        if not 0 <= low <= high:
+            raise ValueError(
+                f"magnitude=(low, high) needs 0 <= low <= high, got {magnitude!r}."
+            )
+    return lambda rng, size: rng.uniform(low, high, size=size)
+
+
+def _feature_norms(feature_norms, n_components, rng):
+    """Norms of the features: log-uniform on ``feature_norms = (low, high)``."""
+    low, high = (float(v) for v in feature_norms)
+    if not 0 < low <= high:
         raise ValueError(
-            f"magnitude=(low, high) needs 0 <= low <= high, got {magnitude!r}."
+            f"feature_norms=(low, high) needs 0 < low <= high, got {feature_norms!r}."
         )
-    return low, high
+    return np.exp(rng.uniform(np.log(low), np.log(high), size=n_components))
+
+
+def _correlation_factor(structure, n_components, rho, rng):
+    """Factor ``L`` with unit-norm rows scaled by sqrt(rho): ``C = L L^T + (1 - rho) I``."""
+    if structure == "low_rank":
+        rank = min(n_components, _MAX_FACTOR_RANK)
+        factor = rng.standard_normal((n_components, rank))
+    else:  # "dense": full rank, eigenvalues of L L^T decaying as 1 / j
+        factor = rng.standard_normal((n_components, n_components))
+        factor *= 1.0 / np.sqrt(np.arange(1, n_components + 1))
+    factor *= np.sqrt(rho) / np.linalg.norm(factor, axis=1, keepdims=True)
+    return factor.astype(np.float32)
 
 
 def _correlation_strength(correlated):
@@ -117,12 +144,14 @@ def _correlation_strength(correlated):
         "avg_active": [Interval(Real, 0, None, closed="left")],
         "frequency_decay": [Interval(Real, 0, 1, closed="right")],
         "correlated": ["boolean", Interval(Real, 0, 1, closed="both")],
+        "correlation": [StrOptions({"low_rank", "dense"})],
         "magnitude": [
-            StrOptions({"uniform"}),
+            StrOptions({"uniform", "exponential", "lognormal"}),
             Interval(Real, 0, None, closed="neither"),
             tuple,
             list,
         ],
+        "feature_norms": [None, tuple, list],
         "noise": [Interval(Real, 0, None, closed="left")],
         "dtype": "no_validation",
         "sparse_codes": ["boolean"],
@@ -140,7 +169,9 @@ def make_sparse_superposition(
     avg_active=5.0,
     frequency_decay=0.99,
     correlated=False,
+    correlation="low_rank",
     magnitude="uniform",
+    feature_norms=None,
     noise=0.0,
     dtype=np.float32,
     sparse_codes=False,
@@ -157,17 +188,33 @@ def make_sparse_superposition(
     - feature ``i`` fires with probability ``p_i = min(1, s * frequency_decay**i)``,
       ``s`` chosen so that on average ``avg_active`` features fire per sample
       (see :func:`firing_probabilities`);
-    - an active feature gets a magnitude drawn uniformly (in ``[0, 1]`` by
-      default), an inactive one 0, giving non-negative ``codes``;
+    - an active feature gets a positive magnitude drawn from the law
+      ``magnitude`` (uniform on ``[0, 1]`` by default), an inactive one 0,
+      giving non-negative ``codes``;
+    - with ``feature_norms=(low, high)`` feature ``i`` is scaled to a norm
+      drawn log-uniformly in ``[low, high]`` (features of different scales, as
+      in real networks; Sharkey et al.'s "feature scales" point);
     - ``X = codes @ features + noise * N(0, 1)``.
 
-    With ``correlated`` features co-fire: a latent Gaussian vector
-    ``z ~ N(0, C)`` is drawn per sample, with the correlation matrix
-    ``C = rho * L L^T + (1 - rho) * I`` (``L`` a random Gaussian factor of rank
-    ``min(n_components, 16)`` with unit-norm rows, ``rho`` the correlation
-    strength), and feature ``i`` fires when ``Phi(z_i) < p_i`` (``Phi`` the
-    standard normal CDF). Each ``Phi(z_i)`` is uniform, so the marginal firing
-    probabilities are exactly ``p_i`` whatever ``rho``.
+    With ``correlated`` features co-fire through a Gaussian copula: a latent
+    Gaussian vector ``z ~ N(0, C)`` is drawn per sample, with the correlation
+    matrix ``C = rho * L L^T + (1 - rho) * I`` (``L`` a random Gaussian factor
+    with unit-norm rows, ``rho`` the correlation strength), and feature ``i``
+    fires when ``Phi(z_i) < p_i`` (``Phi`` the standard normal CDF). Each
+    ``Phi(z_i)`` is uniform, so the marginal firing probabilities are exactly
+    ``p_i`` whatever ``rho``. ``correlation`` picks ``L``:
+
+    - ``"low_rank"``: rank ``min(n_components, 16)``, a few latent factors
+      shared by all features;
+    - ``"dense"``: a full-rank ``L`` whose ``j``-th column is scaled by
+      ``1 / sqrt(j)``, so that ``L L^T`` is a dense random correlation matrix
+      with eigenvalues decaying as ``1 / j`` (drawing a row costs
+      ``n_components**2`` operations instead of ``16 * n_components``).
+
+    The variants of the issue "Recover the ground truth" (magnitudes, the two
+    correlation structures, frequency decays 1, 0.995 and 0.99, feature counts
+    1x to 4x ``n_features``, feature scales, noise) are all settings of this
+    function; ``benchmarks/bench_ground_truth.py`` runs them.
 
     Rows are generated in chunks, the codes of a chunk as a sparse matrix, so
     the peak memory is the output plus a few tens of MiB (and the codes when
@@ -188,10 +235,19 @@ def make_sparse_superposition(
     correlated : bool or float in [0, 1], default=False
         Correlation strength ``rho`` of the latent Gaussians deciding which
         features fire; False is 0 (independent features), True is 0.5.
-    magnitude : "uniform", float or (low, high), default="uniform"
+    correlation : {"low_rank", "dense"}, default="low_rank"
+        Structure of the latent correlation matrix when ``correlated`` is
+        not 0 (see above).
+    magnitude : {"uniform", "exponential", "lognormal"}, float or (low, high), \
+            default="uniform"
         Law of the magnitude of an active feature: ``"uniform"`` is uniform on
-        ``[0, 1]``, ``(low, high)`` uniform on ``[low, high]`` (``0 <= low``),
-        a positive float that constant magnitude.
+        ``[0, 1]``, ``"exponential"`` exponential with mean 1,
+        ``"lognormal"`` ``exp(N(0, 1))`` (median 1, heavy upper tail),
+        ``(low, high)`` uniform on ``[low, high]`` (``0 <= low``), a positive
+        float that constant magnitude (``1.0``: every active feature at 1).
+    feature_norms : (low, high) or None, default=None
+        Norms of the features, log-uniform on ``[low, high]``
+        (``0 < low <= high``); None gives unit-norm features.
     noise : float, default=0.0
         Standard deviation of the Gaussian noise added to ``X``.
     dtype : numpy floating dtype, default=np.float32
@@ -212,7 +268,8 @@ def make_sparse_superposition(
     X : ndarray of shape (n_samples, n_features)
         The data.
     features : ndarray of shape (n_components, n_features)
-        Unit-norm feature directions, most frequent first. Only returned when
+        Feature directions, most frequent first; unit-norm unless
+        ``feature_norms`` is given. Only returned when
         ``return_features=True``.
     codes : ndarray or csr_matrix of shape (n_samples, n_components)
         Non-negative codes, ``X = codes @ features`` when ``noise=0``. Only
@@ -242,7 +299,7 @@ def make_sparse_superposition(
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating dtype, got {dtype}.")
-    low, high = _magnitude_sampler(magnitude)
+    draw_magnitudes = _magnitude_sampler(magnitude)
     rho = _correlation_strength(correlated)
     p = firing_probabilities(n_components, avg_active, frequency_decay)
 
@@ -253,12 +310,11 @@ def make_sparse_superposition(
 
     features = rng.standard_normal((n_components, n_features))
     features /= np.linalg.norm(features, axis=1, keepdims=True)
+    if feature_norms is not None:
+        features *= _feature_norms(feature_norms, n_components, rng)[:, None]
 
     if rho > 0:
-        rank = min(n_components, _MAX_FACTOR_RANK)
-        factor = rng.standard_normal((n_components, rank))
-        factor *= np.sqrt(rho) / np.linalg.norm(factor, axis=1, keepdims=True)
-        factor = factor.astype(np.float32)
+        factor = _correlation_factor(correlation, n_components, rho, rng)
         # Fire when z_i < Phi^-1(p_i), i.e. Phi(z_i) < p_i.
         threshold = ndtri(p).astype(np.float32)
 
@@ -271,14 +327,14 @@ def make_sparse_superposition(
             # z = sqrt(rho) L g + sqrt(1 - rho) e, in float32 to bound memory.
             z = rng.standard_normal((rows, n_components), dtype=np.float32)
             z *= np.float32(np.sqrt(1.0 - rho))
-            z += rng.standard_normal((rows, rank), dtype=np.float32) @ factor.T
+            z += rng.standard_normal((rows, factor.shape[1]), dtype=np.float32) @ factor.T
             active = z < threshold
             del z
         else:
             active = rng.random((rows, n_components), dtype=np.float32) < p
         row_ind, col_ind = np.nonzero(active)
         del active
-        values = rng.uniform(low, high, size=row_ind.size)
+        values = draw_magnitudes(rng, row_ind.size)
         codes = sp.csr_matrix(
             (values, (row_ind, col_ind)), shape=(rows, n_components)
         )

@@ -129,3 +129,84 @@ def test_superposition_memory_is_the_output_plus_a_chunk(correlated):
     assert X.nbytes == out_bytes
     assert peak < out_bytes + 64 * 2**20
     assert peak < n * g * 4  # less than one dense float32 code matrix
+
+
+@pytest.mark.parametrize(
+    "kwargs, checksum",
+    [
+        (dict(), 626.8680419921875),
+        (dict(correlated=True), 607.7603149414062),
+        (dict(magnitude=(0.5, 2.0), noise=0.1), 1496.8465576171875),
+        (dict(magnitude=1.0, correlated=0.3), 1125.749755859375),
+    ],
+)
+def test_superposition_defaults_unchanged_by_the_variants(kwargs, checksum):
+    # Sums of |X| from the generator before the variants were added: the same
+    # seed still gives the same data for the settings that existed then.
+    X = make_sparse_superposition(300, 8, 20, avg_active=3, random_state=0, **kwargs)
+    assert float(np.abs(X).sum()) == pytest.approx(checksum, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "magnitude, check",
+    [
+        ("exponential", lambda v: abs(v.mean() - 1.0) < 0.05 and v.min() > 0),
+        ("lognormal", lambda v: abs(np.median(v) - 1.0) < 0.05 and v.max() > 5),
+        (1.0, lambda v: np.all(v == 1.0)),
+        ("uniform", lambda v: v.min() >= 0 and v.max() <= 1 and abs(v.mean() - 0.5) < 0.02),
+    ],
+)
+def test_superposition_magnitude_laws(magnitude, check):
+    X, F, codes = make_sparse_superposition(
+        4000, 8, 20, avg_active=3, magnitude=magnitude, random_state=0,
+        return_features=True, return_codes=True, sparse_codes=True,
+    )
+    assert check(codes.data)
+    np.testing.assert_allclose(X, codes @ F, rtol=1e-4, atol=1e-4)
+
+
+def test_superposition_dense_correlation_keeps_marginals_and_cofires():
+    n, g = 20000, 30
+    p = firing_probabilities(g, 5, 0.99)
+    corr = {}
+    for structure in ("low_rank", "dense"):
+        _, codes = make_sparse_superposition(
+            n, 8, g, avg_active=5, correlated=0.9, correlation=structure,
+            random_state=0, return_codes=True,
+        )
+        active = codes > 0
+        np.testing.assert_array_less(np.abs(active.mean(0) - p),
+                                     5 * np.sqrt(p * (1 - p) / n))
+        cc = np.corrcoef(active.T)
+        corr[structure] = np.abs(cc[np.triu_indices(g, 1)]).mean()
+    _, codes = make_sparse_superposition(n, 8, g, avg_active=5, random_state=0,
+                                         return_codes=True)
+    cc = np.corrcoef((codes > 0).T)
+    independent = np.abs(cc[np.triu_indices(g, 1)]).mean()
+    assert corr["dense"] > 2 * independent
+    assert corr["low_rank"] > 2 * independent
+
+
+def test_superposition_feature_norms():
+    X, F, codes = make_sparse_superposition(
+        500, 16, 40, feature_norms=(0.5, 2.0), random_state=0,
+        return_features=True, return_codes=True,
+    )
+    norms = np.linalg.norm(F, axis=1)
+    assert norms.min() >= 0.5 - 1e-5 and norms.max() <= 2.0 + 1e-5
+    assert norms.max() / norms.min() > 2  # log-uniform, spread over the range
+    np.testing.assert_allclose(X, codes @ F, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(feature_norms=(0.0, 1.0)), "feature_norms"),
+        (dict(feature_norms=(2.0, 1.0)), "feature_norms"),
+        (dict(correlation="full"), "correlation"),
+        (dict(magnitude="gamma"), "magnitude"),
+    ],
+)
+def test_superposition_variant_params_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_sparse_superposition(10, 4, 8, **kwargs)
