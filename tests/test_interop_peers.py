@@ -24,6 +24,7 @@ import importlib
 import importlib.metadata
 import os
 import tomllib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,9 @@ def check_peer_version(dist, version):
 def import_peer(module, dist):
     """The peer's module, its version checked; a skip, or a failure under SKSAE_REQUIRE_PEERS=1."""
     try:
-        mod = importlib.import_module(module)
+        with warnings.catch_warnings():  # the peers' own deprecations at import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mod = importlib.import_module(module)
     except ImportError as exc:
         message = (f"{dist} is not installed ({exc}); pip install 'sksae[peers]' to run "
                    "the round trips through the peers' own code.")
