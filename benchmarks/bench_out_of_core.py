@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "out_of_core.txt")
 
 SAE = dict(n_components=512, k=16, batch_size=4096, max_iter=1, random_state=0,
-           precision="float32", device="cpu")
+           precision="float32")
 
 
 # ---------------------------------------------------------------- child side
@@ -114,6 +114,7 @@ def child(task, args):
     import torch
 
     torch.set_num_threads(args["threads"])
+    SAE["device"] = args.get("device", "cpu")
     from sksae import SparseAutoencoder
     from sksae.activations import open_store
 
@@ -149,7 +150,7 @@ def child(task, args):
     elif task == "codes":
         X = np.asarray(_synthetic(args["rows"], args["features"])[0:args["rows"]])
         sae = SparseAutoencoder(n_components=args["latents"], k=32, max_iter=0, random_state=0,
-                                sparse_output=args["sparse"], device="cpu").fit(X[:50_000])
+                                sparse_output=args["sparse"], device=SAE["device"]).fit(X[:50_000])
         with PeakMemory() as mem:
             base = _anon_kib() / 1024
             start = time.perf_counter()
@@ -205,8 +206,12 @@ def _harvest_minilm(args):
 
 
 # --------------------------------------------------------------- parent side
+DEVICE = "cpu"
+
+
 def run_child(task, **args):
     args.setdefault("threads", 2)
+    args.setdefault("device", DEVICE)
     proc = subprocess.run([sys.executable, __file__, "--child", task, json.dumps(args)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -248,17 +253,20 @@ def main(argv=None):
     parser.add_argument("--dir", default="/tmp/sksae_ooc")
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--keep", action="store_true", help="keep the stores afterwards")
+    parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child[0], json.loads(args.child[1]))
 
+    global DEVICE
+    DEVICE = args.device
     rows = 400_000 if args.quick else args.rows
     sizes = [rows // 2, rows]
     mem_rows = min(2_000_000, rows // 4)
     code_rows, latents = (20_000, 4096) if args.quick else (200_000, 24_576)
     lines = [f"# bench_out_of_core.py ({time.strftime('%Y-%m-%d')}, "
-             f"{os.cpu_count()} CPUs, 2 torch threads; a shared machine)",
+             f"{os.cpu_count()} CPUs, 2 torch threads, device {args.device}; a shared machine)",
              f"# TopK SAE {SAE['n_components']} latents, k={SAE['k']}, batch "
              f"{SAE['batch_size']}, one epoch; stores of float16 rows of {args.features}"]
 
@@ -334,7 +342,7 @@ def main(argv=None):
                 f"rows/s (a plain forward of the whole model over the same batches: "
                 f"{r['plain_forward_rows_per_s']:.0f} rows/s)")
 
-    if not args.quick:
+    if not args.quick and args.device == "cpu":
         with open(RESULTS, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"\nwritten to {RESULTS}")

@@ -4,7 +4,7 @@
 # then the benchmarks on the GPU.
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
 #   (run from the repository root; CHECKS picks and orders the parts, all by default:
-#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick)
+#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc)
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
 # wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
@@ -35,6 +35,9 @@ for check in ${CHECKS:-step tests throughput toy dict-quick}; do
         shapes=0,1; [ "$check" = throughput-small ] && shapes=0
         timeout "${THROUGHPUT_TIMEOUT:-100}" python3 benchmarks/bench_throughput.py --device cuda \
             --shapes "$shapes" 2>&1 | tee "$out/throughput_cuda.txt" ;;
+    ooc)
+        timeout "${OOC_TIMEOUT:-300}" python3 benchmarks/bench_out_of_core.py --quick --device cuda \
+            --dir /tmp/sksae_ooc_gpu 2>&1 | tee "$out/out_of_core_cuda.txt" ;;
     toy)
         timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
             | tee "$out/toy_recovery_cuda.txt" ;;
