@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["sksae._sae", "sksae._dict_learning", "sksae.datasets", "sksae.metrics",
-           "sksae.model_selection", "sksae._io"]
+           "sksae.model_selection", "sksae._io", "sksae.activations._splice"]
 
 
 @pytest.mark.parametrize("name", MODULES)
