@@ -86,6 +86,14 @@ class Rows:
             return self.X.read_raw(start, stop)
         return torch.from_numpy(np.array(self.X[start:stop], order="C"))
 
+    def read_into(self, out, start, stop):
+        """Copy rows ``start:stop`` into ``out``, a host tensor of ``raw_dtype`` (one copy)."""
+        target = out.view(torch.int16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
+        if isinstance(self.X, ActivationStore):
+            self.X.read_into(target.view(self.X._file_dtype), start, stop)
+        else:
+            target[...] = self.X[start:stop]
+
     def take(self, rows):
         """Rows ``rows`` (int array, any order, repeats allowed) as a host tensor (a copy)."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -101,29 +101,38 @@ class StreamSource:
             yield self.rows.take(ids.numpy()), ids
 
     def _blocks(self, seed):
+        """Buffers of 16 blocks read in a random order, each with its row permutation.
+
+        A buffer is read straight into one tensor (one copy from the input);
+        the rows are not moved: each batch gathers its rows from the buffer
+        through the permutation (as a batch of an array in memory is
+        gathered), and the rows left over after the last whole batch are
+        carried to the front of the next buffer.
+        """
         gen = torch.Generator().manual_seed(seed)
-        n_blocks = math.ceil(self.n_samples / self.block_rows)
+        n, d = self.n_samples, self.rows.shape[1]
+        n_blocks = math.ceil(n / self.block_rows)
         blocks = torch.randperm(n_blocks, generator=gen).tolist()
-        carry, carry_ids = None, None
+        carry, carry_ids = None, torch.zeros(0, dtype=torch.int64)
         for g in range(0, n_blocks, BLOCKS_PER_BUFFER):
-            group = blocks[g:g + BLOCKS_PER_BUFFER]
-            parts, ids = [], []
-            for b in group:
-                start = b * self.block_rows
-                stop = min(start + self.block_rows, self.n_samples)
-                parts.append(self.rows.read(start, stop))
-                ids.append(torch.arange(start, stop))
+            spans = [(b * self.block_rows, min((b + 1) * self.block_rows, n))
+                     for b in blocks[g:g + BLOCKS_PER_BUFFER]]
+            size = len(carry_ids) + sum(stop - start for start, stop in spans)
+            data = torch.empty((size, d), dtype=self.rows.raw_dtype,
+                               pin_memory=self._pin)
+            pos = len(carry_ids)
             if carry is not None:
-                parts.insert(0, carry)
-                ids.insert(0, carry_ids)
-            data, ids = torch.cat(parts), torch.cat(ids)
-            perm = torch.randperm(len(data), generator=gen)
-            data, ids = data.index_select(0, perm), ids.index_select(0, perm)
+                data[:pos] = carry
+            for start, stop in spans:
+                self.rows.read_into(data[pos:pos + stop - start], start, stop)
+                pos += stop - start
+            ids = torch.cat([carry_ids, *(torch.arange(a, b) for a, b in spans)])
+            perm = torch.randperm(size, generator=gen)
             last = g + BLOCKS_PER_BUFFER >= n_blocks
-            usable = len(data) if last else len(data) // self.batch_size * self.batch_size
-            carry, carry_ids = (data[usable:], ids[usable:]) if usable < len(data) else (None, None)
+            usable = size if last else size // self.batch_size * self.batch_size
+            carry, carry_ids = data[perm[usable:]], ids[perm[usable:]]
             if usable:
-                yield data[:usable], ids[:usable]
+                yield data, perm[:usable], ids
 
     def _buffers(self):
         """The epoch's buffers, planned here (generator draws), read by the caller's thread."""
@@ -138,7 +147,7 @@ class StreamSource:
 
     def _pinned(self, buffers):
         for data, ids in buffers:
-            yield (data.pin_memory() if self._pin else data), ids
+            yield (data.pin_memory() if self._pin else data), None, ids
 
     # ---------------------------------------------------------------- batches
     def epoch(self):
@@ -155,18 +164,35 @@ class StreamSource:
                     self.rows.raise_row(j, ids)
             pending.clear()
 
-        buffers = read_ahead(self._pinned(self._buffers()), self.depth)
+        buffers = self._buffers()
+        if self.shuffle != "blocks":  # blocks come as (data, perm, ids), pinned if need be
+            buffers = self._pinned(buffers)
+        buffers = read_ahead(buffers, self.depth)
         try:
-            for data, ids in buffers:
-                for start in range(0, len(data), self.batch_size):
-                    raw = data[start:start + self.batch_size]
+            for data, perm, ids in buffers:
+                n_rows = len(data) if perm is None else len(perm)
+                if perm is not None:
+                    # one copy of the (pinned) buffer to the device, gathered there
+                    data = data.to(self.device, non_blocking=self._pin)
+                    device_perm = perm.to(self.device, non_blocking=self._pin)
+                for start in range(0, n_rows, self.batch_size):
+                    if perm is None:
+                        raw = data[start:start + self.batch_size]
+                    else:
+                        rows = perm[start:start + self.batch_size]
+                        raw = data.index_select(0, device_perm[start:start + self.batch_size])
                     batch = raw.to(self.device, non_blocking=self._pin)
-                    fresh = batch is not raw
+                    fresh = batch is not raw or perm is not None
                     if batch.dtype != self.dtype:
                         batch, fresh = batch.to(self.dtype), True
                     if self.scale != 1.0:
                         batch = batch.mul_(self.scale) if fresh else batch * self.scale
-                    batch_ids = ids + start if isinstance(ids, int) else ids[start:start + len(raw)]
+                    if perm is not None:
+                        batch_ids = ids[rows]
+                    elif isinstance(ids, int):
+                        batch_ids = ids + start
+                    else:
+                        batch_ids = ids[start:start + len(raw)]
                     if interval == 1:
                         self.rows.check_finite(batch, batch_ids)
                     else:

@@ -483,6 +483,11 @@ class ActivationStore:
         """Rows ``start:stop`` as a host tensor of the storage's torch dtype (a copy)."""
         start, stop = max(0, start), min(stop, self.shape[0])
         out = np.empty((max(0, stop - start), self.shape[1]), dtype=self._file_dtype)
+        self.read_into(out, start, stop)
+        return self._as_torch(out)
+
+    def read_into(self, out, start, stop):
+        """Copy rows ``start:stop`` into ``out``, a numpy array of the shard files' dtype."""
         pos = start
         while pos < stop:
             i = self.shard_of(pos)
@@ -490,7 +495,6 @@ class ActivationStore:
             hi = min(stop, self._offsets[i + 1]) - self._offsets[i]
             out[pos - start: pos - start + hi - lo] = self._map(i)[lo:hi]
             pos += hi - lo
-        return self._as_torch(out)
 
     def take_raw(self, rows):
         """Rows ``rows`` (integers, any order, repeats allowed) as a host tensor (a copy)."""
