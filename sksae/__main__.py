@@ -511,6 +511,43 @@ def _harvest(args):
     return 0
 
 
+def _report(args):
+    from .report import feature_browser
+
+    if args.tokens is not None and args.text is not None:
+        raise UserError("give at most one of --tokens (a .npy of token ids) and --text.")
+    if _inside(args.output, args.model) or _same_file(args.output, args.acts):
+        raise UserError(f"--output {args.output} is an input or inside the model folder; "
+                        "write the report elsewhere.")
+    model = _load_model(args.model)
+    X = _load_rows(args.acts, args.layer)
+    tokens = tokenizer = None
+    if args.tokens is not None:
+        tokens = _load_ids(args.tokens)
+    elif args.text is not None:
+        batches, _, _ = _text_batches(args)  # tokenized as harvest --text does
+        tokens = [ids for b in batches for ids in b["input_ids"].tolist()]
+    if tokens is not None and not hasattr(X, "positions"):
+        raise UserError("--tokens and --text need ACTS to be an activation store written by "
+                        "harvest (its rows' positions map them to tokens).")
+    if args.tokenizer is not None:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        except ImportError:
+            raise UserError("--tokenizer needs the transformers package "
+                            "(pip install transformers).") from None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the tokenizer {args.tokenizer!r} offline "
+                            f"({exc}).") from None
+    with _atomic_file(args.output) as tmp:
+        feature_browser(model, X, tmp, tokens=tokens, tokenizer=tokenizer, n_top=args.n_top,
+                        context=args.context, title=args.title)
+    print(f"Wrote the feature browser of {X.shape[0]} rows to {args.output}")
+    return 0
+
+
 def run_bench(n_samples=4000, n_features=16, device="auto", random_state=0):
     """The ``bench`` command: every estimator on one toy problem, one table.
 
@@ -697,6 +734,32 @@ def build_parser():
     hv.add_argument("--overwrite", action="store_true", help="replace an existing store")
     hv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     hv.set_defaults(func=_harvest)
+
+    rp = command(
+        "report", help="write a feature browser (one offline HTML file) of a saved model",
+        description="Encode ACTS (a .npy array or an activation store) with the model in "
+                    "MODEL_DIR and write one self-contained HTML file (no network needed): "
+                    "the core metrics, the latent density histogram, and per latent its "
+                    "density, activation histogram, nearest latents by decoder cosine and "
+                    "top-activating rows, shown as tokens in context with --tokens or "
+                    "--text (the inputs that were harvested into the store, in order).")
+    rp.add_argument("model", help="model folder")
+    rp.add_argument("acts", help="input .npy file or activation store folder")
+    rp.add_argument("-o", "--output", required=True, help="HTML file to write")
+    rp.add_argument("--layer", default=None, help="the layer of a store that holds several")
+    rp.add_argument("--tokens", default=None, help=".npy of the harvested token ids")
+    rp.add_argument("--text", default=None,
+                    help="the harvested text file, one input per line (with --tokenizer)")
+    rp.add_argument("--tokenizer", default=None,
+                    help="local tokenizer folder: shows tokens as text (transformers)")
+    rp.add_argument("--seq-len", type=positive_int, default=128,
+                    help="the harvest's --seq-len, with --text (default: %(default)s)")
+    rp.add_argument("--n-top", type=positive_int, default=10,
+                    help="top-activating rows per latent (default: %(default)s)")
+    rp.add_argument("--context", type=non_negative_int, default=6,
+                    help="tokens shown on each side (default: %(default)s)")
+    rp.add_argument("--title", default=None, help="the page's title")
+    rp.set_defaults(func=_report, batch_size=32, skip_first=False)
 
     bench = command(
         "bench", help="quick comparison of every SAE architecture and dictionary learner",

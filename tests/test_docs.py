@@ -21,7 +21,7 @@ def test_api_reference_lists_every_public_name():
     names = {n for n in sksae.__all__ if n != "__version__" and not n.islower()}
     names |= {"sparse_encode", "save", "load"}
     for module in ("architectures", "datasets", "metrics", "model_selection", "plotting",
-                   "interop", "activations"):
+                   "interop", "activations", "report"):
         names |= set(importlib.import_module(f"sksae.{module}").__all__)
     assert names <= listed, sorted(names - listed)
 

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["sksae._sae", "sksae._dict_learning", "sksae.datasets", "sksae.metrics",
-           "sksae.model_selection", "sksae._io", "sksae.activations._splice"]
+           "sksae.model_selection", "sksae._io", "sksae.activations._splice",
+           "sksae.report"]
 
 
 @pytest.mark.parametrize("name", MODULES)
