@@ -22,10 +22,80 @@ from .metrics import (
     feature_density,
     fraction_variance_explained,
     l0,
+    match_dictionaries,
     max_cosine_similarity,
 )
 
-__all__ = ["dictionary_size_sweep"]
+__all__ = ["dictionary_size_sweep", "shared_atom_count"]
+
+
+def _distinct(atoms, threshold, absolute):
+    """The atoms without an earlier atom of cosine above ``threshold``."""
+    unit = atoms / np.maximum(np.linalg.norm(atoms, axis=1, keepdims=True), 1e-12)
+    cos = unit @ unit.T
+    if absolute:
+        cos = np.abs(cos)
+    later_copy = np.triu(cos > threshold, 1).any(axis=0)
+    return atoms[~later_copy]
+
+
+def shared_atom_count(A, B, threshold=0.9, *, absolute=False):
+    """Number of distinct atoms two dictionaries share, one to one.
+
+    Each dictionary is first reduced to its distinct atoms (an atom with an
+    earlier atom of cosine above ``threshold`` is dropped), then the two are
+    matched one to one (:func:`~sksae.metrics.match_dictionaries`, Hungarian
+    algorithm) and the pairs with a cosine above ``threshold`` are counted.
+
+    Parameters
+    ----------
+    A, B : array-like of shape (n_atoms_a, n_features), (n_atoms_b, n_features)
+        Two dictionaries, one atom per row.
+    threshold : float, default=0.9
+        Cosine above which two atoms are the same direction.
+    absolute : bool, default=False
+        Compare by ``|cos|``.
+
+    Returns
+    -------
+    n_shared : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sksae.model_selection import shared_atom_count
+    >>> A = np.eye(4)
+    >>> shared_atom_count(A[:3], np.vstack([A, A[0]]))
+    3
+    """
+    A = _distinct(np.asarray(A, dtype=np.float64), threshold, absolute)
+    B = _distinct(np.asarray(B, dtype=np.float64), threshold, absolute)
+    if len(A) == 0 or len(B) == 0:
+        return 0
+    _, _, cos = match_dictionaries(A, B, absolute=absolute)
+    return int(np.sum(cos > threshold))
+
+
+def _estimate(sizes, n_shared):
+    """The plateau of the shared-atom curve: its maximum, and the rule in words."""
+    if sizes.size < 2 or np.all(np.isnan(n_shared)):
+        return np.nan, "needs at least two sizes"
+    j = int(np.nanargmax(n_shared))
+    estimate = int(n_shared[j])
+    rule = (
+        "maximum of n_shared, the number of distinct atoms shared one to one "
+        "(cosine > threshold) by the dictionaries of neighbouring sizes: it grows "
+        "with the size while the smaller dictionary holds fewer atoms than the data "
+        "has features, and levels off at the feature count once both hold every "
+        f"feature (reached between {sizes[j - 1]} and {sizes[j]} atoms)"
+    )
+    if estimate >= 0.9 * sizes[j - 1]:
+        rule += (
+            f"; not levelled off: {estimate} shared atoms is over 90% of the smaller "
+            f"size {sizes[j - 1]}, so the data may hold more features than the grid "
+            "covers (a lower bound)"
+        )
+    return estimate, rule
 
 
 def _fit_and_evaluate(estimator, X, X_eval, param_name, size, duplicate_threshold,
@@ -178,14 +248,17 @@ def dictionary_size_sweep(
     )
 
     mmcs_prev = np.full(sizes.size, np.nan)
+    n_shared = np.full(sizes.size, np.nan)
     for j in range(1, sizes.size):
         prev, cur = results[j - 1], results[j]
         if prev["alive"].any() and cur["alive"].any():
-            mmcs_prev[j] = max_cosine_similarity(
-                prev["components"][prev["alive"]],
-                cur["components"][cur["alive"]],
-                absolute=absolute,
-            ).mean()
+            A = prev["components"][prev["alive"]]
+            B = cur["components"][cur["alive"]]
+            mmcs_prev[j] = max_cosine_similarity(A, B, absolute=absolute).mean()
+            n_shared[j] = shared_atom_count(A, B, duplicate_threshold, absolute=absolute)
+        else:
+            n_shared[j] = 0
+    estimate, rule = _estimate(sizes, n_shared)
 
     out = Bunch(
         n_components=sizes,
@@ -194,6 +267,9 @@ def dictionary_size_sweep(
         dead_fraction=np.array([r["dead_fraction"] for r in results]),
         duplicate_fraction=np.array([r["duplicate_fraction"] for r in results]),
         mmcs_to_previous=mmcs_prev,
+        n_shared=n_shared,
+        n_features_estimate=estimate,
+        estimate_rule=rule,
     )
     if true_features is not None:
         out.mmcs_to_truth = np.array(
