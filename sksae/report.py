@@ -130,6 +130,9 @@ def _token_strings(tokens, tokenizer, seq):
         else list(tokens[seq])
     if ids and isinstance(ids[0], str):
         return ids
+    pad = getattr(tokenizer, "pad_token_id", None)
+    while pad is not None and ids and ids[-1] == pad:  # a padded batch's padding
+        ids.pop()
     if tokenizer is None:
         return [str(i) for i in ids]
     if hasattr(tokenizer, "convert_ids_to_tokens"):
@@ -516,7 +519,10 @@ function show(id) {
       const top = Math.max(1e-12, ...e.acts.map((a) => Math.abs(a || 0)));
       e.toks.forEach((t, i) => {
         const a = e.acts[i];
-        const s = el("span", {class: "tok" + (i === e.centre ? " centre" : "")}, D.vocab[t]);
+        const text = D.vocab[t];
+        if (text.startsWith(" ")) line.appendChild(document.createTextNode(" "));
+        const s = el("span", {class: "tok" + (i === e.centre ? " centre" : "")},
+                     text.startsWith(" ") ? text.slice(1) : text);
         if (a) s.style.background = "rgba(255,120,20," + (0.08 + 0.8 * Math.abs(a) / top) + ")";
         s.title = a === null ? "not in the rows" : "activation " + fmt(a);
         line.appendChild(s);

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -201,7 +200,7 @@ def test_browser_without_tokens_and_for_any_dictionary(tmp_path):
         feature_browser(mbdl, X, tmp_path / "c.html", tokens=[[0]], positions=np.zeros((3, 2)))
 
 
-def test_cli_report(fitted, tmp_path):
+def test_cli_report(fitted, tmp_path, capsys):
     from sksae.__main__ import main
 
     folder, store, sae, tokens = fitted
@@ -216,8 +215,9 @@ def test_cli_report(fitted, tmp_path):
     assert all(len(lat["ex"]) <= 3 for lat in data["latents"])
     assert data["vocab"] and all(v.strip().isdigit() for v in data["vocab"])  # ids, no tokenizer
     # a user error: one line, exit status 2
-    proc = subprocess.run([sys.executable, "-m", "sksae", "report", str(tmp_path / "sae"),
-                           str(store.path), "--tokens", str(tmp_path / "nope.txt"), "-o",
-                           str(tmp_path / "x.html")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "is not a .npy file" in proc.stderr
+    status = main(["report", str(tmp_path / "sae"), str(store.path), "--tokens",
+                   str(tmp_path / "nope.txt"), "-o", str(tmp_path / "x.html")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip().count("\n") == 0 and "is not a .npy file" in err
+    assert not (tmp_path / "x.html").exists()
