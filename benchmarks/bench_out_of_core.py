@@ -254,6 +254,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
+    parser.add_argument("--sections", default="train,rounds,codes,harvest",
+                        help="what to run, comma-separated (default: all)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating store / in-memory rounds (default: 3)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -285,9 +289,33 @@ def main(argv=None):
         say(f"store {n:>11,d} rows: {store.nbytes / 1e9:5.2f} GB on disk, "
             f"{store.n_shards} shards, {written}")
 
+    sections = set(args.sections.split(","))
+    results = {}
+    if "train" in sections:
+        train_section(args, say, stores, sizes, mem_rows, results)
+    if "rounds" in sections:
+        rounds_section(args, say, mem_rows)
+    if "codes" in sections:
+        codes_section(args, say, code_rows, latents, results)
+    if "harvest" in sections:
+        harvest_section(args, say)
+    if not args.quick and args.device == "cpu":
+        name = "out_of_core" if sections >= {"train", "rounds", "codes", "harvest"} \
+            else "out_of_core_" + "_".join(sorted(sections))
+        path = os.path.join(HERE, "results", name + ".txt")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"\nwritten to {path}")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
+
+
+def train_section(args, say, stores, sizes, mem_rows, results):
     say("\n## Training, one epoch (fresh process each)")
     say(f"{'input':38s} {'rows':>11s} {'seconds':>8s} {'rows/s':>9s} {'peak private MiB':>17s}")
-    results = {}
 
     def row(name, r):
         results[name] = r
@@ -318,6 +346,26 @@ def main(argv=None):
     say("read-ahead on / off (same partial epoch): "
         f"{results['store, read-ahead on (same rows)']['rows_per_s'] / results['store, read-ahead off (partial epoch)']['rows_per_s']:.3f}")
 
+
+
+def rounds_section(args, say, mem_rows):
+    # the load of a shared machine drifts between minutes: alternate the two
+    say(f"\n## Alternating rounds: a {mem_rows:,d}-row store against the same rows in memory")
+    small, _ = make_store(os.path.join(args.dir, f"store_{mem_rows}"), mem_rows, args.features)
+    ratios = []
+    for round_ in range(args.rounds):
+        drop_page_cache()
+        st = run_child("store", path=small.path.as_posix())
+        mem = run_child("memory", path=small.path.as_posix(), rows=mem_rows)
+        ratios.append(st["rows_per_s"] / mem["rows_per_s"])
+        say(f"round {round_ + 1}: store {st['rows_per_s']:.0f} rows/s "
+            f"({st['peak_private_mib']:.0f} MiB), in memory {mem['rows_per_s']:.0f} rows/s "
+            f"({mem['peak_private_mib']:.0f} MiB): ratio {ratios[-1]:.3f}")
+    ratios.sort()
+    say(f"median store / in-memory samples/s ratio: {ratios[len(ratios) // 2]:.3f}")
+
+
+def codes_section(args, say, code_rows, latents, results):
     say(f"\n## transform of {code_rows:,d} x {args.features} rows into {latents:,d} latents, k=32")
     say(f"{'output':10s} {'rows':>9s} {'seconds':>8s} {'peak private MiB':>17s} "
         f"{'result MiB':>11s}")
@@ -332,6 +380,8 @@ def main(argv=None):
         f"sparse: {results['codes_sparse']['result_mib']:.0f} MiB "
         f"({dense_full / results['codes_sparse']['result_mib']:.0f}x less)")
 
+
+def harvest_section(args, say):
     say("\n## Harvest throughput (MiniLM, the example's text and masks)")
     h = run_child("harvest", sentences=400 if args.quick else 2249)
     if "skipped" in h:
@@ -341,16 +391,6 @@ def main(argv=None):
             say(f"{layer}: {r['rows']:,d} rows in {r['seconds']:.1f} s = {r['rows_per_s']:.0f} "
                 f"rows/s (a plain forward of the whole model over the same batches: "
                 f"{r['plain_forward_rows_per_s']:.0f} rows/s)")
-
-    if not args.quick and args.device == "cpu":
-        with open(RESULTS, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"\nwritten to {RESULTS}")
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(args.dir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
