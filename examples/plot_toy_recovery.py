@@ -13,7 +13,7 @@ of true features recovered at cosine > 0.9, and compare with scikit-learn's
 The third model is the recovery recipe of the user guide ("Recovering the
 ground truth"): one pass of a TopK SAE, then its dictionary refined by
 alternating non-negative OMP codes and least-squares updates over all the
-rows (``sksae._refine.RefinedAutoencoder``). The SAE's encoder finds the
+rows (:class:`sksae.RefinedAutoencoder`). The SAE's encoder finds the
 frequent features; the rare ones, seen in a few hundred rows, need the
 refinement.
 """
@@ -23,8 +23,7 @@ import os
 import matplotlib.pyplot as plt
 from sklearn.decomposition import MiniBatchDictionaryLearning
 
-from sksae import SparseAutoencoder
-from sksae._refine import RefinedAutoencoder
+from sksae import RefinedAutoencoder, SparseAutoencoder
 from sksae.datasets import make_sparse_superposition
 from sksae.metrics import mean_max_cosine_similarity
 from sksae.plotting import plot_recovery, plot_training_curves

@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "SparseAutoencoder": "sksae._sae",
     "DictionaryLearnerGPU": "sksae._dict_learning",
+    "RefinedAutoencoder": "sksae._refine",
+    "refine_dictionary": "sksae._refine",
     "sparse_encode": "sksae._dict_learning",
     "save": "sksae._io",
     "load": "sksae._io",

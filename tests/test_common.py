@@ -2,7 +2,7 @@
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from sksae import DictionaryLearnerGPU, SparseAutoencoder
+from sksae import DictionaryLearnerGPU, RefinedAutoencoder, SparseAutoencoder
 from sksae.architectures import available
 
 # Small, fast settings: the checks fit dozens of times on tiny arrays.
@@ -14,6 +14,8 @@ SAE_INSTANCES = [
 
 ESTIMATORS = SAE_INSTANCES + [
     DictionaryLearnerGPU(n_components=3, alpha=0.1, max_iter=5, batch_size=16, random_state=0),
+    RefinedAutoencoder(SparseAutoencoder(n_components=8, k=2, max_iter=3, batch_size=16,
+                                         random_state=0, precision="float32"), n_iter=2),
 ]
 
 

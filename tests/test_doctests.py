@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["sksae._sae", "sksae._dict_learning", "sksae.datasets", "sksae.metrics",
            "sksae.model_selection", "sksae._io", "sksae.activations._splice",
-           "sksae.report"]
+           "sksae.report", "sksae._refine"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from sksae import SparseAutoencoder
-from sksae import _refine
-from sksae._refine import RefinedAutoencoder, nonnegative_omp, refine_dictionary
+from sksae import RefinedAutoencoder, SparseAutoencoder
+from sksae._accel import compiled as compiled_module
+from sksae._refine import nonnegative_omp, refine_dictionary
 from sksae.datasets import make_sparse_superposition
 from sksae.metrics import max_cosine_similarity
 from sksae.model_selection import dictionary_size_sweep, shared_atom_count
@@ -46,7 +46,7 @@ def test_nonnegative_omp_recovers_exact_sparse_codes():
 def test_nonnegative_omp_compiled_and_torch_paths_agree(monkeypatch):
     X, D, _ = _codes_problem(n=200, seed=1)
     compiled = nonnegative_omp(X, D, 5).toarray()
-    monkeypatch.setattr(_refine, "_KERNEL", [None])  # as without numba
+    monkeypatch.setattr(compiled_module, "_USE_NUMBA", False)  # as without numba
     batched = nonnegative_omp(X, D, 5).toarray()
     np.testing.assert_allclose(compiled, batched, atol=1e-4)
 
@@ -96,7 +96,7 @@ def test_size_sweep_estimates_the_feature_count():
     # smaller ones share far fewer.
     X, F = make_sparse_superposition(20000, 64, 128, correlated=True, random_state=0,
                                      return_features=True)
-    est = RefinedAutoencoder(SparseAutoencoder(k=6, max_iter=1, random_state=0))
+    est = RefinedAutoencoder(SparseAutoencoder(k=6, max_iter=1, random_state=0), n_iter=6)
     res = dictionary_size_sweep(est, X, [64, 128, 192, 256], true_features=F,
                                 param_name="estimator__n_components")
     assert np.isnan(res.n_shared[0])
@@ -126,3 +126,22 @@ def test_recipe_recovers_95_percent_of_a_small_variant():
     sae_only = np.mean(max_cosine_similarity(F, est.estimator_.components_) > 0.9)
     assert recovered >= 0.95
     assert sae_only < recovered
+
+
+def test_refined_autoencoder_refines_a_classical_dictionary():
+    # Any learner of components_ can start the refinement; without a decoder
+    # bias the rows are coded uncentred.
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.preprocessing import StandardScaler
+
+    X = make_sparse_superposition(2000, 16, 32, avg_active=3, random_state=0)
+    start = MiniBatchDictionaryLearning(n_components=40, alpha=0.1, max_iter=1,
+                                        random_state=0)
+    est = RefinedAutoencoder(start, n_iter=2, n_nonzero_coefs=5).fit(X)
+    np.testing.assert_array_equal(est.decoder_bias_, np.zeros(16, np.float32))
+    codes = est.transform(X)
+    assert codes.min() >= 0 and (codes > 0).sum(1).max() <= 5
+    X_hat = est.inverse_transform(codes)
+    assert 1 - ((X - X_hat) ** 2).sum() / ((X - X.mean(0)) ** 2).sum() > 0.9
+    with pytest.raises(TypeError, match="StandardScaler has no components_"):
+        RefinedAutoencoder(StandardScaler()).fit(X)

@@ -1,7 +1,7 @@
 """The numba-compiled CPU kernels, loaded on first use.
 
-The coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`)
-run compiled per row on CPU tensors, and so do the TopK training step's
+The coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`,
+also the non-negative OMP of the dictionary refinement) run compiled per row on CPU tensors, and so do the TopK training step's
 selection (:mod:`._topk_nb`) and its sparse passes (:mod:`._sparse_nb`).
 Where a kernel cannot be loaded (numba broken, say, or ``_USE_NUMBA`` off)
 the torch implementations run instead: the coders' torch paths give the same
@@ -24,6 +24,7 @@ _USE_NUMBA = True
 # kernel name -> (module, function)
 _SOURCES = {"homotopy": ("sksae._accel._homotopy_nb", "homotopy_rows"),
             "omp": ("sksae._accel._omp_nb", "omp_rows"),
+            "nnomp": ("sksae._accel._omp_nb", "nnomp_rows"),
             "topk": ("sksae._accel._topk_nb", "topk_rows"),
             **{name: ("sksae._accel._topk_nb", name)
                for name in ("batch_sample_buckets", "batch_count", "batch_fill", "batch_select")},
@@ -40,7 +41,8 @@ def kernel(name, required=False):
     Parameters
     ----------
     name : str
-        A coder's kernel ("homotopy", "omp"), the TopK and BatchTopK selections'
+        A coder's kernel ("homotopy", "omp"; "nnomp", the non-negative OMP of
+        :mod:`sksae._refine`), the TopK and BatchTopK selections'
         ("topk", "batch_sample_buckets", "batch_count", "batch_fill",
         "batch_select"; :mod:`sksae._accel._topk_nb`) or one of the sparse training
         passes ("transpose", "dots", "decode_backward", "gather_backward",
