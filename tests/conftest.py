@@ -25,6 +25,35 @@ def rng():
     return np.random.RandomState(0)
 
 
+@pytest.fixture
+def chromium(tmp_path):
+    """``run(*args)``: Debian's Chromium, headless, with a fresh profile under ``tmp_path``.
+
+    Returns the ``subprocess.CompletedProcess`` (text output, console messages
+    on stderr). A missing browser skips the test, and fails it in CI, where
+    .ci/run installs the package.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+
+    def run(*args):
+        return subprocess.run(
+            [found, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr",
+             "--v=0", "--virtual-time-budget=5000", *args],
+            capture_output=True, text=True, timeout=120)
+
+    return run
+
+
 # hypothesis profiles for tests/test_fuzz.py: "ci" (a fixed budget, derandomised so that
 # CI runs are repeatable) by default; "long" with --hypothesis-profile=long
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -1,10 +1,7 @@
 """The feature browser: its data against numpy, and the page in a real browser (headless Chromium)."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -124,34 +121,15 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def _chromium():
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
-        pytest.skip("chromium is not installed (.ci/run installs it)")
-    return found
-
-
-def _run(chromium, tmp_path, *args):
-    return subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr",
-         "--v=0", "--virtual-time-budget=5000", *args],
-        capture_output=True, text=True, timeout=120)
-
-
-def test_browser_in_a_real_browser(fitted, tmp_path):
+def test_browser_in_a_real_browser(fitted, tmp_path, chromium):
     """Headless Chromium: no console error, the picker, next button and neighbour links change
     the view, and a screenshot has content."""
-    chromium = _chromium()
     folder, store, sae, tokens = fitted
     page = feature_browser(sae, store, tmp_path / "browser.html", tokens=tokens,
                            tokenizer=lambda ids: [WORDS[i] for i in ids])
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("<head>", "<head>" + _PROBE, 1))
-    proc = _run(chromium, tmp_path, "--dump-dom", probe.as_uri())
+    proc = chromium("--dump-dom", probe.as_uri())
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', re.search(r"<body[^>]*>", dom).group(0)))
@@ -167,7 +145,7 @@ def test_browser_in_a_real_browser(fitted, tmp_path):
     assert int(attrs["summary-rows"]) > 10 and int(attrs["density-bars"]) > 0
 
     shot = tmp_path / "shot.png"
-    proc = _run(chromium, tmp_path, "--hide-scrollbars", "--window-size=1000,700",
+    proc = chromium("--hide-scrollbars", "--window-size=1000,700",
                 f"--screenshot={shot}", page.as_uri() + "#latent=3")
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     plt = pytest.importorskip("matplotlib.pyplot")
