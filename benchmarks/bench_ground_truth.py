@@ -23,7 +23,9 @@ fitted on the same 200k rows, side by side in one process:
 ``G`` is the true feature count (the recipe's ``n_components`` is twice the
 count; use the size sweep's estimate where it is unknown). Printed per
 variant and method: fit seconds, recovered@0.9 (fraction of true features
-with a learned atom of cosine > 0.9), MMCS, and the expected number of rows
+with a learned atom of cosine > 0.9), recovered@0.99 (the stricter threshold
+that separates methods which both find every feature at 0.9), MMCS, and the
+expected number of rows
 in which the rarest true feature fires (``n_rows * p_min``): below ~20, no
 method can learn it from these rows.
 
@@ -136,9 +138,9 @@ def run_variant(name, n_rows, which):
         m = max_cosine_similarity(F, est.components_, absolute=method == "sklearn")
         rows.append(dict(variant=name, G=G, method=method, seconds=seconds, cpu=cpu,
                          recovered=float(np.mean(m > 0.9)), mmcs=float(m.mean()),
-                         rarest=rarest))
+                         recovered99=float(np.mean(m > 0.99)), rarest=rarest))
         print(f"  {name:22s} {method:13s} {seconds:7.1f} s ({cpu:6.1f} CPU s)  recovered@0.9 {rows[-1]['recovered']:.3f}"
-              f"  MMCS {rows[-1]['mmcs']:.3f}", flush=True)
+              f"  @0.99 {rows[-1]['recovered99']:.3f}  MMCS {rows[-1]['mmcs']:.3f}", flush=True)
     return rows
 
 
@@ -161,7 +163,7 @@ def run_sweep(name, n_rows, grid):
 
 def format_rows(rows):
     lines = [f"{'variant':22s} {'G':>5s} {'method':13s} {'fit s':>7s} {'CPU s':>7s} "
-             f"{'recovered@0.9':>13s} {'MMCS':>6s} {'rarest rows':>11s}  note",
+             f"{'recovered@0.9':>13s} {'@0.99':>6s} {'MMCS':>6s} {'rarest rows':>11s}  note",
              "-" * 100]
     by_variant = {}
     for r in rows:
@@ -174,11 +176,17 @@ def format_rows(rows):
                 ok = r["recovered"] >= 0.95
                 note = ">=95%" if ok else "<95%"
                 if skl is not None:
-                    note += ", beats sklearn" if r["recovered"] > skl["recovered"] else ", NOT above sklearn"
+                    if r["recovered"] > skl["recovered"]:
+                        note += ", beats sklearn"
+                    elif r["recovered"] == skl["recovered"] and r["recovered99"] > skl["recovered99"]:
+                        # Both at the same fraction (1.0): the stricter threshold decides.
+                        note += ", beats sklearn at cos > 0.99 (tied at 0.9)"
+                    else:
+                        note += ", NOT above sklearn"
                 if r["rarest"] < 20:
                     note += f" (rarest feature fires in ~{r['rarest']:.1f} of the rows: unlearnable)"
             lines.append(f"{name:22s} {r['G']:5d} {r['method']:13s} {r['seconds']:7.1f} "
-                         f"{r['cpu']:7.1f} {r['recovered']:13.3f} {r['mmcs']:6.3f} {r['rarest']:11.1f}  {note}")
+                         f"{r['cpu']:7.1f} {r['recovered']:13.3f} {r['recovered99']:6.3f} {r['mmcs']:6.3f} {r['rarest']:11.1f}  {note}")
     return "\n".join(lines)
 
 

@@ -44,10 +44,13 @@ __all__ = ["RefinedAutoencoder", "nonnegative_omp", "refine_dictionary"]
 _BLOCK_ELEMENTS = 2**22  # (rows, n_components) correlations per block, 16 MiB in float32
 
 
-def _omp_block(C0, G, k, tol_energy):
+def _omp_block(C0, G, k, tol_energy, min_gain):
     """Non-negative OMP of one block from its correlations ``C0 = X D^T``.
 
-    Returns (indices (b, k), values (b, k)) with unused slots at value 0.
+    The batched torch path of the compiled kernel (same stops: no positive
+    correlation left, ``tol_energy`` explained, or an atom that would add less
+    than ``min_gain``). Returns (indices (b, k), values (b, k)) with unused
+    slots at value 0.
     """
     b, K = C0.shape
     rows = torch.arange(b)
@@ -55,6 +58,7 @@ def _omp_block(C0, G, k, tol_energy):
     S = torch.empty(b, 0, dtype=torch.long)
     vals = torch.zeros(b, k, dtype=C0.dtype)
     done = torch.zeros(b, dtype=torch.bool)
+    before = torch.zeros(b, dtype=C0.dtype)
     for s in range(k):
         j = corr.argmax(dim=1)
         done |= corr[rows, j] <= 0  # no atom left that reduces the residual
@@ -64,10 +68,12 @@ def _omp_block(C0, G, k, tol_energy):
         Gss = Gss + 1e-6 * torch.eye(s + 1, dtype=G.dtype)
         c = torch.linalg.solve(Gss, rhs)
         c = c.clamp(min=0)
-        keep = ~done
-        vals[keep, : s + 1] = c[keep]
         # ||x - D_S^T c||^2 = ||x||^2 - 2 c.rhs + c^T G_SS c
         explained = 2 * (c * rhs).sum(1) - (c[:, None, :] @ Gss @ c[:, :, None]).view(-1)
+        done |= explained - before < min_gain  # the new atom adds too little: not taken
+        keep = ~done
+        vals[keep, : s + 1] = c[keep]
+        before = explained
         done |= explained >= tol_energy
         if s + 1 < k:
             # corr = C0 - sum_s c_s G[S_s]: a weighted sum of Gram rows per row.
@@ -77,7 +83,7 @@ def _omp_block(C0, G, k, tol_energy):
     return S, vals
 
 
-def nonnegative_omp(X, dictionary, n_nonzero_coefs, *, tol=1e-3):
+def nonnegative_omp(X, dictionary, n_nonzero_coefs, *, tol=1e-3, min_gain=0.0):
     """Non-negative orthogonal matching pursuit, returned as a sparse matrix.
 
     Each row picks, ``n_nonzero_coefs`` times at most, the atom with the largest
@@ -93,6 +99,11 @@ def nonnegative_omp(X, dictionary, n_nonzero_coefs, *, tol=1e-3):
         Unit-norm atoms.
     n_nonzero_coefs : int
     tol : float, default=1e-3
+    min_gain : float, default=0.0
+        A row also stops before an atom that would explain less than
+        ``min_gain`` of its squared norm: atoms that only fit the
+        dictionary's remaining error are left out, however many the budget
+        ``n_nonzero_coefs`` still allows.
 
     Returns
     -------
@@ -119,12 +130,13 @@ def nonnegative_omp(X, dictionary, n_nonzero_coefs, *, tol=1e-3):
         for a in range(lo, hi, block):
             b = min(hi, a + block)
             Xb = X_t[a:b]
-            target = (1 - tol) * torch.einsum("ij,ij->i", Xb, Xb)
+            energy = torch.einsum("ij,ij->i", Xb, Xb)
+            target = torch.stack([(1 - tol) * energy, min_gain * energy], dim=1)
             C0 = Xb @ D_t.T
             if kernel is not None:
                 kernel(C0.numpy(), G, k, consts, target.numpy(), idx[a:b], val[a:b])
             else:
-                S, v = _omp_block(C0, G_t, k, target)
+                S, v = _omp_block(C0, G_t, k, target[:, 0], target[:, 1])
                 idx[a:b, : S.shape[1]] = S.numpy()
                 val[a:b, : S.shape[1]] = v.numpy()
 
@@ -167,7 +179,7 @@ def _residual_seeds(X, U, D, kept, n_seeds, *, pool=20, max_cos=0.7):
 
 
 def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
-                      min_usage=20, duplicate_threshold=0.95, ridge=1e-4,
+                      min_gain=0.0, min_usage=20, duplicate_threshold=0.95, ridge=1e-4,
                       verbose=0, callback=None):
     """Refine a dictionary by alternating non-negative OMP and MOD updates.
 
@@ -187,6 +199,9 @@ def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
         Coding / update rounds.
     tol : float, default=1e-3
         Relative residual energy at which a row's coding stops.
+    min_gain : float, default=0.0
+        A row's coding also stops before an atom that would explain less
+        than this fraction of its energy (:func:`nonnegative_omp`).
     min_usage : int, default=20
         Atoms used by fewer rows are re-seeded.
     duplicate_threshold : float, default=0.95
@@ -208,7 +223,7 @@ def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
     D /= np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
     K = D.shape[0]
     for it in range(n_iter):
-        U = nonnegative_omp(X, D, n_nonzero_coefs, tol=tol)
+        U = nonnegative_omp(X, D, n_nonzero_coefs, tol=tol, min_gain=min_gain)
         Ut = U.T.tocsr()
         A = (Ut @ U).toarray().astype(np.float64)
         B = np.asarray(Ut @ X, dtype=np.float64)
@@ -261,10 +276,17 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         Refinement rounds (each one sparse coding pass over the rows).
     n_nonzero_coefs : int, default=None
         Most atoms per row in the coding steps and ``transform``; None means
-        ``estimator.k + 2``.
+        twice the estimator's ``k`` (12 for the default ``k=6``), or 12 for
+        an estimator without ``k``.
     tol : float, default=1e-3
         A row's coding stops once its residual holds less than ``tol`` of its
         squared norm (centred by the decoder bias).
+    min_gain : float, default=0.01
+        A row's coding also stops before an atom that would explain less
+        than this fraction of its squared norm: with the budget
+        ``n_nonzero_coefs`` set generously, this decides how many atoms a row
+        takes (rows with many active features get them all, and atoms that
+        only fit the dictionary's remaining error are left out).
     min_usage : int, default=20
         Atoms used by fewer rows in a coding step are re-seeded.
     random_state : int or None, default=None
@@ -311,23 +333,25 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "n_iter": [Interval(Integral, 0, None, closed="left")],
         "n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
         "tol": [Interval(Real, 0, 1, closed="both")],
+        "min_gain": [Interval(Real, 0, 1, closed="both")],
         "min_usage": [Interval(Integral, 0, None, closed="left")],
         "random_state": ["random_state"],
     }
 
     def __init__(self, estimator=None, *, n_iter=8, n_nonzero_coefs=None, tol=1e-3,
-                 min_usage=20, random_state=None):
+                 min_gain=0.01, min_usage=20, random_state=None):
         self.estimator = estimator
         self.n_iter = n_iter
         self.n_nonzero_coefs = n_nonzero_coefs
         self.tol = tol
+        self.min_gain = min_gain
         self.min_usage = min_usage
         self.random_state = random_state
 
     def _k(self):
         if self.n_nonzero_coefs is not None:
             return int(self.n_nonzero_coefs)
-        return int(getattr(self.estimator_, "k", 6)) + 2
+        return 2 * int(getattr(self.estimator_, "k", None) or 6)
 
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None):
@@ -351,7 +375,8 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
                               else np.asarray(bias, dtype=np.float32))
         self.components_ = refine_dictionary(
             X - self.decoder_bias_, est.components_, n_nonzero_coefs=self._k(),
-            n_iter=self.n_iter, tol=self.tol, min_usage=self.min_usage)
+            n_iter=self.n_iter, tol=self.tol, min_gain=self.min_gain,
+            min_usage=self.min_usage)
         self._n_features_out = self.components_.shape[0]
         return self
 
@@ -360,7 +385,7 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
         codes = nonnegative_omp(X - self.decoder_bias_, self.components_, self._k(),
-                                tol=self.tol)
+                                tol=self.tol, min_gain=self.min_gain)
         return codes.toarray().astype(X.dtype, copy=False)
 
     def inverse_transform(self, X):

@@ -43,12 +43,31 @@ def test_nonnegative_omp_recovers_exact_sparse_codes():
     assert (codes.toarray() > 1e-3).sum(axis=1)[exact].max() == 3
 
 
-def test_nonnegative_omp_compiled_and_torch_paths_agree(monkeypatch):
+@pytest.mark.parametrize("min_gain", [0.0, 0.05])
+def test_nonnegative_omp_compiled_and_torch_paths_agree(monkeypatch, min_gain):
     X, D, _ = _codes_problem(n=200, seed=1)
-    compiled = nonnegative_omp(X, D, 5).toarray()
+    X = X + 0.05 * np.random.default_rng(1).standard_normal(X.shape).astype(np.float32)
+    compiled = nonnegative_omp(X, D, 5, min_gain=min_gain).toarray()
     monkeypatch.setattr(compiled_module, "_USE_NUMBA", False)  # as without numba
-    batched = nonnegative_omp(X, D, 5).toarray()
+    batched = nonnegative_omp(X, D, 5, min_gain=min_gain).toarray()
     np.testing.assert_allclose(compiled, batched, atol=1e-4)
+
+
+def test_nonnegative_omp_min_gain_leaves_out_atoms_that_explain_little():
+    # Each row: two atoms at 1.0 and a third at 0.1 (about 0.5% of the energy).
+    rng = np.random.default_rng(0)
+    D = np.linalg.qr(rng.standard_normal((16, 16)))[0][:8].astype(np.float32)
+    U = np.zeros((50, 8), np.float32)
+    for i in range(50):
+        a, b, c = rng.choice(8, 3, replace=False)
+        U[i, [a, b]], U[i, c] = 1.0, 0.1
+    X = U @ D
+    full = nonnegative_omp(X, D, 8).toarray()
+    np.testing.assert_allclose(full, U, atol=1e-5)  # orthonormal atoms: exact codes
+    cut = nonnegative_omp(X, D, 8, min_gain=0.01).toarray()
+    np.testing.assert_allclose(cut, np.where(U == 1.0, U, 0), atol=1e-5)
+    kept = nonnegative_omp(X, D, 8, min_gain=0.004).toarray()  # 0.1^2 / 2.01 = 0.005
+    np.testing.assert_allclose(kept, U, atol=1e-5)
 
 
 def test_refine_dictionary_recovers_perturbed_atoms():
@@ -71,7 +90,7 @@ def test_refined_autoencoder_estimator_api():
                                                random_state=0), n_iter=2)
     codes = est.fit(X).transform(X)
     assert codes.shape == (2000, 48) and codes.dtype == np.float32
-    assert codes.min() >= 0 and (codes > 0).sum(1).max() <= 6  # k + 2
+    assert codes.min() >= 0 and (codes > 0).sum(1).max() <= 8  # 2 k
     X_hat = est.inverse_transform(codes)
     assert 1 - ((X - X_hat) ** 2).sum() / ((X - X.mean(0)) ** 2).sum() > 0.95
     assert est.get_feature_names_out()[0] == "refinedautoencoder0"

@@ -12,7 +12,8 @@ One row loop (:func:`_omp_row`) serves two kernels:
   largest ``|correlation|``, codes written into a dense array);
 - :func:`nnomp_rows`, the non-negative OMP of :mod:`sksae._refine`: the atom of
   largest *positive* correlation, a row stops once the explained energy
-  ``||z||^2`` reaches ``target[i]``, coefficients clipped at 0, and the codes
+  ``||z||^2`` reaches ``target[i, 0]`` or before an atom that would add less
+  than ``target[i, 1]`` to it, coefficients clipped at 0, and the codes
   written as (index, value) pairs, ``k`` per row.
 
 Imports numba at import time; :mod:`.compiled` imports this module on the
@@ -90,6 +91,9 @@ def _omp_row(C, i, G, k, consts, nonneg, target, R, v, Linv, z, wts, idx, lv, y)
         else:
             lkk = G[lam, lam]
         inv = one / np.sqrt(lkk if lkk > eps else eps)
+        zs = c_new * inv  # the atom explains zs^2 more of the row's energy
+        if nonneg and zs * zs < target[i, 1]:
+            break
         # New row of L^{-1}: [-y / l_kk, 1 / l_kk]; it weighs the Gram rows of
         # the correlation drop.
         idx[s] = lam
@@ -98,11 +102,10 @@ def _omp_row(C, i, G, k, consts, nonneg, target, R, v, Linv, z, wts, idx, lv, y)
         for t in range(s):
             wts[t] = y[t] * -inv
             Linv[s, t] = wts[t]
-        zs = c_new * inv
         z[s] = zs
         m = s + 1
         energy += zs * zs
-        if m == k or (nonneg and energy >= target[i]):
+        if m == k or (nonneg and energy >= target[i, 0]):
             break  # the residual correlations are not needed any more
         for j in range(K):
             v[j] = zero
@@ -157,7 +160,7 @@ def omp_rows(C, G, k, consts, out):
     z, wts, lv, y = (np.zeros(k, dtype=dt), np.zeros(k, dtype=dt), np.zeros(k, dtype=dt),
                      np.zeros(k, dtype=dt))
     idx = np.zeros(k, dtype=np.int64)
-    target = np.zeros(1, dtype=dt)
+    target = np.zeros((1, 2), dtype=dt)
     for i in range(n):
         m = _omp_row(C, i, G, k, consts, False, target, R, v, Linv, z, wts, idx, lv, y)
         for t in range(m):
@@ -174,8 +177,9 @@ def nnomp_rows(C, G, k, consts, target, idx_out, val_out):
     ----------
     C, G, k, consts
         As :func:`omp_rows`.
-    target : ndarray of shape (n,), G's dtype
-        A row stops once its explained energy reaches ``target[i]``.
+    target : ndarray of shape (n, 2), G's dtype
+        A row stops once its explained energy reaches ``target[i, 0]``, or
+        before an atom that would explain less than ``target[i, 1]`` more.
     idx_out : ndarray of shape (n, k), int64
     val_out : ndarray of shape (n, k), G's dtype
         The atoms and coefficients of each row; unused slots hold (0, 0).
