@@ -145,8 +145,8 @@ def test_browser_in_a_real_browser(fitted, tmp_path, chromium):
     assert int(attrs["summary-rows"]) > 10 and int(attrs["density-bars"]) > 0
 
     shot = tmp_path / "shot.png"
-    proc = chromium("--hide-scrollbars", "--window-size=1000,700",
-                f"--screenshot={shot}", page.as_uri() + "#latent=3")
+    proc = chromium("--hide-scrollbars", "--window-size=1000,700", f"--screenshot={shot}",
+                    page.as_uri() + "#latent=3")
     assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
     plt = pytest.importorskip("matplotlib.pyplot")
     pixels = plt.imread(shot)[..., :3]
