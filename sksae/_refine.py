@@ -201,7 +201,11 @@ def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
         Relative residual energy at which a row's coding stops.
     min_gain : float, default=0.0
         A row's coding also stops before an atom that would explain less
-        than this fraction of its energy (:func:`nonnegative_omp`).
+        than this fraction of its energy (:func:`nonnegative_omp`). Round
+        ``t`` of ``n_iter`` (from 1) uses ``min_gain * t / n_iter``: permissive
+        early, while the atoms of rare features are still poor, and strict
+        at the end, where small corrective codes would keep atoms that mix
+        two correlated features.
     min_usage : int, default=20
         Atoms used by fewer rows are re-seeded.
     duplicate_threshold : float, default=0.95
@@ -223,7 +227,11 @@ def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
     D /= np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
     K = D.shape[0]
     for it in range(n_iter):
-        U = nonnegative_omp(X, D, n_nonzero_coefs, tol=tol, min_gain=min_gain)
+        # min_gain grows over the rounds: early codes may use the imperfect
+        # atoms of rare features (small gains), late ones drop the small
+        # corrective codes that keep mixtures of correlated features alive.
+        gain = min_gain * (it + 1) / n_iter
+        U = nonnegative_omp(X, D, n_nonzero_coefs, tol=tol, min_gain=gain)
         Ut = U.T.tocsr()
         A = (Ut @ U).toarray().astype(np.float64)
         B = np.asarray(Ut @ X, dtype=np.float64)
@@ -281,9 +289,11 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     tol : float, default=1e-3
         A row's coding stops once its residual holds less than ``tol`` of its
         squared norm (centred by the decoder bias).
-    min_gain : float, default=0.01
+    min_gain : float, default=0.02
         A row's coding also stops before an atom that would explain less
-        than this fraction of its squared norm: with the budget
+        than this fraction of its squared norm (reached by a ramp over the
+        refinement rounds, see :func:`refine_dictionary`; ``transform`` uses
+        it whole): with the budget
         ``n_nonzero_coefs`` set generously, this decides how many atoms a row
         takes (rows with many active features get them all, and atoms that
         only fit the dictionary's remaining error are left out).
@@ -339,7 +349,7 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     }
 
     def __init__(self, estimator=None, *, n_iter=8, n_nonzero_coefs=None, tol=1e-3,
-                 min_gain=0.01, min_usage=20, random_state=None):
+                 min_gain=0.02, min_usage=20, random_state=None):
         self.estimator = estimator
         self.n_iter = n_iter
         self.n_nonzero_coefs = n_nonzero_coefs
