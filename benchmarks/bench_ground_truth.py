@@ -25,9 +25,8 @@ count; use the size sweep's estimate where it is unknown). Printed per
 variant and method: fit seconds, recovered@0.9 (fraction of true features
 with a learned atom of cosine > 0.9), recovered@0.99 (the stricter threshold
 that separates methods which both find every feature at 0.9), MMCS, and the
-expected number of rows
-in which the rarest true feature fires (``n_rows * p_min``): below ~20, no
-method can learn it from these rows.
+expected number of rows in which the rarest true feature fires
+(``n_rows * p_min``): below ~20, no method can learn it from these rows.
 
 "fit s" is wall-clock time; "CPU s" the process's CPU time (both cores
 summed), which a shared machine inflates much less: on an idle 2-core

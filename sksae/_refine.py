@@ -37,6 +37,7 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._accel.compiled import kernel as compiled_kernel
+from ._base import restore_on_failure
 from ._accel.threads import even_bounds, parallel, run_ranges, serial
 
 __all__ = ["RefinedAutoencoder", "nonnegative_omp", "refine_dictionary"]
@@ -293,10 +294,10 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         A row's coding also stops before an atom that would explain less
         than this fraction of its squared norm (reached by a ramp over the
         refinement rounds, see :func:`refine_dictionary`; ``transform`` uses
-        it whole): with the budget
-        ``n_nonzero_coefs`` set generously, this decides how many atoms a row
-        takes (rows with many active features get them all, and atoms that
-        only fit the dictionary's remaining error are left out).
+        it whole). With the budget ``n_nonzero_coefs`` set generously, this
+        decides how many atoms a row takes: rows with many active features
+        get them all, and atoms that only fit the dictionary's remaining
+        error are left out.
     min_usage : int, default=20
         Atoms used by fewer rows in a coding step are re-seeded.
     random_state : int or None, default=None
@@ -365,7 +366,15 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None):
-        """Fit the SAE on ``X``, then refine its dictionary on ``X``."""
+        """Fit the SAE on ``X``, then refine its dictionary on ``X``.
+
+        On any exception (Ctrl-C included) the estimator is left exactly as
+        it was before the call.
+        """
+        with restore_on_failure(self):
+            return self._fit(X)
+
+    def _fit(self, X):
         X = validate_data(self, X, dtype=[np.float32, np.float64])
         if self.estimator is None:
             from ._sae import SparseAutoencoder

@@ -170,3 +170,30 @@ def test_refined_autoencoder_refines_a_classical_dictionary():
     assert 1 - ((X - X_hat) ** 2).sum() / ((X - X.mean(0)) ** 2).sum() > 0.9
     with pytest.raises(TypeError, match="StandardScaler has no components_"):
         RefinedAutoencoder(StandardScaler()).fit(X)
+
+
+def test_refined_autoencoder_failed_fit_leaves_it_as_it_was(monkeypatch):
+    from sksae import _refine
+
+    X = make_sparse_superposition(1000, 16, 32, avg_active=3, random_state=0)
+    est = RefinedAutoencoder(SparseAutoencoder(n_components=40, k=4, max_iter=1,
+                                               random_state=0), n_iter=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_refine, "refine_dictionary", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(X)
+    assert not hasattr(est, "components_") and not hasattr(est, "estimator_")
+    assert not hasattr(est, "n_features_in_")  # an interrupted first fit: unfitted
+    monkeypatch.undo()
+    est.fit(X)
+    before = dict(vars(est))
+    monkeypatch.setattr(_refine, "refine_dictionary", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(X[:, :12])  # a refit on other data, interrupted after its SAE fit
+    assert vars(est).keys() == before.keys()
+    assert all(vars(est)[k] is v for k, v in before.items())
+    assert est.n_features_in_ == 16
+    np.testing.assert_array_equal(est.transform(X[:5]).shape, (5, 40))

@@ -1,10 +1,11 @@
 """The numba-compiled CPU kernels, loaded on first use.
 
 The coders' lasso homotopy (:mod:`._homotopy_nb`) and OMP (:mod:`._omp_nb`,
-also the non-negative OMP of the dictionary refinement) run compiled per row on CPU tensors, and so do the TopK training step's
-selection (:mod:`._topk_nb`) and its sparse passes (:mod:`._sparse_nb`).
-Where a kernel cannot be loaded (numba broken, say, or ``_USE_NUMBA`` off)
-the torch implementations run instead: the coders' torch paths give the same
+also the non-negative OMP of the dictionary refinement) run compiled per row
+on CPU tensors, and so do the TopK training step's selection
+(:mod:`._topk_nb`) and its sparse passes (:mod:`._sparse_nb`). Where a
+kernel cannot be loaded (numba broken, say, or ``_USE_NUMBA`` off) the torch
+implementations run instead: the coders' torch paths give the same
 codes, ``torch.topk`` the same selection (up to ties) and the torch
 primitives of :mod:`.sparse` the same sums (up to rounding). Nothing here
 imports numba before a kernel is first asked for, so importing sksae stays
