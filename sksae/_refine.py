@@ -370,6 +370,17 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
         On any exception (Ctrl-C included) the estimator is left exactly as
         it was before the call.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training rows (float32 or float64; no NaN or inf).
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : RefinedAutoencoder
         """
         with restore_on_failure(self):
             return self._fit(X)
@@ -400,7 +411,18 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         return self
 
     def transform(self, X):
-        """Non-negative OMP codes of ``X`` with the refined atoms."""
+        """Non-negative OMP codes of ``X`` with the refined atoms.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_components)
+            At most ``n_nonzero_coefs`` non-negative codes per row, in ``X``'s
+            dtype.
+        """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
         codes = nonnegative_omp(X - self.decoder_bias_, self.components_, self._k(),
@@ -408,6 +430,16 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         return codes.toarray().astype(X.dtype, copy=False)
 
     def inverse_transform(self, X):
-        """Reconstruction ``codes @ components_ + decoder_bias_``."""
+        """Reconstruction ``codes @ components_ + decoder_bias_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+            Codes, as :meth:`transform` returns them.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+        """
         check_is_fitted(self)
         return np.asarray(X) @ self.components_ + self.decoder_bias_
