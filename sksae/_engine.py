@@ -118,10 +118,15 @@ class BatchSource:
         Every batch is multiplied by ``scale`` (the same values as
         ``batch * scale``; on the CPU in place in the gathered batch, on one
         intra-op thread: a second one costs more than it saves on such a pass).
+    group : sksae.distributed.Group or None
+        Data-parallel training: the batches are this rank's parts
+        (:meth:`~sksae.distributed.Group.part`) of the global batches one
+        process would train on, drawn from the same generator.
     """
 
     def __init__(self, X, batch_size, device, dtype, generator, shuffle="epoch",
-                 max_device_bytes=2 * 2**30, scale=1.0):
+                 max_device_bytes=2 * 2**30, scale=1.0, group=None):
+        self.group = group
         self.n_samples = X.shape[0]
         self.batch_size = min(batch_size, self.n_samples)
         self.device = device
@@ -140,6 +145,10 @@ class BatchSource:
     def steps_per_epoch(self):
         return math.ceil(self.n_samples / self.batch_size)
 
+    def rows_in_step(self, step):
+        """Rows of the global batch of step ``step`` (counted from an epoch's start)."""
+        return rows_in_step(self, step)
+
     def epoch(self):
         """Yield the batches of one epoch."""
         order = (torch.randperm(self.n_samples, generator=self.generator)
@@ -155,7 +164,10 @@ class BatchSource:
 
     def _batch(self, order, start):
         """Rows ``start:start + batch_size`` of the epoch's order, cast, moved and scaled."""
-        stop = start + self.batch_size
+        stop = min(start + self.batch_size, self.n_samples)
+        if self.group is not None:  # this rank's rows of the global batch
+            lo, hi = self.group.part(stop - start)
+            start, stop = start + lo, start + hi
         if order is None:
             batch, fresh = self._data[start:stop], False  # a view of the data
         else:
@@ -168,6 +180,12 @@ class BatchSource:
         if self.scale != 1.0:
             batch = batch.mul_(self.scale) if fresh else batch * self.scale
         return batch
+
+
+def rows_in_step(source, step):
+    """Rows of the global batch of ``source``'s step ``step`` (an epoch's last may be short)."""
+    j = step % source.steps_per_epoch
+    return min(source.batch_size, source.n_samples - j * source.batch_size)
 
 
 def _stack(values):

@@ -16,7 +16,7 @@ from sklearn.utils._param_validation import (Interval, StrOptions,
 from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import architectures
-from ._accel.device import resolve_device
+from ._accel.device import local_rank_device, resolve_device
 from ._base import (
     batched_apply,
     check_finite_output,
@@ -30,6 +30,7 @@ from ._data import (Rows, check_input, head, iter_chunks, sample_rows, sample_ro
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource, as_shuffle
 from ._sae_trainer import SAETrainer, init_parameters
+from .distributed._group import check_data_parallel, resolve_group
 from .metrics import fraction_variance_explained
 
 __all__ = ["SparseAutoencoder"]
@@ -235,6 +236,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX) and
         ``"float32"`` elsewhere. ``transform`` is always float32. Use
         ``"float32"`` for results that do not depend on the CPU model.
+    distributed : {"auto", "data"} or False, default="auto"
+        Training across processes (user guide: "Training across
+        processes"). ``"auto"``: data-parallel when ``fit`` runs inside an
+        initialised ``torch.distributed`` process group of more than one
+        process (as under ``torchrun``), otherwise one process. ``"data"``:
+        data-parallel, a process group required (one process included).
+        False: one process even inside a group. Data-parallel training cuts
+        every batch of ``batch_size`` rows into one part per rank; each rank
+        reads only its rows (of an array, memory map or activation store),
+        the gradients and every statistic over the batch are summed across
+        ranks, and every rank ends with the same model: the one a single
+        process fits with the same ``batch_size`` and ``random_state`` (up
+        to the order of floating-point sums).
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling. The same seed on the CPU gives the
         same model.
@@ -337,6 +351,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "dead_window": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", "float32", "bfloat16"})],
+        "distributed": [StrOptions({"auto", "data"}), "boolean"],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
@@ -370,6 +385,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         dead_window="auto",
         device="auto",
         precision="auto",
+        distributed="auto",
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -399,6 +415,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.dead_window = dead_window
         self.device = device
         self.precision = precision
+        self.distributed = distributed
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -553,7 +570,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _train(self, X, *, max_epochs, resume, partial):
         n_samples, n_features = X.shape
         arch, n_components, lr = self._resolve(n_features)
-        device = resolve_device(self.device)
+        group = resolve_group(self.distributed if self.distributed is not True else "data")
+        device = resolve_device(self.device) if group is None else local_rank_device(self.device)
+        if group is not None:
+            check_data_parallel(group, self, n_samples, n_features)
         dtype = torch.float32
         if resume:
             state = self._train_state
@@ -574,6 +594,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             generator = make_generator(rng)
             params, buffers, scale, calibration = self._initial_parameters(
                 X, arch, n_components, rng, generator, device, dtype)
+            if group is not None:  # the same draws on every rank: rank 0's, to the bit
+                for t in (*params.values(), *buffers.values()):
+                    group.broadcast_(t)
             dead_window = (min(_MAX_DEAD_WINDOW, n_samples) if self.dead_window == "auto"
                            else self.dead_window)
         steps_per_epoch = math.ceil(n_samples / min(self.batch_size, n_samples))
@@ -583,7 +606,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         trainer = SAETrainer(
             arch, params, buffers, lr=lr, schedule=schedule,
             warmup_steps=min(1000, steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
-            dead_window=dead_window, precision=self.precision,
+            dead_window=dead_window, precision=self.precision, group=group,
         )
         if resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
@@ -591,7 +614,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             trainer.calibrate_encoder_scale(calibration)
 
         # the batches come normalised (multiplied by scale in the gather)
-        source = self._batch_source(X, device, dtype, generator, scale)
+        source = self._batch_source(X, device, dtype, generator, scale, group)
         stopper = None if partial else EarlyStopping(
             n_samples, source.batch_size, self.tol, self.max_no_improvement)
         prev = {}
@@ -603,7 +626,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             return change
 
         def step(batch, i, total):
-            out = trainer.step(batch).as_dict()
+            out = trainer.step(batch, source.rows_in_step(i)).as_dict()
             out["lr"] = trainer.current_lr
             if self.resample_dead is not None:
                 out["resampled"] = float(
@@ -637,19 +660,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "rng": rng.get_state(),
         }
 
-    def _batch_source(self, X, device, dtype, generator, scale):
+    def _batch_source(self, X, device, dtype, generator, scale, group=None):
         """Minibatches of ``X``: in memory as before, else read by a background thread."""
         shuffle = self.shuffle
         if not isinstance(X, Rows) and shuffle in ("auto", "rows", True):
             return BatchSource(X, self.batch_size, device, dtype, generator, shuffle="epoch",
-                               scale=scale)
+                               scale=scale, group=group)
         if not isinstance(X, Rows) and shuffle is False:
             return BatchSource(X, self.batch_size, device, dtype, generator, shuffle="none",
-                               scale=scale)
+                               scale=scale, group=group)
         rows = X if isinstance(X, Rows) else Rows(X)
         return StreamSource(rows, self.batch_size, device, dtype, generator,
                             shuffle=as_shuffle(shuffle, rows), buffer_rows=self.shuffle_buffer,
-                            scale=scale)
+                            scale=scale, group=group)
 
     def _divergence_hint(self, lr, resume, scale):
         """The advice of a :class:`TrainingDivergedError`."""

@@ -28,6 +28,7 @@ from ._accel.sparse import Pattern, unit_rows_
 from ._accel.threads import serial
 from ._accel.workspace import StepWorkspace
 from .architectures import LossInputs, SparseCodes, decode
+from .distributed._group import BatchInfo
 
 __all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "product_dtype",
            "StepOutput", "SAETrainer", "DeadLatentBound"]
@@ -206,9 +207,14 @@ class DeadLatentBound:
     lookahead_steps : int
         How early to read again: about how many steps the host may run ahead
         of the GPU (the training loop reads its metrics every 32 steps).
+    synchronous : bool, default=False
+        Wait for each reading: data-parallel ranks must take the same
+        decisions at the same steps (their losses then run collectives).
     """
 
-    def __init__(self, counts, dead_window, reread_steps, lookahead_steps=32):
+    def __init__(self, counts, dead_window, reread_steps, lookahead_steps=32,
+                 synchronous=False):
+        self.synchronous = synchronous
         self.counts = counts
         self.dead_window = dead_window
         self.reread_steps = reread_steps
@@ -254,7 +260,7 @@ class DeadLatentBound:
     def _collect(self, step, wait=False):
         if self._reading is None:
             return
-        largest = self._reading.value(wait=wait)
+        largest = self._reading.value(wait=wait or self.synchronous)
         if largest is None:
             return
         self.largest, self.rows_since = largest, self._rows_since_reading
@@ -282,6 +288,11 @@ class SAETrainer:
         Precision of the step's products (:func:`product_dtype`): bf16
         autocast on CUDA; on the CPU, the bf16 product that selects the
         sparse kernels' active latents.
+    group : sksae.distributed.Group or None
+        Data-parallel training: each rank steps on its part of every global
+        batch, and one all-reduce per step sums the gradients, the fired
+        counts and the metrics' sums (see :meth:`_reduce`); every rank then
+        takes the same optimizer step. None: one process.
 
     Notes
     -----
@@ -309,8 +320,9 @@ class SAETrainer:
     graph_warmup_steps = 3
 
     def __init__(self, arch, params, buffers, *, lr, schedule, warmup_steps, dead_window,
-                 precision="auto"):
+                 precision="auto", group=None):
         self.arch = arch
+        self.group = group
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
         self.lr = lr
@@ -324,7 +336,8 @@ class SAETrainer:
         self.use_autocast = self.product_dtype is not None
         self.ws = StepWorkspace(selection_dtype=self.product_dtype)
         self.graph_error = None
-        self.graphs = self.cuda_graphs and graphs_supported(device)
+        # collectives inside a recorded step are not worth their constraints here
+        self.graphs = self.cuda_graphs and graphs_supported(device) and group is None
         self.optimizer = None
         if self.graphs:
             try:
@@ -344,7 +357,8 @@ class SAETrainer:
         self._graphs = {}  # recorded steps, by whether the losses read dead latents
         self._eager_steps = {}
         self._dead_bound = DeadLatentBound(self.rows_since_fired, dead_window,
-                                           self.dead_reread_steps)
+                                           self.dead_reread_steps,
+                                           synchronous=group is not None)
         if isinstance(self.optimizer, FusedAdam):
             # set-up pays the page faults of Adam's moments and of the first
             # step's (F, D) results (lent from these gradients), not the first step
@@ -382,8 +396,11 @@ class SAETrainer:
                 self.coef[name] = value
 
     # -- one step -------------------------------------------------------------
-    def step(self, x_BD):
+    def step(self, x_BD, n_rows=None):
         """One optimizer step on a normalised batch; returns a :class:`StepOutput`.
+
+        With a process group ``x_BD`` is this rank's part of a global batch of
+        ``n_rows`` rows (required then), and the metrics are the global batch's.
 
         On the CPU the step runs on one intra-op thread
         (:func:`sksae._accel.threads.serial`): its heavy operations run on the
@@ -392,23 +409,27 @@ class SAETrainer:
         """
         if self.graphs:
             return self._graph_step(x_BD)
+        if self.group is None:
+            n_rows = x_BD.shape[0]
+        elif n_rows is None:
+            raise ValueError("a data-parallel step needs the global batch's n_rows.")
         with serial(x_BD):
-            return self._step(x_BD, self._dead_may_exist(x_BD.shape[0]))
+            return self._step(x_BD, self._dead_may_exist(n_rows), n_rows)
 
     def _dead_may_exist(self, n_rows):
         """Whether a latent may be dead at this step (only asked for architectures that care)."""
         return self.arch.uses_dead_latents and \
             self._dead_bound.may_be_dead(self.step_count, n_rows)
 
-    def _step(self, x_BD, dead_may_exist):
+    def _step(self, x_BD, dead_may_exist, n_rows=None):
         self._set_schedules(self.step_count)
-        out = self._update(x_BD, dead_may_exist=dead_may_exist)
-        self._advance(x_BD)
+        out = self._update(x_BD, dead_may_exist=dead_may_exist, n_rows=n_rows)
+        self._advance(x_BD, n_rows)
         return out
 
-    def _advance(self, x_BD):
+    def _advance(self, x_BD, n_rows=None):
         self.step_count += 1
-        self._dead_bound.advance(x_BD.shape[0])
+        self._dead_bound.advance(x_BD.shape[0] if n_rows is None else n_rows)
 
     def _graph_step(self, x_BD):
         variant = self._dead_may_exist(x_BD.shape[0])
@@ -452,10 +473,20 @@ class SAETrainer:
         self._graphs[variant] = {"graph": graph, "x": x, "metrics": vector, "names": names}
         return self._graphs[variant]
 
-    def _update(self, x_BD, cache_casts=True, dead_may_exist=True):
-        """Losses, gradients, the optimizer step and the statistics, for one batch."""
+    def _update(self, x_BD, cache_casts=True, dead_may_exist=True, n_rows=None):
+        """Losses, gradients, the optimizer step and the statistics, for one batch.
+
+        With a process group ``x_BD`` is this rank's part of a global batch of
+        ``n_rows`` rows: the losses are this rank's shares of the global
+        batch's (shares sum to it), and :meth:`_reduce` sums the gradients,
+        fired counts and metrics across ranks before the optimizer step.
+        """
         p = {**self.params, **self.buffers}
         ws = self.ws
+        group = self.group
+        n_rows = x_BD.shape[0] if group is None else n_rows
+        batch = BatchInfo(n_rows, group)
+        self.arch.batch = batch
         dead = self.rows_since_fired >= self.dead_window if dead_may_exist else None
         # the sparse decodes project their own gradients unless the losses read W_dec
         projecting = (ws.projecting(p["W_dec"]) if not self.arch.decoder_in_losses
@@ -465,9 +496,10 @@ class SAETrainer:
                 enc = self.arch.encode(p, x_BD, training=True, ws=ws)
                 x_hat = decode(enc.codes, p["W_dec"], p["b_dec"], kernels=self.arch.kernels,
                                ws=ws).to(x_BD.dtype)
-                terms = self.arch.losses(LossInputs(p, x_BD, enc, x_hat, self.coef, dead, ws))
+                terms = self.arch.losses(
+                    LossInputs(p, x_BD, enc, x_hat, self.coef, dead, ws, batch))
             sq_err = sum_squares(x_hat, x_BD)
-            mse = sq_err / x_BD.shape[0]
+            mse = sq_err / n_rows
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
             # last step's gradients become this step's (F, D) results, each its own
             with ws.lending((p, p.grad) for p in self.params.values()), ws.noting_norms():
@@ -475,20 +507,68 @@ class SAETrainer:
                 loss.backward()
         if tangent is None or not tangent.complete:
             self._project_decoder_grad()
+        with torch.no_grad():
+            fired = _fired_counts(enc.codes, self.arch.n_components)
+            if group is None:
+                total_var = _total_variance(x_BD, enc.centred)
+                l0 = _l0(enc.codes)
+            else:
+                # total variance from sums about b_dec (the same on every rank)
+                centred = enc.centred if enc.centred is not None else x_BD - p["b_dec"]
+                c = centred.double()
+                sums = [c.pow(2).sum(), c.sum(0), sq_err, loss, *terms.values(), fired.sum()]
+                sums = self._reduce(fired, sums)
+                sq_all, col, sq_err, loss, *term_values, n_active = sums
+                mean = col / n_rows
+                total_var = (sq_all - n_rows * torch.dot(mean, mean)).clamp_min(1e-12)
+                total_var = total_var.to(x_BD.dtype)
+                sq_err, loss = sq_err.to(x_BD.dtype), loss.to(x_BD.dtype)
+                mse = sq_err / n_rows
+                terms = dict(zip(terms, (v.to(x_BD.dtype) for v in term_values)))
+                l0 = (n_active / n_rows).to(torch.float32)
         grad_norm = clip_and_step(self.optimizer, self.params.values(), self.clip_norm, ws)
         with torch.no_grad():
             unit_rows_(self.params["W_dec"])
             self.arch.after_step(p, enc)
-            fired = _fired_counts(enc.codes, self.arch.n_components)
-            self.rows_since_fired.add_(x_BD.shape[0]).masked_fill_(fired > 0, 0)
-            total_var = _total_variance(x_BD, enc.centred)
+            self.rows_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)
             return StepOutput(
                 loss=loss.detach(), mse=mse.detach(), fvu=sq_err.detach() / total_var,
-                l0=_l0(enc.codes),
+                l0=l0,
                 dead_fraction=(self.rows_since_fired >= self.dead_window)
                 .to(torch.float32).mean(),
                 grad_norm=grad_norm.detach(),
                 terms={k: v.detach() for k, v in terms.items()})
+
+    def _reduce(self, fired, sums):
+        """Sum the gradients, ``fired`` (in place) and ``sums`` across ranks in one all-reduce.
+
+        Returns the summed ``sums`` (float64, the shapes given). Every rank
+        then holds the gradient of the global batch's loss, since each
+        rank's loss is its share of it.
+        """
+        grads = [q.grad for q in self.params.values() if q.grad is not None]
+        flat_sums = torch.cat([s.detach().double().reshape(-1) for s in sums])
+        dtype = grads[0].dtype if grads else fired.dtype
+        bucket = torch.cat([*(g.reshape(-1) for g in grads), fired.to(dtype).reshape(-1),
+                            flat_sums.to(dtype) if dtype == torch.float64 else
+                            torch.zeros(0, dtype=dtype, device=fired.device)])
+        self.group.sum_(bucket)
+        # the metrics' sums keep float64 (a second, small all-reduce) when grads are float32
+        if dtype != torch.float64:
+            self.group.sum_(flat_sums)
+        else:
+            flat_sums = bucket[-flat_sums.numel():]
+        pos = 0
+        for g in grads:
+            g.copy_(bucket[pos:pos + g.numel()].view_as(g))
+            pos += g.numel()
+        fired.copy_(bucket[pos:pos + fired.numel()])
+        out, pos = [], 0
+        for s in sums:
+            n = s.numel()
+            out.append(flat_sums[pos:pos + n].reshape(s.shape))
+            pos += n
+        return out
 
     @torch.no_grad()
     def resample_dead_latents(self, x_ND, generator=None):

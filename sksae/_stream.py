@@ -28,6 +28,7 @@ import torch
 
 from ._accel.device import host_read_interval, is_accelerator
 from ._accel.prefetch import read_ahead
+from ._engine import rows_in_step
 
 __all__ = ["StreamSource", "BLOCKS_PER_BUFFER", "default_buffer_rows"]
 
@@ -63,10 +64,15 @@ class StreamSource:
     read_ahead_depth : int, default=None
         Buffers read ahead by the background thread (0: read in this thread);
         None means ``READ_AHEAD_DEPTH`` (2).
+    group : sksae.distributed.Group or None
+        Data-parallel training: the batches are this rank's parts of the
+        global batches one process would train on (the same draws), and
+        this rank reads those rows only (:meth:`_rank_buffers`).
     """
 
     def __init__(self, rows, batch_size, device, dtype, generator, shuffle="rows",
-                 buffer_rows=None, scale=1.0, read_ahead_depth=None):
+                 buffer_rows=None, scale=1.0, read_ahead_depth=None, group=None):
+        self.group = group
         self.rows = rows
         self.n_samples = rows.n_samples
         self.batch_size = min(batch_size, self.n_samples)
@@ -89,6 +95,10 @@ class StreamSource:
     def steps_per_epoch(self):
         return math.ceil(self.n_samples / self.batch_size)
 
+    def rows_in_step(self, step):
+        """Rows of the global batch of step ``step`` (counted from an epoch's start)."""
+        return rows_in_step(self, step)
+
     # ---------------------------------------------------------------- buffers
     def _in_order(self):
         for start in range(0, self.n_samples, self.buffer_rows):
@@ -100,6 +110,29 @@ class StreamSource:
             ids = order[start:start + self.buffer_rows]
             yield self.rows.take(ids.numpy()), ids
 
+    def _block_plan(self, seed):
+        """``(spans, ids, perm, usable)`` of each buffer of the block shuffle, nothing read.
+
+        A buffer holds the rows carried from the previous one, then the
+        ``spans`` of its 16 blocks (``ids``: the input row of each of its
+        rows); its batches are ``perm[:usable]`` cut into batches, and the
+        rows of ``perm[usable:]`` are carried to the next buffer.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        n = self.n_samples
+        n_blocks = math.ceil(n / self.block_rows)
+        blocks = torch.randperm(n_blocks, generator=gen).tolist()
+        carry_ids = torch.zeros(0, dtype=torch.int64)
+        for g in range(0, n_blocks, BLOCKS_PER_BUFFER):
+            spans = [(b * self.block_rows, min((b + 1) * self.block_rows, n))
+                     for b in blocks[g:g + BLOCKS_PER_BUFFER]]
+            ids = torch.cat([carry_ids, *(torch.arange(a, b) for a, b in spans)])
+            perm = torch.randperm(len(ids), generator=gen)
+            last = g + BLOCKS_PER_BUFFER >= n_blocks
+            usable = len(ids) if last else len(ids) // self.batch_size * self.batch_size
+            carry_ids = ids[perm[usable:]]
+            yield spans, ids, perm, usable
+
     def _blocks(self, seed):
         """Buffers of 16 blocks read in a random order, each with its row permutation.
 
@@ -109,30 +142,56 @@ class StreamSource:
         gathered), and the rows left over after the last whole batch are
         carried to the front of the next buffer.
         """
-        gen = torch.Generator().manual_seed(seed)
-        n, d = self.n_samples, self.rows.shape[1]
-        n_blocks = math.ceil(n / self.block_rows)
-        blocks = torch.randperm(n_blocks, generator=gen).tolist()
-        carry, carry_ids = None, torch.zeros(0, dtype=torch.int64)
-        for g in range(0, n_blocks, BLOCKS_PER_BUFFER):
-            spans = [(b * self.block_rows, min((b + 1) * self.block_rows, n))
-                     for b in blocks[g:g + BLOCKS_PER_BUFFER]]
-            size = len(carry_ids) + sum(stop - start for start, stop in spans)
-            data = torch.empty((size, d), dtype=self.rows.raw_dtype,
+        d = self.rows.shape[1]
+        carry = None
+        for spans, ids, perm, usable in self._block_plan(seed):
+            data = torch.empty((len(ids), d), dtype=self.rows.raw_dtype,
                                pin_memory=self._pin)
-            pos = len(carry_ids)
+            pos = 0 if carry is None else len(carry)
             if carry is not None:
                 data[:pos] = carry
             for start, stop in spans:
                 self.rows.read_into(data[pos:pos + stop - start], start, stop)
                 pos += stop - start
-            ids = torch.cat([carry_ids, *(torch.arange(a, b) for a, b in spans)])
-            perm = torch.randperm(size, generator=gen)
-            last = g + BLOCKS_PER_BUFFER >= n_blocks
-            usable = size if last else size // self.batch_size * self.batch_size
-            carry, carry_ids = data[perm[usable:]], ids[perm[usable:]]
+            carry = data[perm[usable:]]
             if usable:
                 yield data, perm[:usable], ids
+
+    def _planned_ids(self):
+        """The input rows of each buffer of the epoch, in batch order (generator draws here)."""
+        if self.shuffle == "none":
+            for start in range(0, self.n_samples, self.buffer_rows):
+                yield torch.arange(start, min(start + self.buffer_rows, self.n_samples))
+            return
+        if self.shuffle == "blocks":
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            for _, ids, perm, usable in self._block_plan(seed):
+                if usable:
+                    yield ids[perm[:usable]]
+            return
+        order = (torch.randperm(self.n_samples, generator=self.generator)
+                 if self.shuffle == "rows" else self._order)
+        for start in range(0, self.n_samples, self.buffer_rows):
+            yield order[start:start + self.buffer_rows]
+
+    def _rank_buffers(self):
+        """Data-parallel buffers: this rank's rows of each global batch, read alone.
+
+        The global batches are those of one process (:meth:`_planned_ids`);
+        this rank reads its part of each (sorted reads within the buffer's
+        rows) and yields ``(data, None, ids, cuts)``, ``cuts`` the ends of its
+        parts of the buffer's batches.
+        """
+        for planned in self._planned_ids():
+            mine, cuts = [], []
+            for start in range(0, len(planned), self.batch_size):
+                batch = planned[start:start + self.batch_size]
+                lo, hi = self.group.part(len(batch))
+                mine.append(batch[lo:hi])
+                cuts.append((cuts[-1] if cuts else 0) + hi - lo)
+            ids = torch.cat(mine)
+            data = self.rows.take(ids.numpy())
+            yield (data.pin_memory() if self._pin else data), None, ids, cuts
 
     def _buffers(self):
         """The epoch's buffers, planned here (generator draws), read by the caller's thread."""
@@ -147,7 +206,7 @@ class StreamSource:
 
     def _pinned(self, buffers):
         for data, ids in buffers:
-            yield (data.pin_memory() if self._pin else data), None, ids
+            yield (data.pin_memory() if self._pin else data), None, ids, None
 
     # ---------------------------------------------------------------- batches
     def epoch(self):
@@ -164,23 +223,32 @@ class StreamSource:
                     self.rows.raise_row(j, ids)
             pending.clear()
 
-        buffers = self._buffers()
-        if self.shuffle != "blocks":  # blocks come as (data, perm, ids), pinned if need be
-            buffers = self._pinned(buffers)
+        if self.group is not None:
+            buffers = self._rank_buffers()
+        else:
+            buffers = self._buffers()
+            if self.shuffle != "blocks":  # blocks come as (data, perm, ids), pinned if need be
+                buffers = self._pinned(buffers)
+            else:
+                buffers = ((data, perm, ids, None) for data, perm, ids in buffers)
         buffers = read_ahead(buffers, self.depth)
         try:
-            for data, perm, ids in buffers:
+            for data, perm, ids, cuts in buffers:
                 n_rows = len(data) if perm is None else len(perm)
                 if perm is not None:
                     # one copy of the (pinned) buffer to the device, gathered there
                     data = data.to(self.device, non_blocking=self._pin)
                     device_perm = perm.to(self.device, non_blocking=self._pin)
-                for start in range(0, n_rows, self.batch_size):
+                if cuts is None:
+                    cuts = range(self.batch_size, n_rows + self.batch_size, self.batch_size)
+                start = 0
+                for stop in cuts:
+                    stop = min(stop, n_rows)
                     if perm is None:
-                        raw = data[start:start + self.batch_size]
+                        raw = data[start:stop]
                     else:
-                        rows = perm[start:start + self.batch_size]
-                        raw = data.index_select(0, device_perm[start:start + self.batch_size])
+                        rows = perm[start:stop]
+                        raw = data.index_select(0, device_perm[start:stop])
                     batch = raw.to(self.device, non_blocking=self._pin)
                     fresh = batch is not raw or perm is not None
                     if batch.dtype != self.dtype:
@@ -203,6 +271,7 @@ class StreamSource:
                         if len(pending) >= interval:
                             check_pending()
                     yield batch
+                    start = stop
             check_pending()
         finally:
             buffers.close()

@@ -25,7 +25,7 @@ from .sparse import Pattern
 from .threads import even_bounds, parallel, run_ranges
 
 __all__ = ["encoder_product", "pre_activation", "selection_pre_activation", "topk",
-           "select_topk", "batch_topk_pattern", "dead_latent_picks"]
+           "select_topk", "batch_topk_pattern", "pattern_at_least", "dead_latent_picks"]
 
 #: magnitude-bit masks of the float formats the compiled selections read as integers
 _BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7FFFFFFF)}
@@ -125,6 +125,16 @@ def batch_topk_pattern(pre_BF, K):
     with parallel(pre_BF):
         chosen = torch.topk(flat, K, sorted=False).indices
     chosen = torch.sort(chosen).values  # row-major order: rows ascending
+    rows = torch.div(chosen, F, rounding_mode="floor")
+    crow = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
+    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
+    return Pattern(chosen - rows * F, crow, F)
+
+
+def pattern_at_least(pre_BF, cut):
+    """The entries of ``pre`` at or above ``cut`` (a 0-dim tensor), as a row-ordered pattern."""
+    B, F = pre_BF.shape
+    chosen = (pre_BF.reshape(-1) >= cut).nonzero().reshape(-1)  # row-major order
     rows = torch.div(chosen, F, rounding_mode="floor")
     crow = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
     torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])

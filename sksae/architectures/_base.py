@@ -120,6 +120,11 @@ class LossInputs(NamedTuple):
         ``uses_dead_latents`` only).
     ws : StepWorkspace or None
         The step's workspace, for the sparse kernels.
+    batch : sksae.distributed.BatchInfo or None
+        The global batch when training data-parallel (``x`` is this rank's
+        part of it); None for one process. Losses are this rank's shares of
+        the global batch's (:meth:`row_mean`, :attr:`n_rows`): the shares of
+        every rank sum to the loss of the global batch.
     """
 
     p: dict
@@ -129,6 +134,22 @@ class LossInputs(NamedTuple):
     coef: dict
     dead: object
     ws: object
+    batch: object = None
+
+    @property
+    def n_rows(self):
+        """Rows of the global batch (``x``'s rows for one process)."""
+        return self.x.shape[0] if self.batch is None else self.batch.n_rows
+
+    def row_mean(self, t):
+        """Mean over the global batch's rows of per-row values ``t`` (this rank's share)."""
+        return t.mean() if self.batch is None else self.batch.row_mean(t)
+
+    def total_variance(self, e_BD):
+        """``sum ||e_b - mean(e)||^2`` over the global batch (at least 1e-12)."""
+        if self.batch is None:
+            return (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return self.batch.total_variance(e_BD)
 
 
 class Schedule(NamedTuple):
@@ -197,6 +218,9 @@ class Architecture:
     #: whether :meth:`losses` reads ``LossInputs.dead`` (the trainer then
     #: tracks when a latent may be dead and records a step for each case)
     uses_dead_latents = False
+    #: the global batch of the training step in progress
+    #: (:class:`sksae.distributed.BatchInfo`, set by the trainer; None outside training)
+    batch = None
     #: whether :meth:`losses` reads ``W_dec`` other than through :func:`decode`
     #: (the trainer then projects the decoder's summed gradient itself)
     decoder_in_losses = False

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval
 
-from .._accel.select import batch_topk_pattern
+from .._accel.select import batch_topk_pattern, pattern_at_least
 from ._base import SparseCodes
 from .topk import TopKFamily
 
@@ -44,12 +44,35 @@ class BatchTopK(TopKFamily):
     def select(self, pre_BF):
         # before the ReLU: the same support wherever k * B entries are positive,
         # otherwise the extra entries are non-positive and their codes 0 either way
+        if self._group() is not None:
+            return pattern_at_least(pre_BF, self._global_cut(pre_BF))
         return batch_topk_pattern(pre_BF, self.kept(pre_BF.shape[0]))
 
     def dense_codes(self, pre_BF):
+        if self._group() is not None:
+            keep = pre_BF >= self._global_cut(pre_BF)
+            return torch.relu(pre_BF) * keep
         flat = torch.relu(pre_BF).flatten()
         values, indices = torch.topk(flat, self.kept(pre_BF.shape[0]), sorted=False)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_BF)
+
+    def _group(self):
+        return None if self.batch is None else self.batch.group
+
+    def _global_cut(self, pre_BF):
+        """The ``k * B``-th largest pre-activation of the global batch (data-parallel training).
+
+        Each rank's part holds at most ``k * B`` of the global batch's
+        largest entries: every rank gathers the others' ``k * B`` largest and
+        takes the cut of the union, so that each keeps its entries at or
+        above it: the same set as a top-k of the whole batch, up to ties.
+        """
+        m = self.kept(self.batch.n_rows)
+        flat = pre_BF.detach().reshape(-1)
+        local = torch.topk(flat, min(m, flat.numel()), sorted=False).values
+        if local.numel() < m:
+            local = torch.cat([local, local.new_full((m - local.numel(),), -torch.inf)])
+        return torch.topk(self._group().all_gather(local), m, sorted=False).values.min()
 
     def encode(self, p, x_BD, training=False, ws=None):
         if training:
@@ -69,6 +92,8 @@ class BatchTopK(TopKFamily):
         codes = enc.codes
         codes = (codes.values if isinstance(codes, SparseCodes) else codes).detach()
         smallest = torch.where(codes > 0, codes, torch.inf).min().to(p["threshold"].dtype)
+        if self._group() is not None:
+            smallest = self._group().min_(smallest.reshape(1)).reshape(())
         n = p["threshold_updates"]
         beta = torch.clamp(n / (n + 10), max=self.hparams["threshold_momentum"])
         ok = torch.isfinite(smallest)  # a batch with no positive activation says nothing

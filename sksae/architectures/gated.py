@@ -53,9 +53,9 @@ class Gated(PenaltyWarmup, Architecture):
     def losses(self, inp):
         p, x_BD = inp.p, inp.x
         gate_act = torch.relu(inp.enc.pre)
-        l1 = (gate_act * p["W_dec"].norm(dim=-1)).sum(-1).mean()
+        l1 = inp.row_mean((gate_act * p["W_dec"].norm(dim=-1)).sum(-1))
         x_aux = gate_act @ p["W_dec"].detach() + p["b_dec"].detach()
-        aux = (x_aux.to(x_BD.dtype) - x_BD).pow(2).sum(-1).mean()
+        aux = inp.row_mean((x_aux.to(x_BD.dtype) - x_BD).pow(2).sum(-1))
         return {"l1": inp.coef["sparsity"] * self.hparams["alpha"] * l1, "gate_aux": aux}
 
     def fold_scale(self, p, scale):

@@ -107,7 +107,7 @@ class JumpReLU(PenaltyWarmup, Architecture):
     def losses(self, inp):
         a = torch.relu(inp.enc.pre)
         theta = _theta(inp.p).to(a.dtype)
-        l0 = StepFunction.apply(a, theta, self.hparams["bandwidth"]).sum(-1).mean()
+        l0 = inp.row_mean(StepFunction.apply(a, theta, self.hparams["bandwidth"]).sum(-1))
         return {"l0_penalty": inp.coef["sparsity"] * self.hparams["l0_coefficient"] * l0}
 
     def fold_scale(self, p, scale):

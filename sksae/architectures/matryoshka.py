@@ -92,7 +92,7 @@ class MatryoshkaBatchTopK(BatchTopK):
             return terms
         partial = prefix_reconstructions(inp.enc.codes, inp.p["W_dec"], sizes,
                                          kernels=self.kernels, ws=inp.ws)
-        n_rows = inp.x.shape[0]
+        n_rows = inp.n_rows
         for m, x_hat in zip(sizes, (partial + inp.p["b_dec"]).to(inp.x.dtype)):
             terms[f"mse_{m}"] = (x_hat - inp.x).pow(2).sum() / n_rows
         return terms

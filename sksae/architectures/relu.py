@@ -30,7 +30,7 @@ class ReLU(PenaltyWarmup, Architecture):
         return EncodeOutput(z, pre) if training else z
 
     def losses(self, inp):
-        l1 = (inp.enc.codes * inp.p["W_dec"].norm(dim=-1)).sum(-1).mean()
+        l1 = inp.row_mean((inp.enc.codes * inp.p["W_dec"].norm(dim=-1)).sum(-1))
         return {"l1": inp.coef["sparsity"] * self.hparams["alpha"] * l1}
 
     def to_saelens(self, model):

@@ -105,7 +105,7 @@ class TopKFamily(Architecture):
                 vals = torch.where(valid, vals, 0)
             e_hat = decode(SparseCodes(vals.clamp_min(0), idx), p["W_dec"],
                            kernels=self.kernels, ws=inp.ws).to(e.dtype)
-        total_var = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = inp.total_variance(e)
         scale = (dead.sum().to(e.dtype) / self.k_aux).clamp(max=1.0)
         return self.hparams["auxk_alpha"] * scale * sum_squares(e_hat, e) / total_var
 

@@ -1,0 +1,12 @@
+"""Training across processes on ``torch.distributed``.
+
+Inside an initialised process group (as under ``torchrun``), the estimators'
+``fit`` and ``partial_fit`` train data-parallel with ``distributed="auto"``:
+each rank reads its own rows of every global batch and every rank ends with
+the same model. See the user guide's "Training across processes".
+"""
+
+from ._group import BatchInfo, Group, resolve_group
+from ._launch import init_from_environment, is_main_process
+
+__all__ = ["BatchInfo", "Group", "resolve_group", "init_from_environment", "is_main_process"]

@@ -1,0 +1,178 @@
+"""The process group a fit trains on, and the rows of a global batch each rank reads.
+
+sksae does not write collectives of its own: :class:`Group` is a thin view of
+a ``torch.distributed`` process group (NCCL on GPUs, gloo on CPUs, as
+``torchrun`` sets it up) with the few reductions the training step needs.
+With one process (``group=None`` everywhere in the trainer) none of this
+runs: the single-process step is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Group", "resolve_group", "BatchInfo"]
+
+
+class BatchInfo:
+    """The global batch a training step trains on.
+
+    Attributes
+    ----------
+    n_rows : int
+        Rows of the global batch (every rank's part together).
+    group : Group or None
+        None for one process.
+    """
+
+    __slots__ = ("n_rows", "group")
+
+    def __init__(self, n_rows, group=None):
+        self.n_rows = int(n_rows)
+        self.group = group
+
+    def row_mean(self, t):
+        """The mean over the global batch of a per-row tensor, as this rank's share.
+
+        Shares of every rank sum to the mean over the global batch; with one
+        process it is ``t.mean()``.
+        """
+        if self.group is None:
+            return t.mean()
+        return t.sum() / self.n_rows
+
+    def total_variance(self, e_BD):
+        """``sum ||e_b - mean(e)||^2`` over the global batch (at least 1e-12), on every rank."""
+        if self.group is None:
+            return (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        e = e_BD.double()
+        parts = torch.cat([e.pow(2).sum().reshape(1), e.sum(0)])
+        self.group.sum_(parts)
+        mean = parts[1:] / self.n_rows
+        total = parts[0] - self.n_rows * torch.dot(mean, mean)
+        return total.clamp_min(1e-12).to(e_BD.dtype)
+
+
+class Group:
+    """One ``torch.distributed`` process group seen by a fit.
+
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        None: the default (world) group.
+
+    Attributes
+    ----------
+    rank, world_size : int
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    @property
+    def backend(self):
+        return dist.get_backend(self.group)
+
+    def sum_(self, t):
+        """All-reduce ``t`` in place by sum; returns it."""
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def min_(self, t):
+        """All-reduce ``t`` in place by minimum; returns it."""
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return t
+
+    def max_(self, t):
+        """All-reduce ``t`` in place by maximum; returns it."""
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
+    def all_gather(self, t):
+        """Every rank's ``t`` (same shape on every rank), concatenated along dim 0 in rank order."""
+        out = t.new_empty((self.world_size * t.shape[0], *t.shape[1:]))
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, t.contiguous(), group=self.group)
+        return out
+
+    def broadcast_(self, t, src=0):
+        """Rank ``src``'s ``t`` into ``t`` on every rank; returns it."""
+        dist.broadcast(t, src=self._global(src), group=self.group)
+        return t
+
+    def broadcast_object(self, obj, src=0):
+        """Rank ``src``'s picklable ``obj`` on every rank (small host objects only)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._global(src), group=self.group)
+        return box[0]
+
+    def barrier(self):
+        dist.barrier(group=self.group)
+
+    def _global(self, rank):
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def part(self, n_rows, rank=None):
+        """``(start, stop)``: the rows of a global batch of ``n_rows`` rows rank ``rank`` trains on.
+
+        Contiguous parts as even as possible (the first ``n_rows % world``
+        ranks take one row more), so that a ragged last batch is split too.
+        """
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(int(n_rows), self.world_size)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
+
+    def check_same(self, what, value):
+        """Raise on every rank unless every rank has the same (picklable) ``value``."""
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the ranks of the process group disagree on {what}: "
+                             f"{values}. Every rank must fit the same data with the "
+                             "same parameters.")
+
+
+def resolve_group(distributed, group=None):
+    """The :class:`Group` a fit with ``distributed`` trains on, or None for one process.
+
+    Parameters
+    ----------
+    distributed : {"auto", "data", "latent"} or bool or None
+        ``"auto"``: data parallel when ``torch.distributed`` is initialised
+        with more than one process, else single-process. ``"data"`` or
+        ``"latent"`` require an initialised process group. False or None:
+        single-process even inside a process group.
+    """
+    if distributed in (False, None):
+        return None
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        if distributed == "auto":
+            return None
+        raise ValueError(
+            f"distributed={distributed!r} needs an initialised torch.distributed process "
+            "group (run under torchrun and call torch.distributed.init_process_group, or "
+            "use `python -m sksae fit` under torchrun, which does).")
+    g = Group(group)
+    if distributed == "auto" and g.world_size == 1:
+        return None
+    return g
+
+
+def check_data_parallel(group, estimator, n_samples, n_features):
+    """Raise on every rank unless the ranks fit the same shape with the same parameters."""
+    batch_size = min(getattr(estimator, "batch_size", 1), n_samples)
+    if batch_size < group.world_size:
+        raise ValueError(
+            f"data-parallel training cuts each batch into one part per rank: batch_size "
+            f"({batch_size}) must be at least the number of processes ({group.world_size}).")
+    params = {k: (v if isinstance(v, (int, float, str, bool, type(None)))
+                  else type(v).__name__)  # arrays, RandomState: by kind only
+              for k, v in estimator.get_params(deep=False).items()
+              if k not in ("callback", "verbose", "device")}
+    group.check_same("the data's shape and the estimator's parameters",
+                     (n_samples, n_features, sorted(params.items())))
