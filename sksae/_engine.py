@@ -24,7 +24,7 @@ from ._accel.device import fits_on_device, host_read_interval
 from ._accel.threads import serial
 from ._base import TrainingDivergedError, as_tensor
 
-__all__ = ["EarlyStopping", "BatchSource", "LoopResult", "run_minibatch_loop"]
+__all__ = ["EarlyStopping", "BatchSource", "LoopResult", "LoopState", "run_minibatch_loop"]
 
 
 class LoopResult(NamedTuple):
@@ -44,6 +44,28 @@ class LoopResult(NamedTuple):
     n_epochs: float
     records: dict
     stopped_early: bool
+
+
+class LoopState(NamedTuple):
+    """Where :func:`run_minibatch_loop` stands after ``n_steps`` steps: what resumes it.
+
+    Attributes
+    ----------
+    n_steps : int
+        Steps run by this call so far.
+    records : dict of ndarray
+        The metrics of those steps.
+    stopper : dict or None
+        :class:`EarlyStopping`'s counters.
+    epoch_generator_state, generator_state : Tensor
+        The source's generator at the start of the current epoch and now.
+    """
+
+    n_steps: int
+    records: dict
+    stopper: object
+    epoch_generator_state: torch.Tensor
+    generator_state: torch.Tensor
 
 
 class EarlyStopping:
@@ -71,6 +93,17 @@ class EarlyStopping:
         self.ewa_cost = None
         self.ewa_cost_min = None
         self.no_improvement = 0
+
+    _COUNTERS = ("ewa_cost", "ewa_cost_min", "no_improvement")
+
+    def state(self):
+        """The counters, as a dict of numbers (None before the first update)."""
+        return {k: getattr(self, k) for k in self._COUNTERS}
+
+    def set_state(self, state):
+        """Set the counters from :meth:`state`'s output."""
+        for k in self._COUNTERS:
+            setattr(self, k, state[k])
 
     def update(self, step, batch_cost, param_change=None):
         """Record step ``step`` (0-based); return True when training should stop."""
@@ -149,15 +182,15 @@ class BatchSource:
         """Rows of the global batch of step ``step`` (counted from an epoch's start)."""
         return rows_in_step(self, step)
 
-    def epoch(self):
-        """Yield the batches of one epoch."""
+    def epoch(self, skip=0):
+        """Yield the batches of one epoch (after its first ``skip``, drawn but not read)."""
         order = (torch.randperm(self.n_samples, generator=self.generator)
                  if self.shuffle == "epoch" else self._order)
         if order is not None and order.device != self._data.device:
             # one copy of the permutation per epoch: a copy from pageable host memory
             # per batch would wait for the device's queue to drain at every step
             order = order.to(self._data.device)
-        for start in range(0, self.n_samples, self.batch_size):
+        for start in range(skip * self.batch_size, self.n_samples, self.batch_size):
             with serial(self._data):  # a gather on the CPU: one thread is enough
                 batch = self._batch(order, start)
             yield batch
@@ -222,7 +255,7 @@ def _progress_bar(total, desc, verbose):
 def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
                        verbose=0, desc="fit", sync_every=None, param_change=None,
                        postfix_keys=("loss",), finite=("loss",), state_finite=None,
-                       divergence_hint=""):
+                       divergence_hint="", start=None, checkpoint=None):
     """Run ``step`` over minibatches for at most ``max_epochs`` epochs.
 
     Parameters
@@ -257,6 +290,15 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
         finite; called at each read of the metrics, after their check.
     divergence_hint : str
         Advice appended to the message of a divergence.
+    start : LoopState or None
+        Resume a call that stopped after ``start.n_steps`` steps: the
+        records, the stopper's counters and the source's generator are put
+        back, and the epoch in progress restarts at its next batch (the same
+        batches as the uninterrupted call).
+    checkpoint : object or None
+        ``checkpoint.due(n_steps) -> bool`` is asked after each step; when it
+        says so the metrics are pulled and ``checkpoint.write(state)`` gets
+        the :class:`LoopState` of that moment.
 
     Returns
     -------
@@ -282,6 +324,16 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
     bar = _progress_bar(total, desc, verbose)
     pending, records = [], {}
     n_steps, stop = 0, False
+    first_epoch, skip = 0, 0
+    generator = getattr(source, "generator", None)
+    if start is not None:
+        n_steps = start.n_steps
+        first_epoch, skip = divmod(n_steps, steps_per_epoch)
+        records = {k: [np.asarray(v)] for k, v in start.records.items()}
+        if stopper is not None and start.stopper is not None:
+            stopper.set_state(start.stopper)
+        if bar is not None:
+            bar.update(n_steps)
 
     def flush():
         nonlocal stop
@@ -316,9 +368,23 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
             raise _diverged(desc, pending[-1][0] + 1, steps_per_epoch, "parameters",
                             None, divergence_hint)
 
+    def loop_state():
+        flush()
+        return LoopState(n_steps, {k: np.concatenate(v) for k, v in records.items()},
+                         stopper.state() if stopper is not None else None,
+                         epoch_state, generator.get_state())
+
     try:
-        for _ in range(max_epochs):
-            for batch in source.epoch():
+        for epoch_index in range(first_epoch, max_epochs):
+            restore = None
+            if start is not None and epoch_index == first_epoch:
+                generator.set_state(start.epoch_generator_state)
+                restore = start.generator_state
+            epoch_state = generator.get_state() if generator is not None else None
+            for batch in source.epoch(skip if epoch_index == first_epoch else 0):
+                if restore is not None:  # the epoch's draws are made: on from the saved state
+                    generator.set_state(restore)
+                    restore = None
                 try:
                     metrics = step(batch, n_steps, total)
                 except TrainingDivergedError as exc:
@@ -334,6 +400,8 @@ def run_minibatch_loop(step, source, *, max_epochs, stopper=None, callback=None,
                     stop = True
                 if len(pending) >= sync_every or stop:
                     flush()
+                if checkpoint is not None and not stop and checkpoint.due(n_steps):
+                    checkpoint.write(loop_state())
                 if stop:
                     break
             if stop:

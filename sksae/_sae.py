@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from numbers import Integral, Real
 
@@ -27,10 +28,12 @@ from ._base import (
 )
 from ._data import (Rows, check_input, head, iter_chunks, sample_rows, sample_rows_torch,
                     take)
-from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
+from ._checkpoint import Checkpointer, read_checkpoint, write_checkpoint
+from ._engine import BatchSource, EarlyStopping, LoopState, _diverged, run_minibatch_loop
 from ._stream import StreamSource, as_shuffle
 from ._sae_trainer import SAETrainer, init_parameters
 from .distributed._group import check_data_parallel, resolve_group
+from .distributed._launch import is_main_process
 from .metrics import fraction_variance_explained
 
 __all__ = ["SparseAutoencoder"]
@@ -249,6 +252,22 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ranks, and every rank ends with the same model: the one a single
         process fits with the same ``batch_size`` and ``random_state`` (up
         to the order of floating-point sums).
+    checkpoint_dir : str or path-like, default=None
+        Folder for the checkpoints of a long ``fit`` (created if need be).
+        When it holds the checkpoint of an unfinished fit of the same
+        parameters and data shape, ``fit`` resumes from it and ends with
+        the model the uninterrupted fit would have given (for any number of
+        data-parallel processes); a checkpoint of other parameters is an
+        error, and one of a finished fit is replaced by a new fit. Each
+        checkpoint (one ``checkpoint.safetensors`` file, replaced
+        atomically) holds the parameters, optimizer moments, schedules,
+        counters, random states, the data position and the metrics so far;
+        the last one, written at the end, is marked finished. Only rank 0
+        writes. ``partial_fit`` ignores it.
+    checkpoint_every : int or str, default=None
+        Steps between checkpoints (an int), or a wall-clock interval such as
+        ``"90s"``, ``"15min"`` or ``"2h"``. None with a ``checkpoint_dir``:
+        every 1000 steps.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling. The same seed on the CPU gives the
         same model.
@@ -352,6 +371,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", "float32", "bfloat16"})],
         "distributed": [StrOptions({"auto", "data"}), "boolean"],
+        "checkpoint_dir": [None, str, os.PathLike],
+        "checkpoint_every": [None, Interval(Integral, 1, None, closed="left"), str],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
@@ -386,6 +407,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         device="auto",
         precision="auto",
         distributed="auto",
+        checkpoint_dir=None,
+        checkpoint_every=None,
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -416,6 +439,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         self.device = device
         self.precision = precision
         self.distributed = distributed
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -575,7 +600,17 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         if group is not None:
             check_data_parallel(group, self, n_samples, n_features)
         dtype = torch.float32
-        if resume:
+        saved = None if partial else self._saved_checkpoint(n_samples, n_features)
+        if saved is not None:
+            rng = np.random.RandomState()
+            rng.set_state(saved["rng"])
+            scale, dead_window = saved["scale"], saved["dead_window"]
+            params = {k: v.to(device, dtype, copy=True)
+                      for k, v in saved["trainer"]["params"].items()}
+            buffers = {k: v.to(device, dtype, copy=True)
+                       for k, v in saved["trainer"]["buffers"].items()}
+            generator = make_generator(rng)
+        elif resume:
             state = self._train_state
             # a private generator: with random_state=None, check_random_state returns
             # numpy's global one, whose state must not be rewound
@@ -608,7 +643,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             warmup_steps=min(1000, steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
             dead_window=dead_window, precision=self.precision, group=group,
         )
-        if resume:
+        if saved is not None:
+            trainer.load_state_dict({**saved["trainer"], "params": {}, "buffers": {}})
+        elif resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
         else:
             trainer.calibrate_encoder_scale(calibration)
@@ -634,6 +671,18 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                     and self._resample(trainer, X, scale, device, dtype, generator))
             return out
 
+        def checkpoint_state(loop_state, complete=False):
+            return {"fingerprint": self._fingerprint(n_samples, n_features),
+                    "complete": complete, "trainer": trainer.state_dict(), "scale": scale,
+                    "dead_window": dead_window, "rng": rng.get_state(),
+                    "loop": loop_state._asdict()}
+
+        checkpointer = None
+        if self.checkpoint_dir is not None and not partial:
+            checkpointer = Checkpointer(
+                self.checkpoint_dir, 1000 if self.checkpoint_every is None
+                else self.checkpoint_every, checkpoint_state, write=is_main_process(),
+                group=group, device=device)
         hint = self._divergence_hint(lr, resume, scale)
         result = run_minibatch_loop(
             step, source, max_epochs=max_epochs, stopper=stopper, callback=self.callback,
@@ -641,6 +690,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             param_change=param_change if self.tol > 0 else None,
             postfix_keys=("loss", "fvu", "l0", "dead_fraction"),
             finite=("loss", "grad_norm"), divergence_hint=hint,
+            start=None if saved is None else LoopState(**saved["loop"]),
+            checkpoint=checkpointer,
         )
         exported = self._exported(arch, trainer, scale, X.dtype)
         if not self._usable(arch, exported, X, device):
@@ -648,6 +699,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             # or to weights so large that the user's units or a forward pass overflow
             raise _diverged(type(self).__name__ + f"({self.architecture})", result.n_steps,
                             steps_per_epoch, "parameters", None, hint)
+        if checkpointer is not None and checkpointer.write_files:
+            write_checkpoint(self.checkpoint_dir, checkpoint_state(LoopState(
+                result.n_steps, result.records, None, generator.get_state(),
+                generator.get_state()), complete=True))
         for attr, value in exported.items():
             setattr(self, attr, value)
         self._record(result, steps_per_epoch, resume)
@@ -659,6 +714,32 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             "dead_window": dead_window,
             "rng": rng.get_state(),
         }
+
+    def _fingerprint(self, n_samples, n_features):
+        """What a checkpoint must match to resume this fit: the data's shape and parameters."""
+        skip = ("callback", "verbose", "device", "checkpoint_dir", "checkpoint_every",
+                "distributed", "warm_start")
+        params = {k: (v if isinstance(v, (int, float, str, bool, type(None)))
+                      else type(v).__name__)
+                  for k, v in self.get_params(deep=False).items() if k not in skip}
+        return {"n_samples": n_samples, "n_features": n_features, **params}
+
+    def _saved_checkpoint(self, n_samples, n_features):
+        """The state of ``checkpoint_dir``'s unfinished checkpoint of this fit, or None."""
+        if self.checkpoint_dir is None:
+            return None
+        saved = read_checkpoint(self.checkpoint_dir)
+        if saved is None or saved["complete"]:
+            return None
+        expected = self._fingerprint(n_samples, n_features)
+        if saved["fingerprint"] != expected:
+            diff = sorted(k for k in set(expected) | set(saved["fingerprint"])
+                          if expected.get(k) != saved["fingerprint"].get(k))
+            raise ValueError(
+                f"checkpoint_dir {str(self.checkpoint_dir)!r} holds the checkpoint of an "
+                f"unfinished fit with other {', '.join(diff)}; resume it with the same "
+                "parameters and data, or choose another checkpoint_dir.")
+        return saved
 
     def _batch_source(self, X, device, dtype, generator, scale, group=None):
         """Minibatches of ``X``: in memory as before, else read by a background thread."""

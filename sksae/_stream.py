@@ -158,21 +158,22 @@ class StreamSource:
                 yield data, perm[:usable], ids
 
     def _planned_ids(self):
-        """The input rows of each buffer of the epoch, in batch order (generator draws here)."""
+        """The input rows of each buffer of the epoch, in batch order.
+
+        The generator is drawn from here, in the calling thread; the
+        buffers are planned lazily (in the read-ahead thread).
+        """
         if self.shuffle == "none":
-            for start in range(0, self.n_samples, self.buffer_rows):
-                yield torch.arange(start, min(start + self.buffer_rows, self.n_samples))
-            return
+            return (torch.arange(start, min(start + self.buffer_rows, self.n_samples))
+                    for start in range(0, self.n_samples, self.buffer_rows))
         if self.shuffle == "blocks":
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            for _, ids, perm, usable in self._block_plan(seed):
-                if usable:
-                    yield ids[perm[:usable]]
-            return
+            return (ids[perm[:usable]] for _, ids, perm, usable in self._block_plan(seed)
+                    if usable)
         order = (torch.randperm(self.n_samples, generator=self.generator)
                  if self.shuffle == "rows" else self._order)
-        for start in range(0, self.n_samples, self.buffer_rows):
-            yield order[start:start + self.buffer_rows]
+        return (order[start:start + self.buffer_rows]
+                for start in range(0, self.n_samples, self.buffer_rows))
 
     def _rank_buffers(self):
         """Data-parallel buffers: this rank's rows of each global batch, read alone.
@@ -182,7 +183,10 @@ class StreamSource:
         rows) and yields ``(data, None, ids, cuts)``, ``cuts`` the ends of its
         parts of the buffer's batches.
         """
-        for planned in self._planned_ids():
+        return self._read_parts(self._planned_ids())
+
+    def _read_parts(self, plan):
+        for planned in plan:
             mine, cuts = [], []
             for start in range(0, len(planned), self.batch_size):
                 batch = planned[start:start + self.batch_size]
@@ -209,8 +213,11 @@ class StreamSource:
             yield (data.pin_memory() if self._pin else data), None, ids, None
 
     # ---------------------------------------------------------------- batches
-    def epoch(self):
-        """Yield the batches of one epoch; NaN/inf in a batch raises, naming its row."""
+    def epoch(self, skip=0):
+        """Yield the batches of one epoch; NaN/inf in a batch raises, naming its row.
+
+        The first ``skip`` batches are read but not yielded (a resumed epoch).
+        """
         pending = []  # accelerators: per-batch flags, read every few batches
         interval = host_read_interval(self.device, every_step=True)
 
@@ -244,6 +251,10 @@ class StreamSource:
                 start = 0
                 for stop in cuts:
                     stop = min(stop, n_rows)
+                    if skip:
+                        skip -= 1
+                        start = stop
+                        continue
                     if perm is None:
                         raw = data[start:stop]
                     else:
