@@ -27,7 +27,7 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import _num_features, check_is_fitted, validate_data
 
-from ._accel.device import free_host_value, resolve_device
+from ._accel.device import free_host_value, local_rank_device, resolve_device
 from ._base import (
     check_finite_output,
     TrainingDivergedError,
@@ -42,7 +42,8 @@ from ._base import (
 from ._data import FULL_SCAN_BYTES, Rows, check_input, iter_chunks, sample_rows, take
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource
-from ._online import init_dictionary, update_dictionary, update_stats
+from ._online import forgetting_factor, init_dictionary, update_dictionary, update_stats
+from .distributed._group import GlobalRows, check_data_parallel, resolve_group
 from ._accel.threads import parallel, serial
 from .coders import check_positive_coding, encode
 
@@ -330,6 +331,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         "tol": [Interval(Real, 0, None, closed="left")],
         "max_no_improvement": [Interval(Integral, 0, None, closed="left"), None],
         "device": [str, torch.device],
+        "distributed": [StrOptions({"auto", "data"}), "boolean"],
     }
 
     def __init__(self, n_components=None, *, alpha=1, max_iter=1_000, fit_algorithm="lars",
@@ -337,7 +339,8 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                  transform_algorithm="omp", transform_n_nonzero_coefs=None,
                  transform_alpha=None, verbose=False, split_sign=False, random_state=None,
                  positive_code=False, positive_dict=False, transform_max_iter=1000,
-                 callback=None, tol=1e-3, max_no_improvement=10, device="auto"):
+                 callback=None, tol=1e-3, max_no_improvement=10, device="auto",
+                 distributed="auto"):
         self.n_components = n_components
         self.alpha = alpha
         self.max_iter = max_iter
@@ -359,6 +362,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         self.tol = tol
         self.max_no_improvement = max_no_improvement
         self.device = device
+        self.distributed = distributed
 
     # -- fitting -----------------------------------------------------------------
     def _validate_before_data(self, X):
@@ -407,7 +411,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         B = torch.zeros(X.shape[1], n_components, dtype=dtype, device=device)
         return D, A, B
 
-    def _step(self, Xb, D, A, B, step, random_state):
+    def _step(self, Xb, D, A, B, step, random_state, group=None, n_rows=None):
         """One minibatch step (scikit-learn's ``_minibatch_step``); returns the batch cost.
 
         On the CPU the statistics and dictionary updates run on the fit's
@@ -419,6 +423,9 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,
                          max_iter=self.transform_max_iter, positive=self.positive_code,
                          tol=_FIT_TOL)
+        if group is not None:
+            return self._step_data_parallel(Xb, code, D, A, B, step, random_state, group,
+                                            n_rows)
         with serial(Xb), parallel(Xb):
             resid = torch.addmm(Xb, code, D, alpha=-1.0)
             cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
@@ -429,6 +436,32 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                                             value=value)
             update_stats(A, B, Xb, code, step)
             update_dictionary(D, A, B, Xb, random_state, positive=self.positive_dict)
+        return cost
+
+    def _step_data_parallel(self, Xb, code, D, A, B, step, random_state, group, n_rows):
+        """:meth:`_step` on this rank's part of a global batch of ``n_rows`` rows.
+
+        The codes are per row; the batch cost and the statistics' increments
+        ``code^T code`` and ``X^T code`` are sums over rows, summed across
+        ranks in one all-reduce, then every rank takes the same update (a
+        dead atom's replacement row comes from the rank that holds it).
+        """
+        k, d = code.shape[1], Xb.shape[1]
+        resid = torch.addmm(Xb, code, D, alpha=-1.0)
+        cost = 0.5 * resid.square().sum() + self.alpha * code.abs().sum()
+        sums = torch.cat([(code.T @ code).reshape(-1), (Xb.T @ code).reshape(-1),
+                          cost.reshape(1)])
+        group.sum_(sums)
+        cost = sums[-1] / n_rows
+        value = free_host_value(cost)
+        if value is not None and not math.isfinite(value):
+            raise TrainingDivergedError(f"The batch cost is {value}.", metric="loss",
+                                        value=value)
+        beta = forgetting_factor(step, n_rows)
+        A.mul_(beta).add_(sums[:k * k].view(k, k), alpha=1.0 / n_rows)
+        B.mul_(beta).add_(sums[k * k:k * k + d * k].view(d, k), alpha=1.0 / n_rows)
+        update_dictionary(D, A, B, GlobalRows(Xb, group, n_rows), random_state,
+                          positive=self.positive_dict)
         return cost
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -471,23 +504,31 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         device, n_components = self._validate_before_data(X)
         X = check_input(self, X, reset=True, order="C")
         n_components = n_components or X.shape[1]
+        group = resolve_group(self.distributed if self.distributed is not True else "data")
+        if group is not None:
+            device = local_rank_device(self.device)
+            check_data_parallel(group, self, *X.shape)
         random_state = check_random_state(self.random_state)
         D, A, B = self._start(X, device, n_components, random_state)
+        if group is not None:  # the same draws on every rank: rank 0's, to the bit
+            group.broadcast_(D)
         batch_size = min(self.batch_size, X.shape[0])
         gen = make_generator(random_state) if self.shuffle else None
         if isinstance(X, Rows):
             shuffle = ("blocks" if X.blocks else "once") if self.shuffle else "none"
-            source = StreamSource(X, batch_size, device, D.dtype, gen, shuffle=shuffle)
+            source = StreamSource(X, batch_size, device, D.dtype, gen, shuffle=shuffle,
+                                  group=group)
         else:
             source = BatchSource(X, batch_size, device, D.dtype, gen,
-                                 shuffle="once" if self.shuffle else "none")
+                                 shuffle="once" if self.shuffle else "none", group=group)
         stopper = EarlyStopping(X.shape[0], batch_size, tol=self.tol,
                                 max_no_improvement=self.max_no_improvement)
         old = D.clone()
 
         def step(batch, i, total):
             old.copy_(D)
-            return {"loss": self._step(batch, D, A, B, i, random_state)}
+            return {"loss": self._step(batch, D, A, B, i, random_state, group,
+                                       source.rows_in_step(i))}
 
         def change():
             return float(torch.linalg.matrix_norm(D - old)) / n_components

@@ -78,10 +78,15 @@ def update_stats(A, B, X, code, step):
     ``beta = (theta + 1 - bs) / (theta + 1)`` (Mairal et al. 2010, Sec. 3.4.2).
     """
     bs = X.shape[0]
-    theta = (step + 1) * bs if step < bs - 1 else bs**2 + step + 1 - bs
-    beta = (theta + 1 - bs) / (theta + 1)
+    beta = forgetting_factor(step, bs)
     A.mul_(beta).addmm_(code.T, code, alpha=1.0 / bs)
     B.mul_(beta).addmm_(X.T, code, alpha=1.0 / bs)
+
+
+def forgetting_factor(step, bs):
+    """:func:`update_stats`' ``beta`` at step ``step`` with batches of ``bs`` rows."""
+    theta = (step + 1) * bs if step < bs - 1 else bs**2 + step + 1 - bs
+    return (theta + 1 - bs) / (theta + 1)
 
 
 def update_dictionary(D, A, B, X, random_state, positive=False, block=64):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["Group", "resolve_group", "BatchInfo"]
+__all__ = ["Group", "resolve_group", "BatchInfo", "GlobalRows", "check_data_parallel"]
 
 
 class BatchInfo:
@@ -176,3 +176,34 @@ def check_data_parallel(group, estimator, n_samples, n_features):
               if k not in ("callback", "verbose", "device")}
     group.check_same("the data's shape and the estimator's parameters",
                      (n_samples, n_features, sorted(params.items())))
+
+
+class GlobalRows:
+    """The rows of a global batch, read one at a time from the rank that holds each.
+
+    Every rank must ask for the same rows in the same order (each read is a
+    broadcast from the row's rank). Used where an update draws a random row
+    of the batch (a dead atom's replacement in dictionary learning).
+
+    Parameters
+    ----------
+    local : Tensor of shape (n_local, n_features)
+        This rank's part of the batch.
+    group : Group
+    n_rows : int
+        Rows of the global batch.
+    """
+
+    def __init__(self, local, group, n_rows):
+        self.local = local
+        self.group = group
+        self.shape = (int(n_rows), local.shape[1])
+
+    def __getitem__(self, i):
+        i = int(i)
+        owner = next(r for r in range(self.group.world_size)
+                     if self.group.part(self.shape[0], r)[1] > i)
+        start, _ = self.group.part(self.shape[0], owner)
+        row = (self.local[i - start].clone() if owner == self.group.rank
+               else self.local.new_empty(self.shape[1]))
+        return self.group.broadcast_(row, src=owner)
