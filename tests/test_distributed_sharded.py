@@ -1,0 +1,105 @@
+"""Latent-sharded TopK training (sksae.distributed._sharded) equals unsharded training.
+
+Two gloo processes on the CPU train the same problem with the latents split
+26/25 (51 latents: uneven slices) and are compared with the single-process
+:class:`sksae._sae_trainer.SAETrainer` after 300 steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import _sharded_worker as w
+from sksae import architectures
+from sksae.distributed._sharded import (LatentShardedTrainer, local_candidates,
+                                        merge_candidates)
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+BASE = {"seed": 0, "n_components": 51, "k": 4, "auxk_alpha": 1 / 32, "lr": 3e-3,
+        "steps": 300}
+CASES = {
+    # no latent stays unfired for 20 epochs: AuxK is zero throughout
+    "alive": {**BASE, "dead_window": 40_000},
+    # latents die after 3 batches without firing: AuxK runs and revives them
+    "dead": {**BASE, "seed": 1, "dead_window": 96, "auxk_alpha": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharded")
+    mp.start_processes(w.worker, args=(2, f"file://{folder}/rdv", str(folder), CASES),
+                       nprocs=2, start_method="spawn")
+    return {name: [torch.load(folder / f"{name}-rank{r}.pt") for r in range(2)]
+            for name in CASES}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_equals_unsharded(sharded_runs, name):
+    ranks = sharded_runs[name]
+    assert [r["slice"] for r in ranks] == [(0, 26), (26, 51)]
+    # every rank exports the same model and logged the same metrics
+    for key, value in ranks[0]["full"].items():
+        torch.testing.assert_close(ranks[1]["full"][key], value, atol=0, rtol=0)
+    assert ranks[0]["history"] == ranks[1]["history"]
+
+    params, history = w.unsharded(CASES[name])
+    full = ranks[0]["full"]
+    assert full["W_dec"].shape == (51, w.N_FEATURES)
+    for key in ("W_dec", "b_dec", "W_enc", "b_enc"):
+        torch.testing.assert_close(full[key], params[key], atol=1e-4, rtol=1e-4)
+    sharded_history = ranks[0]["history"]
+    assert len(sharded_history) == len(history) == CASES[name]["steps"]
+    for metric in ("loss", "mse", "fvu", "l0", "dead_fraction", "grad_norm", "auxk"):
+        got = torch.tensor([h[metric] for h in sharded_history])
+        want = torch.tensor([h[metric] for h in history])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=metric)
+    auxk = max(h["auxk"] for h in history)
+    if name == "dead":
+        assert auxk > 0 and max(h["dead_fraction"] for h in history) > 0
+    else:
+        assert auxk == 0
+    # training did something: the reconstruction improved
+    assert history[-1]["fvu"] < 0.5 * history[0]["fvu"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_candidate_merge_equals_topk(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, F, k = 17, 53, 7
+    pre = torch.randn(B, F, generator=g)
+    bounds = [0, 3, 20, 41, 53]  # uneven slices, one narrower than k
+    values, ids = zip(*(local_candidates(pre[:, a:b], k, a)
+                        for a, b in zip(bounds, bounds[1:])))
+    got_values, got_ids = merge_candidates(torch.cat(values, 1), torch.cat(ids, 1), k)
+    want = torch.topk(pre, k, dim=-1)
+    assert torch.equal(got_ids.sort(-1).values, want.indices.sort(-1).values)
+    torch.testing.assert_close(got_values.sort(-1).values, want.values.sort(-1).values,
+                               atol=0, rtol=0)
+
+
+def test_candidate_merge_masked():
+    # masked (dead-latent) selection: -inf entries are only picked as padding
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(4, 10, generator=g)
+    alive = torch.zeros(10, dtype=torch.bool)
+    alive[[1, 7]] = True
+    masked = pre.masked_fill(~alive, float("-inf"))
+    values, ids = zip(*(local_candidates(masked[:, a:b], 3, a) for a, b in ((0, 5), (5, 10))))
+    got_values, got_ids = merge_candidates(torch.cat(values, 1), torch.cat(ids, 1), 3)
+    valid = got_values > float("-inf")
+    assert valid.sum(1).tolist() == [2] * 4
+    assert torch.equal(got_ids[valid].view(4, 2).sort(-1).values,
+                       torch.tensor([[1, 7]] * 4))
+
+
+def test_other_architectures_refused():
+    arch = architectures.get("relu")({"alpha": 1.0}, 8, 4)
+    with pytest.raises(ValueError, match="latent sharding supports architecture='topk'"):
+        LatentShardedTrainer(arch, {}, {}, lr=1e-3, schedule=None, warmup_steps=1,
+                             dead_window=10)
