@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from .cluster import worker_index
+
 __all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
            "HostReading", "side_stream", "capture_graph", "graphs_supported", "fits_on_device",
            "host_read_interval", "device_available", "free_host_value"]
@@ -23,7 +25,10 @@ def resolve_device(device="auto"):
     Parameters
     ----------
     device : {"auto", "cpu", "cuda"} or str or torch.device, default="auto"
-        ``"auto"`` picks the first CUDA device when one is available, else the CPU.
+        ``"auto"`` picks the first CUDA device when one is available, else the
+        CPU; in a task of a ``dask.distributed`` worker on a host with several
+        CUDA devices, the ``i``-th worker of the host
+        (:func:`sksae._accel.cluster.worker_index`) takes ``cuda:{i % count}``.
         Any string torch understands (``"cuda:1"``, ``"mps"``) is accepted.
 
     Returns
@@ -33,7 +38,11 @@ def resolve_device(device="auto"):
     if isinstance(device, torch.device):
         return device
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        count = _cuda_count()
+        if count == 0:
+            return torch.device("cpu")
+        index = worker_index() if count > 1 else None
+        return torch.device("cuda") if index is None else torch.device("cuda", index % count)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -44,6 +53,11 @@ def resolve_device(device="auto"):
             "use device='auto' or device='cpu'."
         )
     return dev
+
+
+def _cuda_count():
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def is_accelerator(device):
@@ -194,3 +208,23 @@ def device_available(device):
 def free_host_value(t):
     """``float(t)`` where reading it costs no synchronisation (the CPU), else None."""
     return None if is_accelerator(t.device) else float(t)
+
+
+def default_distributed_backend():
+    """The ``torch.distributed`` backend for this machine: NCCL with CUDA devices, else gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def local_rank_device(device):
+    """``device`` for this process of a ``torchrun`` launch: ``"auto"`` is its own GPU.
+
+    Under ``torchrun`` (``LOCAL_RANK`` set) with CUDA devices, ``"auto"`` and
+    ``"cuda"`` mean ``cuda:{LOCAL_RANK}``; anything else is resolved as
+    :func:`resolve_device` does.
+    """
+    import os
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and str(device) in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(local) % torch.cuda.device_count())
+    return resolve_device(device)

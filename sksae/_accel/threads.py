@@ -26,6 +26,11 @@ threads, which ``tests/test_threads.py`` checks.
 The thread counts are per Python thread (a thread-local, as torch's own
 intra-op setting is), so that fits in concurrent threads keep apart.
 ``benchmarks/bench_mechanisms.py`` measures what the pool is worth.
+
+In a task of a ``dask.distributed`` worker (a search under
+``joblib.parallel_config(backend="dask")``) the fit's thread count is at most
+the worker's (:func:`sksae._accel.cluster.worker_threads`), its share of the
+host's cores, whatever torch's own count in the worker's process.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from .cluster import worker_threads
 
 __all__ = ["serial", "parallel", "run_ranges", "even_bounds", "range_count", "granted",
            "serial_threads"]
@@ -48,13 +55,19 @@ _state = threading.local()
 def serial(t):
     """Run the block on one intra-op thread when ``t`` is on the CPU.
 
-    Nested blocks are no-ops; :func:`parallel` inside may take threads back.
+    Nested blocks are no-ops; :func:`parallel` inside may take threads back:
+    torch's count outside the block, at most the worker's in a dask task.
+
+    Parameters
+    ----------
+    t : Tensor
+        The block's main operand: nothing changes off the CPU.
     """
     n = torch.get_num_threads()
     if t.device.type != "cpu" or n == 1 or serial_threads() is not None:
         yield
         return
-    _state.outer = n
+    _state.outer = _capped(n)
     torch.set_num_threads(1)
     try:
         yield
@@ -90,18 +103,31 @@ _pool_lock = threading.Lock()
 
 
 def serial_threads():
-    """Torch's thread count outside the enclosing :func:`serial` block, or None outside one."""
+    """The fit's thread count inside a :func:`serial` block, or None outside one.
+
+    Torch's count outside the block, at most the worker's in a dask task.
+    """
     return getattr(_state, "outer", None)
+
+
+def _capped(n):
+    """``n`` threads, at most the threads of the dask worker running the current task."""
+    limit = worker_threads()
+    return n if limit is None else max(1, min(n, limit))
 
 
 def granted():
     """Threads the ranges of :func:`run_ranges` may use now.
 
     The choice of the enclosing ``parallel(..., own=True)`` block; else
-    torch's intra-op thread count (one inside a :func:`serial` block).
+    torch's intra-op thread count (one inside a :func:`serial` block), at
+    most the worker's in a task of a dask worker.
     """
     n = getattr(_state, "granted", None)
-    return torch.get_num_threads() if n is None else n
+    if n is not None:
+        return n
+    n = torch.get_num_threads()
+    return n if n == 1 else _capped(n)
 
 
 def run_ranges(work, bounds):
@@ -157,7 +183,7 @@ def even_bounds(n_items, min_size=1):
 
 def range_count(n_items, min_size=1):
     """How many ranges :func:`even_bounds` splits ``n_items`` into."""
-    n = serial_threads() or torch.get_num_threads()
+    n = serial_threads() or _capped(torch.get_num_threads())
     return max(1, min(n, n_items // max(min_size, 1)))
 
 
