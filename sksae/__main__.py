@@ -115,6 +115,20 @@ def seed(text):
     return value
 
 
+def checkpoint_every(text):
+    """Steps (a positive integer) or a duration such as ``90s``, ``15min``, ``2h``."""
+    from ._checkpoint import parse_every
+
+    value = int(text) if text.strip().isdigit() else text
+    try:
+        parse_every(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a number of steps or a duration such as 90s, 15min or 2h"
+        ) from None
+    return value
+
+
 # ------------------------------------------------------ paths and atomic writes
 def _temp_sibling(target, suffix=""):
     """A fresh hidden name next to ``target`` (same folder, same file system)."""
@@ -311,15 +325,36 @@ def _last(history, key):
 
 
 def _fit(args):
-    import time
-
-    from ._io import save
-    from ._sae import SparseAutoencoder
+    from .distributed import init_from_environment, is_main_process
 
     if _inside(args.acts, args.output):
         raise UserError(f"--output {args.output} is (or contains) the input {args.acts}; "
                         "choose another folder.")
     X = _load_rows(args.acts, args.layer)
+    # under torchrun: data-parallel, every rank trains, rank 0 alone prints and writes
+    launched = init_from_environment()
+    try:
+        return _fit_rows(args, X, launched, is_main_process())
+    finally:
+        if launched:
+            _leave_group()
+
+
+def _leave_group():
+    """Wait for rank 0's writing, then close the process group (its threads end cleanly)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _fit_rows(args, X, launched, main):
+    import time
+
+    from ._io import save
+    from ._sae import SparseAutoencoder
+
     # penalty weights left unset keep the estimator's defaults
     penalties = {k: v for k, v in (("alpha", args.alpha), ("l0_coefficient",
                                                            args.l0_coefficient))
@@ -330,11 +365,21 @@ def _fit(args):
         learning_rate=args.learning_rate, batch_size=args.batch_size,
         shuffle=False if args.shuffle == "none" else args.shuffle,
         shuffle_buffer=args.shuffle_buffer, max_iter=args.max_iter, device=args.device, precision=args.precision,
-        random_state=args.random_state, verbose=0 if args.quiet else 1, **penalties)
+        random_state=args.random_state, verbose=0 if args.quiet or not main else 1,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        **penalties)
+    if not main:
+        sae.fit(X)
+        return 0
     with _atomic_folder(args.output) as tmp:
         how = "read batch by batch" if Path(args.acts).is_dir() else "memory-mapped"
+        ranks = ""
+        if launched:
+            import torch.distributed as dist
+
+            ranks = f", data-parallel on {dist.get_world_size()} processes"
         print(f"Fitting {sae.architecture} SAE on {X.shape[0]} rows x {X.shape[1]} "
-              f"features ({args.acts}, {how})")
+              f"features ({args.acts}, {how}{ranks})")
         start = time.perf_counter()
         sae.fit(X)
         seconds = time.perf_counter() - start
@@ -679,6 +724,12 @@ def build_parser():
     fit.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                      help="precision of the training step's products (see SparseAutoencoder)")
     fit.add_argument("--random-state", type=seed, default=None)
+    fit.add_argument("--checkpoint-dir", default=None,
+                     help="folder of the training checkpoints; a fit of the same data "
+                          "and options resumes from its unfinished checkpoint")
+    fit.add_argument("--checkpoint-every", type=checkpoint_every, default=None,
+                     help="steps between checkpoints, or a duration such as 90s, 15min "
+                          "or 2h (default: 1000 steps)")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
 
