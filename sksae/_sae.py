@@ -32,7 +32,9 @@ from ._checkpoint import Checkpointer, read_checkpoint, write_checkpoint
 from ._engine import BatchSource, EarlyStopping, LoopState, _diverged, run_minibatch_loop
 from ._stream import StreamSource, as_shuffle
 from ._sae_trainer import SAETrainer, init_parameters
-from .distributed._group import check_data_parallel, resolve_group
+from .distributed._group import (check_data_parallel, check_latent_sharded, plain_params,
+                                 resolve_group)
+from .distributed._sharded import LatentShardedTrainer
 from .distributed._launch import is_main_process
 from .metrics import fraction_variance_explained
 
@@ -239,7 +241,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX) and
         ``"float32"`` elsewhere. ``transform`` is always float32. Use
         ``"float32"`` for results that do not depend on the CPU model.
-    distributed : {"auto", "data"} or False, default="auto"
+    distributed : {"auto", "data", "latent"} or False, default="auto"
         Training across processes (user guide: "Training across
         processes"). ``"auto"``: data-parallel when ``fit`` runs inside an
         initialised ``torch.distributed`` process group of more than one
@@ -251,7 +253,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         the gradients and every statistic over the batch are summed across
         ranks, and every rank ends with the same model: the one a single
         process fits with the same ``batch_size`` and ``random_state`` (up
-        to the order of floating-point sums).
+        to the order of floating-point sums). ``"latent"``: latent-sharded
+        (``architecture="topk"`` only, no ``resample_dead``): each rank holds
+        a slice of the latents (encoder and decoder rows, Adam moments, dead
+        counters), steps on the whole batch, and the ranks merge their
+        top-k candidates and sum their partial reconstructions; for
+        dictionaries too wide for one device (1-D: not combined with data
+        parallelism).
     checkpoint_dir : str or path-like, default=None
         Folder for the checkpoints of a long ``fit`` (created if need be).
         When it holds the checkpoint of an unfinished fit of the same
@@ -370,7 +378,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         "dead_window": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "precision": [StrOptions({"auto", "float32", "bfloat16"})],
-        "distributed": [StrOptions({"auto", "data"}), "boolean"],
+        "distributed": [StrOptions({"auto", "data", "latent"}), "boolean"],
         "checkpoint_dir": [None, str, os.PathLike],
         "checkpoint_every": [None, Interval(Integral, 1, None, closed="left"), str],
         "random_state": ["random_state"],
@@ -597,10 +605,13 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         arch, n_components, lr = self._resolve(n_features)
         group = resolve_group(self.distributed if self.distributed is not True else "data")
         device = resolve_device(self.device) if group is None else local_rank_device(self.device)
-        if group is not None:
+        latent = group is not None and self.distributed == "latent"
+        if latent:
+            check_latent_sharded(group, self, n_samples, n_features, resume or partial)
+        elif group is not None:
             check_data_parallel(group, self, n_samples, n_features)
         dtype = torch.float32
-        saved = None if partial else self._saved_checkpoint(n_samples, n_features)
+        saved = None if partial else self._saved_checkpoint(n_samples, n_features, group)
         if saved is not None:
             rng = np.random.RandomState()
             rng.set_state(saved["rng"])
@@ -626,6 +637,10 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             generator = make_generator(rng)
         else:
             rng = check_random_state(self.random_state)
+            if group is not None and self.random_state is None:
+                # every rank must draw the same batches: rank 0's draws
+                rng = np.random.RandomState()
+                rng.set_state(group.broadcast_object(check_random_state(None).get_state()))
             generator = make_generator(rng)
             params, buffers, scale, calibration = self._initial_parameters(
                 X, arch, n_components, rng, generator, device, dtype)
@@ -638,32 +653,40 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
         total_steps = None if partial else max_epochs * steps_per_epoch
         schedule = architectures.Schedule(total_steps, steps_per_epoch)
-        trainer = SAETrainer(
+        if latent and saved is not None:  # the trainer takes full shapes, the state its slice
+            params = {"W_enc": params["W_dec"].new_zeros(n_components, n_features),
+                      "b_enc": params["W_dec"].new_zeros(n_components),
+                      "W_dec": params["W_dec"].new_zeros(n_components, n_features),
+                      "b_dec": params["b_dec"]}
+        trainer = (LatentShardedTrainer if latent else SAETrainer)(
             arch, params, buffers, lr=lr, schedule=schedule,
             warmup_steps=min(1000, steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
             dead_window=dead_window, precision=self.precision, group=group,
         )
         if saved is not None:
-            trainer.load_state_dict({**saved["trainer"], "params": {}, "buffers": {}})
+            trainer.load_state_dict(saved["trainer"] if latent else
+                                    {**saved["trainer"], "params": {}, "buffers": {}})
         elif resume:
             trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
         else:
             trainer.calibrate_encoder_scale(calibration)
 
         # the batches come normalised (multiplied by scale in the gather)
-        source = self._batch_source(X, device, dtype, generator, scale, group)
+        source = self._batch_source(X, device, dtype, generator, scale,
+                                    None if latent else group)
         stopper = None if partial else EarlyStopping(
             n_samples, source.batch_size, self.tol, self.max_no_improvement)
         prev = {}
 
         def param_change():
-            W = trainer.params["W_dec"].detach()
+            W = (trainer.full_params() if latent else trainer.params)["W_dec"].detach()
             change = (W - prev["W"]).norm().item() / n_components if "W" in prev else None
             prev["W"] = W.clone()
             return change
 
         def step(batch, i, total):
-            out = trainer.step(batch, source.rows_in_step(i)).as_dict()
+            out = trainer.step(batch, batch.shape[0] if latent
+                               else source.rows_in_step(i)).as_dict()
             out["lr"] = trainer.current_lr
             if self.resample_dead is not None:
                 out["resampled"] = float(
@@ -678,11 +701,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                     "loop": loop_state._asdict()}
 
         checkpointer = None
-        if self.checkpoint_dir is not None and not partial:
+        folder = self._checkpoint_folder(group)
+        if folder is not None and not partial:
             checkpointer = Checkpointer(
-                self.checkpoint_dir, 1000 if self.checkpoint_every is None
-                else self.checkpoint_every, checkpoint_state, write=is_main_process(),
-                group=group, device=device)
+                folder, 1000 if self.checkpoint_every is None
+                else self.checkpoint_every, checkpoint_state,
+                write=latent or is_main_process(), group=group, device=device)
         hint = self._divergence_hint(lr, resume, scale)
         result = run_minibatch_loop(
             step, source, max_epochs=max_epochs, stopper=stopper, callback=self.callback,
@@ -700,7 +724,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             raise _diverged(type(self).__name__ + f"({self.architecture})", result.n_steps,
                             steps_per_epoch, "parameters", None, hint)
         if checkpointer is not None and checkpointer.write_files:
-            write_checkpoint(self.checkpoint_dir, checkpoint_state(LoopState(
+            write_checkpoint(folder, checkpoint_state(LoopState(
                 result.n_steps, result.records, None, generator.get_state(),
                 generator.get_state()), complete=True))
         for attr, value in exported.items():
@@ -719,16 +743,23 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """What a checkpoint must match to resume this fit: the data's shape and parameters."""
         skip = ("callback", "verbose", "device", "checkpoint_dir", "checkpoint_every",
                 "distributed", "warm_start")
-        params = {k: (v if isinstance(v, (int, float, str, bool, type(None)))
-                      else type(v).__name__)
-                  for k, v in self.get_params(deep=False).items() if k not in skip}
-        return {"n_samples": n_samples, "n_features": n_features, **params}
+        return {"n_samples": n_samples, "n_features": n_features,
+                **plain_params(self, skip)}
 
-    def _saved_checkpoint(self, n_samples, n_features):
-        """The state of ``checkpoint_dir``'s unfinished checkpoint of this fit, or None."""
+    def _checkpoint_folder(self, group):
+        """Where this process's checkpoints go: ``checkpoint_dir``, a folder per rank if sharded."""
         if self.checkpoint_dir is None:
             return None
-        saved = read_checkpoint(self.checkpoint_dir)
+        if group is not None and self.distributed == "latent":
+            return os.path.join(self.checkpoint_dir, f"rank-{group.rank}-of-{group.world_size}")
+        return self.checkpoint_dir
+
+    def _saved_checkpoint(self, n_samples, n_features, group=None):
+        """The state of ``checkpoint_dir``'s unfinished checkpoint of this fit, or None."""
+        folder = self._checkpoint_folder(group)
+        if folder is None:
+            return None
+        saved = read_checkpoint(folder)
         if saved is None or saved["complete"]:
             return None
         expected = self._fingerprint(n_samples, n_features)
@@ -795,7 +826,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     @staticmethod
     def _exported(arch, trainer, scale, dtype):
         """{attribute: array}: the fitted attributes in the user's units, of ``dtype``."""
-        p = {k: v.detach() for k, v in {**trainer.params, **trainer.buffers}.items()}
+        full = (trainer.full_params() if isinstance(trainer, LatentShardedTrainer)
+                else {**trainer.params, **trainer.buffers})
+        p = {k: v.detach() for k, v in full.items()}
         p = arch.fold_scale(p, scale)
         with np.errstate(over="ignore"):  # an overflow is refused by _usable
             return {attr: p[tensor_name].to("cpu", torch.float64).numpy().astype(dtype)

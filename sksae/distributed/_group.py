@@ -170,12 +170,7 @@ def check_data_parallel(group, estimator, n_samples, n_features):
         raise ValueError(
             f"data-parallel training cuts each batch into one part per rank: batch_size "
             f"({batch_size}) must be at least the number of processes ({group.world_size}).")
-    params = {k: (v if isinstance(v, (int, float, str, bool, type(None)))
-                  else type(v).__name__)  # arrays, RandomState: by kind only
-              for k, v in estimator.get_params(deep=False).items()
-              if k not in ("callback", "verbose", "device")}
-    group.check_same("the data's shape and the estimator's parameters",
-                     (n_samples, n_features, sorted(params.items())))
+    _check_same_fit(group, estimator, n_samples, n_features)
 
 
 class GlobalRows:
@@ -207,3 +202,29 @@ class GlobalRows:
         row = (self.local[i - start].clone() if owner == self.group.rank
                else self.local.new_empty(self.shape[1]))
         return self.group.broadcast_(row, src=owner)
+
+
+def check_latent_sharded(group, estimator, n_samples, n_features, continuing):
+    """Raise on every rank unless latent-sharded training can run this fit."""
+    if estimator.architecture != "topk":
+        raise ValueError(f"distributed='latent' trains architecture='topk' only, got "
+                         f"{estimator.architecture!r}.")
+    if estimator.resample_dead is not None:
+        raise ValueError("distributed='latent' does not resample dead latents: set "
+                         "resample_dead=None (AuxK revives them).")
+    if continuing:
+        raise ValueError("distributed='latent' trains with fit only, from scratch or from "
+                         "a checkpoint_dir (not partial_fit nor warm_start).")
+    _check_same_fit(group, estimator, n_samples, n_features)
+
+
+def plain_params(estimator, skip=()):
+    """The estimator's parameters as comparable plain values (arrays and RandomState by kind)."""
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__)
+            for k, v in estimator.get_params(deep=False).items() if k not in skip}
+
+
+def _check_same_fit(group, estimator, n_samples, n_features):
+    params = plain_params(estimator, ("callback", "verbose", "device"))
+    group.check_same("the data's shape and the estimator's parameters",
+                     (n_samples, n_features, sorted(params.items())))
