@@ -1,0 +1,98 @@
+"""Run by tests/test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU).
+
+``python -m torch.distributed.run --nproc_per_node=2 tests/_distributed_worker.py CASE OUT``
+
+Each rank fits in its process group and writes ``OUT/{name}_rank{r}.npy``
+(the decoder) and ``OUT/{name}_rank{r}_loss.npy`` (the per-step losses); the
+test fits the single-process references and compares.
+"""
+
+import os
+import signal
+import sys
+
+import numpy as np
+import torch.distributed as dist
+
+from sksae import DictionaryLearnerGPU, SparseAutoencoder
+from sksae.distributed import init_from_environment
+
+
+def data(n=1200, d=16, seed=0):
+    rng = np.random.RandomState(seed)
+    return (rng.randn(n, d) @ rng.randn(d, d)).astype(np.float32)
+
+
+# every model of the equality cases: name -> (estimator, input kind)
+SAE = dict(n_components=48, k=4, batch_size=16, max_iter=3, random_state=0,
+           precision="float32")
+CASES = {
+    "topk": (lambda: SparseAutoencoder(**SAE), "array"),
+    "topk_auxk": (lambda: SparseAutoencoder(**{**SAE, "k": 2}, dead_window=64), "array"),
+    "batchtopk": (lambda: SparseAutoencoder(**SAE, architecture="batchtopk"), "array"),
+    "relu": (lambda: SparseAutoencoder(**SAE, architecture="relu"), "array"),
+    "jumprelu": (lambda: SparseAutoencoder(**SAE, architecture="jumprelu"), "array"),
+    "gated": (lambda: SparseAutoencoder(**SAE, architecture="gated"), "array"),
+    "matryoshka": (lambda: SparseAutoencoder(**SAE, architecture="matryoshka",
+                                             architecture_params={"prefix_sizes": [8, 24]}),
+                   "array"),
+    "topk_store": (lambda: SparseAutoencoder(**SAE, shuffle_buffer=160), "store"),
+    "latent": (lambda: SparseAutoencoder(**{**SAE, "n_components": 51}, dead_window=64),
+               "array"),
+    "dictionary": (lambda: DictionaryLearnerGPU(24, alpha=0.3, batch_size=16, max_iter=2,
+                                                random_state=0, tol=0,
+                                                max_no_improvement=None), "array64"),
+}
+
+
+def make(name, distributed):
+    est, kind = CASES[name]
+    model = est()
+    model.set_params(distributed=("latent" if name == "latent" else "data")
+                     if distributed else False)
+    return model, kind
+
+
+def inputs(kind, out):
+    X = data()
+    if kind == "array64":
+        return X.astype(np.float64)
+    if kind == "store":
+        from sksae.activations import open_store
+        return open_store(os.path.join(out, "store"))
+    return X
+
+
+def main():
+    case, out = sys.argv[1], sys.argv[2]
+    init_from_environment(timeout_s=60)
+    rank = dist.get_rank()
+    if case == "equal":
+        for name in sys.argv[3].split(","):
+            model, kind = make(name, True)
+            model.fit(inputs(kind, out))
+            np.save(os.path.join(out, f"{name}_rank{rank}.npy"), model.components_)
+    elif case in ("killed", "resumed"):
+        model, kind = make("topk", True)
+        model.set_params(checkpoint_dir=os.path.join(out, "ckpt"), checkpoint_every=40)
+        if case == "killed" and rank == 1:
+            def die(loc):  # a hard kill after the second checkpoint
+                if loc["n_steps"] == 97:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            model.set_params(callback=die)
+        model.fit(inputs(kind, out))
+        np.save(os.path.join(out, f"resumed_rank{rank}.npy"), model.components_)
+    elif case == "failing":
+        model, kind = make("topk", True)
+        if rank == 1:
+            def fail(loc):
+                if loc["n_steps"] == 50:
+                    raise RuntimeError("rank 1 failed on purpose")
+            model.set_params(callback=fail)
+        model.fit(inputs(kind, out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

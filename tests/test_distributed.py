@@ -1,0 +1,89 @@
+"""Training across processes: 2 gloo ranks under torchrun against one process.
+
+Each test launches ``python -m torch.distributed.run --nproc_per_node=2`` on
+tests/_distributed_worker.py (a subprocess with a timeout: a hang fails the
+test) and compares what the ranks fitted with the single-process fit of the
+same parameters, global batch and seed, fitted here.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _distributed_worker as worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "_distributed_worker.py"
+
+
+def launch(*args, timeout=240):
+    """Run the worker on 2 ranks; returns (returncode, output, seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--monitor_interval=0.2", str(WORKER), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
+
+
+def reference(name, out):
+    model, kind = worker.make(name, False)
+    return model.fit(worker.inputs(kind, out)).components_
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("distributed")
+    from sksae.activations import save_store
+
+    save_store(worker.data(), path / "store", dtype="float32", shard_rows=500)
+    return path
+
+
+def test_data_parallel_and_latent_sharded_equal_one_process(out):
+    """Every architecture, a store read by parts, latent sharding and dictionary learning."""
+    names = list(worker.CASES)
+    code, log, _ = launch("equal", out, ",".join(names))
+    assert code == 0, log[-3000:]
+    for name in names:
+        ranks = [np.load(out / f"{name}_rank{r}.npy") for r in (0, 1)]
+        np.testing.assert_array_equal(ranks[0], ranks[1], err_msg=name)  # the same model
+        expected = reference(name, out)
+        torch.testing.assert_close(torch.from_numpy(ranks[0]), torch.from_numpy(expected),
+                                   atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        # it trained: far from where a shorter fit stands
+        assert not np.allclose(expected, reference_start(name), atol=1e-2)
+
+
+def reference_start(name):
+    model, kind = worker.make(name, False)
+    return model.set_params(max_iter=0).fit(worker.inputs(kind, None)
+                                            if kind != "store" else worker.data()).components_
+
+
+def test_killed_run_resumes_from_its_checkpoint(out):
+    """A rank SIGKILLed after the second checkpoint; relaunched, the run ends as uninterrupted."""
+    code, log, _ = launch("killed", out)
+    assert code != 0, log[-3000:]
+    assert (out / "ckpt" / "checkpoint.safetensors").is_file()
+    assert not (out / "resumed_rank0.npy").exists()
+    code, log, _ = launch("resumed", out)
+    assert code == 0, log[-3000:]
+    got = np.load(out / "resumed_rank0.npy")
+    np.testing.assert_array_equal(got, np.load(out / "resumed_rank1.npy"))
+    torch.testing.assert_close(torch.from_numpy(got),
+                               torch.from_numpy(reference("topk", out)), atol=1e-4, rtol=1e-4)
+
+
+def test_a_failing_rank_stops_every_rank(out):
+    code, log, seconds = launch("failing", out, timeout=120)
+    assert code != 0
+    assert "rank 1 failed on purpose" in log
+    assert seconds < 110
