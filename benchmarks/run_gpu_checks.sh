@@ -4,7 +4,7 @@
 # then the benchmarks on the GPU.
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
 #   (run from the repository root; CHECKS picks and orders the parts, all by default:
-#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc)
+#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist)
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
 # wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
@@ -38,6 +38,14 @@ for check in ${CHECKS:-step tests throughput toy dict-quick}; do
     ooc)
         timeout "${OOC_TIMEOUT:-300}" python3 benchmarks/bench_out_of_core.py --quick --device cuda \
             --dir /tmp/sksae_ooc_gpu 2>&1 | tee "$out/out_of_core_cuda.txt" ;;
+    dist)
+        # a 1-rank NCCL group trains and equals the non-distributed fit (one GPU per machine),
+        # then the data-parallel benchmark beside the non-distributed fit on the GPU
+        timeout "${DIST_TIMEOUT:-120}" python3 -m torch.distributed.run --standalone \
+            --nproc_per_node=1 benchmarks/check_nccl.py 2>&1 | tee "$out/nccl_check.txt"
+        timeout "${DIST_TIMEOUT:-120}" python3 benchmarks/bench_distributed.py --device cuda \
+            --batch 4096 --rows 409600 --latents 24576 --features 768 2>&1 \
+            | tee "$out/distributed_cuda.txt" ;;
     toy)
         timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
             | tee "$out/toy_recovery_cuda.txt" ;;

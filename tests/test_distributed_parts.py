@@ -1,0 +1,91 @@
+"""Each data-parallel rank reads exactly its part of every global batch (no process group needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+from sksae._data import Rows
+from sksae._engine import BatchSource
+from sksae._stream import StreamSource
+from sksae.distributed import Group
+
+
+def fake_group(rank, world):
+    """A Group whose collectives are never called: the sources only ask for parts."""
+    g = Group.__new__(Group)
+    g.group, g.rank, g.world_size = None, rank, world
+    return g
+
+
+def row_ids(batch):
+    return batch[:, 0].round().long().tolist()  # column 0 holds the row's index
+
+
+X = np.zeros((203, 4), dtype=np.float32)
+X[:, 0] = np.arange(203)
+
+
+def batches(make, group, skip=0):
+    source = make(torch.Generator().manual_seed(0), group)
+    return [row_ids(b) for epoch in range(2) for b in source.epoch(skip if epoch == 0 else 0)]
+
+
+class CountingRows(Rows):
+    """Rows that record every row they read."""
+
+    def __init__(self, X):
+        super().__init__(X)
+        self.read_ids = []
+
+    def take(self, rows):
+        self.read_ids.extend(np.asarray(rows).tolist())
+        return super().take(rows)
+
+    def read_into(self, out, start, stop):
+        self.read_ids.extend(range(start, stop))
+        return super().read_into(out, start, stop)
+
+
+SOURCES = {
+    "array": lambda gen, g: BatchSource(X, 16, "cpu", torch.float32, gen, group=g),
+    "array-once": lambda gen, g: BatchSource(X, 16, "cpu", torch.float32, gen, shuffle="once",
+                                             group=g),
+    "array-none": lambda gen, g: BatchSource(X, 16, "cpu", torch.float32, gen, shuffle="none",
+                                             group=g),
+    **{f"stream-{s}": (lambda s: lambda gen, g: StreamSource(
+        Rows(X), 16, "cpu", torch.float32, gen, shuffle=s, buffer_rows=48, group=g))(s)
+       for s in ("rows", "blocks", "none", "once")},
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+@pytest.mark.parametrize("world", [2, 3])
+def test_parts_make_up_the_global_batches(name, world):
+    whole = batches(SOURCES[name], None)
+    parts = [batches(SOURCES[name], fake_group(r, world)) for r in range(world)]
+    assert all(len(p) == len(whole) for p in parts)
+    for j, batch in enumerate(whole):
+        got = [row for p in parts for row in p[j]]  # rank order: the global batch's order
+        assert got == batch, (name, j)
+        sizes = [len(p[j]) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("shuffle", ["rows", "blocks", "none"])
+def test_a_rank_reads_only_its_rows(shuffle):
+    world = 2
+    for rank in range(world):
+        rows = CountingRows(X)
+        source = StreamSource(rows, 16, "cpu", torch.float32, torch.Generator().manual_seed(0),
+                              shuffle=shuffle, buffer_rows=48, group=fake_group(rank, world),
+                              read_ahead_depth=0)
+        mine = [r for b in source.epoch() for r in row_ids(b)]
+        assert sorted(rows.read_ids) == sorted(mine)
+        assert len(mine) in (X.shape[0] // world, X.shape[0] // world + 1)
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_a_resumed_epoch_skips_its_first_batches(name):
+    whole = batches(SOURCES[name], None)
+    resumed = batches(SOURCES[name], None, skip=5)
+    assert resumed == whole[5:]
