@@ -19,7 +19,8 @@ _LAZY = {
     "load": "sksae._io",
     "TrainingDivergedError": "sksae._base",
 }
-_SUBMODULES = ("architectures", "datasets", "metrics", "model_selection", "plotting", "interop")
+_SUBMODULES = ("architectures", "datasets", "metrics", "model_selection", "plotting", "interop",
+               "distributed")
 
 __all__ = sorted(_LAZY) + list(_SUBMODULES) + ["__version__"]
 

@@ -39,6 +39,7 @@ CASES = {
     "topk_store": (lambda: SparseAutoencoder(**SAE, shuffle_buffer=160), "store"),
     "latent": (lambda: SparseAutoencoder(**{**SAE, "n_components": 51}, dead_window=64),
                "array"),
+    "topk_partial": (lambda: SparseAutoencoder(**SAE), "array"),
     "dictionary": (lambda: DictionaryLearnerGPU(24, alpha=0.3, batch_size=16, max_iter=2,
                                                 random_state=0, tol=0,
                                                 max_no_improvement=None), "array64"),
@@ -51,6 +52,13 @@ def make(name, distributed):
     model.set_params(distributed=("latent" if name == "latent" else "data")
                      if distributed else False)
     return model, kind
+
+
+def fit(model, name, X):
+    """``fit``, or for the ``_partial`` cases two ``partial_fit`` calls."""
+    if name.endswith("_partial"):
+        return model.partial_fit(X).partial_fit(X)
+    return model.fit(X)
 
 
 def inputs(kind, out):
@@ -70,7 +78,7 @@ def main():
     if case == "equal":
         for name in sys.argv[3].split(","):
             model, kind = make(name, True)
-            model.fit(inputs(kind, out))
+            fit(model, name, inputs(kind, out))
             np.save(os.path.join(out, f"{name}_rank{rank}.npy"), model.components_)
     elif case in ("killed", "resumed"):
         model, kind = make("topk", True)
@@ -82,6 +90,14 @@ def main():
             model.set_params(callback=die)
         model.fit(inputs(kind, out))
         np.save(os.path.join(out, f"resumed_rank{rank}.npy"), model.components_)
+    elif case == "cli":
+        from sksae.__main__ import main as cli
+
+        status = cli(["fit", os.path.join(out, "acts.npy"), "-o", os.path.join(out, "cli-model"),
+                      "--n-components", "32", "--k", "4", "--batch-size", "32",
+                      "--max-iter", "2", "--random-state", "0", "-q",
+                      "--precision", "float32"])
+        sys.exit(status)
     elif case == "failing":
         model, kind = make("topk", True)
         if rank == 1:

@@ -7,6 +7,7 @@ same parameters, global batch and seed, fitted here.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ def launch(*args, timeout=240):
 
 def reference(name, out):
     model, kind = worker.make(name, False)
-    return model.fit(worker.inputs(kind, out)).components_
+    return worker.fit(model, name, worker.inputs(kind, out)).components_
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +75,18 @@ def test_killed_run_resumes_from_its_checkpoint(out):
     assert code != 0, log[-3000:]
     assert (out / "ckpt" / "checkpoint.safetensors").is_file()
     assert not (out / "resumed_rank0.npy").exists()
+    # the same checkpoint resumed by one process (a copy: a finished fit marks it done)
+    shutil.copytree(out / "ckpt", out / "ckpt-one")
+    model, kind = worker.make("topk", False)
+    one = model.set_params(checkpoint_dir=out / "ckpt-one").fit(worker.inputs(kind, out))
     code, log, _ = launch("resumed", out)
     assert code == 0, log[-3000:]
     got = np.load(out / "resumed_rank0.npy")
     np.testing.assert_array_equal(got, np.load(out / "resumed_rank1.npy"))
-    torch.testing.assert_close(torch.from_numpy(got),
-                               torch.from_numpy(reference("topk", out)), atol=1e-4, rtol=1e-4)
+    expected = torch.from_numpy(reference("topk", out))
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(one.components_), expected, atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_a_failing_rank_stops_every_rank(out):
@@ -87,3 +94,20 @@ def test_a_failing_rank_stops_every_rank(out):
     assert code != 0
     assert "rank 1 failed on purpose" in log
     assert seconds < 110
+
+
+def test_the_cli_under_torchrun_trains_data_parallel_and_rank_0_writes(out, capsys):
+    from sksae import load
+    from sksae.__main__ import main as cli
+
+    np.save(out / "acts.npy", worker.data())
+    code, log, _ = launch("cli", out)
+    assert code == 0, log[-3000:]
+    assert log.count("Saved to") == 1 and "data-parallel on 2 processes" in log
+    args = ["fit", str(out / "acts.npy"), "-o", str(out / "one-model"), "--n-components", "32",
+            "--k", "4", "--batch-size", "32", "--max-iter", "2", "--random-state", "0", "-q",
+            "--precision", "float32"]
+    assert cli(args) == 0
+    torch.testing.assert_close(torch.from_numpy(load(out / "cli-model").components_),
+                               torch.from_numpy(load(out / "one-model").components_),
+                               atol=1e-4, rtol=1e-4)
