@@ -73,7 +73,8 @@ def test_a_wall_clock_interval_writes_checkpoints(tmp_path):
     with pytest.raises(RuntimeError):
         SparseAutoencoder(**PARAMS, checkpoint_dir=tmp_path, checkpoint_every="0.001s",
                           callback=interrupt_at(50, RuntimeError)).fit(X)
-    assert read_checkpoint(tmp_path)["loop"]["n_steps"] == 49
+    # written every step that came 1 ms after the previous writing: lately, not at a step count
+    assert 40 <= read_checkpoint(tmp_path)["loop"]["n_steps"] <= 49
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -273,10 +273,10 @@ def _record_steps(monkeypatch):
     seen = []
     real = SAETrainer.step
 
-    def step(self, x):
+    def step(self, x, *n_rows):
         seen.append((x.detach().clone(),
                      {k: _np(v) for k, v in {**self.params, **self.buffers}.items()}))
-        return real(self, x)
+        return real(self, x, *n_rows)
 
     monkeypatch.setattr(SAETrainer, "step", step)
     return seen
