@@ -40,7 +40,7 @@ CASES = {
     "latent": (lambda: SparseAutoencoder(**{**SAE, "n_components": 51}, dead_window=64),
                "array"),
     "topk_partial": (lambda: SparseAutoencoder(**SAE), "array"),
-    "dictionary": (lambda: DictionaryLearnerGPU(24, alpha=0.3, batch_size=16, max_iter=2,
+    "dictionary": (lambda: DictionaryLearnerGPU(24, alpha=0.3, batch_size=16, max_iter=3,
                                                 random_state=0, tol=0,
                                                 max_no_improvement=None), "array64"),
 }
