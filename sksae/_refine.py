@@ -18,7 +18,13 @@ and alternates, over all rows at once,
    energy but skipping directions within cosine 0.7 of a kept atom or of a
    seed already taken (the resampling rule of Bricken et al. 2023, applied to
    the residual instead of the input, and made to spread the seeds);
-4. normalisation of the atoms to unit norm.
+4. repair of opposed atoms: of two atoms that point apart (cosine below
+   -0.25) yet code a good share of the same rows, the less used one loses
+   its component along the other (:func:`_repair_opposed`): non-negative
+   codes let an atom ``a - c b`` beside ``b`` span the rows of two
+   co-firing features as well as ``a`` does, and the least-squares update
+   alone keeps such a mixture;
+5. normalisation of the atoms to unit norm.
 
 The rows a rare feature fires on are few, but every one of them counts in the
 least-squares update, where a stochastic gradient step would weight it by one
@@ -179,13 +185,49 @@ def _residual_seeds(X, U, D, kept, n_seeds, *, pool=20, max_cos=0.7):
     return dirs[taken]
 
 
+#: two atoms with a cosine below -OPPOSED_COS (random directions of 256 dimensions
+#: have a standard deviation of 1/16: -0.25 is 4 of them) ...
+OPPOSED_COS = 0.25
+#: ... that code together at least this fraction of the rows of the less used one
+OPPOSED_SHARE = 0.2
+
+
+def _repair_opposed(D, unit, cos, U, usage):
+    """Remove from an atom its negative component along an atom it codes rows with.
+
+    With non-negative codes, an atom ``a - c b`` used together with ``b``
+    spans the same rows as ``a`` and ``b`` wherever ``a``'s feature fires
+    with ``b``'s: the least-squares update cannot tell them apart, and the
+    mixture persists. Two atoms that point apart (cosine below
+    ``-OPPOSED_COS``, beyond what random directions reach) yet code a good
+    share of the same rows are such a pair: the less used one, which leans
+    on the other to cancel its negative part, loses its component along the
+    other (in place). Returns the number of atoms changed.
+    """
+    i, j = np.nonzero(np.triu(cos < -OPPOSED_COS))
+    if not len(i):
+        return 0
+    P = U.tocsc(copy=True)
+    P.data[:] = 1
+    shared = np.asarray(P[:, i].multiply(P[:, j]).sum(0)).ravel()
+    keep = shared >= OPPOSED_SHARE * np.minimum(usage[i], usage[j])
+    repaired = set()
+    for a, b in zip(i[keep], j[keep]):
+        fix, other = (a, b) if usage[a] <= usage[b] else (b, a)
+        if fix in repaired or other in repaired:
+            continue
+        D[fix] = unit[fix] - cos[fix, other] * unit[other]
+        repaired.add(fix)
+    return len(repaired)
+
+
 def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
                       min_gain=0.0, min_usage=20, duplicate_threshold=0.95, ridge=1e-4,
                       verbose=0, callback=None):
     """Refine a dictionary by alternating non-negative OMP and MOD updates.
 
-    See the module docstring for the steps. The last iteration re-seeds
-    nothing, so every returned atom was fitted to the data.
+    See the module docstring for the steps. The last iteration re-seeds and
+    repairs nothing, so every returned atom was fitted to the data.
 
     Parameters
     ----------
@@ -244,6 +286,12 @@ def refine_dictionary(X, dictionary, *, n_nonzero_coefs, n_iter=8, tol=1e-3,
             unit = D_new / np.maximum(norms[:, None], 1e-12)
             cos = unit @ unit.T
             np.fill_diagonal(cos, 0)
+            n_repaired = _repair_opposed(D_new, unit, cos, U, usage)
+            if n_repaired:
+                norms = np.linalg.norm(D_new, axis=1)
+                unit = D_new / np.maximum(norms[:, None], 1e-12)
+                cos = unit @ unit.T
+                np.fill_diagonal(cos, 0)
             i, j = np.nonzero(np.triu(cos > duplicate_threshold))
             bad = (usage < min_usage) | (norms < 1e-6)
             bad[np.where(usage[i] < usage[j], i, j)] = True

@@ -197,3 +197,45 @@ def test_refined_autoencoder_failed_fit_leaves_it_as_it_was(monkeypatch):
     assert all(vars(est)[k] is v for k, v in before.items())
     assert est.n_features_in_ == 16
     np.testing.assert_array_equal(est.transform(X[:5]).shape, (5, 40))
+
+
+def _co_firing_data(n=6000, d=32, seed=0):
+    """Features 0 and 1 fire together in most rows; feature 0 alone in a few."""
+    rng = np.random.RandomState(seed)
+    F = rng.randn(6, d).astype(np.float32)
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    F[1] -= (F[1] @ F[0]) * F[0]
+    F[1] /= np.linalg.norm(F[1])
+    codes = np.zeros((n, 6), np.float32)
+    both = rng.rand(n) < 0.3
+    alone = ~both & (rng.rand(n) < 0.05)
+    codes[both, 0] = rng.uniform(1, 2, both.sum())
+    codes[both, 1] = rng.uniform(1, 2, both.sum())
+    codes[alone, 0] = rng.uniform(1, 2, alone.sum())
+    others = rng.rand(n, 4) < 0.2
+    codes[:, 2:] = others * rng.uniform(1, 2, (n, 4))
+    return codes @ F, F
+
+
+def test_refinement_repairs_an_atom_leaning_on_a_co_firing_one():
+    """An atom ``f0 - 0.5 f1``, coded beside ``f1``, spans the same rows as ``f0``: repaired."""
+    X, F = _co_firing_data()
+    mixed = F[0] - 0.5 * F[1]
+    start = np.vstack([mixed / np.linalg.norm(mixed), F[1:]])
+    # one round codes and updates (and repairs); the second re-fits the atoms
+    D = refine_dictionary(X, start, n_nonzero_coefs=4, n_iter=3, min_usage=1)
+    assert D[0] @ F[0] > 0.99  # without the repair it stays at 0.88, drifting away
+    assert (np.abs(D[1:] @ F[1:].T).max(1) > 0.99).all()
+
+
+def test_refinement_keeps_atoms_that_merely_point_apart():
+    """Two true atoms with a cosine of -0.5 that never code the same rows stay as they are."""
+    rng = np.random.RandomState(1)
+    F = rng.randn(4, 16).astype(np.float32)
+    F[1] = -0.5 * F[0] / np.linalg.norm(F[0]) + 0.866 * F[1] / np.linalg.norm(F[1])
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    codes = np.zeros((4000, 4), np.float32)
+    which = rng.randint(0, 4, 4000)
+    codes[np.arange(4000), which] = rng.uniform(1, 2, 4000)
+    D = refine_dictionary(codes @ F, F, n_nonzero_coefs=2, n_iter=3, min_usage=1)
+    np.testing.assert_allclose(np.einsum("ij,ij->i", D, F), 1, atol=1e-4)
