@@ -270,6 +270,18 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         cost (None disables).
     device : str or torch.device, default="auto"
         Where to compute: "auto" (CUDA when available), "cpu", "cuda", ...
+    distributed : {"auto", "data"} or False, default="auto"
+        Data-parallel ``fit`` across processes (user guide: "Training across
+        processes"). ``"auto"``: inside an initialised ``torch.distributed``
+        process group of more than one process (as under ``torchrun``); each
+        rank codes its part of every batch of ``batch_size`` rows, the batch
+        cost and the sufficient statistics' increments are summed across
+        ranks, and every rank takes the same dictionary update, ending with
+        the dictionary one process learns with the same ``batch_size`` and
+        ``random_state`` (up to the order of floating-point sums).
+        ``"data"`` requires a process group (one process included); False
+        fits in one process even inside a group. ``partial_fit`` always
+        runs in one process.
 
     Attributes
     ----------
