@@ -330,6 +330,11 @@ def _fit(args):
     if _inside(args.acts, args.output):
         raise UserError(f"--output {args.output} is (or contains) the input {args.acts}; "
                         "choose another folder.")
+    if args.checkpoint_dir is not None and (_inside(args.checkpoint_dir, args.output)
+                                            or _inside(args.output, args.checkpoint_dir)):
+        raise UserError(f"--checkpoint-dir {args.checkpoint_dir} and --output {args.output} "
+                        "overlap (the model folder is replaced at the end); choose "
+                        "separate folders.")
     X = _load_rows(args.acts, args.layer)
     # under torchrun: data-parallel, every rank trains, rank 0 alone prints and writes
     launched = init_from_environment()

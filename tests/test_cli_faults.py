@@ -162,6 +162,10 @@ POS, NONNEG = "must be a positive integer (>= 1)", "must be a non-negative integ
     ("fit", "--alpha", "x", "is not a number"), ("fit", "--l0-coefficient", "-2", "must be >= 0"),
     ("fit", "--random-state", "-1", NONNEG),
     ("fit", "--random-state", "4294967296", "must be at most 2**32 - 1"),
+    ("fit", "--checkpoint-every", "often",
+     "must be a number of steps or a duration such as 90s, 15min or 2h"),
+    ("fit", "--checkpoint-every", "0",
+     "must be a number of steps or a duration such as 90s, 15min or 2h"),
     ("demo", "--n-samples", "0", POS), ("bench", "--n-samples", "-3", POS),
     ("bench", "--n-features", "0", POS)])
 def test_numeric_options_are_validated(command, option, value, reason, acts, model_dir,
@@ -476,3 +480,24 @@ def test_every_user_error_branch_names_its_cause(acts, model_dir, tmp_path, caps
     assert {p: p.read_bytes() for p in before} == before
     assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("inside", ["checkpoints in the model", "model in the checkpoints"])
+def test_fit_refuses_overlapping_checkpoint_and_model_folders(inside, acts, tmp_path, capsys):
+    model, ckpt = ((tmp_path / "m", tmp_path / "m" / "ckpt") if inside.startswith("checkpoints")
+                   else (tmp_path / "ckpt" / "m", tmp_path / "ckpt"))
+    assert main(["fit", str(acts), "-o", str(model), "--checkpoint-dir", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "overlap" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_writes_checkpoints_marked_finished(acts, tmp_path, capsys):
+    from sksae._checkpoint import read_checkpoint
+
+    args = ["fit", str(acts), "--n-components", "16", "--k", "2", "--batch-size", "32",
+            "--max-iter", "2", "--random-state", "0", "-q", "--checkpoint-every", "5",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    saved = read_checkpoint(tmp_path / "ckpt")
+    assert saved["complete"] and saved["loop"]["n_steps"] > 5
