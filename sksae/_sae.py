@@ -612,28 +612,20 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             check_data_parallel(group, self, n_samples, n_features)
         dtype = torch.float32
         saved = None if partial else self._saved_checkpoint(n_samples, n_features, group)
-        if saved is not None:
-            rng = np.random.RandomState()
-            rng.set_state(saved["rng"])
-            scale, dead_window = saved["scale"], saved["dead_window"]
-            params = {k: v.to(device, dtype, copy=True)
-                      for k, v in saved["trainer"]["params"].items()}
-            buffers = {k: v.to(device, dtype, copy=True)
-                       for k, v in saved["trainer"]["buffers"].items()}
-            generator = make_generator(rng)
-        elif resume:
-            state = self._train_state
+        # a checkpoint of this fit, or the state of the previous one (warm_start, partial_fit)
+        previous = saved if saved is not None else self._train_state if resume else None
+        if previous is not None:
             # a private generator: with random_state=None, check_random_state returns
             # numpy's global one, whose state must not be rewound
             rng = np.random.RandomState()
-            rng.set_state(state["rng"])
-            scale, dead_window = state["scale"], state["dead_window"]
+            rng.set_state(previous["rng"])
+            scale, dead_window = previous["scale"], previous["dead_window"]
             # copies: the trainer updates its tensors in place, and the state must stay
             # as it is should this call fail (restore_on_failure puts it back)
             params = {k: v.to(device, dtype, copy=True)
-                      for k, v in state["trainer"]["params"].items()}
+                      for k, v in previous["trainer"]["params"].items()}
             buffers = {k: v.to(device, dtype, copy=True)
-                       for k, v in state["trainer"]["buffers"].items()}
+                       for k, v in previous["trainer"]["buffers"].items()}
             generator = make_generator(rng)
         else:
             rng = check_random_state(self.random_state)
@@ -663,11 +655,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
             warmup_steps=min(1000, steps_per_epoch if partial else math.ceil(0.05 * total_steps)),
             dead_window=dead_window, precision=self.precision, group=group,
         )
-        if saved is not None:
-            trainer.load_state_dict(saved["trainer"] if latent else
-                                    {**saved["trainer"], "params": {}, "buffers": {}})
-        elif resume:
-            trainer.load_state_dict({**state["trainer"], "params": {}, "buffers": {}})
+        if previous is not None:
+            trainer.load_state_dict(previous["trainer"] if latent else
+                                    {**previous["trainer"], "params": {}, "buffers": {}})
         else:
             trainer.calibrate_encoder_scale(calibration)
 

@@ -92,7 +92,15 @@ def calibrate_encoder_scale(arch, params, buffers, x_sample_ND, ws=None):
     p = {**params, **buffers}
     x = x_sample_ND.to(params["W_dec"])
     codes = arch.encode(p, x, training=True, ws=ws).codes
-    recon = decode(codes, params["W_dec"], kernels=arch.kernels)
+    scale_encoder_to_fit(params, x, decode(codes, params["W_dec"], kernels=arch.kernels))
+
+
+@torch.no_grad()
+def scale_encoder_to_fit(params, x, recon):
+    """Scale W_enc and b_enc by ``c = <x - b_dec, recon> / ||recon||^2`` (when finite and > 0).
+
+    ``recon`` is the reconstruction of ``x`` without ``b_dec``.
+    """
     denom = recon.pow(2).sum()
     if denom > 0:
         c = ((x - params["b_dec"]) * recon).sum() / denom
@@ -149,6 +157,17 @@ def product_dtype(precision, device, dtype):
     if precision == "bfloat16" or native_bf16(device):
         return torch.bfloat16
     return None
+
+
+def host_copy(obj):
+    """``obj`` with every tensor in it (nested dicts, lists, tuples) copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
 
 
 class StepOutput(NamedTuple):
@@ -325,11 +344,7 @@ class SAETrainer:
         self.group = group
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         self.buffers = buffers
-        self.lr = lr
-        self.schedule = schedule
-        self.total_steps = schedule.total_steps
-        self.warmup_steps = max(1, warmup_steps)
-        self.dead_window = dead_window
+        self._set_recipe(lr, schedule, warmup_steps, dead_window)
         device = params["W_dec"].device
         self.device = device
         self.product_dtype = product_dtype(precision, device, params["W_dec"].dtype)
@@ -372,6 +387,14 @@ class SAETrainer:
         calibrate_encoder_scale(self.arch, self.params, self.buffers, x_sample_ND, self.ws)
 
     # -- schedules ----------------------------------------------------------
+    def _set_recipe(self, lr, schedule, warmup_steps, dead_window):
+        """The learning rate, the fit's length, the warm-up and the dead window."""
+        self.lr = lr
+        self.schedule = schedule
+        self.total_steps = schedule.total_steps
+        self.warmup_steps = max(1, warmup_steps)
+        self.dead_window = dead_window
+
     def lr_at(self, step):
         """The learning rate of step ``step``: warm-up, then the final decay of a ``fit``."""
         factor = min(1.0, (step + 1) / self.warmup_steps)
@@ -635,20 +658,11 @@ class SAETrainer:
     # -- state ------------------------------------------------------------------
     def state_dict(self):
         """Everything needed to resume, as CPU tensors (device-free)."""
-        def cpu(obj):
-            if isinstance(obj, torch.Tensor):
-                return obj.detach().to("cpu").clone()
-            if isinstance(obj, dict):
-                return {k: cpu(v) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(cpu(v) for v in obj)
-            return obj
-
         return {
-            "params": cpu(self.params),
-            "buffers": cpu(self.buffers),
-            "optimizer": cpu(self.optimizer.state_dict()),
-            "rows_since_fired": cpu(self.rows_since_fired),
+            "params": host_copy(self.params),
+            "buffers": host_copy(self.buffers),
+            "optimizer": host_copy(self.optimizer.state_dict()),
+            "rows_since_fired": host_copy(self.rows_since_fired),
             "step_count": self.step_count,
         }
 

@@ -42,7 +42,8 @@ from .._accel.adam import FusedAdam, make_adam
 from .._accel.device import autocast
 from .._accel.sparse import unit_rows_
 from .._base import TrainingDivergedError
-from .._sae_trainer import StepOutput, _total_variance, product_dtype
+from .._sae_trainer import (SAETrainer, StepOutput, _total_variance, product_dtype,
+                            scale_encoder_to_fit)
 
 __all__ = ["LatentShardedTrainer", "local_candidates", "merge_candidates"]
 
@@ -158,8 +159,8 @@ class LatentShardedTrainer:
     every method in the same order (each runs collectives).
     """
 
-    decay_fraction = 0.2
-    clip_norm = 1.0
+    decay_fraction = SAETrainer.decay_fraction
+    clip_norm = SAETrainer.clip_norm
 
     def __init__(self, arch, params, buffers, *, lr, schedule, warmup_steps, dead_window,
                  precision="auto", group=None):
@@ -184,11 +185,7 @@ class LatentShardedTrainer:
         if extra:
             raise ValueError(f"latent sharding does not know the parameters {extra}.")
         self.buffers = buffers
-        self.lr = lr
-        self.schedule = schedule
-        self.total_steps = schedule.total_steps
-        self.warmup_steps = max(1, warmup_steps)
-        self.dead_window = dead_window
+        SAETrainer._set_recipe(self, lr, schedule, warmup_steps, dead_window)
         self.device = device = params["W_dec"].device
         self.use_autocast = product_dtype(precision, device, params["W_dec"].dtype) is not None
         self.optimizer = make_adam(list(self.params.values()), lr, device)
@@ -198,21 +195,9 @@ class LatentShardedTrainer:
         self.current_lr = self.lr_at(0)
         self.coef = dict(arch.coefficients(0, schedule))
 
-    # -- schedules ------------------------------------------------------------
-    def lr_at(self, step):
-        """The learning rate of step ``step``: warm-up, then the final decay of a ``fit``."""
-        factor = min(1.0, (step + 1) / self.warmup_steps)
-        if self.total_steps:
-            decay_start = (1 - self.decay_fraction) * self.total_steps
-            if step >= decay_start:
-                factor *= max(0.0, (self.total_steps - step) / (self.total_steps - decay_start))
-        return self.lr * factor
-
-    def _set_schedules(self, step):
-        self.current_lr = lr = self.lr_at(step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.coef = dict(self.arch.coefficients(step, self.schedule))
+    # -- schedules: SAETrainer's, on this rank's optimizer ------------------------
+    lr_at = SAETrainer.lr_at
+    _set_schedules = SAETrainer._set_schedules
 
     # -- the sharded forward ------------------------------------------------
     def _merged_picks(self, pre_BF, k):
@@ -390,13 +375,7 @@ class LatentShardedTrainer:
         pre = self._pre_activation(x)
         sel = self._merged_picks(pre, self.arch.hparams["k"])
         codes = torch.where(sel, pre.clamp_min(0), 0)
-        recon = self._reconstruct(codes, x, with_bias=False)
-        denom = recon.pow(2).sum()
-        if denom > 0:
-            c = ((x - p["b_dec"]) * recon).sum() / denom
-            if torch.isfinite(c) and c > 0:
-                p["W_enc"].mul_(c)
-                p["b_enc"].mul_(c)
+        scale_encoder_to_fit(p, x, self._reconstruct(codes, x, with_bias=False))
 
     def resample_dead_latents(self, x_ND, generator=None):
         """Not supported with latent sharding (the AuxK loss revives dead latents)."""
@@ -434,23 +413,8 @@ class LatentShardedTrainer:
 
     def state_dict(self):
         """This rank's slice of the training state, as CPU tensors (one checkpoint per rank)."""
-        def cpu(obj):
-            if isinstance(obj, torch.Tensor):
-                return obj.detach().to("cpu").clone()
-            if isinstance(obj, dict):
-                return {k: cpu(v) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(cpu(v) for v in obj)
-            return obj
-
-        return {
-            "params": cpu(self.params),
-            "buffers": cpu(self.buffers),
-            "optimizer": cpu(self.optimizer.state_dict()),
-            "rows_since_fired": cpu(self.rows_since_fired),
-            "step_count": self.step_count,
-            "shard": (self.start, self.stop, self.group.world_size),
-        }
+        return {**SAETrainer.state_dict(self),
+                "shard": (self.start, self.stop, self.group.world_size)}
 
     def load_state_dict(self, state):
         """Resume from this rank's :meth:`state_dict` (copied; left unchanged).
