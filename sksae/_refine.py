@@ -317,7 +317,8 @@ class RefinedAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     fit ``estimator`` (a short SAE fit finds the frequent features), then
     alternate non-negative OMP codes and least-squares (MOD) updates of its
     decoder over all the rows, re-seeding unused and duplicate atoms from the
-    worst-reconstructed rows' residuals. ``transform`` codes by non-negative
+    worst-reconstructed rows' residuals and repairing opposed atoms (see
+    :func:`refine_dictionary`). ``transform`` codes by non-negative
     OMP with the refined atoms (the encoder no longer matches them).
 
     Parameters
