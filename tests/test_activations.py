@@ -302,3 +302,33 @@ def test_positions_name_each_rows_sequence_and_token(model, tmp_path):
     plain = save_store(np.zeros((4, 2), np.float32), tmp_path / "p")
     with pytest.raises(ValueError, match="has no row positions"):
         plain.positions()
+
+
+def test_a_store_pickles_as_its_files_and_reads_the_same_in_another_process(tmp_path):
+    """joblib and dask ship a store to their workers: it reopens the files there."""
+    import pickle
+
+    from joblib import Parallel, delayed
+
+    X = np.random.RandomState(0).randn(500, 6).astype(np.float32)
+    store = save_store(X, tmp_path / "s", dtype="float32", shard_rows=128, layer="acts")
+    store[:10]  # memory maps opened here stay here
+    back = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) < 20_000  # the path and manifest, not the rows
+    np.testing.assert_array_equal(back[:], X)
+    assert back.shape == store.shape and back.layer == "acts"
+    rows = [3, 499, 128, 0]
+    got = Parallel(n_jobs=2, backend="loky")(delayed(lambda s, r: s[r])(store, rows)
+                                             for _ in range(2))
+    for g in got:
+        np.testing.assert_array_equal(g, X[rows])
+    # the receiver checks the files against the sender's manifest (with the sender's
+    # verification: "lazy" for an opened store): an altered shard fails there
+    opened = open_store(tmp_path / "s")
+    opened[:]
+    shard = sorted((tmp_path / "s").rglob("*.npy"))[1]
+    data = np.load(shard)
+    data[0, 0] += 1
+    np.save(shard, data)
+    with pytest.raises(ValueError, match="SHA-256"):
+        pickle.loads(pickle.dumps(opened))[200:260]

@@ -459,6 +459,13 @@ class ActivationStore:
     def n_shards(self):
         return len(self._files)
 
+    def __reduce__(self):
+        # A store travels (to a joblib or dask worker) as its path, layer, verification
+        # and manifest: the receiving process reopens the files, which must be reachable
+        # there, and checks them against the sender's manifest (its own memory maps, its
+        # own lazy digest checks); the memory maps and the lock stay in this process.
+        return (_reopen, (str(self.path), self.layer, self._verify, self.manifest))
+
     def __len__(self):
         return self.shape[0]
 
@@ -561,6 +568,11 @@ class ActivationStore:
     def __iter__(self):
         for start in range(0, self.shape[0], 4096):
             yield from self[start:start + 4096]
+
+
+def _reopen(path, layer, verify, manifest):
+    """An :class:`ActivationStore` unpickled: the same files, reopened here."""
+    return ActivationStore(path, layer, verify=verify, _manifest=manifest)
 
 
 def open_store(path, layer=None, *, verify="lazy"):
