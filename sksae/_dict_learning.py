@@ -546,7 +546,9 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             return float(torch.linalg.matrix_norm(D - old)) / n_components
 
         result = run_minibatch_loop(step, source, max_epochs=self.max_iter, stopper=stopper,
-                                    callback=self.callback, verbose=int(self.verbose),
+                                    callback=self.callback,
+                                    verbose=int(self.verbose) if group is None or group.rank == 0
+                                    else 0,
                                     desc="DictionaryLearnerGPU", param_change=change,
                                     state_finite=lambda: _finite(D),
                                     divergence_hint=_DIVERGENCE_HINT)

@@ -700,7 +700,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         hint = self._divergence_hint(lr, resume, scale)
         result = run_minibatch_loop(
             step, source, max_epochs=max_epochs, stopper=stopper, callback=self.callback,
-            verbose=self.verbose, desc=f"{type(self).__name__}({self.architecture})",
+            verbose=self.verbose if group is None or group.rank == 0 else 0,  # one bar
+            desc=f"{type(self).__name__}({self.architecture})",
             param_change=param_change if self.tol > 0 else None,
             postfix_keys=("loss", "fvu", "l0", "dead_fraction"),
             finite=("loss", "grad_norm"), divergence_hint=hint,

@@ -89,3 +89,36 @@ def test_a_resumed_epoch_skips_its_first_batches(name):
     whole = batches(SOURCES[name], None)
     resumed = batches(SOURCES[name], None, skip=5)
     assert resumed == whole[5:]
+
+
+@pytest.mark.parametrize("mode", ["data", "latent"])
+def test_distributed_training_without_a_process_group_is_refused(mode):
+    from sksae import DictionaryLearnerGPU, SparseAutoencoder
+
+    X = np.random.RandomState(0).randn(64, 4).astype(np.float32)
+    sae = SparseAutoencoder(8, k=2, distributed=mode)
+    with pytest.raises(ValueError, match="torchrun"):
+        sae.fit(X)
+    assert not hasattr(sae, "components_")
+    if mode == "data":
+        with pytest.raises(ValueError, match="torchrun"):
+            DictionaryLearnerGPU(4, distributed=mode).fit(X)
+
+
+def test_distributed_auto_outside_a_process_group_trains_in_one_process():
+    from sksae import SparseAutoencoder
+
+    X = np.random.RandomState(0).randn(200, 4).astype(np.float32)
+    a = SparseAutoencoder(8, k=2, max_iter=2, random_state=0).fit(X)
+    b = SparseAutoencoder(8, k=2, max_iter=2, random_state=0, distributed=False).fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+
+
+def test_group_parts_are_contiguous_and_even():
+    for world in (1, 2, 3, 5):
+        for n in (0, 1, 4, 7, 64, 103):
+            parts = [fake_group(r, world).part(n) for r in range(world)]
+            assert parts[0][0] == 0 and parts[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            sizes = [b - a for a, b in parts]
+            assert max(sizes) - min(sizes) <= 1
