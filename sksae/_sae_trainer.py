@@ -28,7 +28,7 @@ from ._accel.sparse import Pattern, unit_rows_
 from ._accel.threads import serial
 from ._accel.workspace import StepWorkspace
 from .architectures import LossInputs, SparseCodes, decode
-from .distributed._group import BatchInfo
+from .distributed._group import BatchInfo, variance_from_sums
 
 __all__ = ["geometric_median", "init_parameters", "calibrate_encoder_scale", "product_dtype",
            "StepOutput", "SAETrainer", "DeadLatentBound"]
@@ -121,10 +121,9 @@ def _total_variance(x_BD, centred=None):
     if centred is None:
         return (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
     flat = centred.reshape(-1)
-    squares = torch.dot(flat, flat).double()
-    # column sums in the data's precision, the combination in float64
-    mean = centred.sum(0).double() / centred.shape[0]
-    return (squares - centred.shape[0] * torch.dot(mean, mean)).clamp_min(1e-12).to(x_BD.dtype)
+    # the sums in the data's precision, their combination in float64
+    return variance_from_sums(torch.dot(flat, flat), centred.sum(0),
+                              centred.shape[0]).to(x_BD.dtype)
 
 
 def _fired_counts(codes, n_components):
@@ -542,9 +541,7 @@ class SAETrainer:
                 sums = [c.pow(2).sum(), c.sum(0), sq_err, loss, *terms.values(), fired.sum()]
                 sums = self._reduce(fired, sums)
                 sq_all, col, sq_err, loss, *term_values, n_active = sums
-                mean = col / n_rows
-                total_var = (sq_all - n_rows * torch.dot(mean, mean)).clamp_min(1e-12)
-                total_var = total_var.to(x_BD.dtype)
+                total_var = variance_from_sums(sq_all, col, n_rows).to(x_BD.dtype)
                 sq_err, loss = sq_err.to(x_BD.dtype), loss.to(x_BD.dtype)
                 mse = sq_err / n_rows
                 terms = dict(zip(terms, (v.to(x_BD.dtype) for v in term_values)))

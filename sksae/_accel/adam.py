@@ -232,13 +232,16 @@ def _clip_with_norm(params, max_norm, norm):
         p.grad.mul_(coef.to(p.grad.dtype))
 
 
-def clip_and_step(optimizer, params, max_norm, ws=None):
+def clip_and_step(optimizer, params, max_norm, ws=None, norm=None):
     """Clip the gradients' total norm at ``max_norm`` (as ``clip_grad_norm_``), then step.
 
     Off the CPU the clipping runs on the device without a host read. On the
     CPU the norm is read (free there), gradients that need no clipping are
     left as they are, and with :class:`FusedAdam` the factor is folded into
-    the optimizer's pass instead of a separate multiply.
+    the optimizer's pass instead of a separate multiply. ``norm``, when
+    given, is the total norm to clip by (0-dim tensor), instead of the
+    gradients' own: a model whose parameters are split across processes
+    clips by the norm of all of them.
 
     Returns
     -------
@@ -257,7 +260,7 @@ def clip_and_step(optimizer, params, max_norm, ws=None):
     with_grads = [p for p in params if p.grad is not None]
     factor = None
     if with_grads:
-        norm = total_norm([p.grad for p in with_grads], ws)
+        norm = total_norm([p.grad for p in with_grads], ws) if norm is None else norm
         if with_grads[0].device.type != "cpu":
             _clip_with_norm(with_grads, max_norm, norm)
         else:

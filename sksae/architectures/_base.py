@@ -41,6 +41,7 @@ import torch
 
 from .._accel.select import encoder_product
 from .._accel.sparse import Pattern, sparse_decode, use_sparse
+from ..distributed._group import BatchInfo
 
 __all__ = ["Architecture", "PenaltyWarmup", "EncodeOutput", "LossInputs", "Schedule",
            "SparseCodes", "decode"]
@@ -137,19 +138,21 @@ class LossInputs(NamedTuple):
     batch: object = None
 
     @property
+    def _global(self):
+        return BatchInfo(self.x.shape[0]) if self.batch is None else self.batch
+
+    @property
     def n_rows(self):
         """Rows of the global batch (``x``'s rows for one process)."""
-        return self.x.shape[0] if self.batch is None else self.batch.n_rows
+        return self._global.n_rows
 
     def row_mean(self, t):
         """Mean over the global batch's rows of per-row values ``t`` (this rank's share)."""
-        return t.mean() if self.batch is None else self.batch.row_mean(t)
+        return self._global.row_mean(t)
 
     def total_variance(self, e_BD):
         """``sum ||e_b - mean(e)||^2`` over the global batch (at least 1e-12)."""
-        if self.batch is None:
-            return (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return self.batch.total_variance(e_BD)
+        return self._global.total_variance(e_BD)
 
 
 class Schedule(NamedTuple):

@@ -12,7 +12,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["Group", "resolve_group", "BatchInfo", "GlobalRows", "check_data_parallel"]
+__all__ = ["Group", "resolve_group", "BatchInfo", "GlobalRows", "check_data_parallel",
+           "variance_from_sums"]
+
+
+def variance_from_sums(squares, column_sums, n_rows):
+    """``sum ||x_b - mean(x)||^2`` from ``sum ||x_b||^2`` and ``sum x_b`` over ``n_rows`` rows.
+
+    In float64, at least 1e-12: the form that sums of several parts (chunks,
+    ranks) can be combined in before the difference is taken.
+    """
+    mean = column_sums.double() / n_rows
+    return (squares.double() - n_rows * torch.dot(mean, mean)).clamp_min(1e-12)
 
 
 class BatchInfo:
@@ -47,11 +58,8 @@ class BatchInfo:
         if self.group is None:
             return (e_BD - e_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
         e = e_BD.double()
-        parts = torch.cat([e.pow(2).sum().reshape(1), e.sum(0)])
-        self.group.sum_(parts)
-        mean = parts[1:] / self.n_rows
-        total = parts[0] - self.n_rows * torch.dot(mean, mean)
-        return total.clamp_min(1e-12).to(e_BD.dtype)
+        parts = self.group.sum_(torch.cat([e.pow(2).sum().reshape(1), e.sum(0)]))
+        return variance_from_sums(parts[0], parts[1:], self.n_rows).to(e_BD.dtype)
 
 
 class Group:

@@ -34,14 +34,11 @@ initial tensors the sharded model follows the unsharded one up to rounding.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._accel.adam import FusedAdam, make_adam
+from .._accel.adam import clip_and_step, make_adam
 from .._accel.device import autocast
 from .._accel.sparse import unit_rows_
-from .._base import TrainingDivergedError
 from .._sae_trainer import (SAETrainer, StepOutput, _total_variance, product_dtype,
                             scale_encoder_to_fit)
 
@@ -315,7 +312,7 @@ class LatentShardedTrainer:
         e = (x_BD - x_hat).detach()
         aux_codes = torch.where(sel, pre.clamp_min(0), 0)
         e_hat = self._reconstruct(aux_codes, x_BD, with_bias=False)
-        total_var = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = _total_variance(e)
         scale = min(n_dead / k_aux, 1.0)
         return self.arch.hparams["auxk_alpha"] * scale * (e_hat - e).pow(2).sum() / total_var
 
@@ -333,11 +330,7 @@ class LatentShardedTrainer:
             g.addcmul_((g * W).sum(-1, keepdim=True), W, value=-1)
 
     def _clip_and_step(self):
-        """Clip by the global gradient norm (``b_dec`` counted once), then Adam on the slices.
-
-        The clipping factor is :func:`sksae._accel.adam.clip_and_step`'s,
-        ``min(1, max_norm / (norm + 1e-6))``.
-        """
+        """Clip by the global gradient norm (``b_dec`` counted once), then Adam on the slices."""
         sharded = [self.params[k].grad for k in _SHARDED_PARAMS
                    if self.params[k].grad is not None]
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -346,22 +339,7 @@ class LatentShardedTrainer:
         sq = self.group.sum_(sq.reshape(1))[0]
         sq = sq + self.params["b_dec"].grad.double().pow(2).sum()
         norm = sq.sqrt().to(self.params["W_dec"].dtype)
-        grads = [*sharded, self.params["b_dec"].grad]
-        if self.device.type == "cpu":
-            value = float(norm)
-            if not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"The gradient norm is {value}.", metric="grad_norm", value=value)
-            if value + 1e-6 > self.clip_norm:
-                factor = self.clip_norm / (value + 1e-6)
-                if isinstance(self.optimizer, FusedAdam):
-                    self.optimizer.step(grad_scale=1.0 / factor)
-                    return norm
-                torch._foreach_mul_(grads, factor)
-        else:  # no host read off the CPU
-            torch._foreach_mul_(grads, (self.clip_norm / (norm + 1e-6)).clamp(max=1.0))
-        self.optimizer.step()
-        return norm
+        return clip_and_step(self.optimizer, self.params.values(), self.clip_norm, norm=norm)
 
     # -- calibration, export, state ------------------------------------------
     @torch.no_grad()
