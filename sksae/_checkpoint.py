@@ -108,18 +108,16 @@ def read_checkpoint(folder):
         When the file is not a checkpoint sksae wrote.
     """
     from safetensors import safe_open
-    from safetensors.torch import load
 
     path = Path(folder) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    data = path.read_bytes()
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load(data)
-        if meta.get("format") != _FORMAT:
-            raise ValueError("not an sksae checkpoint")
+            if meta.get("format") != _FORMAT:
+                raise ValueError("not an sksae checkpoint")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
         return _unflatten(json.loads(meta["state"]), tensors)
     except Exception as exc:
         raise ValueError(f"{path} is not a checkpoint sksae can read ({exc}); move it away "

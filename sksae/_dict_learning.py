@@ -431,49 +431,39 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         :class:`~sksae.TrainingDivergedError` before the statistics take it in
         where reading it is free (the CPU); elsewhere the training loop checks
         it with the metrics it reads.
+
+        With a process group ``Xb`` is this rank's part of a global batch of
+        ``n_rows`` rows: the codes are per row, the batch cost and the
+        statistics' increments ``code^T code`` and ``X^T code`` are sums over
+        rows, summed across ranks in one all-reduce, and every rank takes the
+        same update (a dead atom's replacement row comes from the rank that
+        holds it).
         """
         code, _ = encode(Xb, D, "lasso_" + self.fit_algorithm, alpha=self.alpha,
                          max_iter=self.transform_max_iter, positive=self.positive_code,
                          tol=_FIT_TOL)
-        if group is not None:
-            return self._step_data_parallel(Xb, code, D, A, B, step, random_state, group,
-                                            n_rows)
         with serial(Xb), parallel(Xb):
             resid = torch.addmm(Xb, code, D, alpha=-1.0)
-            cost = (0.5 * resid.square().sum() + self.alpha * code.abs().sum()) / Xb.shape[0]
+            cost = 0.5 * resid.square().sum() + self.alpha * code.abs().sum()
+            rows = Xb
+            if group is not None:
+                k, d = code.shape[1], Xb.shape[1]
+                sums = group.sum_(torch.cat([(code.T @ code).reshape(-1),
+                                             (Xb.T @ code).reshape(-1), cost.reshape(1)]))
+                cost, rows = sums[-1], GlobalRows(Xb, group, n_rows)
+            cost = cost / rows.shape[0]
             value = free_host_value(cost)
             if value is not None and not math.isfinite(value):
                 # read for free on the CPU: raise before the statistics take it in
                 raise TrainingDivergedError(f"The batch cost is {value}.", metric="loss",
                                             value=value)
-            update_stats(A, B, Xb, code, step)
-            update_dictionary(D, A, B, Xb, random_state, positive=self.positive_dict)
-        return cost
-
-    def _step_data_parallel(self, Xb, code, D, A, B, step, random_state, group, n_rows):
-        """:meth:`_step` on this rank's part of a global batch of ``n_rows`` rows.
-
-        The codes are per row; the batch cost and the statistics' increments
-        ``code^T code`` and ``X^T code`` are sums over rows, summed across
-        ranks in one all-reduce, then every rank takes the same update (a
-        dead atom's replacement row comes from the rank that holds it).
-        """
-        k, d = code.shape[1], Xb.shape[1]
-        resid = torch.addmm(Xb, code, D, alpha=-1.0)
-        cost = 0.5 * resid.square().sum() + self.alpha * code.abs().sum()
-        sums = torch.cat([(code.T @ code).reshape(-1), (Xb.T @ code).reshape(-1),
-                          cost.reshape(1)])
-        group.sum_(sums)
-        cost = sums[-1] / n_rows
-        value = free_host_value(cost)
-        if value is not None and not math.isfinite(value):
-            raise TrainingDivergedError(f"The batch cost is {value}.", metric="loss",
-                                        value=value)
-        beta = forgetting_factor(step, n_rows)
-        A.mul_(beta).add_(sums[:k * k].view(k, k), alpha=1.0 / n_rows)
-        B.mul_(beta).add_(sums[k * k:k * k + d * k].view(d, k), alpha=1.0 / n_rows)
-        update_dictionary(D, A, B, GlobalRows(Xb, group, n_rows), random_state,
-                          positive=self.positive_dict)
+            if group is None:
+                update_stats(A, B, Xb, code, step)
+            else:
+                beta = forgetting_factor(step, n_rows)
+                A.mul_(beta).add_(sums[:k * k].view(k, k), alpha=1.0 / n_rows)
+                B.mul_(beta).add_(sums[k * k:k * k + d * k].view(d, k), alpha=1.0 / n_rows)
+            update_dictionary(D, A, B, rows, random_state, positive=self.positive_dict)
         return cost
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -516,7 +506,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         device, n_components = self._validate_before_data(X)
         X = check_input(self, X, reset=True, order="C")
         n_components = n_components or X.shape[1]
-        group = resolve_group(self.distributed if self.distributed is not True else "data")
+        group = resolve_group(self.distributed)
         if group is not None:
             device = local_rank_device(self.device)
             check_data_parallel(group, self, *X.shape)

@@ -603,7 +603,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     def _train(self, X, *, max_epochs, resume, partial):
         n_samples, n_features = X.shape
         arch, n_components, lr = self._resolve(n_features)
-        group = resolve_group(self.distributed if self.distributed is not True else "data")
+        group = resolve_group(self.distributed)
         device = resolve_device(self.device) if group is None else local_rank_device(self.device)
         latent = group is not None and self.distributed == "latent"
         if latent:

@@ -564,31 +564,23 @@ class SAETrainer:
 
         Returns the summed ``sums`` (float64, the shapes given). Every rank
         then holds the gradient of the global batch's loss, since each
-        rank's loss is its share of it.
+        rank's loss is its share of it. The metrics' sums travel in the
+        gradients' bucket when those are float64, else in a second, small
+        all-reduce that keeps them float64.
         """
         grads = [q.grad for q in self.params.values() if q.grad is not None]
         flat_sums = torch.cat([s.detach().double().reshape(-1) for s in sums])
         dtype = grads[0].dtype if grads else fired.dtype
-        bucket = torch.cat([*(g.reshape(-1) for g in grads), fired.to(dtype).reshape(-1),
-                            flat_sums.to(dtype) if dtype == torch.float64 else
-                            torch.zeros(0, dtype=dtype, device=fired.device)])
-        self.group.sum_(bucket)
-        # the metrics' sums keep float64 (a second, small all-reduce) when grads are float32
-        if dtype != torch.float64:
+        parts = [*grads, fired]
+        in_bucket = dtype == torch.float64
+        if in_bucket:
+            parts.append(flat_sums)
+        bucket = self.group.sum_(torch.cat([t.to(dtype).reshape(-1) for t in parts]))
+        if not in_bucket:
             self.group.sum_(flat_sums)
-        else:
-            flat_sums = bucket[-flat_sums.numel():]
-        pos = 0
-        for g in grads:
-            g.copy_(bucket[pos:pos + g.numel()].view_as(g))
-            pos += g.numel()
-        fired.copy_(bucket[pos:pos + fired.numel()])
-        out, pos = [], 0
-        for s in sums:
-            n = s.numel()
-            out.append(flat_sums[pos:pos + n].reshape(s.shape))
-            pos += n
-        return out
+        for t, summed in zip(parts, bucket.split([t.numel() for t in parts])):
+            t.copy_(summed.view_as(t))
+        return [v.view(s.shape) for s, v in zip(sums, flat_sums.split([s.numel() for s in sums]))]
 
     @torch.no_grad()
     def resample_dead_latents(self, x_ND, generator=None):

@@ -163,16 +163,14 @@ class StreamSource:
         The generator is drawn from here, in the calling thread; the
         buffers are planned lazily (in the read-ahead thread).
         """
+        draw = self._draw()
         if self.shuffle == "none":
             return (torch.arange(start, min(start + self.buffer_rows, self.n_samples))
                     for start in range(0, self.n_samples, self.buffer_rows))
         if self.shuffle == "blocks":
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            return (ids[perm[:usable]] for _, ids, perm, usable in self._block_plan(seed)
+            return (ids[perm[:usable]] for _, ids, perm, usable in self._block_plan(draw)
                     if usable)
-        order = (torch.randperm(self.n_samples, generator=self.generator)
-                 if self.shuffle == "rows" else self._order)
-        return (order[start:start + self.buffer_rows]
+        return (draw[start:start + self.buffer_rows]
                 for start in range(0, self.n_samples, self.buffer_rows))
 
     def _rank_buffers(self):
@@ -197,16 +195,27 @@ class StreamSource:
             data = self.rows.take(ids.numpy())
             yield (data.pin_memory() if self._pin else data), None, ids, cuts
 
+    def _draw(self):
+        """The epoch's draws from the generator: the block shuffle's seed or the row order.
+
+        None for ``"none"``; ``"once"`` draws nothing here (its order was drawn
+        at construction). The one place an epoch draws, so that one process
+        and every data-parallel rank draw alike.
+        """
+        if self.shuffle == "blocks":
+            return int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        if self.shuffle == "rows":
+            return torch.randperm(self.n_samples, generator=self.generator)
+        return self._order
+
     def _buffers(self):
         """The epoch's buffers, planned here (generator draws), read by the caller's thread."""
+        draw = self._draw()
         if self.shuffle == "none":
             return self._in_order()
         if self.shuffle == "blocks":
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            return self._blocks(seed)
-        order = (torch.randperm(self.n_samples, generator=self.generator)
-                 if self.shuffle == "rows" else self._order)
-        return self._gathered(order)
+            return self._blocks(draw)
+        return self._gathered(draw)
 
     def _pinned(self, buffers):
         for data, ids in buffers:

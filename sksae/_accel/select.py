@@ -120,23 +120,21 @@ def batch_topk_pattern(pre_BF, K):
     compiled = _compiled_batch_topk(pre_BF, K)
     if compiled is not None:
         return compiled
-    B, F = pre_BF.shape
     flat = pre_BF.reshape(-1)
     with parallel(pre_BF):
         chosen = torch.topk(flat, K, sorted=False).indices
-    chosen = torch.sort(chosen).values  # row-major order: rows ascending
-    rows = torch.div(chosen, F, rounding_mode="floor")
-    crow = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
-    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
-    return Pattern(chosen - rows * F, crow, F)
+    return _flat_pattern(torch.sort(chosen).values, *pre_BF.shape)
 
 
 def pattern_at_least(pre_BF, cut):
     """The entries of ``pre`` at or above ``cut`` (a 0-dim tensor), as a row-ordered pattern."""
-    B, F = pre_BF.shape
-    chosen = (pre_BF.reshape(-1) >= cut).nonzero().reshape(-1)  # row-major order
+    return _flat_pattern((pre_BF.reshape(-1) >= cut).nonzero().reshape(-1), *pre_BF.shape)
+
+
+def _flat_pattern(chosen, B, F):
+    """The :class:`Pattern` of the ascending positions ``chosen`` in a row-major (B, F) array."""
     rows = torch.div(chosen, F, rounding_mode="floor")
-    crow = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
+    crow = torch.zeros(B + 1, dtype=torch.long, device=chosen.device)
     torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
     return Pattern(chosen - rows * F, crow, F)
 

@@ -80,10 +80,6 @@ class Group:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
-    @property
-    def backend(self):
-        return dist.get_backend(self.group)
-
     def sum_(self, t):
         """All-reduce ``t`` in place by sum; returns it."""
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
@@ -92,11 +88,6 @@ class Group:
     def min_(self, t):
         """All-reduce ``t`` in place by minimum; returns it."""
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return t
-
-    def max_(self, t):
-        """All-reduce ``t`` in place by maximum; returns it."""
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t
 
     def all_gather(self, t):
@@ -116,9 +107,6 @@ class Group:
         box = [obj]
         dist.broadcast_object_list(box, src=self._global(src), group=self.group)
         return box[0]
-
-    def barrier(self):
-        dist.barrier(group=self.group)
 
     def _global(self, rank):
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -151,9 +139,9 @@ def resolve_group(distributed, group=None):
     ----------
     distributed : {"auto", "data", "latent"} or bool or None
         ``"auto"``: data parallel when ``torch.distributed`` is initialised
-        with more than one process, else single-process. ``"data"`` or
-        ``"latent"`` require an initialised process group. False or None:
-        single-process even inside a process group.
+        with more than one process, else single-process. ``"data"`` (or
+        True) and ``"latent"`` require an initialised process group. False
+        or None: single-process even inside a process group.
     """
     if distributed in (False, None):
         return None
