@@ -1,6 +1,13 @@
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU the Triton kernels (sksae._accel.fused) run in Triton's interpreter, on CPU
+# tensors: it must be chosen before Triton's first import (tests/test_triton.py)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tiny test models run fastest on one intra-op thread (and GridSearchCV tests
 # start their own workers); keeps the suite light on the 2-core CI machine.

@@ -154,3 +154,26 @@ def test_clipping_reads_the_noted_norms_only_while_they_hold():
     assert ws.known_norm(g) is None  # a new version: not known any more
     assert_close(total_norm([g, b], ws), torch.cat([g.flatten(), b]).norm())
     assert ws.known_norm(g.clone()) is None  # another storage
+
+
+def test_noted_norms_of_a_gradient_in_parts_are_not_read():
+    """A parameter whose gradient came in two noted parts (a decoder in two sparse decodes)
+    has no known norm: autograd's sum is a new tensor that may sit in a freed part's memory.
+    A note is read only for the parameter it was made for."""
+    from sksae._accel.workspace import StepWorkspace
+
+    gen = torch.Generator().manual_seed(0)
+    W_dec, W_enc = torch.zeros(6, 4), torch.zeros(6, 4)
+    first, second, other = (torch.randn(6, 4, generator=gen) for _ in range(3))
+    ws = StepWorkspace()
+    with ws.noting_norms():
+        ws.note_norm(first, first.pow(2).sum(1), owner=W_dec)
+        ws.note_norm(other, other.pow(2).sum(1), owner=W_enc)
+    assert_close(ws.known_norm(first, W_dec), first.norm())
+    assert ws.known_norm(first, W_enc) is None  # noted for another parameter
+    assert_close(ws.known_norm(other, W_enc), other.norm())
+    with ws.noting_norms():
+        ws.note_norm(first, first.pow(2).sum(1), owner=W_dec)
+        ws.note_norm(second, second.pow(2).sum(1), owner=W_dec)
+    assert ws.known_norm(first, W_dec) is None
+    assert ws.known_norm(second, W_dec) is None

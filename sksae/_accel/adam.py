@@ -207,9 +207,14 @@ def make_adam(params, lr, device, capturable=False):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
-def total_norm(grads, ws=None):
-    """The 2-norm of all gradients together, using the norms ``ws`` noted where it has them."""
-    known = [None if ws is None else ws.known_norm(g) for g in grads]
+def total_norm(grads, ws=None, params=None):
+    """The 2-norm of all gradients together, using the norms ``ws`` noted where it has them.
+
+    ``params``: the parameters whose gradients these are (a noted norm is used only for
+    the gradient of the parameter it was noted for).
+    """
+    params = [None] * len(grads) if params is None else params
+    known = [None if ws is None else ws.known_norm(g, p) for g, p in zip(grads, params)]
     if any(n is not None for n in known):
         return torch.linalg.vector_norm(torch.stack([
             torch.linalg.vector_norm(g) if n is None else n.to(g.dtype)
@@ -260,7 +265,7 @@ def clip_and_step(optimizer, params, max_norm, ws=None, norm=None):
     with_grads = [p for p in params if p.grad is not None]
     factor = None
     if with_grads:
-        norm = total_norm([p.grad for p in with_grads], ws) if norm is None else norm
+        norm = total_norm([p.grad for p in with_grads], ws, with_grads) if norm is None else norm
         if with_grads[0].device.type != "cpu":
             _clip_with_norm(with_grads, max_norm, norm)
         else:

@@ -16,7 +16,8 @@ from .cluster import worker_index
 
 __all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
            "HostReading", "side_stream", "capture_graph", "graphs_supported", "fits_on_device",
-           "host_read_interval", "device_available", "free_host_value"]
+           "host_read_interval", "device_available", "free_host_value", "is_capturing",
+           "time_call"]
 
 
 def resolve_device(device="auto"):
@@ -174,6 +175,39 @@ def capture_graph(fn, device):
     with torch.cuda.device(device), torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def is_capturing(device):
+    """Whether kernels queued on ``device`` are being recorded into a CUDA graph now."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def time_call(fn, device, repeats=5):
+    """Median seconds of ``fn()`` on ``device`` over ``repeats`` calls, after one warm-up.
+
+    On CUDA timed by events on the current stream (the GPU's time, not the
+    launch's); elsewhere by the wall clock.
+    """
+    import statistics
+    import time
+
+    device = torch.device(device)
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def graphs_supported(device):

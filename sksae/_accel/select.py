@@ -9,10 +9,13 @@ The architectures state what they select (:mod:`sksae.architectures.topk`,
   *select* latents in the workspace's ``selection_dtype`` (bf16 where the CPU
   multiplies it natively); values and gradients stay in the parameters'
   precision (:func:`sksae._accel.sparse.gather_pre`);
-- :func:`select_topk` and :func:`batch_topk_pattern` take the compiled
-  selections of :mod:`._topk_nb` on the CPU and ``torch.topk`` elsewhere. Both
-  select the same sets up to ties (among equal entries the compiled kernels
-  keep the earlier ones).
+- :func:`topk`, :func:`select_topk` and :func:`batch_topk_pattern` take the
+  compiled selections of :mod:`._topk_nb` on the CPU, and elsewhere the Triton
+  radix selection of :mod:`.fused` where it measured faster than
+  ``torch.topk``, else ``torch.topk``. All select the same sets up to ties
+  (among equal entries the compiled and Triton kernels keep the earlier ones);
+  AuxK's picks (:func:`dead_latent_picks`) read only the dead columns where
+  they can.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import fused
 from .compiled import kernel
 from .sparse import Pattern
 from .threads import even_bounds, parallel, run_ranges
@@ -89,23 +93,34 @@ def selection_pre_activation(p, x_BD, ws, centred=None):
 
 
 def topk(pre_BF, k):
-    """``torch.topk`` of each row (unsorted), on the fit's threads."""
+    """``(values, indices)`` of each row's ``k`` largest entries, unsorted; values keep the graph.
+
+    ``torch.topk`` on the fit's threads, or the Triton radix selection where
+    :func:`sksae._accel.fused.selection_kernels` measured it faster, its
+    values gathered (the same sets up to ties).
+    """
+    triton = fused.selection_kernels(pre_BF, k)
+    if triton is not None:
+        indices = triton.radix_topk(pre_BF.detach(), k)[0]
+        return pre_BF.gather(-1, indices), indices
     with parallel(pre_BF):
-        return torch.topk(pre_BF, k, dim=-1, sorted=False)
+        return tuple(torch.topk(pre_BF, k, dim=-1, sorted=False))
 
 
 def select_topk(pre_BF, k):
     """Indices (B, k) of each row's ``k`` largest entries, in no particular order.
 
-    On the CPU the compiled kernel runs where ``16 k <= F`` (its sampled
-    threshold then leaves about ``2 k`` candidates a row; for larger shares
+    Where :func:`sksae._accel.fused.selection_kernels` measured it faster (on
+    CUDA) the Triton radix selection runs. On the CPU the compiled kernel runs
+    where ``16 k <= F`` (its sampled threshold then leaves about ``2 k`` candidates a row; for larger shares
     ``torch.topk`` is faster), split by rows over sksae's threads.
     """
     B, F = pre_BF.shape
-    fits = pre_BF.device.type == "cpu" and pre_BF.dtype in _BITS and 0 < 16 * k <= F and B > 0
+    fits = (pre_BF.device.type == "cpu" and pre_BF.dtype in _BITS and 0 < 16 * k <= F and B > 0
+            and fused.selection_kernels(pre_BF, k) is None)
     rows = kernel("topk") if fits else None
     if rows is None:
-        return topk(pre_BF, k).indices
+        return topk(pre_BF, k)[1]
     int_dtype, magnitude = _BITS[pre_BF.dtype]
     bits = pre_BF.contiguous().view(int_dtype).numpy()
     out = np.empty((B, k), dtype=np.int64)
@@ -204,10 +219,16 @@ def dead_latent_picks(pre_BF, dead_F, k_aux, may_overwrite=False):
     nothing and get no gradient) are dropped, giving a row-ordered
     :class:`Pattern` and ``valid=None``; ``indices`` is None when no latent is
     dead. Off the CPU nothing is read back to the host: a fixed-shape (B,
-    k_aux) top-k over the masked pre-activations, ``valid`` marking the picks
-    that are dead latents. ``pre_BF`` (without a graph) is masked in place
+    k_aux) top-k, ``valid`` marking the picks that are dead latents; where the
+    Triton radix selection runs (:func:`sksae._accel.fused.selection_kernels`)
+    it reads the dead columns only, else ``torch.topk`` takes the masked
+    pre-activations. ``pre_BF`` (without a graph) is masked in place
     when ``may_overwrite``.
     """
+    triton = fused.selection_kernels(pre_BF, k_aux)
+    if triton is not None:
+        # the picks among the dead columns only: O(B n_dead), with no host read
+        return triton.radix_topk(pre_BF, k_aux, fused.dead_columns(dead_F))
     if pre_BF.device.type != "cpu":
         picked, idx = torch.topk(pre_BF.masked_fill(~dead_F, float("-inf")), k_aux,
                                  dim=-1, sorted=False)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .compiled import kernel
 from .device import is_accelerator
 from .threads import even_bounds, parallel, range_count, run_ranges
@@ -162,13 +163,13 @@ def unit_rows_(W):
     while the row is in cache, then the division) instead of two passes over
     ``W``; the same values up to rounding.
     """
-    fused = _compiled("unit_rows", W) if W.is_contiguous() else None
-    if fused is None:
+    compiled = _compiled("unit_rows", W) if W.is_contiguous() else None
+    if compiled is None:
         return W.div_(torch.linalg.vector_norm(W, dim=-1, keepdim=True).clamp_min_(1e-12))
     rows = W.detach().numpy()
     eps = rows.dtype.type(1e-12)
     with parallel(W, own=True):
-        run_ranges(lambda a, b: fused(rows, eps, a, b), even_bounds(rows.shape[0]))
+        run_ranges(lambda a, b: compiled(rows, eps, a, b), even_bounds(rows.shape[0]))
     return W
 
 
@@ -220,7 +221,10 @@ def _gather_rows(pat, W_FD, weights_N, bias_D=None):
     bag's sum does not depend on the split).
     """
     weights = weights_N.to(W_FD.dtype)
-    if W_FD.device.type != "cpu" or pat.n_rows < 128:
+    triton = fused.kernels_for(W_FD, weights, pat.indices)
+    if triton is not None:
+        out = triton.decode(pat, weights, W_FD)
+    elif W_FD.device.type != "cpu" or pat.n_rows < 128:
         # whole (no slicing bounds read back from an accelerator, which would synchronise)
         out = F.embedding_bag(pat.indices, W_FD, pat.crow, mode="sum",
                               per_sample_weights=weights, include_last_offset=True)
@@ -251,10 +255,15 @@ def _scatter_rows(pat, Y_BD, weights_N, ws=None, owner=None):
     by the previous step (:class:`sksae._accel.workspace.StepWorkspace`): a
     fresh (F, D) result costs its page faults every step.
     """
-    order, crow_T, rows = _transpose(pat)
+    transposed = order, crow_T, rows = _transpose(pat)
     Y = Y_BD.contiguous()
-    weights = weights_N.index_select(0, order).to(Y.dtype)
     F_, D = pat.n_components, Y.shape[1]
+    triton = fused.kernels_for(Y, weights_N, pat.indices)
+    if triton is not None:
+        out = _buffer(ws, (F_, D), Y, owner)
+        triton.by_latent(transposed, weights_N.to(Y.dtype), Y, out)
+        return out
+    weights = weights_N.index_select(0, order).to(Y.dtype)
     if Y.device.type == "cpu" and torch.backends.mkl.is_available() and Y.dtype in (
             torch.float32, torch.float64):
         S_T = _csr(crow_T, rows, weights, (F_, Y.shape[0]))
@@ -312,11 +321,14 @@ def _sampled_dots(pat, A_BD, W_FD, bias_F=None):
     compiled pass also adds the bias and writes in the pattern's order.
     """
     A = A_BD.to(W_FD.dtype)
-    fused = _compiled("dots", A, W_FD)
-    if fused is not None:
+    triton = fused.kernels_for(A, W_FD, pat.indices)
+    if triton is not None:
+        return triton.dots(pat, A, W_FD, None if bias_F is None else bias_F.to(W_FD.dtype))
+    compiled = _compiled("dots", A, W_FD)
+    if compiled is not None:
         out = A.new_empty(pat.indices.shape[0])
         bias = W_FD.new_zeros(1) if bias_F is None else bias_F.to(W_FD.dtype)
-        _by_latent(A, fused, pat, _np(A), _np(W_FD), _np(bias),
+        _by_latent(A, compiled, pat, _np(A), _np(W_FD), _np(bias),
                    bias_F is not None, out.numpy())
         return out
     out = _sampled_dot_products(pat, A, W_FD)
@@ -366,17 +378,30 @@ class _SparseDecode(torch.autograd.Function):
         ws = ctx.ws
         tangent = ws.tangent_for(W) if need[1] and ws is not None else None
         dots = g_values = g_W = None
-        fused = _compiled("decode_backward", grad, W, values) if need[1] else None
+        triton = fused.kernels_for(grad, W, values) if need[1] else None
+        if triton is not None:
+            # the value gradients, then the weight gradient with its radial part removed
+            # and its rows' norms, one program per latent
+            dots = triton.dots(ctx.pat, grad, W)
+            g_W = _buffer(ws, tuple(W.shape), W, owner=W)
+            _, row_sq = triton.by_latent(_transpose(ctx.pat), values.to(W.dtype), grad, g_W,
+                                         dots_N=dots if tangent is not None else None, W_FD=W)
+            if ws is not None:
+                ws.note_norm(g_W, row_sq, owner=W)
+            if tangent is not None:
+                tangent.projected += 1
+            return (dots.to(values.dtype) if need[0] else None), g_W, None, g_bias, None
+        compiled = _compiled("decode_backward", grad, W, values) if need[1] else None
         with _serial(W):
-            if fused is not None:
+            if compiled is not None:
                 # the value gradients, the weight gradient and its radial part in one pass
                 dots = grad.new_empty(values.shape[0])
                 g_W = _buffer(ws, tuple(W.shape), W, owner=W)
                 row_sq = grad.new_empty(W.shape[0])
-                _by_latent(grad, fused, ctx.pat, _np(values), _np(grad),
+                _by_latent(grad, compiled, ctx.pat, _np(values), _np(grad),
                            _np(W), dots.numpy(), g_W.numpy(), row_sq.numpy(), tangent is not None)
                 if ws is not None:
-                    ws.note_norm(g_W, row_sq)
+                    ws.note_norm(g_W, row_sq, owner=W)
                 if tangent is not None:
                     tangent.projected += 1
                 return (dots if need[0] else None), g_W, None, g_bias, None
@@ -427,16 +452,26 @@ class _GatherPre(torch.autograd.Function):
         with _serial(W):
             if need[1]:
                 g_x = _gather_rows(pat, W, g).to(x.dtype)
-            fused = _compiled("gather_backward", g, centred) if need[2] else None
-            if fused is not None:
+            triton = fused.kernels_for(g, centred) if need[2] else None
+            if triton is not None:
+                # the weight gradient and the bias gradient h, one program per latent
+                g_W = _buffer(ws, tuple(W.shape), W, owner=W)
+                h, row_sq = triton.by_latent(_transpose(pat), g, centred, g_W, sums=True)
+                if ws is not None:
+                    ws.note_norm(g_W, row_sq, owner=W)
+                g_benc = h if need[3] else None
+                g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None
+                return None, g_x, g_W, g_benc, g_bdec, None, None, None
+            compiled = _compiled("gather_backward", g, centred) if need[2] else None
+            if compiled is not None:
                 # the weight gradient and the bias gradient h in one pass
                 g_W = _buffer(ws, tuple(W.shape), W, owner=W)
                 h = g.new_empty(pat.n_components)
                 row_sq = g.new_empty(pat.n_components)
-                _by_latent(g, fused, pat, _np(g), _np(centred), g_W.numpy(),
+                _by_latent(g, compiled, pat, _np(g), _np(centred), g_W.numpy(),
                            h.numpy(), row_sq.numpy())
                 if ws is not None:
-                    ws.note_norm(g_W, row_sq)
+                    ws.note_norm(g_W, row_sq, owner=W)
                 g_benc = h if need[3] else None
                 g_bdec = -(h @ W).to(b_dec.dtype) if need[4] else None
                 return None, g_x, g_W, g_benc, g_bdec, None, None, None

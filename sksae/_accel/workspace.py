@@ -75,7 +75,7 @@ class StepWorkspace:
         self._scratch = {}
         self._free = {}
         self.tangent = None
-        self.norms = None
+        self.norms, self.noted_parts = None, {}
 
     # -- reused buffers --------------------------------------------------------
     def scratch(self, name, shape, like, dtype=None, init=None):
@@ -164,27 +164,38 @@ class StepWorkspace:
     @contextlib.contextmanager
     def noting_norms(self):
         """Inside the block, the compiled backward passes note their gradients' norms."""
-        self.norms = {}
+        self.norms, self.noted_parts = {}, {}
         try:
             yield self.norms
         finally:
             pass  # kept for the clipping that follows the block
 
-    def note_norm(self, t, row_sq):
-        """Note ``t``'s norm from its rows' squared norms."""
+    def note_norm(self, t, row_sq, owner=None):
+        """Note ``t``'s norm from its rows' squared norms; ``t`` is (part of) ``owner``'s gradient."""
         if self.norms is not None:
-            self.norms[t.data_ptr()] = (tuple(t.shape), t.dtype, t._version, row_sq.sum().sqrt())
+            key = None if owner is None else owner.data_ptr()
+            self.norms[t.data_ptr()] = (key, tuple(t.shape), t.dtype, t._version,
+                                        row_sq.sum().sqrt())
+            self.noted_parts[key] = self.noted_parts.get(key, 0) + 1
 
-    def known_norm(self, t):
+    def known_norm(self, t, owner=None):
         """The noted 2-norm of ``t``, or None when ``t`` is not that tensor as noted.
 
-        A gradient that autograd adopted as is keeps its storage and version; one
-        that was accumulated into or replaced by a sum is not known.
+        A gradient that autograd adopted as is keeps its memory, shape and
+        version; one that was accumulated into has another version. A
+        parameter whose gradient had several noted parts (a decoder used by
+        two sparse decodes, say) has no known norm: their sum is a new tensor,
+        which may have taken the memory of a part already freed. With
+        ``owner``, only a note made for that parameter's gradient is used.
         """
         noted = self.norms.get(t.data_ptr()) if self.norms else None
-        if noted is None or noted[:3] != (tuple(t.shape), t.dtype, t._version):
+        if noted is None or noted[1:4] != (tuple(t.shape), t.dtype, t._version):
             return None
-        return noted[3]
+        if owner is not None and noted[0] != owner.data_ptr():
+            return None
+        if self.noted_parts.get(noted[0], 0) != 1:
+            return None
+        return noted[4]
 
 
 def _key(t):

@@ -1,0 +1,316 @@
+"""The Triton kernels of sksae._accel.fused against torch's eager results.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1 before Triton's first import); with one, compiled on CUDA. The
+interpreter is slow per operation, so the shapes are small, ragged ones included.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+pytest.importorskip("triton")
+
+from sksae import SparseAutoencoder  # noqa: E402
+from sksae._accel import fused  # noqa: E402
+from sksae._accel.select import dead_latent_picks, select_topk, topk  # noqa: E402
+from sksae._accel.sparse import Pattern, _transpose, as_pattern, gather_pre, sparse_decode  # noqa: E402
+from sksae._accel.workspace import StepWorkspace  # noqa: E402
+from sksae._sae_trainer import SAETrainer, init_parameters  # noqa: E402
+from sksae.architectures import REGISTRY, Schedule  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.uses_dead_latents)
+
+
+@pytest.fixture
+def kernels():
+    """The launchers, forced on (on the CPU: interpreted)."""
+    with fused.forced():
+        K = fused.kernels_for(torch.zeros(1, device=DEVICE))
+        assert K is not None, "the Triton kernels do not run here"
+        yield K
+
+
+def _same_selection(pre, got, k):
+    """``got`` holds k distinct columns whose values are the row's k largest (ties either way)."""
+    want = torch.topk(pre.float(), k, dim=-1).values.sort(-1).values
+    have = pre.float().gather(1, got).sort(-1).values
+    assert_close(have, want, rtol=0, atol=0)
+    assert all(len(set(row.tolist())) == k for row in got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, F, k", [(3, 37, 5), (2, 8, 8), (2, 1100, 19), (1, 5, 1)])
+def test_radix_topk_selects_the_topk_set(kernels, dtype, B, F, k):
+    g = torch.Generator().manual_seed(F + k)
+    pre = torch.randn(B, F, generator=g).to(DEVICE, dtype)
+    idx, valid = kernels.radix_topk(pre, k)
+    assert valid.all()
+    _same_selection(pre, idx, k)
+    assert (idx.diff(dim=-1) > 0).all()  # ascending columns
+
+
+def test_radix_topk_ties_signs_and_infinities(kernels):
+    """Among equal entries the earlier columns are kept; -0.0, inf and -inf order as floats."""
+    pre = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5, 2.0],
+                        [-0.0, 0.0, -1.0, float("-inf"), -2.0, -0.5],
+                        [float("inf"), -3.0, 1e-30, -1e-30, 3.0, float("-inf")]], device=DEVICE)
+    idx, _ = kernels.radix_topk(pre, 3)
+    assert idx.tolist()[0] == [1, 2, 3]
+    assert set(idx.tolist()[1]) == {0, 1, 5}
+    assert idx.tolist()[2] == [0, 2, 4]
+
+
+def test_radix_topk_over_dead_columns_only(kernels):
+    """AuxK's picks: only the listed columns compete, their count read on the device."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(4, 60, generator=g).to(DEVICE)
+    for n_dead, k in [(7, 5), (3, 5), (0, 2)]:
+        dead = torch.zeros(60, dtype=torch.bool, device=DEVICE)
+        dead[torch.randperm(60, generator=g)[:n_dead].to(DEVICE)] = True
+        idx, valid = kernels.radix_topk(pre, k, fused.dead_columns(dead))
+        assert (valid.sum(1) == min(n_dead, k)).all()
+        picked = idx[valid].reshape(4, -1)
+        assert dead[picked].all()
+        if n_dead:
+            masked = pre.masked_fill(~dead, float("-inf"))
+            _same_selection(masked, picked, min(n_dead, k))
+
+
+def test_selections_run_through_the_kernel(kernels):
+    """select_topk, topk (values with their graph) and AuxK's picks take the radix selection."""
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(3, 40, generator=g).to(DEVICE).requires_grad_(True)
+    assert_close(select_topk(pre.detach(), 4), kernels.radix_topk(pre.detach(), 4)[0])
+    values, indices = topk(pre, 4)
+    assert_close(values, pre.detach().gather(1, indices))
+    values.sum().backward()
+    assert pre.grad.sum() == 12 and set(pre.grad.unique().tolist()) == {0.0, 1.0}
+    dead = torch.arange(40, device=DEVICE) % 3 == 0
+    idx, valid = dead_latent_picks(pre.detach(), dead, 6)
+    assert valid.all() and dead[idx].all()
+    _same_selection(pre.detach().masked_fill(~dead, float("-inf")), idx, 6)
+
+
+def test_selection_rule_keeps_the_faster(monkeypatch):
+    """Outside forced(): each shape is timed once and the faster selection kept."""
+    if not fused.available():
+        pytest.skip("needs Triton")
+    monkeypatch.setattr(fused, "_SELECTION_TIMINGS", {})
+    launched = []
+
+    class Slow:
+        @staticmethod
+        def radix_topk(pre, k, cols=None):
+            launched.append(k)
+            return fused.radix_topk(pre, k, cols) if fused.interpreting() or pre.is_cuda \
+                else torch.topk(pre, k).indices
+
+    monkeypatch.setattr(fused, "kernels_for", lambda *t: Slow)
+    monkeypatch.setattr(fused, "time_call", lambda fn, device: 2.0 if fn() is None else
+                        (1.0 if not launched else 3.0))
+    pre = torch.randn(4, 50)
+    # the kernel was timed first (3 s), torch.topk after (1 s as the second call): torch wins
+    monkeypatch.setattr(fused, "time_call", _fake_timer([3.0, 1.0]))
+    assert fused.selection_kernels(pre, 5) is None
+    assert fused.selection_kernels(pre, 5) is None  # cached: not timed again
+    monkeypatch.setattr(fused, "time_call", _fake_timer([1.0, 3.0]))
+    assert fused.selection_kernels(pre, 6) is Slow  # another shape, where the kernel wins
+    assert set(fused._SELECTION_TIMINGS.values()) == {True, False}
+    assert fused.selection_kernels(torch.randn(4, 50, dtype=torch.float64), 5) is None  # no keys
+
+
+def _fake_timer(times):
+    times = list(times)
+
+    def time_call(fn, device):
+        return times.pop(0)
+    return time_call
+
+
+def _ragged(B, F, max_k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_k + 1, (B,), generator=g)
+    counts[1] = 0  # an empty row
+    rows = [torch.randperm(F, generator=g)[:c] for c in counts.tolist()]
+    crow = torch.zeros(B + 1, dtype=torch.long)
+    crow[1:] = counts.cumsum(0)
+    return Pattern(torch.cat(rows).to(DEVICE), crow.to(DEVICE), F)
+
+
+def _dense(values, pat):
+    out = values.new_zeros(pat.n_rows, pat.n_components)
+    return out.index_put((pat.rows(), pat.indices), values)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                        (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("D", [37, 5])
+def test_passes_equal_eager(kernels, dtype, tol, D):
+    """decode, dots and by_latent on a ragged pattern (an empty row, unused latents)."""
+    B, F = 9, 23
+    g = torch.Generator().manual_seed(D)
+    pat = _ragged(B, F, 6)
+    vals = torch.randn(pat.indices.shape[0], generator=g).to(DEVICE, dtype)
+    W = torch.randn(F, D, generator=g).to(DEVICE, dtype)
+    A = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    bias_D = torch.randn(D, generator=g).to(DEVICE, dtype)
+    bias_F = torch.randn(F, generator=g).to(DEVICE, dtype)
+    S = _dense(vals.double(), pat)
+    Wd, Ad = W.double(), A.double()
+    kw = {"rtol": tol, "atol": tol}
+
+    assert_close(kernels.decode(pat, vals, W).double(), S @ Wd, **kw)
+    assert_close(kernels.decode(pat, vals, W, bias_D).double(), S @ Wd + bias_D.double(), **kw)
+    rows = pat.rows()
+    want = (Ad[rows] * Wd[pat.indices]).sum(-1)
+    assert_close(kernels.dots(pat, A, W).double(), want, **kw)
+    assert_close(kernels.dots(pat, A, W, bias_F).double(), want + bias_F.double()[pat.indices],
+                 **kw)
+
+    out = torch.full((F, D), float("nan"), device=DEVICE, dtype=dtype)  # stale contents
+    sums, sq = kernels.by_latent(_transpose(pat), vals, A, out, sums=True)
+    ref = S.T @ Ad
+    assert_close(out.double(), ref, **kw)
+    assert_close(sums.double(), S.sum(0), **kw)
+    assert_close(sq.double(), out.double().pow(2).sum(1), rtol=tol, atol=tol)
+    dots = kernels.dots(pat, A, W)
+    kernels.by_latent(_transpose(pat), vals, A, out, dots_N=dots, W_FD=W)
+    radial = (ref * Wd).sum(1, keepdim=True)
+    assert_close(out.double(), ref - radial * Wd, rtol=tol, atol=10 * tol)
+
+
+def _params(D, F, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"W_enc": (F, D), "b_enc": (F,), "W_dec": (F, D), "b_dec": (D,)}
+    return {k: torch.randn(*s, generator=g, dtype=dtype).to(DEVICE).requires_grad_(True)
+            for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_sparse_step_gradients_equal_dense_autograd(kernels, dtype, tol, ragged):
+    """The sparse encode-decode through the kernels: outputs and every gradient as dense autograd."""
+    B, D, F, k = 7, 6, 21, 3
+    p = _params(D, F, dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, D, generator=g, dtype=dtype).to(DEVICE).requires_grad_(True)
+    pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
+    support = _ragged(B, F, 5) if ragged else torch.topk(pre.detach(), k).indices
+
+    def run(pre_used, sparse):
+        vals = gather_pre(pre_used, support, x, p).clamp_min(0)
+        if sparse:
+            x_hat = sparse_decode(vals, support, p["W_dec"], p["b_dec"])
+        else:
+            codes = _dense(vals.reshape(-1), as_pattern(support, F))
+            x_hat = codes @ p["W_dec"] + p["b_dec"]
+        return x_hat, (x_hat - 0.5 * x).pow(2).sum()
+
+    xs, ls = run(pre.detach(), True)
+    xd, ld = run(pre, False)
+    assert_close(xs, xd, rtol=tol, atol=tol)
+    inputs = [x, *p.values()]
+    for a, b in zip(torch.autograd.grad(ls, inputs), torch.autograd.grad(ld, inputs)):
+        assert_close(a, b, rtol=tol, atol=10 * tol)
+
+
+def test_decoder_gradient_projected_and_norms_noted(kernels):
+    """With a workspace the decode's backward removes each decoder row's radial part in the
+    kernel, and the written gradients' norms are noted for clipping."""
+    B, D, F, k = 6, 5, 17, 3
+    p = _params(D, F, torch.float64, seed=5)
+    with torch.no_grad():
+        p["W_dec"] /= p["W_dec"].norm(dim=1, keepdim=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64).to(DEVICE)
+    idx = torch.topk(torch.randn(B, F, generator=g), k).indices.to(DEVICE)
+    vals = torch.rand(B, k, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    ws = StepWorkspace()
+    with ws.projecting(p["W_dec"]) as rows, ws.noting_norms():
+        loss = (sparse_decode(vals, idx, p["W_dec"], p["b_dec"], ws=ws) - x).pow(2).sum()
+        (g_W,) = torch.autograd.grad(loss, [p["W_dec"]])
+    assert rows.projected == 1
+    W = p["W_dec"].detach()
+    assert (g_W * W).sum(1).abs().max() < 1e-12
+    dense = vals.detach().new_zeros(B, F).scatter(1, idx, vals.detach())
+    full = dense.T @ (2 * (dense @ W + p["b_dec"].detach() - x))
+    assert_close(g_W, full - (full * W).sum(1, keepdim=True) * W)
+    assert_close(ws.known_norm(g_W), g_W.norm())
+
+
+@contextlib.contextmanager
+def _sparse_kernels(name):
+    cls = REGISTRY[name]
+    previous, cls.kernels = cls.kernels, "sparse"
+    try:
+        yield
+    finally:
+        cls.kernels = previous
+
+
+def _trainer(name, n_dead):
+    """A TopK-family trainer on the sparse kernels, latents 0..n_dead-1 dead (lr 0: one step
+    leaves the gradients to compare)."""
+    D, F, B = 6, 40, 16
+    arch = SparseAutoencoder(architecture=name, k=3, auxk_alpha=1 / 32)._architecture(F, D)
+    arch.kernels = "sparse"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, D, generator=g, dtype=torch.float64)
+    params = init_parameters(x, F, "random", g, torch.float32, "cpu")
+    buffers = {k: v.float() for k, v in arch.extra_buffers(params).items()}
+    trainer = SAETrainer(arch, params, buffers, lr=0.0, schedule=Schedule(None, 1),
+                         warmup_steps=1, dead_window=10, precision="float32")
+    trainer.rows_since_fired[:n_dead] = 100
+    return trainer, x[:B].float()
+
+
+@pytest.mark.parametrize("name", TOPK_FAMILY)
+@pytest.mark.parametrize("n_dead", [0, 30])
+def test_training_step_through_the_kernels_equals_the_cpu_sparse_path(name, n_dead):
+    """One training step of each TopK-family architecture (selection, AuxK over the dead
+    latents, decode, both backwards, projection, clipping) through the Triton kernels gives
+    the metrics and gradients of the CPU's sparse path."""
+    if DEVICE != "cpu":
+        pytest.skip("compares with the CPU's sparse path: a CPU (interpreted) check")
+    plain, x = _trainer(name, n_dead)
+    ours, _ = _trainer(name, n_dead)
+    want = plain.step(x).as_dict()
+    with fused.forced():
+        got = ours.step(x).as_dict()
+    assert set(got) == set(want)
+    for key in want:
+        assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert (float(got["auxk"]) > 0) == (n_dead > 0)
+    for key, param in plain.params.items():
+        assert_close(ours.params[key].grad, param.grad, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fit_through_the_kernels_equals_the_cpu_sparse_path():
+    """A whole TopK fit, initialisation and dead latents included, ends where the CPU's ends."""
+    if DEVICE != "cpu":
+        pytest.skip("compares with the CPU's sparse path: a CPU (interpreted) check")
+    rng = np.random.RandomState(0)
+    X = rng.randn(64, 6).astype(np.float32)
+    # float32 selection: a bf16 product ties often, and torch.topk (the CPU path at this
+    # shape) breaks ties differently from the radix selection
+    kw = dict(n_components=24, k=2, batch_size=16, max_iter=2, dead_window=8, random_state=0,
+              device="cpu", precision="float32")
+
+    def fit(force):
+        with _sparse_kernels("topk"), (fused.forced() if force else contextlib.nullcontext()):
+            return SparseAutoencoder(**kw).fit(X)
+
+    plain, ours = fit(False), fit(True)
+    # the sums run in other orders, and Adam turns a rounding-level gradient of a rarely used
+    # latent into a step of about +-lr (5e-3 here): equal to well within one step
+    moved = np.abs(plain.components_ - SparseAutoencoder(**{**kw, "max_iter": 1}).fit(X)
+                   .components_).max()
+    assert moved > 1e-2  # the last epoch alone moves the atoms 10x the tolerance
+    assert_close(ours.components_, plain.components_, rtol=0, atol=1e-3)
+    assert_close(ours.encoder_weights_, plain.encoder_weights_, rtol=0, atol=1e-3)
+    assert ours.n_iter_ == plain.n_iter_ == 2
