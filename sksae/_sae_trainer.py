@@ -20,9 +20,17 @@ from typing import NamedTuple
 
 import torch
 
+from ._accel import fused
 from ._accel.adam import FusedAdam, clip_and_step, make_adam
-from ._accel.device import HostReading, autocast, capture_graph, graphs_supported, native_bf16
-from ._accel.device import side_stream
+from ._accel.device import (
+    HostReading,
+    autocast,
+    capture_graph,
+    graphs_supported,
+    is_accelerator,
+    native_bf16,
+    side_stream,
+)
 from ._accel.losses import sum_squares
 from ._accel.sparse import Pattern, unit_rows_
 from ._accel.threads import serial
@@ -370,6 +378,10 @@ class SAETrainer:
                      for name, value in arch.coefficients(0, schedule).items()}
         self._graphs = {}  # recorded steps, by whether the losses read dead latents
         self._eager_steps = {}
+        # "auto" kernels of the TopK family on an accelerator: timed at the first step
+        self._kernels_open = (arch.kernels == "auto" and is_accelerator(device)
+                              and hasattr(arch, "encode_training"))
+        self.kernel_timings = None
         self._dead_bound = DeadLatentBound(self.rows_since_fired, dead_window,
                                            self.dead_reread_steps,
                                            synchronous=group is not None)
@@ -429,6 +441,8 @@ class SAETrainer:
         fit's threads (:func:`sksae._accel.threads.parallel`). Where CUDA graphs are supported it is a replay of
         a recorded step (see the class notes).
         """
+        if self._kernels_open:
+            self._choose_kernels(x_BD)
         if self.graphs:
             return self._graph_step(x_BD)
         if self.group is None:
@@ -437,6 +451,42 @@ class SAETrainer:
             raise ValueError("a data-parallel step needs the global batch's n_rows.")
         with serial(x_BD):
             return self._step(x_BD, self._dead_may_exist(n_rows), n_rows)
+
+    def _choose_kernels(self, x_BD):
+        """Resolve the TopK family's "auto" kernels on an accelerator by timing both steps.
+
+        Once per fit, on its first batch: the forward and backward pass of
+        the reconstruction (no optimizer step, no state changed) with the
+        sparse kernels (the Triton ones of :mod:`sksae._accel.fused`) and with
+        the dense products; the faster is the fit's (``kernel_timings`` keeps
+        the seconds). Without Triton "auto" stays the dense step. In
+        data-parallel training rank 0's choice is every rank's.
+        """
+        self._kernels_open = False
+        arch = self.arch
+        if fused.kernels_for(x_BD) is None:
+            return
+        params = list(self.params.values())
+
+        def reconstruction(mode):
+            def run():
+                arch.kernels = mode
+                p = {**self.params, **self.buffers}
+                with autocast(self.device, self.use_autocast):
+                    enc = arch.encode(p, x_BD, training=True, ws=self.ws)
+                    x_hat = decode(enc.codes, p["W_dec"], p["b_dec"], kernels=mode, ws=self.ws)
+                    loss = sum_squares(x_hat.to(x_BD.dtype), x_BD)
+                torch.autograd.grad(loss, params)
+            return run
+
+        try:
+            choice, self.kernel_timings = fused.fastest(
+                {mode: reconstruction(mode) for mode in ("sparse", "dense")}, self.device)
+        finally:
+            arch.kernels = "auto"
+        if self.group is not None:
+            choice = self.group.broadcast_object(choice)
+        arch.kernels = choice
 
     def _dead_may_exist(self, n_rows):
         """Whether a latent may be dead at this step (only asked for architectures that care)."""

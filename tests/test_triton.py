@@ -14,13 +14,13 @@ from torch.testing import assert_close
 
 pytest.importorskip("triton")
 
-from sksae import SparseAutoencoder  # noqa: E402
-from sksae._accel import fused  # noqa: E402
-from sksae._accel.select import dead_latent_picks, select_topk, topk  # noqa: E402
-from sksae._accel.sparse import Pattern, _transpose, as_pattern, gather_pre, sparse_decode  # noqa: E402
-from sksae._accel.workspace import StepWorkspace  # noqa: E402
-from sksae._sae_trainer import SAETrainer, init_parameters  # noqa: E402
-from sksae.architectures import REGISTRY, Schedule  # noqa: E402
+from sksae import SparseAutoencoder
+from sksae._accel import fused
+from sksae._accel.select import dead_latent_picks, select_topk, topk
+from sksae._accel.sparse import Pattern, _transpose, as_pattern, gather_pre, sparse_decode
+from sksae._accel.workspace import StepWorkspace
+from sksae._sae_trainer import SAETrainer, init_parameters
+from sksae.architectures import REGISTRY, Schedule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.uses_dead_latents)
@@ -98,37 +98,24 @@ def test_selections_run_through_the_kernel(kernels):
 
 def test_selection_rule_keeps_the_faster(monkeypatch):
     """Outside forced(): each shape is timed once and the faster selection kept."""
-    if not fused.available():
-        pytest.skip("needs Triton")
     monkeypatch.setattr(fused, "_SELECTION_TIMINGS", {})
-    launched = []
-
-    class Slow:
-        @staticmethod
-        def radix_topk(pre, k, cols=None):
-            launched.append(k)
-            return fused.radix_topk(pre, k, cols) if fused.interpreting() or pre.is_cuda \
-                else torch.topk(pre, k).indices
-
-    monkeypatch.setattr(fused, "kernels_for", lambda *t: Slow)
-    monkeypatch.setattr(fused, "time_call", lambda fn, device: 2.0 if fn() is None else
-                        (1.0 if not launched else 3.0))
+    monkeypatch.setattr(fused, "kernels_for", lambda *t: fused._launchers)
     pre = torch.randn(4, 50)
-    # the kernel was timed first (3 s), torch.topk after (1 s as the second call): torch wins
+    # the kernel is timed first (3 s), torch.topk second (1 s): torch.topk is kept
     monkeypatch.setattr(fused, "time_call", _fake_timer([3.0, 1.0]))
     assert fused.selection_kernels(pre, 5) is None
     assert fused.selection_kernels(pre, 5) is None  # cached: not timed again
     monkeypatch.setattr(fused, "time_call", _fake_timer([1.0, 3.0]))
-    assert fused.selection_kernels(pre, 6) is Slow  # another shape, where the kernel wins
-    assert set(fused._SELECTION_TIMINGS.values()) == {True, False}
-    assert fused.selection_kernels(torch.randn(4, 50, dtype=torch.float64), 5) is None  # no keys
+    assert fused.selection_kernels(pre, 6) is fused._launchers  # another shape: the kernel
+    assert sorted(fused._SELECTION_TIMINGS.values()) == [False, True]
+    assert fused.selection_kernels(pre.double(), 5) is None  # float64: no radix keys
 
 
 def _fake_timer(times):
     times = list(times)
 
     def time_call(fn, device):
-        return times.pop(0)
+        return times.pop(0)  # raises once more timings are asked for than expected
     return time_call
 
 
@@ -298,8 +285,8 @@ def test_fit_through_the_kernels_equals_the_cpu_sparse_path():
     X = rng.randn(64, 6).astype(np.float32)
     # float32 selection: a bf16 product ties often, and torch.topk (the CPU path at this
     # shape) breaks ties differently from the radix selection
-    kw = dict(n_components=24, k=2, batch_size=16, max_iter=2, dead_window=8, random_state=0,
-              device="cpu", precision="float32")
+    kw = {"n_components": 24, "k": 2, "batch_size": 16, "max_iter": 2, "dead_window": 8,
+          "random_state": 0, "device": "cpu", "precision": "float32"}
 
     def fit(force):
         with _sparse_kernels("topk"), (fused.forced() if force else contextlib.nullcontext()):
@@ -314,3 +301,45 @@ def test_fit_through_the_kernels_equals_the_cpu_sparse_path():
     assert_close(ours.components_, plain.components_, rtol=0, atol=1e-3)
     assert_close(ours.encoder_weights_, plain.encoder_weights_, rtol=0, atol=1e-3)
     assert ours.n_iter_ == plain.n_iter_ == 2
+
+
+@pytest.mark.parametrize("winner", ["sparse", "dense"])
+def test_auto_kernels_are_the_faster_step(monkeypatch, winner):
+    """On an accelerator the trainer times the sparse and the dense step at its first batch
+    and keeps the faster for the fit, without changing any state (here on the CPU, with the
+    accelerator's branch opened by hand and the timings decided by the test)."""
+    trainer, x = _trainer("topk", 0)
+    trainer.arch.kernels = "auto"
+    trainer._kernels_open = True
+    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    calls = []
+    real = fused.fastest
+
+    def decided(options, device):
+        for fn in options.values():  # both steps run (and must run cleanly)
+            fn()
+        calls.append(sorted(options))
+        return winner, {name: float(name != winner) for name in options}
+
+    monkeypatch.setattr(fused, "fastest", decided)
+    with fused.forced():
+        trainer.step(x)
+        trainer.step(x)
+    assert calls == [["dense", "sparse"]]  # once per fit
+    assert trainer.arch.kernels == winner
+    assert trainer.kernel_timings[winner] == 0.0
+    assert trainer.step_count == 2
+    reference, _ = _trainer("topk", 0)
+    reference.arch.kernels = "dense"
+    reference.step(x)
+    reference.step(x)
+    for key, param in trainer.params.items():  # lr 0: the timing runs left no trace
+        assert_close(param.detach(), before[key])
+        assert_close(param.grad, reference.params[key].grad, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(fused, "fastest", real)
+
+
+def test_fastest_times_each_option_and_survives_a_failing_one():
+    with pytest.warns(RuntimeWarning, match="'broken' failed while being timed"):
+        name, times = fused.fastest({"broken": lambda: 1 / 0, "works": lambda: None}, "cpu")
+    assert name == "works" and times["broken"] == float("inf") and times["works"] >= 0

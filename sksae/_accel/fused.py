@@ -28,7 +28,7 @@ import torch
 
 from .device import is_capturing, time_call
 
-__all__ = ["available", "forced", "kernels_for", "selection_kernels", "dead_columns",
+__all__ = ["available", "forced", "kernels_for", "selection_kernels", "fastest", "dead_columns",
            "radix_topk", "decode", "dots", "by_latent", "TOPK_DTYPES"]
 
 #: dtypes whose bits the radix selection reads as order-preserving keys
@@ -39,7 +39,7 @@ _FORCED = False
 _SELECTION_TIMINGS = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module():
     """The compiled-kernel module, or None when Triton cannot be imported."""
     try:
@@ -109,15 +109,29 @@ def selection_kernels(pre_BF, k):
         if is_capturing(pre_BF.device):
             return None
         pre = pre_BF.detach()
-        try:
-            ours = time_call(lambda: triton.radix_topk(pre, k), pre.device)
-        except Exception as exc:  # noqa: BLE001 - a kernel Triton cannot build here
-            warnings.warn(f"The Triton top-k failed ({type(exc).__name__}: {exc}); "
-                          "torch.topk selects instead.", RuntimeWarning, stacklevel=3)
-            ours = float("inf")
-        theirs = time_call(lambda: torch.topk(pre, k, dim=-1, sorted=False), pre.device)
-        wins = _SELECTION_TIMINGS[key] = ours < theirs
+        choice, _ = fastest({"triton": lambda: triton.radix_topk(pre, k),
+                             "torch": lambda: torch.topk(pre, k, dim=-1, sorted=False)},
+                            pre.device)
+        wins = _SELECTION_TIMINGS[key] = choice == "triton"
     return triton if wins else None
+
+
+def fastest(options, device):
+    """The fastest of ``options`` on ``device``, timed here: ``(name, {name: seconds})``.
+
+    ``options`` maps names to zero-argument callables, each run a few times
+    (:func:`sksae._accel.device.time_call`). One that raises (a kernel Triton
+    cannot build on this GPU, say) is reported in a warning and loses.
+    """
+    times = {}
+    for name, fn in options.items():
+        try:
+            times[name] = time_call(fn, device)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"{name!r} failed while being timed ({type(exc).__name__}: {exc}); "
+                          "another way runs instead.", RuntimeWarning, stacklevel=3)
+            times[name] = float("inf")
+    return min(times, key=times.get), times
 
 
 def dead_columns(dead_F):

@@ -94,7 +94,9 @@ def use_sparse(n_components, k, mode="auto", device=None):
     mode : {"auto", "sparse", "dense"}
         ``"auto"`` applies the rule ``n_components >= SPARSE_MIN_COMPONENTS``
         and ``k <= SPARSE_MAX_DENSITY * n_components`` on the CPU, and picks the
-        dense path on accelerators.
+        dense path on accelerators (where the trainer first times both steps
+        and sets the architecture's ``kernels`` to the faster:
+        :meth:`sksae._sae_trainer.SAETrainer._choose_kernels`).
     device : torch.device or str, default=None
         Where the step runs (None: the CPU rule).
     """
