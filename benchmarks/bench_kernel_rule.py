@@ -3,6 +3,9 @@
 Calibrates the automatic rule of :func:`sksae._accel.sparse.use_sparse`. Each row times
 ``steps`` SAETrainer steps (after warm-up) with the architecture's kernels forced
 to "sparse" and to "dense", and prints the ratio dense/sparse (> 1: sparse wins).
+On CUDA with Triton the sparse step runs the Triton kernels of
+:mod:`sksae._accel.fused` (a fit picks between the two by timing them at its
+first batch; this shows the margins at several shapes).
 
 Run: ``python benchmarks/bench_kernel_rule.py [--device cuda] [--steps 30]``.
 """

@@ -4,7 +4,9 @@
 # then the benchmarks on the GPU.
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
 #   (run from the repository root; CHECKS picks and orders the parts, all by default:
-#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist)
+#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist,
+#    kernels, rule, scaling; CHECKS=triton runs the Triton kernels' checks: kernels rule
+#    throughput scaling, in about 6 minutes)
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
 # wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
@@ -20,7 +22,9 @@ import sklearn, torch
 print("torch", torch.__version__, "| sklearn", sklearn.__version__, "|",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
-for check in ${CHECKS:-step tests throughput toy dict-quick}; do
+checks=${CHECKS:-step tests throughput toy dict-quick}
+[ "$checks" = triton ] && checks="kernels rule throughput scaling"
+for check in $checks; do
     case $check in
     step)
         timeout "${STEP_TIMEOUT:-90}" python3 benchmarks/bench_gpu_step.py --profile 2>&1 \
@@ -46,6 +50,20 @@ for check in ${CHECKS:-step tests throughput toy dict-quick}; do
         timeout "${DIST_TIMEOUT:-120}" python3 benchmarks/bench_distributed.py --device cuda \
             --batch 4096 --rows 409600 --latents 24576 --features 768 2>&1 \
             | tee "$out/distributed_cuda.txt" ;;
+    kernels)
+        # the Triton kernels compiled on the GPU against eager torch, then the selections timed
+        timeout "${KERNELS_TIMEOUT:-150}" python3 -m pytest tests/test_triton.py -q -rs \
+            -p no:cacheprovider > "$out/triton_tests.txt" 2>&1
+        tail -5 "$out/triton_tests.txt"
+        timeout "${TOPK_TIMEOUT:-90}" python3 benchmarks/bench_topk_gpu.py --device cuda --tune \
+            2>&1 | tee "$out/topk_gpu.txt" ;;
+    rule)
+        # the sparse (Triton) step against the dense one, forced, at the rule's shapes
+        timeout "${RULE_TIMEOUT:-90}" python3 benchmarks/bench_kernel_rule.py --device cuda \
+            --steps 30 2>&1 | tee "$out/kernel_rule_cuda.txt" ;;
+    scaling)
+        timeout "${SCALING_TIMEOUT:-150}" python3 benchmarks/bench_scaling.py --device cuda 2>&1 \
+            | tee "$out/scaling_cuda.txt" ;;
     toy)
         timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
             | tee "$out/toy_recovery_cuda.txt" ;;

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels (sksae._accel.fused) run in Triton's interpreter, on CPU
-# tensors: it must be chosen before Triton's first import (tests/test_triton.py)
+# tensors: it must be chosen before Triton's first import (tests/test_triton.py). sparsify,
+# a peer of the interop tests, takes its Triton decoder whenever Triton imports, CPU
+# tensors included: without a GPU it runs its eager decoder, as it does without Triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 # Tiny test models run fastest on one intra-op thread (and GridSearchCV tests
 # start their own workers); keeps the suite light on the 2-core CI machine.

@@ -16,5 +16,7 @@ call in here for the fast way to run it.
 - :mod:`.ops`: the coders' engine choice and row reductions;
 - :mod:`.workspace`: the state a training step's kernels share, passed explicitly;
 - :mod:`.select`: the encoder product and the TopK family's selections;
+- :mod:`.fused`: the Triton kernels of the TopK family's sparse step and its
+  radix top-k on CUDA (:mod:`._triton_kernels`), and the timings that pick them;
 - :mod:`.losses`: loss primitives with fewer passes over memory.
 """

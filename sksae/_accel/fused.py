@@ -148,7 +148,7 @@ class _Launchers:
     """The launchers, reached through :func:`kernels_for` (so that a caller cannot forget the rule)."""
 
     @staticmethod
-    def radix_topk(pre_BF, k, cols=None):
+    def radix_topk(pre_BF, k, cols=None, block=None, num_warps=4):
         """Columns (B, k) of each row's ``k`` largest entries, ascending, and their validity.
 
         The same sets as ``torch.topk`` up to ties (among equal entries the
@@ -156,7 +156,8 @@ class _Launchers:
         count) only those columns are candidates: ``cols`` is a pair
         ``(columns, n)`` with ``n`` a 0-dim int64 tensor on the device (no host
         read). Rows with fewer than k candidates are padded with column 0,
-        marked invalid.
+        marked invalid. ``block`` (columns per iteration, a power of two) and
+        ``num_warps`` tune the launch (benchmarks/bench_topk_gpu.py).
         """
         K = _module()
         pre = pre_BF if pre_BF.stride(-1) == 1 else pre_BF.contiguous()
@@ -171,7 +172,8 @@ class _Launchers:
             columns, n = cols
         K.radix_topk_kernel[_grid_rows(B)](
             pre, columns, n, out, valid, F, pre.stride(0), k,
-            KEY_BITS=TOPK_DTYPES[pre.dtype], HAS_COLS=cols is not None, BLOCK=min(1024, _pow2(F)))
+            KEY_BITS=TOPK_DTYPES[pre.dtype], HAS_COLS=cols is not None,
+            BLOCK=block or min(1024, _pow2(F)), num_warps=num_warps)
         return out, valid
 
     @staticmethod

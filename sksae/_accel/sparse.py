@@ -107,9 +107,9 @@ def use_sparse(n_components, k, mode="auto", device=None):
     if mode != "auto":
         raise ValueError(f"kernels must be 'auto', 'sparse' or 'dense', got {mode!r}.")
     if device is not None and is_accelerator(device):
-        # benchmarks/results/kernel_rule.txt: on a GPU the dense step is faster at every
-        # measured shape; the sparse kernels' sorts and gathers are many small launches,
-        # and a step there is launch-bound
+        # benchmarks/results/kernel_rule.txt: on a GPU the dense step was faster at every
+        # measured shape with torch's sparse primitives (many small launches); the Triton
+        # kernels' step is chosen by timing it (SAETrainer._choose_kernels), not here
         return False
     return n_components >= SPARSE_MIN_COMPONENTS and k <= SPARSE_MAX_DENSITY * n_components
 
