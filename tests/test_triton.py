@@ -345,3 +345,85 @@ def test_fastest_times_each_option_and_survives_a_failing_one():
     with pytest.warns(RuntimeWarning, match="'broken' failed while being timed"):
         name, times = fused.fastest({"broken": lambda: 1 / 0, "works": lambda: None}, "cpu")
     assert name == "works" and times["broken"] == float("inf") and times["works"] >= 0
+
+
+_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
+          torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """Every distinct launch of the tests below, recorded from runs of the launchers."""
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU the kernels compile and run in the tests above")
+    seen = []
+    previous, fused._LAUNCHES = fused._LAUNCHES, seen
+    try:
+        with fused.forced():
+            K = fused.kernels_for(torch.zeros(1))
+            g = torch.Generator().manual_seed(0)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                pre = torch.randn(3, 40, generator=g).to(dtype)
+                K.radix_topk(pre, 4)
+                K.radix_topk(pre, 4, fused.dead_columns(torch.arange(40) % 3 == 0))
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                pat = as_pattern(torch.topk(torch.randn(5, 30, generator=g), 3).indices, 30)
+                vals = torch.randn(15, generator=g).to(dtype)
+                W, A = (torch.randn(n, 7, generator=g).to(dtype) for n in (30, 5))
+                K.decode(pat, vals, W, W[0])
+                dots = K.dots(pat, A, W, W[:, 0])
+                K.by_latent(_transpose(pat), vals, A, torch.empty(30, 7, dtype=dtype), dots, W,
+                            sums=True)
+                K.by_latent(_transpose(pat), vals, A, torch.empty(30, 7, dtype=dtype))
+    finally:
+        fused._LAUNCHES = previous
+    distinct = {}
+    for kernel, args, constexprs in seen:
+        signature = {}
+        for name, value in zip(kernel.arg_names, args):
+            signature[name] = ("*" + _TYPES[value.dtype] if isinstance(value, torch.Tensor)
+                               else "i64")
+        constants = {name: (str(value) if not isinstance(value, (bool, int)) else value)
+                     for name, value in constexprs.items()}  # ACC: a dtype, as its name
+        distinct[repr((kernel.fn.__name__, signature, constants))] = (
+            kernel.fn.__name__, signature, constants)
+    return list(distinct.values())
+
+
+_COMPILE = """
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sksae._accel import _triton_kernels as K
+arch = int(sys.argv[1])
+for name, signature, constants in json.load(sys.stdin):
+    dtypes = {"fp32": tl.float32, "fp64": tl.float64}
+    constants = {k: dtypes[v] if isinstance(v, str) else v for k, v in constants.items()}
+    full = {**signature, **{k: "constexpr" for k in constants}}
+    out = triton.compile(ASTSource(fn=getattr(K, name), signature=full, constexprs=constants),
+                         target=GPUTarget("cuda", arch, 32))
+    assert out.asm["cubin"], name
+    print("compiled", name)
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_cuda(launched, arch):
+    """What the tests launch in the interpreter also compiles to a cubin for an A100 (sm_80)
+    and an H100 (sm_90): Triton's compiler needs no GPU, and it rejects what the
+    interpreter lets pass (a global that is not constexpr, say). In a fresh process, as
+    the kernels of this one are the interpreter's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(arch)], input=json.dumps(launched),
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = run.stdout.split()
+    assert compiled.count("compiled") == len(launched)
+    assert set(compiled) - {"compiled"} == {"radix_topk_kernel", "decode_kernel", "dots_kernel",
+                                            "by_latent_kernel"}

@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DIGIT_BITS = 8
-N_DIGITS = 1 << DIGIT_BITS
+DIGIT_BITS = tl.constexpr(8)
+N_DIGITS = tl.constexpr(256)
 
 
 @triton.jit

@@ -170,10 +170,10 @@ class _Launchers:
             columns, n = out, out  # unused pointers
         else:
             columns, n = cols
-        K.radix_topk_kernel[_grid_rows(B)](
-            pre, columns, n, out, valid, F, pre.stride(0), k,
-            KEY_BITS=TOPK_DTYPES[pre.dtype], HAS_COLS=cols is not None,
-            BLOCK=block or min(1024, _pow2(F)), num_warps=num_warps)
+        _run(K.radix_topk_kernel, _grid_rows(B),
+             pre, columns, n, out, valid, F, pre.stride(0), k,
+             KEY_BITS=TOPK_DTYPES[pre.dtype], HAS_COLS=cols is not None,
+             BLOCK=block or min(1024, _pow2(F)), num_warps=num_warps)
         return out, valid
 
     @staticmethod
@@ -187,9 +187,9 @@ class _Launchers:
             return out
         bias = W if bias_D is None else bias_D.contiguous()
         block_d = min(256, _pow2(D))
-        K.decode_kernel[(B, -(-D // block_d))](
-            pat.indices, values_N.contiguous(), pat.crow, W, bias, out, D,
-            HAS_BIAS=bias_D is not None, ACC=_acc(out), BLOCK_E=32, BLOCK_D=block_d)
+        _run(K.decode_kernel, (B, -(-D // block_d)),
+             pat.indices, values_N.contiguous(), pat.crow, W, bias, out, D,
+             HAS_BIAS=bias_D is not None, ACC=_acc(out), BLOCK_E=32, BLOCK_D=block_d)
         return out
 
     @staticmethod
@@ -201,10 +201,10 @@ class _Launchers:
         if pat.n_rows == 0 or out.numel() == 0:
             return out
         bias = W if bias_F is None else bias_F.contiguous()
-        K.dots_kernel[_grid_rows(pat.n_rows)](
-            pat.indices, pat.crow, A, W, bias, out, W.shape[1],
-            HAS_BIAS=bias_F is not None, ACC=_acc(out), BLOCK_E=16,
-            BLOCK_D=min(128, _pow2(W.shape[1])))
+        _run(K.dots_kernel, _grid_rows(pat.n_rows),
+             pat.indices, pat.crow, A, W, bias, out, W.shape[1],
+             HAS_BIAS=bias_F is not None, ACC=_acc(out), BLOCK_E=16,
+             BLOCK_D=min(128, _pow2(W.shape[1])))
         return out
 
     @staticmethod
@@ -228,11 +228,23 @@ class _Launchers:
                          device=out_FD.device)
         if F_ == 0:
             return total, sq
-        K.by_latent_kernel[_grid_rows(F_)](
-            crow_T, rows, wt, dots, Y_BD.contiguous(), W, out_FD,
-            sq if total is None else total, sq, D,
-            PROJECT=project, SUM=sums, ACC=_acc(out_FD), BLOCK_E=16, BLOCK_D=min(256, _pow2(D)))
+        _run(K.by_latent_kernel, _grid_rows(F_),
+             crow_T, rows, wt, dots, Y_BD.contiguous(), W, out_FD,
+             sq if total is None else total, sq, D,
+             PROJECT=project, SUM=sums, ACC=_acc(out_FD), BLOCK_E=16, BLOCK_D=min(256, _pow2(D)))
         return total, sq
+
+
+#: when a list, every launch appends ``(kernel, args, constexprs)`` to it (tests/test_triton.py
+#: compiles what was launched for CUDA targets, on a machine without a GPU)
+_LAUNCHES = None
+
+
+def _run(kernel, grid, *args, num_warps=4, **constexprs):
+    """Launch ``kernel`` on ``grid`` (noting the launch where :data:`_LAUNCHES` asks)."""
+    if _LAUNCHES is not None:
+        _LAUNCHES.append((kernel, args, constexprs))
+    kernel[grid](*args, num_warps=num_warps, **constexprs)
 
 
 def _acc(out):
