@@ -32,7 +32,6 @@ import time
 import torch
 
 from sksae._accel.device import synchronize
-from sksae._accel.select import select_topk
 from sksae._sae_trainer import SAETrainer, init_parameters, product_dtype
 from sksae.architectures import REGISTRY, Schedule
 
@@ -48,7 +47,7 @@ def _ms_per_step(step, batches, device, warm=3, steps=12):
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
-def sksae_step(D, F, k, B, device, batches):
+def sksae_ms(D, F, k, B, device, batches):
     g = torch.Generator().manual_seed(0)
     arch = REGISTRY["topk"]({"k": k, "auxk_alpha": 1 / 32}, F, D)
     params = init_parameters(batches[0].cpu().double(), F, "random", g, torch.float32, device)
@@ -60,7 +59,8 @@ def sksae_step(D, F, k, B, device, batches):
     return ms, note
 
 
-def sparsify_step(D, F, k, B, device, batches):
+def sparsify_ms(D, F, k, B, device, batches):
+    from bench_throughput import sparsify_step  # benchmarks/ is the script's folder
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
@@ -68,39 +68,16 @@ def sparsify_step(D, F, k, B, device, batches):
                       dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (F / 2**14) ** 0.5)
     since_fired = torch.zeros(F, dtype=torch.long, device=device)
-    use_autocast = device.type == "cuda"
-
-    def step(x):
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
-            out = sae(x, dead_mask=since_fired > 4 * B)
-            loss = out.fvu + 1 / 32 * out.auxk_loss
-        loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        sae.set_decoder_norm_to_unit_norm()
-        with torch.no_grad():
-            since_fired.add_(x.shape[0])
-            since_fired[out.latent_indices.flatten()] = 0
-
+    step = sparsify_step(sae, opt, since_fired, 4 * B, device.type == "cuda")
     return _ms_per_step(step, batches, device), ""  # the warm-up compiles its kernels
 
 
 def floor_ms(D, F, k, B, device):
+    """ms of the floor: bench_throughput's roofline (encoder product + the faster top-k)."""
+    from bench_throughput import roofline  # benchmarks/ is the script's folder
+
     dtype = product_dtype("auto", device, torch.float32) or torch.float32
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, D, generator=g).to(device, dtype)
-    W = torch.randn(F, D, generator=g).to(device, dtype)
-    b = torch.zeros(F, device=device, dtype=dtype)
-    pre = torch.empty(B, F, device=device, dtype=dtype)
-
-    def work(select):
-        torch.addmm(b, x, W.T, out=pre)
-        select(pre)
-
-    return min(_ms_per_step(lambda _: work(s), [None], device, warm=2, steps=5)
-               for s in (lambda p: torch.topk(p, k, dim=-1, sorted=False),
-                         lambda p: select_topk(p, k)))
+    return 1e3 * B / roofline(D, F, k, B, device, dtype)
 
 
 def main(argv=None):
@@ -119,13 +96,13 @@ def main(argv=None):
     D, B = args.features, args.batch
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, device {device} ({name}), d={D}, batch {B}")
-    runners = {"sksae": sksae_step}
+    runners = {"sksae": sksae_ms}
     if device.type != "cuda":  # sparsify's Triton decoder (taken whenever Triton imports) needs CUDA
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     if "sparsify" in args.peers.split(","):
         try:
             import sparsify  # noqa: F401
-            runners["sparsify"] = sparsify_step
+            runners["sparsify"] = sparsify_ms
         except Exception as exc:  # noqa: BLE001 - not installed, or broken
             print(f"# sparsify skipped: {type(exc).__name__}: {exc}")
     print(f"{'F':>8} {'k':>4} {'floor ms':>9} " + " ".join(f"{n + ' ms':>12}" for n in runners)

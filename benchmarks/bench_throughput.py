@@ -223,10 +223,20 @@ def run_sparsify(X, n_components, k, batch_size, epochs, device, bf16=None):
             warm(x0, dead_mask=torch.ones(n_components, dtype=torch.bool,
                                           device=device)).fvu.backward()
         del warm
+    step = sparsify_step(sae, opt, since_fired, dead_threshold, use_autocast)
     synchronize(device)
     t1 = time.perf_counter()
     for x in batches(X, batch_size, epochs, device):
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
+        step(x)
+    synchronize(device)
+    seconds = time.perf_counter() - t1
+    return seconds, t1 - t0, lambda x: sae(x).sae_out
+
+
+def sparsify_step(sae, opt, since_fired, dead_threshold, use_autocast):
+    """One training step of a sparsify ``SparseCoder`` as its trainer takes it."""
+    def step(x):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=use_autocast):
             out = sae(x, dead_mask=since_fired > dead_threshold)
             loss = out.fvu + 1 / 32 * out.auxk_loss
         loss.backward()
@@ -235,11 +245,10 @@ def run_sparsify(X, n_components, k, batch_size, epochs, device, bf16=None):
         opt.zero_grad()
         sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
-            since_fired += x.shape[0]
+            since_fired.add_(x.shape[0])
             since_fired[out.latent_indices.flatten()] = 0
-    synchronize(device)
-    seconds = time.perf_counter() - t1
-    return seconds, t1 - t0, lambda x: sae(x).sae_out
+        return out
+    return step
 
 
 # -- SAELens ----------------------------------------------------------------------

@@ -8,11 +8,13 @@ from torch.testing import assert_close
 
 from sksae import SparseAutoencoder
 from sksae._accel import sparse as _kernels
-from sksae._accel.sparse import Pattern, gather_pre, sparse_decode, use_sparse
+from sksae._accel.sparse import gather_pre, sparse_decode, use_sparse
 from sksae._accel.workspace import StepWorkspace
 from sksae._sae_trainer import SAETrainer, init_parameters
 from sksae.architectures import REGISTRY, EncodeOutput, LossInputs, Schedule, SparseCodes, decode
 from sksae._accel import compiled as _compiled
+
+from _patterns import dense_codes, ragged_pattern
 
 TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.uses_dead_latents)
 # coefficients at 1 from the first step, no final decay (as partial_fit's)
@@ -45,24 +47,8 @@ def _params(n_features, n_components, dtype, device, seed=0):
             for k, s in shapes.items()}
 
 
-def _ragged(n_rows, n_components, max_k, device, seed=0):
-    """A CSR pattern with 0..max_k distinct latents per row."""
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, max_k + 1, (n_rows,), generator=g)
-    counts[0] = 0  # an empty row
-    rows = [torch.randperm(n_components, generator=g)[:c] for c in counts.tolist()]
-    crow = torch.zeros(n_rows + 1, dtype=torch.long)
-    crow[1:] = counts.cumsum(0)
-    return Pattern(torch.cat(rows).to(device), crow.to(device), n_components)
-
-
-def _dense(values_N, pat):
-    out = values_N.new_zeros(pat.n_rows, pat.n_components)
-    return out.index_put((pat.rows(), pat.indices), values_N)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sparse_decode_matches_dense(device, dtype):
+def test_sparse_decode_matchesdense_codes(device, dtype):
     B, D, F, k = 24, 7, 50, 5
     g = torch.Generator().manual_seed(1)
     W = torch.randn(F, D, generator=g, dtype=dtype).to(device).requires_grad_(True)
@@ -84,7 +70,7 @@ def test_sparse_decode_matches_dense(device, dtype):
 def test_ragged_pattern_decode_and_gather(device, dtype):
     """Variable counts per row (BatchTopK), an empty row included."""
     B, D, F = 16, 6, 40
-    pat = _ragged(B, F, 8, device)
+    pat = ragged_pattern(B, F, 8, device)
     p = _params(D, F, dtype, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, D, dtype=dtype, generator=g).to(device)
@@ -93,7 +79,7 @@ def test_ragged_pattern_decode_and_gather(device, dtype):
     def loss(pre_used):
         vals = gather_pre(pre_used, pat, x, p).clamp_min(0)
         if pre_used.requires_grad:  # dense reference
-            x_hat = _dense(vals, pat) @ p["W_dec"] + p["b_dec"]
+            x_hat = dense_codes(vals, pat) @ p["W_dec"] + p["b_dec"]
         else:
             x_hat = sparse_decode(vals, pat, p["W_dec"], p["b_dec"])
         return x_hat, (x_hat - x).pow(2).sum()
@@ -192,7 +178,7 @@ def _trainer(name, kernels, device, dtype, n_dead):
 @pytest.mark.parametrize("name", TOPK_FAMILY)
 @pytest.mark.parametrize("n_dead", [0, 5, 50])  # none, few (index_select), many (masked)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_family_sparse_equals_dense(name, n_dead, dtype, device):
+def test_topk_family_sparse_equalsdense_codes(name, n_dead, dtype, device):
     """Same metrics and gradients (after projection and clipping) on both paths."""
     sparse, x = _trainer(name, "sparse", device, dtype, n_dead)
     dense, _ = _trainer(name, "dense", device, dtype, n_dead)
@@ -280,7 +266,7 @@ def test_workspace_hands_out_each_lent_tensor_once():
 def test_scatter_into_a_stale_buffer(monkeypatch, mkl):
     """S^T Y is exact whatever the reused buffer held (NaN included), with MKL or without."""
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
-    pat = _ragged(9, 40, 5, "cpu")
+    pat = ragged_pattern(9, 40, 5, "cpu")
     g = torch.Generator().manual_seed(3)
     Y = torch.randn(9, 6, generator=g)
     w = torch.randn(pat.indices.shape[0], generator=g)

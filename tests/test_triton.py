@@ -17,10 +17,12 @@ pytest.importorskip("triton")
 from sksae import SparseAutoencoder
 from sksae._accel import fused
 from sksae._accel.select import dead_latent_picks, select_topk, topk
-from sksae._accel.sparse import Pattern, _transpose, as_pattern, gather_pre, sparse_decode
+from sksae._accel.sparse import _transpose, as_pattern, gather_pre, sparse_decode
 from sksae._accel.workspace import StepWorkspace
 from sksae._sae_trainer import SAETrainer, init_parameters
 from sksae.architectures import REGISTRY, Schedule
+
+from _patterns import dense_codes, ragged_pattern
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOPK_FAMILY = sorted(name for name, cls in REGISTRY.items() if cls.uses_dead_latents)
@@ -119,21 +121,6 @@ def _fake_timer(times):
     return time_call
 
 
-def _ragged(B, F, max_k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(0, max_k + 1, (B,), generator=g)
-    counts[1] = 0  # an empty row
-    rows = [torch.randperm(F, generator=g)[:c] for c in counts.tolist()]
-    crow = torch.zeros(B + 1, dtype=torch.long)
-    crow[1:] = counts.cumsum(0)
-    return Pattern(torch.cat(rows).to(DEVICE), crow.to(DEVICE), F)
-
-
-def _dense(values, pat):
-    out = values.new_zeros(pat.n_rows, pat.n_components)
-    return out.index_put((pat.rows(), pat.indices), values)
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
                                         (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("D", [37, 5])
@@ -141,13 +128,13 @@ def test_passes_equal_eager(kernels, dtype, tol, D):
     """decode, dots and by_latent on a ragged pattern (an empty row, unused latents)."""
     B, F = 9, 23
     g = torch.Generator().manual_seed(D)
-    pat = _ragged(B, F, 6)
+    pat = ragged_pattern(B, F, 6, DEVICE)
     vals = torch.randn(pat.indices.shape[0], generator=g).to(DEVICE, dtype)
     W = torch.randn(F, D, generator=g).to(DEVICE, dtype)
     A = torch.randn(B, D, generator=g).to(DEVICE, dtype)
     bias_D = torch.randn(D, generator=g).to(DEVICE, dtype)
     bias_F = torch.randn(F, generator=g).to(DEVICE, dtype)
-    S = _dense(vals.double(), pat)
+    S = dense_codes(vals.double(), pat)
     Wd, Ad = W.double(), A.double()
     kw = {"rtol": tol, "atol": tol}
 
@@ -187,14 +174,14 @@ def test_sparse_step_gradients_equal_dense_autograd(kernels, dtype, tol, ragged)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(B, D, generator=g, dtype=dtype).to(DEVICE).requires_grad_(True)
     pre = torch.addmm(p["b_enc"], x - p["b_dec"], p["W_enc"].T)
-    support = _ragged(B, F, 5) if ragged else torch.topk(pre.detach(), k).indices
+    support = ragged_pattern(B, F, 5, DEVICE) if ragged else torch.topk(pre.detach(), k).indices
 
     def run(pre_used, sparse):
         vals = gather_pre(pre_used, support, x, p).clamp_min(0)
         if sparse:
             x_hat = sparse_decode(vals, support, p["W_dec"], p["b_dec"])
         else:
-            codes = _dense(vals.reshape(-1), as_pattern(support, F))
+            codes = dense_codes(vals.reshape(-1), as_pattern(support, F))
             x_hat = codes @ p["W_dec"] + p["b_dec"]
         return x_hat, (x_hat - 0.5 * x).pow(2).sum()
 

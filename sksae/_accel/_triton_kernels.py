@@ -114,6 +114,22 @@ def radix_topk_kernel(pre_ptr, cols_ptr, n_cols_ptr, out_ptr, valid_ptr, n_cols,
 
 
 @triton.jit
+def _weighted_rows(idx_ptr, wt_ptr, M_ptr, lo, hi, d, d_in, D, ACC: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``sum_e wt[e] M[idx[e], d]`` over the entries ``lo:hi``, for the columns ``d`` of M (D wide)."""
+    acc = tl.zeros((BLOCK_D,), ACC)
+    for start in range(lo, hi, BLOCK_E):
+        e = start + tl.arange(0, BLOCK_E)
+        e_in = e < hi
+        r = tl.load(idx_ptr + e, mask=e_in, other=0)
+        wt = tl.load(wt_ptr + e, mask=e_in, other=0).to(ACC)
+        m = tl.load(M_ptr + r[:, None] * D + d[None, :], mask=e_in[:, None] & d_in[None, :],
+                    other=0).to(ACC)
+        acc += tl.sum(wt[:, None] * m, 0)
+    return acc
+
+
+@triton.jit
 def decode_kernel(idx_ptr, val_ptr, crow_ptr, W_ptr, bias_ptr, out_ptr, D,
                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_D: tl.constexpr):
@@ -123,15 +139,7 @@ def decode_kernel(idx_ptr, val_ptr, crow_ptr, W_ptr, bias_ptr, out_ptr, D,
     d_in = d < D
     lo = tl.load(crow_ptr + b)
     hi = tl.load(crow_ptr + b + 1)
-    acc = tl.zeros((BLOCK_D,), ACC)
-    for start in range(lo, hi, BLOCK_E):
-        e = start + tl.arange(0, BLOCK_E)
-        e_in = e < hi
-        f = tl.load(idx_ptr + e, mask=e_in, other=0)
-        v = tl.load(val_ptr + e, mask=e_in, other=0).to(ACC)
-        w = tl.load(W_ptr + f[:, None] * D + d[None, :], mask=e_in[:, None] & d_in[None, :],
-                    other=0).to(ACC)
-        acc += tl.sum(v[:, None] * w, 0)
+    acc = _weighted_rows(idx_ptr, val_ptr, W_ptr, lo, hi, d, d_in, D, ACC, BLOCK_E, BLOCK_D)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + d, mask=d_in, other=0).to(ACC)
     tl.store(out_ptr + b * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_in)
@@ -193,15 +201,7 @@ def by_latent_kernel(crow_T_ptr, rows_ptr, wt_ptr, dots_ptr, Y_ptr, W_ptr, out_p
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_in = d < D
-        acc = tl.zeros((BLOCK_D,), ACC)
-        for start in range(lo, hi, BLOCK_E):
-            e = start + tl.arange(0, BLOCK_E)
-            e_in = e < hi
-            r = tl.load(rows_ptr + e, mask=e_in, other=0)
-            wt = tl.load(wt_ptr + e, mask=e_in, other=0).to(ACC)
-            y = tl.load(Y_ptr + r[:, None] * D + d[None, :], mask=e_in[:, None] & d_in[None, :],
-                        other=0).to(ACC)
-            acc += tl.sum(wt[:, None] * y, 0)
+        acc = _weighted_rows(rows_ptr, wt_ptr, Y_ptr, lo, hi, d, d_in, D, ACC, BLOCK_E, BLOCK_D)
         if PROJECT:
             acc -= radial * tl.load(W_ptr + f * D + d, mask=d_in, other=0).to(ACC)
         out = acc.to(out_ptr.dtype.element_ty)
