@@ -1,8 +1,8 @@
 """Launchers of the Triton kernels (:mod:`._triton_kernels`) and the rule that enables them.
 
 The TopK family's sparse step (:mod:`.sparse`) and its selections
-(:mod:`.select`) call :func:`kernels_for` with their tensors: it returns this
-module when the Triton kernels should run on them, else None (and the
+(:mod:`.select`) call :func:`kernels_for` with their tensors: it returns the
+launchers when the Triton kernels should run on them, else None (and the
 callers run their torch or numba paths, which compute the same thing).
 
 They run on CUDA tensors when Triton imports. On CPU tensors they run only
@@ -11,9 +11,8 @@ before Triton was first imported: Triton's interpreter then executes them
 with numpy, which is how CI checks them without a GPU.
 
 Every launcher sums in float32 (float64 for float64 tensors) and writes in
-its output's dtype; none
-synchronises with the host, so the step can still be recorded as a CUDA
-graph.
+its output's dtype; none synchronises with the host, so the step can still
+be recorded as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ def forced():
 
 
 def kernels_for(*tensors):
-    """This module when the Triton kernels should run on ``tensors``, else None.
+    """The launchers when the Triton kernels should run on ``tensors``, else None.
 
     All tensors on one CUDA device (or on the CPU inside :func:`forced` with
     the interpreter on), and Triton importable.
@@ -90,7 +89,7 @@ def kernels_for(*tensors):
 
 
 def selection_kernels(pre_BF, k):
-    """This module when its radix top-k should select ``k`` of each row of ``pre``, else None.
+    """The launchers when their radix top-k should select ``k`` of each row of ``pre``, else None.
 
     The rule is a measurement: the first time a shape (B, F, k, dtype) comes on
     a device, both ``torch.topk`` and the radix selection run on it a few
