@@ -10,6 +10,8 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 pytest.importorskip("triton")
@@ -414,3 +416,38 @@ def test_kernels_compile_for_cuda(launched, arch):
     assert compiled.count("compiled") == len(launched)
     assert set(compiled) - {"compiled"} == {"radix_topk_kernel", "decode_kernel", "dots_kernel",
                                             "by_latent_kernel"}
+
+
+_VALUES = [float("-inf"), -2.0, -0.5, -0.0, 0.0, 0.25, 1.0, 3.0, float("inf")]
+
+
+@settings(max_examples=15)
+@given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_radix_topk_is_the_stable_topk(kernels, data, dtype):
+    """Random rows full of ties, zeros of both signs and infinities: the kernel takes exactly
+    the k largest, the earlier column first among equals (a stable sort's first k), over
+    all columns or over a random set of columns."""
+    B = data.draw(st.integers(1, 3))
+    F = data.draw(st.integers(1, 40))
+    k = data.draw(st.integers(1, F))
+    rows = data.draw(st.lists(st.lists(st.sampled_from(_VALUES), min_size=F, max_size=F),
+                              min_size=B, max_size=B))
+    pre = torch.tensor(rows).to(DEVICE, dtype)
+    values = pre.float().cpu().numpy()
+
+    def stable_top(row, columns):
+        order = sorted(columns, key=lambda j: (-row[j], j))  # larger first, then earlier
+        return sorted(order[:k])
+
+    idx, valid = kernels.radix_topk(pre, k)
+    assert valid.all()
+    assert idx.tolist() == [stable_top(values[b], range(F)) for b in range(B)]
+
+    dead = torch.tensor(data.draw(st.lists(st.booleans(), min_size=F, max_size=F)),
+                        device=DEVICE)
+    idx, valid = kernels.radix_topk(pre, k, fused.dead_columns(dead))
+    columns = dead.nonzero().flatten().tolist()
+    for b in range(B):
+        want = stable_top(values[b], columns)
+        assert idx[b][valid[b]].tolist() == want
+        assert valid[b].sum() == min(k, len(columns))

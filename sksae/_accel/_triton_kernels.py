@@ -30,16 +30,17 @@ N_DIGITS = tl.constexpr(256)
 
 @triton.jit
 def _keys(x, KEY_BITS: tl.constexpr):
-    """Order-preserving unsigned keys (as int64) of floats of KEY_BITS bits."""
+    """Order-preserving unsigned keys (as int64) of floats of KEY_BITS bits (equal floats, equal keys)."""
     if KEY_BITS == 16:
         s = x.to(tl.int16, bitcast=True).to(tl.int64)
     else:
         s = x.to(tl.int32, bitcast=True).to(tl.int64)
     full = (1 << KEY_BITS) - 1
-    u = s & full
     sign = 1 << (KEY_BITS - 1)
+    u = s & full
+    u = tl.where(u == sign, 0, u)  # -0.0 is +0.0: equal floats have one key
     # positive floats: set the sign bit; negative ones: flip every bit (larger magnitude, smaller key)
-    return tl.where(s >= 0, u | sign, (~u) & full)
+    return tl.where((u & sign) == 0, u | sign, (~u) & full)
 
 
 @triton.jit
