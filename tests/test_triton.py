@@ -451,3 +451,15 @@ def test_radix_topk_is_the_stable_topk(kernels, data, dtype):
         want = stable_top(values[b], columns)
         assert idx[b][valid[b]].tolist() == want
         assert valid[b].sum() == min(k, len(columns))
+
+
+def test_decoder_gradient_with_constant_values(kernels):
+    """Values that need no gradient (and no projection): the decoder's gradient alone."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(20, 5, generator=g).to(DEVICE).requires_grad_(True)
+    idx = torch.topk(torch.randn(4, 20, generator=g), 3).indices.to(DEVICE)
+    v = torch.rand(4, 3, generator=g).to(DEVICE)
+    (got,) = torch.autograd.grad(sparse_decode(v, idx, W).pow(2).sum(), [W])
+    S = torch.zeros(4, 20, device=DEVICE).scatter(1, idx, v)
+    (want,) = torch.autograd.grad((S @ W).pow(2).sum(), [W])
+    assert_close(got, want)

@@ -384,7 +384,7 @@ class _SparseDecode(torch.autograd.Function):
         if triton is not None:
             # the value gradients, then the weight gradient with its radial part removed
             # and its rows' norms, one program per latent
-            dots = triton.dots(ctx.pat, grad, W)
+            dots = triton.dots(ctx.pat, grad, W) if need[0] or tangent is not None else None
             g_W = _buffer(ws, tuple(W.shape), W, owner=W)
             _, row_sq = triton.by_latent(_transpose(ctx.pat), values.to(W.dtype), grad, g_W,
                                          dots_N=dots if tangent is not None else None, W_FD=W)
