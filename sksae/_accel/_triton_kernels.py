@@ -30,7 +30,7 @@ N_DIGITS = tl.constexpr(256)
 
 @triton.jit
 def _keys(x, KEY_BITS: tl.constexpr):
-    """Order-preserving unsigned keys (as int64) of floats of KEY_BITS bits (equal floats, equal keys)."""
+    """Order-preserving unsigned keys (int64) of KEY_BITS-bit floats; equal floats, equal keys."""
     if KEY_BITS == 16:
         s = x.to(tl.int16, bitcast=True).to(tl.int64)
     else:
@@ -39,7 +39,8 @@ def _keys(x, KEY_BITS: tl.constexpr):
     sign = 1 << (KEY_BITS - 1)
     u = s & full
     u = tl.where(u == sign, 0, u)  # -0.0 is +0.0: equal floats have one key
-    # positive floats: set the sign bit; negative ones: flip every bit (larger magnitude, smaller key)
+    # positive floats: set the sign bit; negative ones: flip every bit (larger magnitude,
+    # smaller key)
     return tl.where((u & sign) == 0, u | sign, (~u) & full)
 
 
@@ -117,7 +118,7 @@ def radix_topk_kernel(pre_ptr, cols_ptr, n_cols_ptr, out_ptr, valid_ptr, n_cols,
 @triton.jit
 def _weighted_rows(idx_ptr, wt_ptr, M_ptr, lo, hi, d, d_in, D, ACC: tl.constexpr,
                    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``sum_e wt[e] M[idx[e], d]`` over the entries ``lo:hi``, for the columns ``d`` of M (D wide)."""
+    """``sum_e wt[e] M[idx[e], d]`` over the entries ``lo:hi``, columns ``d`` of M (D wide)."""
     acc = tl.zeros((BLOCK_D,), ACC)
     for start in range(lo, hi, BLOCK_E):
         e = start + tl.arange(0, BLOCK_E)

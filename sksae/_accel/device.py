@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import statistics
+import time
 
 import torch
 
@@ -189,9 +191,6 @@ def time_call(fn, device, repeats=5):
     On CUDA timed by events on the current stream (the GPU's time, not the
     launch's); elsewhere by the wall clock.
     """
-    import statistics
-    import time
-
     device = torch.device(device)
     fn()
     times = []

@@ -28,7 +28,7 @@ import torch
 from .device import is_capturing, time_call
 
 __all__ = ["available", "forced", "kernels_for", "selection_kernels", "fastest", "dead_columns",
-           "radix_topk", "decode", "dots", "by_latent", "TOPK_DTYPES"]
+           "TOPK_DTYPES"]
 
 #: dtypes whose bits the radix selection reads as order-preserving keys
 TOPK_DTYPES = {torch.bfloat16: 16, torch.float16: 16, torch.float32: 32}
@@ -134,7 +134,7 @@ def fastest(options, device):
 
 
 def dead_columns(dead_F):
-    """``(columns, n)``: the dead latents' indices first (ascending), and their count on the device."""
+    """``(columns, n)``: the dead latents' indices first (ascending), their count on the device."""
     order = torch.sort((~dead_F).to(torch.uint8), stable=True).indices
     return order, dead_F.sum()
 
@@ -144,7 +144,7 @@ def _grid_rows(n):
 
 
 class _Launchers:
-    """The launchers, reached through :func:`kernels_for` (so that a caller cannot forget the rule)."""
+    """The launchers, reached through :func:`kernels_for` (so that no caller skips the rule)."""
 
     @staticmethod
     def radix_topk(pre_BF, k, cols=None, block=None, num_warps=4):
@@ -258,7 +258,3 @@ def _pow2(n):
 
 
 _launchers = _Launchers()
-radix_topk = _Launchers.radix_topk
-decode = _Launchers.decode
-dots = _Launchers.dots
-by_latent = _Launchers.by_latent

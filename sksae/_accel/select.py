@@ -103,6 +103,10 @@ def topk(pre_BF, k):
     if triton is not None:
         indices = triton.radix_topk(pre_BF.detach(), k)[0]
         return pre_BF.gather(-1, indices), indices
+    return _torch_topk(pre_BF, k)
+
+
+def _torch_topk(pre_BF, k):
     with parallel(pre_BF):
         return tuple(torch.topk(pre_BF, k, dim=-1, sorted=False))
 
@@ -112,15 +116,18 @@ def select_topk(pre_BF, k):
 
     Where :func:`sksae._accel.fused.selection_kernels` measured it faster (on
     CUDA) the Triton radix selection runs. On the CPU the compiled kernel runs
-    where ``16 k <= F`` (its sampled threshold then leaves about ``2 k`` candidates a row; for larger shares
-    ``torch.topk`` is faster), split by rows over sksae's threads.
+    where ``16 k <= F`` (its sampled threshold then leaves about ``2 k``
+    candidates a row; for larger shares ``torch.topk`` is faster), split by
+    rows over sksae's threads.
     """
+    triton = fused.selection_kernels(pre_BF, k)
+    if triton is not None:
+        return triton.radix_topk(pre_BF, k)[0]
     B, F = pre_BF.shape
-    fits = (pre_BF.device.type == "cpu" and pre_BF.dtype in _BITS and 0 < 16 * k <= F and B > 0
-            and fused.selection_kernels(pre_BF, k) is None)
+    fits = pre_BF.device.type == "cpu" and pre_BF.dtype in _BITS and 0 < 16 * k <= F and B > 0
     rows = kernel("topk") if fits else None
     if rows is None:
-        return topk(pre_BF, k)[1]
+        return _torch_topk(pre_BF, k)[1]
     int_dtype, magnitude = _BITS[pre_BF.dtype]
     bits = pre_BF.contiguous().view(int_dtype).numpy()
     out = np.empty((B, k), dtype=np.int64)

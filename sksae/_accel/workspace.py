@@ -23,6 +23,7 @@ their own workspace.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
@@ -171,11 +172,11 @@ class StepWorkspace:
             pass  # kept for the clipping that follows the block
 
     def note_norm(self, t, row_sq, owner=None):
-        """Note ``t``'s norm from its rows' squared norms; ``t`` is (part of) ``owner``'s gradient."""
+        """Note ``t``'s norm from its rows' squared norms (``t``: part of ``owner``'s gradient)."""
         if self.norms is not None:
             key = None if owner is None else owner.data_ptr()
-            self.norms[t.data_ptr()] = (key, tuple(t.shape), t.dtype, t._version,
-                                        row_sq.sum().sqrt())
+            self.norms[t.data_ptr()] = _Note(key, tuple(t.shape), t.dtype, t._version,
+                                             row_sq.sum().sqrt())
             self.noted_parts[key] = self.noted_parts.get(key, 0) + 1
 
     def known_norm(self, t, owner=None):
@@ -189,13 +190,24 @@ class StepWorkspace:
         ``owner``, only a note made for that parameter's gradient is used.
         """
         noted = self.norms.get(t.data_ptr()) if self.norms else None
-        if noted is None or noted[1:4] != (tuple(t.shape), t.dtype, t._version):
+        if noted is None or (noted.shape, noted.dtype, noted.version) != (
+                tuple(t.shape), t.dtype, t._version):
             return None
-        if owner is not None and noted[0] != owner.data_ptr():
+        if owner is not None and noted.owner != owner.data_ptr():
             return None
-        if self.noted_parts.get(noted[0], 0) != 1:
+        if self.noted_parts.get(noted.owner, 0) != 1:
             return None
-        return noted[4]
+        return noted.norm
+
+
+class _Note(NamedTuple):
+    """A gradient's noted norm, and what identifies the gradient it was noted for."""
+
+    owner: object  # the parameter's data_ptr, or None
+    shape: tuple
+    dtype: object
+    version: int
+    norm: object
 
 
 def _key(t):
