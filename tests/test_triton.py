@@ -463,3 +463,29 @@ def test_decoder_gradient_with_constant_values(kernels):
     S = torch.zeros(4, 20, device=DEVICE).scatter(1, idx, v)
     (want,) = torch.autograd.grad((S @ W).pow(2).sum(), [W])
     assert_close(got, want)
+
+
+def test_an_interrupted_kernel_timing_changes_nothing(monkeypatch):
+    """Ctrl-C (or an error) while the first batch times the two steps: the architecture's
+    kernels are back at "auto", no parameter or optimizer state moved, and no step counted."""
+    if DEVICE != "cpu":
+        pytest.skip("runs the kernels on CPU tensors: a CPU (interpreted) check")
+    trainer, x = _trainer("topk", 0)
+    trainer.arch.kernels = "auto"
+    trainer._kernels_open = True
+    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+
+    def interrupted(options, device):
+        options["sparse"]()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fused, "fastest", interrupted)
+    with fused.forced(), pytest.raises(KeyboardInterrupt):
+        trainer.step(x)
+    assert trainer.arch.kernels == "auto"
+    assert trainer.step_count == 0
+    for state in trainer.optimizer.state.values():  # Adam as constructed: no step taken
+        assert float(state["step"]) == 0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+    for key, param in trainer.params.items():
+        assert torch.equal(param.detach(), before[key])
