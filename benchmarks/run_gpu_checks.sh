@@ -5,8 +5,8 @@
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
 #   (run from the repository root; CHECKS picks and orders the parts, all by default:
 #    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist,
-#    kernels, rule, scaling; CHECKS=triton runs the Triton kernels' checks: kernels rule
-#    throughput scaling, in about 6 minutes)
+#    kernels, rule, scaling, fusion; CHECKS=triton runs the Triton kernels' checks: kernels
+#    rule throughput scaling fusion, in about 8 minutes)
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
 # wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
@@ -23,7 +23,7 @@ print("torch", torch.__version__, "| sklearn", sklearn.__version__, "|",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
 checks=${CHECKS:-step tests throughput toy dict-quick}
-[ "$checks" = triton ] && checks="kernels rule throughput scaling"
+[ "$checks" = triton ] && checks="kernels rule throughput scaling fusion"
 for check in $checks; do
     case $check in
     step)
@@ -64,6 +64,10 @@ for check in $checks; do
     scaling)
         timeout "${SCALING_TIMEOUT:-150}" python3 benchmarks/bench_scaling.py --device cuda 2>&1 \
             | tee "$out/scaling_cuda.txt" ;;
+    fusion)
+        # the step's elementwise end: clip pass, clip in fused Adam's scale, torch.compile
+        timeout "${FUSION_TIMEOUT:-150}" python3 benchmarks/bench_step_fusion.py --device cuda \
+            2>&1 | tee "$out/step_fusion_cuda.txt" ;;
     toy)
         timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \
             | tee "$out/toy_recovery_cuda.txt" ;;

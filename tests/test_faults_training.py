@@ -330,6 +330,59 @@ def test_clip_and_step_refuses_non_finite_norm_before_stepping(fused):
     assert float(norm) == pytest.approx(np.sqrt(12 + 25))
 
 
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("grad_size", [0.01, 10.0])
+def test_device_clipping_is_the_fused_adam_scale(grad_size, capturable, device):
+    """Off the CPU, clipping is fused Adam's gradient scale: the same steps as clip-then-step."""
+    from sksae._accel import adam
+
+    g = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(50, 8, generator=g) * grad_size).to(device),
+             (torch.randn(8, generator=g) * grad_size).to(device)]
+    start = [torch.randn(50, 8, generator=g).to(device), torch.randn(8, generator=g).to(device)]
+    clipped, scaled = ([t.clone().requires_grad_() for t in start] for _ in range(2))
+    lr = (lambda: torch.tensor(0.01, device=device)) if capturable else (lambda: 0.01)
+    opts = [torch.optim.Adam(ps, lr=lr(), fused=True, capturable=capturable)
+            for ps in (clipped, scaled)]
+    assert adam._folds_scale(opts[1])
+    for _ in range(3):
+        for ps in (clipped, scaled):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+        norm = adam.total_norm([p.grad for p in clipped])
+        adam._clip_with_norm(clipped, 1.0, norm)
+        opts[0].step()
+        if device == "cpu":
+            adam._step_scaled(opts[1], 1.0, adam.total_norm([p.grad for p in scaled]))
+        else:
+            returned = adam.clip_and_step(opts[1], scaled, 1.0)
+            torch.testing.assert_close(returned, norm)
+    for a, b in zip(clipped, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not hasattr(opts[1], "grad_scale") and not hasattr(opts[1], "found_inf")
+
+
+def test_device_clipping_skips_the_step_of_a_non_finite_norm(device):
+    """A non-finite norm leaves parameters, moments and step counts as they were."""
+    from sksae._accel import adam
+
+    ps = [torch.ones(4, 3, device=device, requires_grad=True),
+          torch.zeros(3, device=device, requires_grad=True)]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    adam._step_scaled(opt, 1.0, adam.total_norm([p.grad for p in ps]))
+    before = [p.detach().clone() for p in ps]
+    moments = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(ps)}
+    ps[1].grad = torch.tensor([1.0, float("nan"), 0.0], device=device)
+    ps[0].grad = torch.ones_like(ps[0])
+    adam._step_scaled(opt, 1.0, adam.total_norm([p.grad for p in ps]))
+    for i, p in enumerate(ps):
+        assert torch.equal(p.detach(), before[i])
+        for k, v in moments[i].items():
+            assert torch.equal(opt.state[p][k], v), k
+
+
 def test_loop_checks_metrics_when_it_reads_them():
     from sksae._engine import BatchSource, run_minibatch_loop
 

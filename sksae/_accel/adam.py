@@ -19,7 +19,7 @@ import torch
 from .._base import TrainingDivergedError
 from .threads import even_bounds, parallel, run_ranges, serial_threads
 
-__all__ = ["FusedAdam", "fused_cpu_kernel", "make_adam", "total_norm", "clip_and_step"]
+__all__ = ["FusedAdam", "clip_and_step", "fused_cpu_kernel", "make_adam", "total_norm"]
 
 _DEFAULTS = {
     "betas": (0.9, 0.999),
@@ -34,7 +34,7 @@ _DEFAULTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused_cpu_kernel():
     """Whether this torch has the fused Adam kernel for CPU tensors (torch >= 2.4; probed once)."""
     if not hasattr(torch, "_fused_adam_"):
@@ -237,16 +237,48 @@ def _clip_with_norm(params, max_norm, norm):
         p.grad.mul_(coef.to(p.grad.dtype))
 
 
+def _folds_scale(optimizer):
+    """Whether ``optimizer.step`` divides the gradients by a device scale in its own pass.
+
+    torch's fused Adam reads ``optimizer.grad_scale`` and ``optimizer.found_inf``
+    (the inputs :class:`torch.amp.GradScaler` sets) in the kernel that updates
+    the parameters, for CUDA and CPU tensors alike.
+    """
+    return (isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+            and "grad_scale" not in vars(optimizer) and "found_inf" not in vars(optimizer))
+
+
+def _step_scaled(optimizer, max_norm, norm):
+    """One fused Adam step with the clipping folded in, decided on the device.
+
+    The gradients are divided by ``max(1, (norm + 1e-6) / max_norm)`` (the same
+    factor as :func:`_clip_with_norm`, exactly 1 when no clipping is needed) in
+    the optimizer's pass, instead of a pass of their own; a non-finite norm sets
+    the kernel's ``found_inf``, which leaves the parameters, the moments and the
+    step counts as they were. Nothing is read on the host, so a CUDA graph
+    can record it.
+    """
+    norm32 = norm.detach().to(torch.float32).reshape(())
+    optimizer.grad_scale = ((norm32 + 1e-6) / max_norm).clamp(min=1.0)
+    optimizer.found_inf = (~torch.isfinite(norm32)).to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 def clip_and_step(optimizer, params, max_norm, ws=None, norm=None):
     """Clip the gradients' total norm at ``max_norm`` (as ``clip_grad_norm_``), then step.
 
-    Off the CPU the clipping runs on the device without a host read. On the
-    CPU the norm is read (free there), gradients that need no clipping are
-    left as they are, and with :class:`FusedAdam` the factor is folded into
-    the optimizer's pass instead of a separate multiply. ``norm``, when
-    given, is the total norm to clip by (0-dim tensor), instead of the
-    gradients' own: a model whose parameters are split across processes
-    clips by the norm of all of them.
+    Off the CPU the clipping runs on the device without a host read: with
+    torch's fused Adam the factor is the kernel's gradient scale (no pass of
+    its own), and a non-finite norm skips the update on the device (the
+    caller's metrics then report it). On the CPU the norm is read (free
+    there), gradients that need no clipping are left as they are, and with
+    :class:`FusedAdam` the factor is folded into the optimizer's pass the
+    same way. ``norm``, when given, is the total norm to clip by (0-dim
+    tensor), instead of the gradients' own: a model whose parameters are
+    split across processes clips by the norm of all of them.
 
     Returns
     -------
@@ -267,6 +299,9 @@ def clip_and_step(optimizer, params, max_norm, ws=None, norm=None):
     if with_grads:
         norm = total_norm([p.grad for p in with_grads], ws, with_grads) if norm is None else norm
         if with_grads[0].device.type != "cpu":
+            if _folds_scale(optimizer):
+                _step_scaled(optimizer, max_norm, norm)
+                return norm
             _clip_with_norm(with_grads, max_norm, norm)
         else:
             value = float(norm)
