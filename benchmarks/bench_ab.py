@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 SHAPES = {"small": (384, 3072, 32, 1024, 3), "large": (768, 24576, 32, 4096, 1),
+          "wide": (768, 98304, 32, 1024, 1),
           "omp": (256, 1024, 12, 20_000, 1)}
 
 _CHILD = """

@@ -9,11 +9,16 @@ means the step is 10% faster with it). Issue 16's rule: a mechanism stays
 where it is worth at least 5% at a benchmarked shape on some device. Two were
 removed that way (a per-call-site choice of 1 or n threads, and a cache of
 the codes' transposed pattern); their runs are in ``results/mechanisms_*.txt``.
+A third was measured and not kept: AuxK's picks by a compiled selection over
+the dead columns, each row gathered in the kernel's own buffer instead of a
+(B, n_dead) ``index_select`` (worth 1.00 and 1.01 at ``--shape wide`` with dead
+windows of 2048 and 4096 rows; ``results/mechanisms_auxk.txt``).
 
 Usage::
 
     python benchmarks/bench_mechanisms.py --shape small --rounds 3
     python benchmarks/bench_mechanisms.py --shape large --rounds 2 --only scratch lending
+    python benchmarks/bench_mechanisms.py --shape wide --dead-window 4096 --only compiled
 
 The shapes are bench_ab.py's (TopK k=32, the throughput benchmark's loop).
 """
@@ -81,6 +86,7 @@ MECHANISMS = {
 _CHILD = """
 import json, sys
 root, patch, shape, repeats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+dead_window = json.loads(sys.argv[5])
 sys.path[:0] = [root, root + "/benchmarks"]
 import torch
 PRECISION = "auto"
@@ -90,21 +96,23 @@ D, F, k, B, epochs = shape
 X = make_data(16 * B, D, k)
 import time
 start = time.perf_counter()
-run_sksae(X[:B], F, k, B, 1, torch.device("cpu"), precision=PRECISION)  # first-call costs
+run_sksae(X[:B], F, k, B, 1, torch.device("cpu"), precision=PRECISION,
+          dead_window=dead_window)  # first-call costs
 first = time.perf_counter() - start
 out = []
 for _ in range(repeats):
-    seconds, setup, _ = run_sksae(X, F, k, B, epochs, torch.device("cpu"), precision=PRECISION)
+    seconds, setup, _ = run_sksae(X, F, k, B, epochs, torch.device("cpu"), precision=PRECISION,
+                                  dead_window=dead_window)
     out.append([16 * epochs * B / seconds, setup, first])
 print("RESULT", json.dumps(out))
 """
 
 
-def run(patch, shape, repeats):
+def run(patch, shape, repeats, dead_window="auto"):
     """[(samples/s, setup s), ...] of ``repeats`` fits with ``patch`` applied."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _CHILD, root, patch, json.dumps(shape),
-                           str(repeats)], capture_output=True, text=True)
+                           str(repeats), json.dumps(dead_window)], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
@@ -117,6 +125,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="fits per process")
     parser.add_argument("--only", nargs="*", choices=sorted(MECHANISMS), default=None)
+    parser.add_argument("--dead-window", type=int, default=None,
+                        help="rows without firing after which a latent is dead (default: "
+                             "the fit's 'auto'); a small one makes AuxK run from the start")
     parser.add_argument("--busy", type=int, default=0,
                         help="busy-loop processes running alongside (a machine shared with "
                              "other work, what the thread chooser is for)")
@@ -135,12 +146,14 @@ def _compare(args):
     names = args.only or list(MECHANISMS)
     print(f"TopK {D}x{F} k={k} batch={B}, {epochs} epoch(s) of 16 batches; {args.rounds} "
           f"rounds x {args.repeats} fits, the baseline before each variant; "
-          f"{args.busy} busy process(es) alongside", flush=True)
+          f"{args.busy} busy process(es) alongside; dead window "
+          f"{args.dead_window or 'auto'}", flush=True)
     runs = {name: [] for name in ["baseline", *names]}
     for r in range(args.rounds):
         for name in names:
             for which, patch in (("baseline", ""), (name, MECHANISMS[name][1])):
-                got = run(patch, (D, F, k, B, epochs), args.repeats)
+                got = run(patch, (D, F, k, B, epochs), args.repeats,
+                          args.dead_window or "auto")
                 runs[which].extend(got)
                 print(f"  round {r + 1} {which:18s} " + "  ".join(
                     f"{s:8.0f} samples/s (setup {t:.2f} s)" for s, t, _ in got)

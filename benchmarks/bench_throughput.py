@@ -159,12 +159,14 @@ def batches(X, batch_size, epochs, device, seed=0):
 
 
 # -- sksae ----------------------------------------------------------------------
-def run_sksae(X, n_components, k, batch_size, epochs, device, precision="auto"):
+def run_sksae(X, n_components, k, batch_size, epochs, device, precision="auto",
+              dead_window="auto"):
     import sksae._sae
 
     sae = SparseAutoencoder(n_components=n_components, k=k, batch_size=batch_size,
                             max_iter=epochs, tol=0.0, max_no_improvement=None,
-                            random_state=0, device=str(device), precision=precision)
+                            random_state=0, device=str(device), precision=precision,
+                            dead_window=dead_window)
     loop = sksae._sae.run_minibatch_loop
     marks = {}
 
