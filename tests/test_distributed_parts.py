@@ -122,3 +122,69 @@ def test_group_parts_are_contiguous_and_even():
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             sizes = [b - a for a, b in parts]
             assert max(sizes) - min(sizes) <= 1
+
+
+class _RecordingGroup:
+    """A one-rank Group that records its all-reduces (sums of one rank: identities)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, params):
+        self.params, self.log = params, []
+
+    def sum_(self, t):
+        self.log.append(("bucket", t.numel()))
+        return t
+
+    def sum_async_(self, t):
+        name = next(n for n, p in self.params.items() if p.grad is t)
+        # whether the encoder's backward had run yet when this reduction started
+        self.log.append(("early", name, self.params["W_enc"].grad is None))
+        return self
+
+    def wait(self):
+        self.log.append(("wait",))
+
+    def broadcast_object(self, obj, src=0):
+        return obj
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_large_gradients_are_reduced_while_backward_still_runs(architecture):
+    """Data-parallel steps start the decoder's all-reduce before the encoder's backward has
+    run (overlapping it), the encoder's as soon as it has; the bucket holds the rest; the
+    steps equal those of a trainer without a group."""
+    from sksae import SparseAutoencoder
+    from sksae._sae_trainer import SAETrainer, init_parameters
+    from sksae.architectures import Schedule
+
+    D, F, B = 16, 1024, 64
+    arch = SparseAutoencoder(architecture=architecture, k=4)._architecture(F, D)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * B, D, generator=g, dtype=torch.float64)
+    trainers = []
+    for with_group in (False, True):
+        params = init_parameters(x, F, "data", torch.Generator().manual_seed(0),
+                                 torch.float32, torch.device("cpu"))
+        trainer = SAETrainer(arch, params, {}, lr=1e-3, schedule=Schedule(None, 4),
+                             warmup_steps=2, dead_window=64)
+        if with_group:
+            trainer.early_reduce_numel = F + 1  # the (F, D) gradients only
+            trainer.group = _RecordingGroup(trainer.params)
+        trainers.append(trainer)
+    plain, grouped = trainers
+    for i in range(4):
+        batch = x[i * B:(i + 1) * B].float()
+        expected = plain.step(batch)
+        got = grouped.step(batch, n_rows=B)
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-7)
+    for name in plain.params:
+        torch.testing.assert_close(grouped.params[name], plain.params[name], rtol=1e-5,
+                                   atol=1e-6)
+    log = grouped.group.log
+    step = log[:next(i for i, entry in enumerate(log) if entry[0] == "bucket") + 1]  # step 1
+    assert step[:2] == [("early", "W_dec", True), ("early", "W_enc", False)], step
+    assert step[2:4] == [("wait",), ("wait",)]
+    small = sum(p.numel() for n, p in grouped.params.items() if n not in ("W_dec", "W_enc"))
+    assert step[4][0] == "bucket" and step[4][1] >= small
+    assert step[4][1] < grouped.params["W_dec"].numel()  # the large gradients are not in it
