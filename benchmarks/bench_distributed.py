@@ -6,10 +6,9 @@ cannot):
 
 - samples/s of one epoch of TopK training (the steps after the first 20);
 - the scaling efficiency ``(samples/s on 2 ranks) / (2 x samples/s on 1)``;
-- the communication share of a step on 2 ranks: the time a step spends in
-  collectives (the large gradients' all-reduces, started during the backward
-  pass, timed where they are started and waited on; the bucket of the other
-  gradients and fired counts; the metrics' all-reduce) over the step time;
+- the communication share of a step on 2 ranks: the time inside the
+  collectives (the gradient + fired-count all-reduce and the metrics'
+  all-reduce, timed around each call) over the step time;
 - the bytes all-reduced per step, from which the user guide extrapolates to
   8 GPUs and several nodes.
 
@@ -59,27 +58,7 @@ def worker(args):
         comm["calls"] += 1
         return out
 
-    original_async = Group.sum_async_
-
-    class TimedWork:  # the wait is the communication a step still sees
-        def __init__(self, work):
-            self.work = work
-
-        def wait(self):
-            start = time.perf_counter()
-            self.work.wait()
-            comm["s"] += time.perf_counter() - start
-
-    def timed_async(self, t):
-        start = time.perf_counter()
-        work = original_async(self, t)
-        comm["s"] += time.perf_counter() - start
-        comm["bytes"] += t.numel() * t.element_size()
-        comm["calls"] += 1
-        return TimedWork(work)
-
     Group.sum_ = timed
-    Group.sum_async_ = timed_async
     rng = np.random.RandomState(0)
     X = rng.randn(args.rows, args.features).astype(np.float32)
     stamps = []

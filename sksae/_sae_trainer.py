@@ -574,12 +574,9 @@ class SAETrainer:
             mse = sq_err / n_rows
             loss = mse + sum(t.to(mse.dtype) for t in terms.values())
             # last step's gradients become this step's (F, D) results, each its own
-            with ws.lending((p, p.grad) for p in self.params.values()), ws.noting_norms(), \
-                    self._early_reduction() as early:
+            with ws.lending((p, p.grad) for p in self.params.values()), ws.noting_norms():
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-        for work in early.values():  # every rank's share summed before it is read
-            work.wait()
         if tangent is None or not tangent.complete:
             self._project_decoder_grad()
         with torch.no_grad():
@@ -592,16 +589,14 @@ class SAETrainer:
                 centred = enc.centred if enc.centred is not None else x_BD - p["b_dec"]
                 c = centred.double()
                 sums = [c.pow(2).sum(), c.sum(0), sq_err, loss, *terms.values(), fired.sum()]
-                sums = self._reduce(fired, sums, skip=early)
+                sums = self._reduce(fired, sums)
                 sq_all, col, sq_err, loss, *term_values, n_active = sums
                 total_var = variance_from_sums(sq_all, col, n_rows).to(x_BD.dtype)
                 sq_err, loss = sq_err.to(x_BD.dtype), loss.to(x_BD.dtype)
                 mse = sq_err / n_rows
                 terms = dict(zip(terms, (v.to(x_BD.dtype) for v in term_values)))
                 l0 = (n_active / n_rows).to(torch.float32)
-        # summed across ranks, the gradients are no longer those whose norms were noted
-        grad_norm = clip_and_step(self.optimizer, self.params.values(), self.clip_norm,
-                                  ws if group is None else None)
+        grad_norm = clip_and_step(self.optimizer, self.params.values(), self.clip_norm, ws)
         with torch.no_grad():
             unit_rows_(self.params["W_dec"])
             self.arch.after_step(p, enc)
@@ -614,53 +609,16 @@ class SAETrainer:
                 grad_norm=grad_norm.detach(),
                 terms={k: v.detach() for k, v in terms.items()})
 
-    #: gradients of at least this many elements are all-reduced as soon as backward
-    #: has accumulated them (:meth:`_early_reduction`); smaller ones ride in one bucket
-    early_reduce_numel = 1 << 16
-
-    @contextlib.contextmanager
-    def _early_reduction(self):
-        """Inside the block, a large gradient's all-reduce starts when backward has it.
-
-        Yields ``{parameter name: work}``: the all-reduces started (of the
-        decoder's gradient while the encoder's backward still runs, say),
-        each to be waited on before its gradient is read. Empty without a
-        process group.
-        """
-        started = {}
-        if self.group is None:
-            yield started
-            return
-
-        def hook(name):
-            def start(p):
-                started[name] = self.group.sum_async_(p.grad)
-            return start
-
-        handles = [p.register_post_accumulate_grad_hook(hook(name))
-                   for name, p in self.params.items() if p.numel() >= self.early_reduce_numel]
-        try:
-            yield started
-        except BaseException:
-            for work in started.values():  # nothing left in flight on the gradients
-                work.wait()
-            raise
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _reduce(self, fired, sums, skip=()):
+    def _reduce(self, fired, sums):
         """Sum the gradients, ``fired`` (in place) and ``sums`` across ranks in one all-reduce.
 
         Returns the summed ``sums`` (float64, the shapes given). Every rank
         then holds the gradient of the global batch's loss, since each
         rank's loss is its share of it. The metrics' sums travel in the
         gradients' bucket when those are float64, else in a second, small
-        all-reduce that keeps them float64. The gradients of the parameters
-        named in ``skip`` were summed already (:meth:`_early_reduction`).
+        all-reduce that keeps them float64.
         """
-        grads = [q.grad for name, q in self.params.items()
-                 if q.grad is not None and name not in skip]
+        grads = [q.grad for q in self.params.values() if q.grad is not None]
         flat_sums = torch.cat([s.detach().double().reshape(-1) for s in sums])
         dtype = grads[0].dtype if grads else fired.dtype
         parts = [*grads, fired]

@@ -85,13 +85,6 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
-    def sum_async_(self, t):
-        """Start an all-reduce of ``t`` in place by sum; returns the work to ``wait()`` on.
-
-        ``t`` must not be read or written until the work is waited on.
-        """
-        return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
-
     def min_(self, t):
         """All-reduce ``t`` in place by minimum; returns it."""
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
