@@ -31,7 +31,6 @@ import math
 import time
 import warnings
 
-import numpy as np
 import torch
 from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning

@@ -5,8 +5,10 @@
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
 #   (run from the repository root; CHECKS picks and orders the parts, all by default:
 #    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist,
-#    kernels, rule, scaling, fusion; CHECKS=triton runs the Triton kernels' checks: kernels
-#    rule throughput scaling fusion, in about 8 minutes)
+#    kernels, rule, scaling, fusion. Two presets, each under the device tool's 10 minutes a
+#    command: CHECKS=triton runs issue 21's Must-show checks, kernels rule throughput (about
+#    5 minutes); CHECKS=widths runs scaling fusion dist (the scaling table in F, the step's
+#    elementwise end, issue 18's NCCL check; about 6 minutes))
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
 # wheels fetched with `pip download --no-deps --python-version 3.12 ...`).
 set -u
@@ -23,7 +25,8 @@ print("torch", torch.__version__, "| sklearn", sklearn.__version__, "|",
       torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
 PY
 checks=${CHECKS:-step tests throughput toy dict-quick}
-[ "$checks" = triton ] && checks="kernels rule throughput scaling fusion"
+[ "$checks" = triton ] && checks="kernels rule throughput"
+[ "$checks" = widths ] && checks="scaling fusion dist"
 for check in $checks; do
     case $check in
     step)
@@ -66,7 +69,7 @@ for check in $checks; do
             | tee "$out/scaling_cuda.txt" ;;
     fusion)
         # the step's elementwise end: clip pass, clip in fused Adam's scale, torch.compile
-        timeout "${FUSION_TIMEOUT:-150}" python3 benchmarks/bench_step_fusion.py --device cuda \
+        timeout "${FUSION_TIMEOUT:-120}" python3 benchmarks/bench_step_fusion.py --device cuda \
             2>&1 | tee "$out/step_fusion_cuda.txt" ;;
     toy)
         timeout "${TOY_TIMEOUT:-130}" python3 benchmarks/bench_toy_recovery.py --device cuda 2>&1 \

@@ -5,7 +5,6 @@ hand-computed case, BatchTopK's training and inference L0, and the shrinkage of
 ReLU+L1 against TopK, JumpReLU and Gated on toy data.
 """
 
-import math
 import pickle
 
 import numpy as np

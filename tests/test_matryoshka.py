@@ -20,7 +20,7 @@ from torch.testing import assert_close
 from sksae import SparseAutoencoder, load, save
 from sksae._accel.sparse import use_sparse
 from sksae._sae_trainer import SAETrainer, init_parameters
-from sksae.architectures import LossInputs, Schedule, decode, get
+from sksae.architectures import LossInputs, Schedule, decode
 from sksae.interop import from_saelens, to_saelens
 from sksae.metrics import fraction_variance_explained
 

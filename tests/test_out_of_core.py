@@ -9,7 +9,7 @@ from sksae import DictionaryLearnerGPU, SparseAutoencoder
 from sksae._accel.prefetch import read_ahead
 from sksae._data import Rows
 from sksae._stream import StreamSource
-from sksae.activations import open_codes, open_store, save_store, transform_to_store
+from sksae.activations import open_codes, save_store, transform_to_store
 from sksae.datasets import make_sparse_superposition
 
 SAE = dict(n_components=32, k=4, max_iter=2, batch_size=64, random_state=0,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-import torch
 
 __all__ = ["StepWorkspace", "TangentRows"]
 
