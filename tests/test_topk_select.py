@@ -180,3 +180,16 @@ def test_batchtopk_fit_compiled_or_not(monkeypatch):
     plain = SparseAutoencoder(**kw).fit(X)
     assert compiled.score(X) == pytest.approx(plain.score(X), rel=1e-3)
     np.testing.assert_allclose(compiled.threshold_, plain.threshold_, rtol=1e-3)
+
+
+def test_flat_pattern_counts_rows_on_the_device():
+    """The row offsets of a batch selection, counted without bincount (no host read on a
+    GPU), are each row's count of chosen entries, empty rows included."""
+    from sksae._accel.select import _flat_pattern
+
+    B, F = 7, 13
+    chosen = torch.tensor([0, 5, 12, 13 * 2 + 1, 13 * 2 + 4, 13 * 5, 13 * 6 + 12])
+    pattern = _flat_pattern(chosen, B, F)
+    assert pattern.crow.tolist() == [0, 3, 3, 5, 5, 5, 6, 7]
+    assert pattern.indices.tolist() == [0, 5, 12, 1, 4, 0, 12]
+    assert torch.equal(pattern.flat(), chosen)

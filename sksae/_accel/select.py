@@ -157,7 +157,10 @@ def _flat_pattern(chosen, B, F):
     """The :class:`Pattern` of the ascending positions ``chosen`` in a row-major (B, F) array."""
     rows = torch.div(chosen, F, rounding_mode="floor")
     crow = torch.zeros(B + 1, dtype=torch.long, device=chosen.device)
-    torch.cumsum(torch.bincount(rows, minlength=B), 0, out=crow[1:])
+    # counted by index_add_, not bincount, which reads the largest row on the host
+    # (a CUDA graph could not record the step)
+    counts = torch.zeros(B, dtype=torch.long, device=chosen.device)
+    torch.cumsum(counts.index_add_(0, rows, torch.ones_like(rows)), 0, out=crow[1:])
     return Pattern(chosen - rows * F, crow, F)
 
 
