@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from . import architectures
 from ._accel.device import local_rank_device, resolve_device
+from ._accel.sparse import row_offsets
 from ._base import (
     batched_apply,
     check_finite_output,
@@ -68,8 +69,7 @@ def _to_csr(codes):
     """A ``csr_array`` of a chunk of dense codes (a tensor on any device)."""
     nz = codes.nonzero()  # row-major: the CSR order
     rows, cols = nz[:, 0], nz[:, 1]
-    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
-    indptr[1:] = torch.bincount(rows, minlength=codes.shape[0]).cumsum(0)
+    indptr = row_offsets(rows, codes.shape[0])
     return sp.csr_array((codes[rows, cols].cpu().numpy(), cols.cpu().numpy(),
                          indptr.cpu().numpy()), shape=tuple(codes.shape))
 

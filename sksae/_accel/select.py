@@ -25,7 +25,7 @@ import torch
 
 from . import fused
 from .compiled import kernel
-from .sparse import Pattern
+from .sparse import Pattern, row_offsets
 from .threads import even_bounds, parallel, run_ranges
 
 __all__ = ["encoder_product", "pre_activation", "selection_pre_activation", "topk",
@@ -156,12 +156,7 @@ def pattern_at_least(pre_BF, cut):
 def _flat_pattern(chosen, B, F):
     """The :class:`Pattern` of the ascending positions ``chosen`` in a row-major (B, F) array."""
     rows = torch.div(chosen, F, rounding_mode="floor")
-    crow = torch.zeros(B + 1, dtype=torch.long, device=chosen.device)
-    # counted by index_add_, not bincount, which reads the largest row on the host
-    # (a CUDA graph could not record the step)
-    counts = torch.zeros(B, dtype=torch.long, device=chosen.device)
-    torch.cumsum(counts.index_add_(0, rows, torch.ones_like(rows)), 0, out=crow[1:])
-    return Pattern(chosen - rows * F, crow, F)
+    return Pattern(chosen - rows * F, row_offsets(rows, B), F)
 
 
 def _compiled_batch_topk(pre_BF, K):

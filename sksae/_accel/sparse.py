@@ -54,7 +54,7 @@ from .device import is_accelerator
 from .threads import even_bounds, parallel, range_count, run_ranges
 from .threads import serial as _serial
 
-__all__ = ["Pattern", "as_pattern", "use_sparse", "sparse_decode", "gather_pre", "quiet_csr",
+__all__ = ["Pattern", "as_pattern", "row_offsets", "use_sparse", "sparse_decode", "gather_pre", "quiet_csr",
            "unit_rows_", "SPARSE_MIN_COMPONENTS", "SPARSE_MAX_DENSITY"]
 
 #: the sparse kernels have a fixed cost (a sort of the N indices, a CSR
@@ -156,6 +156,17 @@ def as_pattern(indices, n_components):
     B, k = indices.shape
     crow = torch.arange(0, (B + 1) * k, k, device=indices.device)
     return Pattern(indices.reshape(-1), crow, n_components)
+
+
+def row_offsets(rows, n_rows):
+    """CSR row offsets, shape (n_rows + 1,), of entries whose rows are ``rows`` (any order).
+
+    Counted on ``rows``' device with ``index_add_``, not ``bincount``, which
+    reads the largest row on the host (a CUDA graph could not record it).
+    """
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:].index_add_(0, rows, torch.ones_like(rows, dtype=torch.int64))
+    return crow.cumsum_(0)
 
 
 def unit_rows_(W):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._accel.sparse import Pattern, as_pattern
+from .._accel.sparse import Pattern, as_pattern, row_offsets
 from ._base import SparseCodes, decode
 from .batchtopk import BatchTopK
 
@@ -43,10 +43,9 @@ def prefix_reconstructions(codes, W_dec_FD, sizes, kernels="auto", ws=None):
         keep = block < n
         key = block[keep] * B + pat.rows()[keep]  # virtual row: (block, row)
         order = torch.argsort(key, stable=True)
-        crow = key.new_zeros(n * B + 1)
-        torch.cumsum(torch.bincount(key, minlength=n * B), 0, out=crow[1:])
         grouped = SparseCodes(codes.values.reshape(-1)[keep][order],
-                              Pattern(pat.indices[keep][order], crow, pat.n_components))
+                              Pattern(pat.indices[keep][order], row_offsets(key, n * B),
+                                      pat.n_components))
         blocks = decode(grouped, W_dec_FD, kernels=kernels, ws=ws).view(n, B, -1)
     else:
         if ws is not None:
