@@ -292,17 +292,23 @@ def test_fit_through_the_kernels_equals_the_cpu_sparse_path():
     assert ours.n_iter_ == plain.n_iter_ == 2
 
 
-@pytest.mark.parametrize("winner", ["sparse", "dense"])
-def test_auto_kernels_are_the_faster_step(monkeypatch, winner):
-    """On an accelerator the trainer times the sparse and the dense step at its first batch
-    and keeps the faster for the fit, without changing any state (here on the CPU, with the
-    accelerator's branch opened by hand and the timings decided by the test)."""
+def _trainer_timing_its_kernels():
+    """A TopK trainer whose first step times its kernels (the accelerator's branch, opened
+    by hand on the CPU), a batch, and a copy of its parameters before any step."""
     if DEVICE != "cpu":
         pytest.skip("runs the kernels on CPU tensors: a CPU (interpreted) check")
     trainer, x = _trainer("topk", 0)
     trainer.arch.kernels = "auto"
     trainer._kernels_open = True
-    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    return trainer, x, {k: v.detach().clone() for k, v in trainer.params.items()}
+
+
+@pytest.mark.parametrize("winner", ["sparse", "dense"])
+def test_auto_kernels_are_the_faster_step(monkeypatch, winner):
+    """On an accelerator the trainer times the sparse and the dense step at its first batch
+    and keeps the faster for the fit, without changing any state (here on the CPU, with the
+    accelerator's branch opened by hand and the timings decided by the test)."""
+    trainer, x, before = _trainer_timing_its_kernels()
     calls = []
     real = fused.fastest
 
@@ -468,12 +474,7 @@ def test_decoder_gradient_with_constant_values(kernels):
 def test_an_interrupted_kernel_timing_changes_nothing(monkeypatch):
     """Ctrl-C (or an error) while the first batch times the two steps: the architecture's
     kernels are back at "auto", no parameter or optimizer state moved, and no step counted."""
-    if DEVICE != "cpu":
-        pytest.skip("runs the kernels on CPU tensors: a CPU (interpreted) check")
-    trainer, x = _trainer("topk", 0)
-    trainer.arch.kernels = "auto"
-    trainer._kernels_open = True
-    before = {k: v.detach().clone() for k, v in trainer.params.items()}
+    trainer, x, before = _trainer_timing_its_kernels()
 
     def interrupted(options, device):
         options["sparse"]()

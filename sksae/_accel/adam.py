@@ -244,8 +244,7 @@ def _folds_scale(optimizer):
     (the inputs :class:`torch.amp.GradScaler` sets) in the kernel that updates
     the parameters, for CUDA and CPU tensors alike.
     """
-    return (isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
-            and "grad_scale" not in vars(optimizer) and "found_inf" not in vars(optimizer))
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
 
 
 def _step_scaled(optimizer, max_norm, norm):
