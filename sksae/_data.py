@@ -112,9 +112,7 @@ class Rows:
     def where(self, row):
         """The place of ``row`` in the input, for messages."""
         if isinstance(self.X, ActivationStore):
-            i = self.X.shard_of(row)
-            rel = self.X._files[i].relative_to(self.X.path)
-            return f"row {row} (shard {i}, {rel}, of {self.X.path})"
+            return self.X._where(row)
         return f"row {row}"
 
     def check_finite(self, batch, row_ids):

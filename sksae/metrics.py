@@ -546,7 +546,9 @@ def fve_scorer(estimator, X, y=None):
     estimator : fitted estimator
         With ``transform`` and ``inverse_transform`` (or ``components_``).
     X : array-like of shape (n_samples, n_features)
-        Evaluation rows.
+        Evaluation rows. An activation store (or a fold of one), a memory
+        map, zarr or h5py array is read and encoded chunk by chunk, in
+        bounded memory (as :func:`evaluate` does).
     y : None
         Ignored.
 
@@ -555,6 +557,8 @@ def fve_scorer(estimator, X, y=None):
     score : float
         See :func:`fraction_variance_explained`.
     """
+    if _is_out_of_core(X):
+        return _core_sums(estimator, X).result().explained_variance
     _, X_hat = _encode_decode(estimator, X)
     return fraction_variance_explained(X, X_hat)
 
@@ -567,9 +571,13 @@ class _SparsityScorer:
         self.penalty = penalty
 
     def __call__(self, estimator, X, y=None):
-        codes, X_hat = _encode_decode(estimator, X)
-        fve = fraction_variance_explained(X, X_hat)
-        excess = max(0.0, l0(codes) / self.l0_budget - 1.0)
+        if _is_out_of_core(X):
+            sums = _core_sums(estimator, X).result()
+            fve, mean_l0 = sums.explained_variance, sums.l0
+        else:
+            codes, X_hat = _encode_decode(estimator, X)
+            fve, mean_l0 = fraction_variance_explained(X, X_hat), l0(codes)
+        excess = max(0.0, mean_l0 / self.l0_budget - 1.0)
         if excess == 0.0:
             return fve
         return fve - self.penalty * excess
@@ -612,7 +620,9 @@ def make_sparsity_scorer(l0_budget, *, penalty=1.0):
     Returns
     -------
     scorer : callable
-        ``scorer(estimator, X, y=None) -> float``, picklable.
+        ``scorer(estimator, X, y=None) -> float``, picklable. An
+        out-of-core ``X`` (an activation store or a fold of one, a memory
+        map) is read and encoded chunk by chunk, as by :func:`fve_scorer`.
 
     Examples
     --------
@@ -707,6 +717,29 @@ def _chunks(X, chunk_rows):
         dtype = torch.float64 if X.dtype == np.float64 else torch.float32
     for start, chunk in iter_chunks(X, chunk_rows, torch.device("cpu"), dtype):
         yield start, chunk.numpy()
+
+
+def _is_out_of_core(X):
+    from ._data import is_out_of_core
+
+    return is_out_of_core(X)
+
+
+def _core_sums(estimator, X, chunk_rows=None):
+    """:class:`_CoreSums` of ``estimator`` over ``X``, encoded ``chunk_rows`` rows at a time."""
+    from ._base import inference_chunk_rows
+
+    n_components = getattr(_final_estimator(estimator), "n_components_", None)
+    if n_components is None:
+        n_components = np.asarray(_final_estimator(estimator).components_).shape[0]
+    n_features = X.shape[1] if hasattr(X, "shape") else np.asarray(X).shape[1]
+    if chunk_rows is None:
+        chunk_rows = inference_chunk_rows(max(n_components, n_features), 8)
+    sums = _CoreSums(n_features, n_components)
+    for _, chunk in _chunks(X, int(chunk_rows)):
+        codes, X_hat = _encode_decode(estimator, chunk)
+        sums.add(chunk, np.asarray(X_hat), codes)
+    return sums
 
 
 class _CoreSums:
@@ -871,21 +904,9 @@ def evaluate(estimator, X, *, model=None, layer=None, batches=None, loss="causal
     >>> sorted(result)[:4]
     ['cossim', 'explained_variance', 'feature_density', 'frac_alive']
     """
-    from ._base import inference_chunk_rows
-
     if model is not None and (layer is None or batches is None):
         raise ValueError("evaluate with a model needs its layer and batches.")
-    n_components = getattr(_final_estimator(estimator), "n_components_", None)
-    if n_components is None:
-        n_components = np.asarray(_final_estimator(estimator).components_).shape[0]
-    n_features = X.shape[1] if hasattr(X, "shape") else np.asarray(X).shape[1]
-    if chunk_rows is None:
-        chunk_rows = inference_chunk_rows(max(n_components, n_features), 8)
-    sums = _CoreSums(n_features, n_components)
-    for _, chunk in _chunks(X, int(chunk_rows)):
-        codes, X_hat = _encode_decode(estimator, chunk)
-        sums.add(chunk, np.asarray(X_hat), codes)
-    result = sums.result()
+    result = _core_sums(estimator, X, chunk_rows).result()
     if model is not None:
         from .activations import loss_recovered
 

@@ -299,6 +299,9 @@ def test_positions_name_each_rows_sequence_and_token(model, tmp_path):
     expected = model.embed.weight[ids[pos[:, 0], pos[:, 1]]].detach().numpy()
     np.testing.assert_array_equal(np.asarray(store), expected)
     np.testing.assert_array_equal(store.positions(5, 25), pos[5:25])
+    rows = [17, 2, 17, 30]  # a subset's positions are those of its rows
+    np.testing.assert_array_equal(store.subset(rows).positions(), pos[rows])
+    np.testing.assert_array_equal(store.subset(rows).positions(1, 3), pos[rows][1:3])
     plain = save_store(np.zeros((4, 2), np.float32), tmp_path / "p")
     with pytest.raises(ValueError, match="has no row positions"):
         plain.positions()

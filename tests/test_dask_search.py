@@ -18,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 from sksae import SparseAutoencoder
 from sksae._accel import cluster, device, threads
+from sksae.activations import open_store, save_store
 from sksae.datasets import make_sparse_superposition
 from sksae.model_selection import dictionary_size_sweep
 
@@ -145,6 +146,21 @@ def test_grid_search_on_the_cluster_matches_the_serial_search(client, data):
                                serial.cv_results_["mean_test_score"], rtol=1e-6, atol=0)
     np.testing.assert_allclose(on_cluster.best_estimator_[-1].components_,
                                serial.best_estimator_[-1].components_)
+
+
+def test_grid_search_on_the_cluster_over_folds_of_a_lazy_store(client, data, tmp_path):
+    """The workers get folds as row numbers of the store and read them where they run."""
+    X = data.astype(np.float32)
+    store = save_store(X, tmp_path / "s", dtype="float32", shard_rows=64)
+    lazy = open_store(tmp_path / "s", indexing="lazy")
+    grid = {"k": [1, 4]}
+    serial = GridSearchCV(_sae(shuffle=False), grid, cv=2).fit(X)
+    with get_task_stream(client) as stream, parallel_config(backend="dask"):
+        on_cluster = GridSearchCV(_sae(shuffle=False), grid, cv=2).fit(lazy)
+    assert len(stream.data) > 0 and store.shape == X.shape
+    assert on_cluster.best_params_ == serial.best_params_
+    np.testing.assert_allclose(on_cluster.cv_results_["mean_test_score"],
+                               serial.cv_results_["mean_test_score"], rtol=1e-5, atol=1e-6)
 
 
 def test_dictionary_size_sweep_on_the_cluster_matches_the_serial_sweep(client, data):

@@ -283,15 +283,23 @@ class ActivationStore:
         sizes are always checked at opening): ``"lazy"`` checks each shard
         file the first time any of its rows is read through this object,
         ``"full"`` checks every shard now, ``"none"`` never.
+    indexing : {"numpy", "lazy"}, default="numpy"
+        What indexing rows returns: ``"numpy"`` reads them into an ndarray;
+        ``"lazy"`` returns a :meth:`subset` view for a slice or an index
+        array of rows (with every column), reading nothing, so that
+        scikit-learn's ``GridSearchCV`` and ``cross_validate``, which split
+        ``X`` with ``X[train]``, hand the estimator a fold it streams.
+        A single row, column selections and ``np.asarray`` read either way.
 
     Attributes
     ----------
     path : pathlib.Path
     layer : str
+    indexing : str
     layers : list of str
         Every layer of the store.
     shape : tuple of int
-        ``(n_rows, n_features)``.
+        ``(n_rows, n_features)``; for a :meth:`subset`, its rows.
     dtype : numpy.dtype
         Dtype of the arrays indexing returns: ``float16``, ``float32`` or
         ``float64``; ``float32`` for a bfloat16 store (numpy has no bfloat16).
@@ -304,9 +312,13 @@ class ActivationStore:
         shards are readable).
     """
 
-    def __init__(self, path, layer=None, *, verify="lazy", _manifest=None):
+    def __init__(self, path, layer=None, *, verify="lazy", indexing="numpy", _manifest=None):
         if verify not in ("lazy", "full", "none"):
             raise ValueError(f"verify must be 'lazy', 'full' or 'none'; got {verify!r}.")
+        if indexing not in ("numpy", "lazy"):
+            raise ValueError(f"indexing must be 'numpy' or 'lazy'; got {indexing!r}.")
+        self.indexing = indexing
+        self._rows = None  # a subset's rows of the whole layer; None: all of them
         self.path = Path(path)
         manifest = _manifest if _manifest is not None else _read_manifest(self.path)
         try:
@@ -410,10 +422,14 @@ class ActivationStore:
         if not shards or any("positions" not in sh for sh in shards):
             raise ValueError(f"{self.path} has no row positions (only harvest writes them).")
         start, stop, _ = slice(start, stop).indices(self.shape[0])
+        if self._rows is not None:
+            rows = self._rows[start:stop]
+            out = np.empty((rows.size, 2), dtype=np.int64)
+            return self._gather(rows, self._positions_map, out)
         parts = []
         pos = start
         while pos < stop:
-            i = self.shard_of(pos)
+            i = self._shard_of_base(pos)
             hi = min(stop, int(self._offsets[i + 1]))
             parts.append(self._positions_map(i)[pos - self._offsets[i]: hi - self._offsets[i]])
             pos = hi
@@ -460,19 +476,77 @@ class ActivationStore:
         return len(self._files)
 
     def __reduce__(self):
-        # A store travels (to a joblib or dask worker) as its path, layer, verification
-        # and manifest: the receiving process reopens the files, which must be reachable
-        # there, and checks them against the sender's manifest (its own memory maps, its
-        # own lazy digest checks); the memory maps and the lock stay in this process.
-        return (_reopen, (str(self.path), self.layer, self._verify, self.manifest))
+        # A store travels (to a joblib or dask worker) as its path, layer, verification,
+        # manifest and, for a subset, its rows: the receiving process reopens the files,
+        # which must be reachable there, and checks them against the sender's manifest
+        # (its own memory maps, its own lazy digest checks); the memory maps and the lock
+        # stay in this process.
+        return (_reopen, (str(self.path), self.layer, self._verify, self.manifest,
+                          self.indexing, self._rows))
 
     def __len__(self):
         return self.shape[0]
 
     def __repr__(self):
+        part = "" if self._rows is None else f", subset of {self._n_base_rows} rows"
         return (f"ActivationStore({str(self.path)!r}, layer={self.layer!r}, shape={self.shape}, "
-                f"storage_dtype={self.storage_dtype!r})")
+                f"storage_dtype={self.storage_dtype!r}{part})")
 
+    # ------------------------------------------------------------ subsets
+    @property
+    def _n_base_rows(self):
+        return int(self._offsets[-1])
+
+    def _row_ids(self, key):
+        """The rows ``key`` (slice, integer or boolean array) picks, as an int64 array."""
+        n = self.shape[0]
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n), dtype=np.int64)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"a boolean row index must have one entry per row ({n}); "
+                                 f"got shape {idx.shape}.")
+            return np.flatnonzero(idx)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"cannot index rows with {idx.dtype} values.")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"row index out of range for a store of {n} rows.")
+        return np.where(idx < 0, idx + n, idx)
+
+    def subset(self, rows):
+        """A lazy view of some of these rows: an :class:`ActivationStore` that reads only them.
+
+        Nothing is read now. The view has the same array protocol, travels to
+        worker processes as the store's path and its row numbers, and is
+        taken by the estimators' ``fit``, ``partial_fit``, ``transform`` and
+        ``score`` like the whole store: what scikit-learn's searches and
+        ``cross_validate`` need to train on folds of a store without loading
+        them (see ``indexing="lazy"`` in :func:`open_store`).
+
+        Parameters
+        ----------
+        rows : slice, int array or bool array
+            Rows of this store (or of this view): any order, repeats allowed;
+            a boolean mask has one entry per row.
+
+        Returns
+        -------
+        view : ActivationStore
+            Its ``indexing`` is this store's.
+        """
+        picked = self._row_ids(rows)
+        if picked.ndim != 1:
+            raise IndexError(f"a subset takes a 1-D row index; got shape {picked.shape}.")
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)  # shares the memory maps and the digest checks
+        view._rows = picked if self._rows is None else self._rows[picked]
+        view._rows.setflags(write=False)
+        view.shape = (int(view._rows.size), self.shape[1])
+        return view
+
+    # ------------------------------------------------------------ reads
     def _map(self, i):
         if self._verify == "lazy":
             self._check_digest(i)
@@ -482,9 +556,36 @@ class ActivationStore:
             self._maps[i] = m
         return m
 
+    def _shard_of_base(self, row):
+        return int(np.searchsorted(self._offsets, row, side="right") - 1)
+
+    def _base_row(self, row):
+        return int(row) if self._rows is None else int(self._rows[row])
+
     def shard_of(self, row):
         """Index of the shard that holds ``row``."""
-        return int(np.searchsorted(self._offsets, row, side="right") - 1)
+        return self._shard_of_base(self._base_row(row))
+
+    def _where(self, row):
+        """Where ``row`` is on disk, for messages."""
+        base = self._base_row(row)
+        i = self._shard_of_base(base)
+        whole = "" if self._rows is None else f"row {base} of the whole layer, "
+        return f"row {row} ({whole}shard {i}, {self._files[i].relative_to(self.path)}, of " \
+               f"{self.path})"
+
+    def _gather(self, rows, source, out):
+        """``out[j] = row rows[j]`` of the whole layer, ``source(i)`` giving shard ``i``."""
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        shard = np.searchsorted(self._offsets, sorted_rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(shard)) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
+            if a == b:
+                continue
+            i = int(shard[a])
+            out[order[a:b]] = source(i)[sorted_rows[a:b] - self._offsets[i]]
+        return out
 
     def read_raw(self, start, stop):
         """Rows ``start:stop`` as a host tensor of the storage's torch dtype (a copy)."""
@@ -495,9 +596,16 @@ class ActivationStore:
 
     def read_into(self, out, start, stop):
         """Copy rows ``start:stop`` into ``out``, a numpy array of the shard files' dtype."""
+        if self._rows is not None:
+            rows = self._rows[start:stop]
+            if rows.size and bool((np.diff(rows) == 1).all()):  # a run: read it as one
+                start, stop = int(rows[0]), int(rows[-1]) + 1
+            else:
+                self._gather(rows, self._map, out)
+                return
         pos = start
         while pos < stop:
-            i = self.shard_of(pos)
+            i = self._shard_of_base(pos)
             lo = pos - self._offsets[i]
             hi = min(stop, self._offsets[i + 1]) - self._offsets[i]
             out[pos - start: pos - start + hi - lo] = self._map(i)[lo:hi]
@@ -508,17 +616,10 @@ class ActivationStore:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"row index out of range for a store of {self.shape[0]} rows.")
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
+        if self._rows is not None:
+            rows = self._rows[rows]
         out = np.empty((rows.size, self.shape[1]), dtype=self._file_dtype)
-        shard = np.searchsorted(self._offsets, sorted_rows, side="right") - 1
-        bounds = np.flatnonzero(np.diff(shard)) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, rows.size]):
-            if a == b:
-                continue
-            i = int(shard[a])
-            out[order[a:b]] = self._map(i)[sorted_rows[a:b] - self._offsets[i]]
-        return self._as_torch(out)
+        return self._as_torch(self._gather(rows, self._map, out))
 
     def _as_torch(self, out):
         t = torch.from_numpy(out)
@@ -542,40 +643,40 @@ class ActivationStore:
             if not 0 <= row < n:
                 raise IndexError(f"row {key} is out of range for {n} rows.")
             out = self._values(self.read_raw(row, row + 1))[0]
-            return out if cols is None else out[cols]
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.shape[0])
-            if step == 1:
-                out = self._values(self.read_raw(start, stop))
-            else:
-                out = self._values(self.take_raw(np.arange(start, stop, step)))
+            return out if cols is None or cols is Ellipsis else out[cols]
+        every_column = cols is None or cols is Ellipsis or (
+            isinstance(cols, slice) and cols == slice(None))
+        if self.indexing == "lazy" and every_column:
+            return self.subset(key)
+        if isinstance(key, slice) and key.indices(self.shape[0])[2] == 1:
+            start, stop, _ = key.indices(self.shape[0])
+            out = self._values(self.read_raw(start, stop))
         else:
-            idx = np.asarray(key)
-            if idx.dtype == bool:
-                if idx.shape != (self.shape[0],):
-                    raise IndexError("a boolean row index must have one entry per row.")
-                idx = np.flatnonzero(idx)
-            elif not np.issubdtype(idx.dtype, np.integer):
-                raise IndexError(f"cannot index rows with {idx.dtype} values.")
-            idx = np.where(idx < 0, idx + self.shape[0], idx)
+            idx = self._row_ids(key)
             out = self._values(self.take_raw(idx.ravel())).reshape(*idx.shape, self.shape[1])
-        return out if cols is None else out[:, cols]
+        return out if every_column else out[:, cols]
+
+    def _load(self, start=0, stop=None):
+        """Rows ``start:stop`` as a numpy array, whatever ``indexing`` is."""
+        stop = self.shape[0] if stop is None else stop
+        return self._values(self.read_raw(start, stop))
 
     def __array__(self, dtype=None, copy=None):
-        out = self[:]
+        out = self._load()
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __iter__(self):
         for start in range(0, self.shape[0], 4096):
-            yield from self[start:start + 4096]
+            yield from self._load(start, start + 4096)
 
 
-def _reopen(path, layer, verify, manifest):
+def _reopen(path, layer, verify, manifest, indexing="numpy", rows=None):
     """An :class:`ActivationStore` unpickled: the same files, reopened here."""
-    return ActivationStore(path, layer, verify=verify, _manifest=manifest)
+    store = ActivationStore(path, layer, verify=verify, indexing=indexing, _manifest=manifest)
+    return store if rows is None else store.subset(rows)
 
 
-def open_store(path, layer=None, *, verify="lazy"):
+def open_store(path, layer=None, *, verify="lazy", indexing="numpy"):
     """Open one layer of an activation store as an array-like :class:`ActivationStore`.
 
     Parameters
@@ -589,6 +690,12 @@ def open_store(path, layer=None, *, verify="lazy"):
         it is read (``"lazy"``), all now (``"full"``), or never (``"none"``).
         Missing, truncated or resized shards are refused at opening whatever
         ``verify`` is.
+    indexing : {"numpy", "lazy"}, default="numpy"
+        ``"numpy"``: ``store[rows]`` reads the rows into an ndarray.
+        ``"lazy"``: ``store[rows]`` (a slice or an index array, every column)
+        is a :meth:`~ActivationStore.subset` view that reads nothing until
+        used, which lets scikit-learn's searches and ``cross_validate`` train
+        and score on folds of a store larger than memory.
 
     Returns
     -------
@@ -612,8 +719,11 @@ def open_store(path, layer=None, *, verify="lazy"):
     ((1000, 8), dtype('float16'), 4)
     >>> bool(np.allclose(store[10:12], X[10:12], atol=1e-2))
     True
+    >>> fold = open_store(folder, indexing="lazy")[np.arange(200, 700)]
+    >>> fold.shape, bool(np.allclose(fold[0], X[200], atol=1e-2))
+    ((500, 8), True)
     """
-    return ActivationStore(path, layer, verify=verify)
+    return ActivationStore(path, layer, verify=verify, indexing=indexing)
 
 
 def save_store(X, path, *, dtype="float16", shard_rows=1 << 20, layer="activations",

@@ -1,0 +1,157 @@
+"""Lazy subsets of an activation store, and scikit-learn's searches over folds of a store."""
+
+import pickle
+
+import numpy as np
+import pytest
+from joblib import Parallel, delayed
+from sklearn.model_selection import GridSearchCV, KFold, cross_validate
+from sklearn.pipeline import Pipeline
+
+from sksae import DictionaryLearnerGPU, SparseAutoencoder
+from sksae._data import NonFiniteRowError
+from sksae.activations import ActivationStore, open_store, save_store
+from sksae.datasets import make_sparse_superposition
+from sksae.metrics import fve_scorer, make_sparsity_scorer
+
+KEYS = [slice(None), slice(20, 75), slice(90, 10, -7), [3, 99, 3, 40, -1],
+        np.arange(100) % 3 == 0, np.array([64, 1, 65, 2], dtype=np.int32)]
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
+    save_store(X, tmp_path / "s", dtype="float32", shard_rows=30)
+    return X, tmp_path / "s"
+
+
+@pytest.mark.parametrize("key", KEYS, ids=range(len(KEYS)))
+def test_a_subset_reads_exactly_its_rows(small_store, key):
+    X, path = small_store
+    sub = open_store(path).subset(key)
+    expected = X[key]
+    assert isinstance(sub, ActivationStore) and sub.shape == expected.shape
+    np.testing.assert_array_equal(np.asarray(sub), expected)
+    np.testing.assert_array_equal(sub[2:7], expected[2:7])  # a run of rows, or a gather
+    pick = [len(expected) - 1, 0, len(expected) - 1]
+    np.testing.assert_array_equal(sub[pick], expected[pick])
+    np.testing.assert_array_equal(sub[-1], expected[-1])
+    np.testing.assert_array_equal(sub.take_raw([1, 0]).numpy(), expected[[1, 0]])
+    # a subset of a subset picks among the subset's rows
+    np.testing.assert_array_equal(np.asarray(sub.subset([2, 0, 2])), expected[[2, 0, 2]])
+    with pytest.raises(IndexError, match="out of range"):
+        sub[[len(expected)]]
+
+
+def test_a_run_of_subset_rows_is_read_as_one_slice(small_store, monkeypatch):
+    X, path = small_store
+    sub = open_store(path).subset(np.r_[10:50, 70:80])
+    gathers = []
+    real = ActivationStore._gather
+    monkeypatch.setattr(ActivationStore, "_gather",
+                        lambda self, *a: gathers.append(1) or real(self, *a))
+    np.testing.assert_array_equal(sub[5:40], X[15:50])
+    assert gathers == []  # read as rows 15:50 of the layer
+    np.testing.assert_array_equal(sub[35:45], X[np.r_[45:50, 70:75]])
+    assert gathers == [1]
+
+
+def test_lazy_indexing_returns_subsets_and_reads_nothing(small_store):
+    X, path = small_store
+    shard = path / "layer-000" / "shard-000002.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = open_store(path, indexing="lazy")
+    fold = store[np.arange(40, 100)]  # rows of the altered shard: nothing read yet
+    assert isinstance(fold, ActivationStore) and fold.indexing == "lazy"
+    assert isinstance(store[5:9, ...], ActivationStore)  # scikit-learn's X[train, ...]
+    assert isinstance(store[3], np.ndarray) and isinstance(store[:4, 1:3], np.ndarray)
+    np.testing.assert_array_equal(np.asarray(fold[:10]), X[40:50])  # shard 1 only
+    np.testing.assert_array_equal(store[:30, [0, 2]], X[:30, [0, 2]])
+    with pytest.raises(ValueError, match=r"shard 2 .* SHA-256"):
+        np.asarray(fold)
+    with pytest.raises(ValueError, match="indexing must be 'numpy' or 'lazy'"):
+        open_store(path, indexing="views")
+    with pytest.raises(IndexError, match="1-D row index"):
+        store.subset(np.zeros((2, 2), dtype=int))
+
+
+def test_a_subset_pickles_as_its_rows(tmp_path):
+    X = np.random.RandomState(0).randn(5000, 64).astype(np.float32)
+    store = save_store(X, tmp_path / "s", dtype="float32", shard_rows=1024)
+    rows = np.random.RandomState(1).permutation(5000)[:3000]
+    sub = open_store(tmp_path / "s", indexing="lazy").subset(rows)
+    blob = pickle.dumps(sub)
+    assert len(blob) < X.nbytes // 20  # the path, manifest and row numbers, not the values
+    back = pickle.loads(blob)
+    assert back.indexing == "lazy" and back.shape == (3000, 64)
+    np.testing.assert_array_equal(np.asarray(back), X[rows])
+    got = Parallel(n_jobs=2, backend="loky")(delayed(np.asarray)(sub[i::2]) for i in range(2))
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate([X[rows][0::2],
+                                                                       X[rows][1::2]]))
+    assert "subset of 5000 rows" in repr(sub) and repr(store).endswith("'float32')")
+
+
+def test_a_nan_in_a_subset_names_its_row_and_the_layers_row(small_store, tmp_path):
+    X, _ = small_store
+    X = X.copy()
+    X[65, 1] = np.nan
+    store = save_store(X, tmp_path / "nan", dtype="float32", shard_rows=30)
+    sae = SparseAutoencoder(n_components=8, k=2, max_iter=1, batch_size=16, random_state=0)
+    with pytest.raises(NonFiniteRowError,
+                       match=r"row 15 \(row 65 of the whole layer, shard 2, "
+                             r"layer-000/shard-000002.npy"):
+        sae.fit(store.subset(np.arange(50, 100)))
+    assert not hasattr(sae, "components_")
+
+
+# ------------------------------------------------------------------ searches
+def _sae(**params):
+    return SparseAutoencoder(n_components=24, k=2, max_iter=2, batch_size=64, shuffle=False,
+                             random_state=0, precision="float32", **params)
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """A float32 store and its values; ``no_loading()``: loading a store whole fails."""
+    X = make_sparse_superposition(600, 12, 24, avg_active=3, random_state=0)
+    X = X.astype(np.float32)
+    path = tmp_path_factory.mktemp("folds") / "s"
+    save_store(X, path, dtype="float32", shard_rows=128)
+    return X, path
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(self, dtype=None, copy=None):
+        raise AssertionError("a fold of the store was loaded whole")
+
+    monkeypatch.setattr(ActivationStore, "__array__", refuse)
+
+
+@pytest.mark.parametrize("scoring", [None, fve_scorer, make_sparsity_scorer(1.5)],
+                         ids=["score", "fve", "sparsity"])
+def test_grid_search_over_a_lazy_store_streams_its_folds(folds, scoring, no_loading):
+    X, path = folds
+    pipe = Pipeline([("sae", _sae())])
+    grid = {"sae__k": [1, 2, 4]}
+    in_memory = GridSearchCV(pipe, grid, cv=3, scoring=scoring).fit(X)
+    lazy = GridSearchCV(pipe, grid, cv=3, scoring=scoring).fit(
+        open_store(path, indexing="lazy"))
+    assert lazy.best_params_ == in_memory.best_params_
+    np.testing.assert_allclose(lazy.cv_results_["mean_test_score"],
+                               in_memory.cv_results_["mean_test_score"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(lazy.best_estimator_[-1].components_,
+                                  in_memory.best_estimator_[-1].components_)
+
+
+def test_cross_validate_a_dictionary_learner_over_a_lazy_store(folds, no_loading):
+    X, path = folds
+    est = DictionaryLearnerGPU(n_components=16, alpha=0.1, max_iter=2, batch_size=64,
+                               shuffle=False, random_state=0)
+    cv = KFold(3, shuffle=True, random_state=0)  # folds of scattered rows: gathered reads
+    a = cross_validate(est, X, cv=cv, scoring=fve_scorer)["test_score"]
+    b = cross_validate(est, open_store(path, indexing="lazy"), cv=cv,
+                       scoring=fve_scorer)["test_score"]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
