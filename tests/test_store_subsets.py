@@ -13,6 +13,7 @@ from sksae._data import NonFiniteRowError
 from sksae.activations import ActivationStore, open_store, save_store
 from sksae.datasets import make_sparse_superposition
 from sksae.metrics import fve_scorer, make_sparsity_scorer
+from sksae.model_selection import dictionary_size_sweep
 
 KEYS = [slice(None), slice(20, 75), slice(90, 10, -7), [3, 99, 3, 40, -1],
         np.arange(100) % 3 == 0, np.array([64, 1, 65, 2], dtype=np.int32)]
@@ -155,3 +156,15 @@ def test_cross_validate_a_dictionary_learner_over_a_lazy_store(folds, no_loading
     b = cross_validate(est, open_store(path, indexing="lazy"), cv=cv,
                        scoring=fve_scorer)["test_score"]
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_dictionary_size_sweep_over_a_store_streams_fits_and_metrics(folds, no_loading):
+    X, path = folds
+    store = open_store(path)
+    a = dictionary_size_sweep(_sae(), X, [8, 16, 32])
+    b = dictionary_size_sweep(_sae(), store, [8, 16, 32], X_eval=store.subset(slice(0, 300)))
+    c = dictionary_size_sweep(_sae(), X, [8, 16, 32], X_eval=X[:300])
+    for key in ("fve", "l0", "dead_fraction", "duplicate_fraction", "mmcs_to_previous"):
+        np.testing.assert_allclose(b[key], c[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for m, n in zip(a.estimators, b.estimators):  # the same fits: the store was streamed
+        np.testing.assert_array_equal(m.components_, n.components_)
