@@ -2,7 +2,7 @@
 
 :func:`check_input` is the estimators' one entry for ``X``. In-memory arrays
 go through scikit-learn's ``validate_data`` as before (with its full NaN/inf
-scan). Out-of-core inputs, and in-memory arrays larger than
+scan). Out-of-core inputs, float16 arrays, and in-memory arrays larger than
 ``FULL_SCAN_BYTES``, come back as :class:`Rows`: their shape and features are
 checked, their values are not read, and every batch or chunk read later is
 checked for NaN/inf instead (the error names the row).
@@ -160,7 +160,11 @@ def check_input(estimator, X, *, reset, order=None):
     -------
     X : ndarray or Rows
     """
-    if not is_out_of_core(X):
+    # float16 activations in memory are read batch by batch and converted to float32 on
+    # the device, as from a memory map or a store: validate_data would first copy them
+    # whole into float64 (4x their size), the dtype scikit-learn picks for float16
+    half = isinstance(X, np.ndarray) and X.dtype == np.float16
+    if not is_out_of_core(X) and not half:
         big = getattr(X, "nbytes", 0) > FULL_SCAN_BYTES
         X = validate_data(estimator, X, dtype=[np.float64, np.float32], order=order,
                           reset=reset, ensure_all_finite=not big)

@@ -641,7 +641,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         -------
         code : ndarray of shape (n_samples, n_components)
             Codes (``2 * n_components`` columns with ``split_sign``), in ``X``'s
-            floating dtype.
+            floating dtype (float32 for float16 and bfloat16 inputs).
 
         Raises
         ------

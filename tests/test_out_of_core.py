@@ -252,6 +252,24 @@ def test_memmaps_train_like_arrays_without_a_copy(data, tmp_path):
         SparseAutoencoder(**SAE).fit(ints)
 
 
+@pytest.mark.parametrize("Estimator, params", [
+    (SparseAutoencoder, SAE),
+    (DictionaryLearnerGPU, dict(n_components=16, alpha=0.1, max_iter=2, batch_size=64,
+                                random_state=0)),
+], ids=["sae", "dict"])
+def test_float16_arrays_train_as_float32_without_a_float64_copy(data, Estimator, params):
+    from sksae._data import check_input
+
+    X16 = data.astype(np.float16)
+    rows = check_input(Estimator(**params), X16, reset=True)
+    assert isinstance(rows, Rows) and rows.X is X16  # read batch by batch, not copied
+    a = Estimator(**params).fit(X16.astype(np.float32))
+    b = Estimator(**params).fit(X16)
+    np.testing.assert_array_equal(b.components_, a.components_)
+    assert b.components_.dtype == np.float32 and b.transform(X16).dtype == np.float32
+    np.testing.assert_array_equal(b.transform(X16), a.transform(X16.astype(np.float32)))
+
+
 def test_zarr_and_h5py_arrays(data, tmp_path):
     zarr = pytest.importorskip("zarr")
     h5py = pytest.importorskip("h5py")

@@ -4,6 +4,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from joblib import Parallel, delayed
 from sklearn.model_selection import GridSearchCV, KFold, cross_validate
 from sklearn.pipeline import Pipeline
@@ -42,6 +44,35 @@ def test_a_subset_reads_exactly_its_rows(small_store, key):
     np.testing.assert_array_equal(np.asarray(sub.subset([2, 0, 2])), expected[[2, 0, 2]])
     with pytest.raises(IndexError, match="out of range"):
         sub[[len(expected)]]
+
+
+@st.composite
+def row_keys(draw, n):
+    """A row key numpy takes for ``n`` rows: a slice, an int list (negatives, repeats), a mask."""
+    kind = draw(st.sampled_from(["slice", "ints", "mask"]))
+    if kind == "slice":
+        bound = st.one_of(st.none(), st.integers(-n - 2, n + 2))
+        step = draw(st.one_of(st.none(), st.integers(1, 7), st.integers(-7, -1)))
+        return slice(draw(bound), draw(bound), step)
+    if kind == "ints":
+        return draw(st.lists(st.integers(-n, n - 1), max_size=12)) if n else []
+    return np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+
+
+@given(data=st.data())
+def test_chained_lazy_indexing_is_numpy_indexing(small_store, data):
+    X, path = small_store
+    store, expected = open_store(path, indexing="lazy"), X
+    key = data.draw(row_keys(len(X)))
+    np.testing.assert_array_equal(open_store(path)[key], X[key])  # numpy indexing: read now
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(row_keys(len(expected)))
+        store, expected = store[key], expected[key]
+        assert isinstance(store, ActivationStore) and store.shape == expected.shape
+    np.testing.assert_array_equal(np.asarray(store), expected)
+    start = data.draw(st.integers(0, len(expected)))
+    stop = data.draw(st.integers(start, len(expected)))
+    np.testing.assert_array_equal(store.read_raw(start, stop).numpy(), expected[start:stop])
 
 
 def test_a_run_of_subset_rows_is_read_as_one_slice(small_store, monkeypatch):

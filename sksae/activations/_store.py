@@ -503,6 +503,8 @@ class ActivationStore:
         if isinstance(key, slice):
             return np.arange(*key.indices(n), dtype=np.int64)
         idx = np.asarray(key)
+        if idx.size == 0 and not isinstance(key, np.ndarray):  # [] is float64 to numpy
+            return np.zeros(idx.shape, dtype=np.int64)
         if idx.dtype == bool:
             if idx.shape != (n,):
                 raise IndexError(f"a boolean row index must have one entry per row ({n}); "
