@@ -17,8 +17,8 @@ from sklearn.utils.validation import _check_feature_names, _check_n_features, va
 
 from .activations._store import ActivationStore
 
-__all__ = ["Rows", "is_out_of_core", "check_input", "take", "head", "FULL_SCAN_BYTES",
-           "NonFiniteRowError", "sample_rows", "sample_rows_torch"]
+__all__ = ["Rows", "is_out_of_core", "check_input", "check_codes", "take", "head",
+           "FULL_SCAN_BYTES", "NonFiniteRowError", "sample_rows", "sample_rows_torch"]
 
 #: in-memory arrays larger than this are checked batch by batch, not scanned whole
 FULL_SCAN_BYTES = 2 * 2**30
@@ -49,7 +49,7 @@ class Rows:
 
     Parameters
     ----------
-    X : ActivationStore, np.memmap, ndarray, zarr or h5py array
+    X : ActivationStore, np.memmap, ndarray, bfloat16 torch.Tensor, zarr or h5py array
 
     Attributes
     ----------
@@ -69,10 +69,12 @@ class Rows:
         self.shape = tuple(int(s) for s in X.shape)
         if isinstance(X, ActivationStore):
             self.raw_dtype = X._torch_dtype
+        elif isinstance(X, torch.Tensor):
+            self.raw_dtype = X.dtype
         else:
             self.raw_dtype = _TORCH[np.dtype(X.dtype)]
         self.dtype = np.dtype(np.float64 if self.raw_dtype == torch.float64 else np.float32)
-        self.blocks = not isinstance(X, np.ndarray)
+        self.blocks = not isinstance(X, (np.ndarray, torch.Tensor))
         self.nbytes = self.shape[0] * self.shape[1] * torch.empty(
             (), dtype=self.raw_dtype).element_size()
 
@@ -84,10 +86,15 @@ class Rows:
         """Rows ``start:stop`` (a host tensor of ``raw_dtype``, a copy)."""
         if isinstance(self.X, ActivationStore):
             return self.X.read_raw(start, stop)
+        if isinstance(self.X, torch.Tensor):
+            return self.X[start:stop].clone(memory_format=torch.contiguous_format)
         return torch.from_numpy(np.array(self.X[start:stop], order="C"))
 
     def read_into(self, out, start, stop):
         """Copy rows ``start:stop`` into ``out``, a host tensor of ``raw_dtype`` (one copy)."""
+        if isinstance(self.X, torch.Tensor):
+            out.copy_(self.X[start:stop])
+            return
         target = out.view(torch.int16).numpy() if out.dtype == torch.bfloat16 else out.numpy()
         if isinstance(self.X, ActivationStore):
             self.X.read_into(target.view(self.X._file_dtype), start, stop)
@@ -99,6 +106,8 @@ class Rows:
         rows = np.asarray(rows, dtype=np.int64)
         if isinstance(self.X, ActivationStore):
             return self.X.take_raw(rows)
+        if isinstance(self.X, torch.Tensor):
+            return self.X[torch.from_numpy(rows)]
         if isinstance(self.X, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(self.X[rows]))
         # zarr and h5py read sorted, distinct rows
@@ -134,7 +143,7 @@ class Rows:
 
 
 def _check_dtype(X):
-    if isinstance(X, ActivationStore):
+    if isinstance(X, (ActivationStore, torch.Tensor)):  # tensors: float16 or bfloat16 here
         return
     dtype = np.dtype(X.dtype)
     if dtype not in _TORCH:
@@ -160,10 +169,13 @@ def check_input(estimator, X, *, reset, order=None):
     -------
     X : ndarray or Rows
     """
-    # float16 activations in memory are read batch by batch and converted to float32 on
-    # the device, as from a memory map or a store: validate_data would first copy them
-    # whole into float64 (4x their size), the dtype scikit-learn picks for float16
-    half = isinstance(X, np.ndarray) and X.dtype == np.float16
+    if isinstance(X, torch.Tensor):
+        X = _host(X)
+    # float16 and bfloat16 activations in memory are read batch by batch and converted
+    # to float32 on the device, as from a memory map or a store: validate_data would
+    # first copy them whole into float64 (4x their size), the dtype scikit-learn picks
+    # for float16 (and numpy has no bfloat16)
+    half = isinstance(X, np.ndarray) and X.dtype == np.float16 or isinstance(X, torch.Tensor)
     if not is_out_of_core(X) and not half:
         big = getattr(X, "nbytes", 0) > FULL_SCAN_BYTES
         X = validate_data(estimator, X, dtype=[np.float64, np.float32], order=order,
@@ -182,6 +194,42 @@ def check_input(estimator, X, *, reset, order=None):
     _check_feature_names(estimator, X, reset=reset)
     _check_n_features(estimator, X, reset=reset)
     return Rows(X)
+
+
+def _host(X):
+    """A torch tensor as what :func:`check_input` takes: numpy where numpy has its dtype.
+
+    A tensor on the CPU is not copied (a float32 or float64 one becomes an
+    ndarray view, so validate_data keeps its dtype instead of picking float64);
+    one on an accelerator is copied to the host once. bfloat16 stays a tensor
+    (numpy lacks it), read batch by batch as :class:`Rows`.
+    """
+    X = X.detach()
+    if X.device.type != "cpu":
+        X = X.cpu()
+    if X.dtype == torch.bfloat16:
+        return X
+    if X.dtype.is_complex:
+        raise ValueError("Complex data not supported; got a complex torch tensor.")
+    return X.numpy()
+
+
+def check_codes(X, **kwargs):
+    """``check_array`` of codes given to ``inverse_transform``, half precision as float32.
+
+    A torch tensor is taken as its values (see :func:`_host`); float16 and
+    bfloat16 codes become float32, where ``check_array`` alone would make
+    float16 float64 and refuse bfloat16.
+    """
+    from sklearn.utils import check_array
+
+    if isinstance(X, torch.Tensor):
+        X = _host(X)
+        if isinstance(X, torch.Tensor):  # bfloat16
+            X = X.float().numpy()
+    if isinstance(X, np.ndarray) and X.dtype == np.float16:
+        X = X.astype(np.float32)
+    return check_array(X, dtype=[np.float64, np.float32], **kwargs)
 
 
 def sample_rows(random_state, n, m):

@@ -39,7 +39,8 @@ from ._base import (
     to_numpy,
     torch_dtype,
 )
-from ._data import FULL_SCAN_BYTES, Rows, check_input, iter_chunks, sample_rows, take
+from ._data import (FULL_SCAN_BYTES, Rows, check_codes, check_input, iter_chunks, sample_rows,
+                    take)
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource
 from ._online import forgetting_factor, init_dictionary, update_dictionary, update_stats
@@ -684,7 +685,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         X_original : ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        code = check_array(X, dtype=[np.float64, np.float32])
+        code = check_codes(X)
         expected = self.components_.shape[0] * (2 if self.split_sign else 1)
         if code.shape[1] != expected:
             raise ValueError(

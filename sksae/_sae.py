@@ -27,8 +27,8 @@ from ._base import (
     restore_on_failure,
     torch_dtype,
 )
-from ._data import (Rows, check_input, head, iter_chunks, sample_rows, sample_rows_torch,
-                    take)
+from ._data import (Rows, check_codes, check_input, head, iter_chunks, sample_rows,
+                    sample_rows_torch, take)
 from ._checkpoint import Checkpointer, read_checkpoint, write_checkpoint
 from ._engine import BatchSource, EarlyStopping, LoopState, _diverged, run_minibatch_loop
 from ._stream import StreamSource, as_shuffle
@@ -514,6 +514,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ----------
         X : array-like of shape (n_samples, n_features)
             Training data (dense; float32 data trains without a copy on the CPU).
+            A torch tensor, a float16 or bfloat16 input (read batch by batch as
+            float32), or an out-of-core input (:mod:`sksae.activations`).
         y : Ignored
             Not used, present for API consistency by convention.
 
@@ -927,7 +929,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         X_original : ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32], accept_sparse=["csr"])
+        codes = check_codes(X, accept_sparse=["csr"])
         if codes.shape[1] != self.n_components_:
             raise ValueError(
                 f"X has {codes.shape[1]} features (codes), but {type(self).__name__} "

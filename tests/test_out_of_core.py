@@ -270,6 +270,30 @@ def test_float16_arrays_train_as_float32_without_a_float64_copy(data, Estimator,
     np.testing.assert_array_equal(b.transform(X16), a.transform(X16.astype(np.float32)))
 
 
+@pytest.mark.parametrize("dtype, expected", [
+    (torch.float32, np.float32), (torch.float64, np.float64), (torch.float16, np.float32),
+    (torch.bfloat16, np.float32)])
+def test_torch_tensors_train_as_arrays_of_their_values(data, dtype, expected, device):
+    X = torch.from_numpy(data).to(device, dtype)
+    values = X.cpu().to(torch.float64 if dtype == torch.float64 else torch.float32).numpy()
+    for Estimator, params in ((SparseAutoencoder, SAE), (DictionaryLearnerGPU, dict(
+            n_components=16, alpha=0.1, max_iter=2, batch_size=64, random_state=0))):
+        a = Estimator(**params, device=device).fit(values)
+        b = Estimator(**params, device=device).fit(X.requires_grad_(dtype.is_floating_point))
+        np.testing.assert_array_equal(b.components_, a.components_)
+        assert b.components_.dtype == expected and b.transform(X).dtype == expected
+        codes = b.transform(X)
+        np.testing.assert_array_equal(codes, a.transform(values))
+        np.testing.assert_array_equal(b.inverse_transform(torch.from_numpy(codes)),
+                                      b.inverse_transform(codes))
+        half = b.inverse_transform(torch.from_numpy(codes).to(dtype))  # codes of any float
+        assert half.dtype == expected
+    bad = X.detach().clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):  # scanned, or named by its row
+        SparseAutoencoder(**SAE, device=device).fit(bad)
+
+
 def test_zarr_and_h5py_arrays(data, tmp_path):
     zarr = pytest.importorskip("zarr")
     h5py = pytest.importorskip("h5py")
