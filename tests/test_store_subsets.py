@@ -123,6 +123,12 @@ def test_a_subset_pickles_as_its_rows(tmp_path):
     np.testing.assert_array_equal(np.concatenate(got), np.concatenate([X[rows][0::2],
                                                                        X[rows][1::2]]))
     assert "subset of 5000 rows" in repr(sub) and repr(store).endswith("'float32')")
+    fold = store.subset(np.r_[0:1000, 2000:3000, 7, 8, 9, 4])  # runs travel as (start, length)
+    blob = pickle.dumps(fold)
+    assert len(blob) < len(pickle.dumps(store)) + 1000
+    np.testing.assert_array_equal(np.asarray(pickle.loads(blob)), np.asarray(fold))
+    empty = pickle.loads(pickle.dumps(sub.subset([])))
+    assert empty.shape == (0, 64)
 
 
 def test_a_nan_in_a_subset_names_its_row_and_the_layers_row(small_store, tmp_path):

@@ -482,7 +482,7 @@ class ActivationStore:
         # (its own memory maps, its own lazy digest checks); the memory maps and the lock
         # stay in this process.
         return (_reopen, (str(self.path), self.layer, self._verify, self.manifest,
-                          self.indexing, self._rows))
+                          self.indexing, _as_runs(self._rows)))
 
     def __len__(self):
         return self.shape[0]
@@ -672,10 +672,29 @@ class ActivationStore:
             yield from self._load(start, start + 4096)
 
 
+def _as_runs(rows):
+    """Rows to pickle: ``(starts, lengths)`` of their runs of consecutive rows where that
+    is smaller (a fold of ``KFold`` is one or two runs), else the rows themselves."""
+    if rows is None or rows.size == 0:
+        return rows
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    if 2 * (cut.size + 1) >= rows.size:
+        return rows
+    return rows[np.r_[0, cut]], np.diff(np.r_[0, cut, rows.size])
+
+
+def _from_runs(runs):
+    if not isinstance(runs, tuple):
+        return runs
+    starts, lengths = runs
+    first = np.cumsum(lengths) - lengths  # where each run begins in the output
+    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
 def _reopen(path, layer, verify, manifest, indexing="numpy", rows=None):
     """An :class:`ActivationStore` unpickled: the same files, reopened here."""
     store = ActivationStore(path, layer, verify=verify, indexing=indexing, _manifest=manifest)
-    return store if rows is None else store.subset(rows)
+    return store if rows is None else store.subset(_from_runs(rows))
 
 
 def open_store(path, layer=None, *, verify="lazy", indexing="numpy"):
