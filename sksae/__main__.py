@@ -115,6 +115,33 @@ def seed(text):
     return value
 
 
+def holdout(text):
+    """Rows held out of training: a fraction in (0, 1) or a number of rows >= 1."""
+    if text.strip().isdigit():
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: hold out at least one row")
+        return value
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a fraction in (0, 1) or a whole number of rows")
+    return value
+
+
+def _split_holdout(X, amount):
+    """``(train, held)``: the rows before the last ``amount`` and those (views, not read)."""
+    import math
+
+    n = X.shape[0]
+    n_held = amount if isinstance(amount, int) else math.ceil(amount * n)
+    if n_held >= n:
+        raise UserError(f"--holdout {amount} leaves no rows to train on ({n} rows in all).")
+    if hasattr(X, "subset"):
+        return X.subset(slice(0, n - n_held)), X.subset(slice(n - n_held, n))
+    return X[:n - n_held], X[n - n_held:]
+
+
 def checkpoint_every(text):
     """Steps (a positive integer) or a duration such as ``90s``, ``15min``, ``2h``."""
     from ._checkpoint import parse_every
@@ -336,10 +363,13 @@ def _fit(args):
                         "overlap (the model folder is replaced at the end); choose "
                         "separate folders.")
     X = _load_rows(args.acts, args.layer)
+    held = None
+    if args.holdout is not None:
+        X, held = _split_holdout(X, args.holdout)
     # under torchrun: data-parallel, every rank trains, rank 0 alone prints and writes
     launched = init_from_environment()
     try:
-        return _fit_rows(args, X, launched, is_main_process())
+        return _fit_rows(args, X, launched, is_main_process(), held)
     finally:
         if launched:
             _leave_group()
@@ -354,7 +384,7 @@ def _leave_group():
         dist.destroy_process_group()
 
 
-def _fit_rows(args, X, launched, main):
+def _fit_rows(args, X, launched, main, held=None):
     import time
 
     from ._io import save
@@ -395,6 +425,13 @@ def _fit_rows(args, X, launched, main):
             last = (f"last epoch: FVE {float('nan') if fve is None else fve:.3f}, "
                     f"L0 {l0:.1f}")
         print(f"{sae.n_components_} atoms, {sae.n_steps_} steps in {seconds:.1f} s; {last}")
+        if held is not None:
+            from .metrics import evaluate
+
+            m = evaluate(sae, held)
+            print(f"held out (the last {held.shape[0]} rows): FVE "
+                  f"{m.explained_variance:.4f}, L0 {m.l0:.1f}, MSE {m.mse:.4g}, "
+                  f"alive {m.frac_alive:.3f}")
         save(sae, tmp)
     print(f"Saved to {args.output}")
     return 0
@@ -735,6 +772,11 @@ def build_parser():
     fit.add_argument("--checkpoint-every", type=checkpoint_every, default=None,
                      help="steps between checkpoints, or a duration such as 90s, 15min "
                           "or 2h (default: 1000 steps)")
+    fit.add_argument("--holdout", type=holdout, default=None, metavar="FRACTION|ROWS",
+                     help="train on all rows but the last ones (a fraction, e.g. 0.01, or "
+                          "a number of rows) and print the core metrics on those (FVE, "
+                          "L0, MSE, alive fraction); a harvested store's last rows come "
+                          "from its last sequences")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
 

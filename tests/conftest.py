@@ -36,6 +36,28 @@ def rng():
 
 
 @pytest.fixture
+def small_store(tmp_path):
+    """``(X, path)``: 100 float32 rows of 4 features, saved as a store of 30-row shards."""
+    from sksae.activations import save_store
+
+    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
+    save_store(X, tmp_path / "s", dtype="float32", shard_rows=30)
+    return X, tmp_path / "s"
+
+
+@pytest.fixture
+def tamper_shard():
+    """``tamper(path, shard=2)``: flip a byte of a store's shard file (a value, not its header)."""
+    def tamper(path, shard=2):
+        file = path / "layer-000" / f"shard-{shard:06d}.npy"
+        data = bytearray(file.read_bytes())
+        data[-3] ^= 0xFF
+        file.write_bytes(bytes(data))
+
+    return tamper
+
+
+@pytest.fixture
 def chromium(tmp_path):
     """``run(*args)``: Debian's Chromium, headless, with a fresh profile under ``tmp_path``.
 

@@ -220,19 +220,9 @@ def test_max_rows_and_plain_tensor_batches(tmp_path):
 
 
 # ----------------------------------------------------------------- integrity
-@pytest.fixture
-def small_store(tmp_path):
-    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
-    save_store(X, tmp_path / "s", dtype="float32", shard_rows=30)
-    return X, tmp_path / "s"
-
-
-def test_tampered_shard_is_refused(small_store):
+def test_tampered_shard_is_refused(small_store, tamper_shard):
     X, path = small_store
-    shard = path / "layer-000" / "shard-000002.npy"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    tamper_shard(path)
     with pytest.raises(ValueError, match=r"shard 2 .* does not match its SHA-256 digest"):
         open_store(path, verify="full")
     store = open_store(path)  # lazy: the shard is checked when first read

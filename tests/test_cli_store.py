@@ -100,3 +100,38 @@ def test_harvest_unknown_layer_and_missing_store(model_file, tokens, tmp_path, c
     save_store(np.zeros((5, 3), np.float32), tmp_path / "s")
     assert main(["fit", str(tmp_path / "s"), "--layer", "x", "-o", str(tmp_path / "m")]) == 2
     assert "has no layer 'x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["store", "npy"])
+def test_fit_holds_out_the_last_rows_and_reports_them(tmp_path, capsys, what):
+    from sksae import SparseAutoencoder
+    from sksae.metrics import evaluate
+
+    X = np.random.RandomState(0).randn(400, 6).astype(np.float32)
+    path = tmp_path / "acts"
+    if what == "store":
+        save_store(X, path, dtype="float32", shard_rows=128)
+    else:
+        path = tmp_path / "acts.npy"
+        np.save(path, X)
+    args = ["fit", str(path), "--n-components", "12", "--k", "2", "--max-iter", "2",
+            "--batch-size", "32", "--random-state", "0", "--precision", "float32",
+            "--shuffle", "none", "-q", "-o", str(tmp_path / "model")]
+    assert main(args + ["--holdout", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "Fitting topk SAE on 300 rows" in out
+    sae = load(tmp_path / "model")
+    ref = SparseAutoencoder(n_components=12, k=2, max_iter=2, batch_size=32, random_state=0,
+                            precision="float32", shuffle=False).fit(X[:300])
+    np.testing.assert_array_equal(sae.components_, ref.components_)  # trained on the rest
+    held = evaluate(sae, X[300:])
+    assert (f"held out (the last 100 rows): FVE {held.explained_variance:.4f}, "
+            f"L0 {held.l0:.1f}") in out
+    assert main(args + ["--holdout", "100"]) == 0
+    assert "the last 100 rows" in capsys.readouterr().out
+    assert main(args + ["--holdout", "400"]) == 2
+    assert "leaves no rows to train on (400 rows in all)" in capsys.readouterr().err
+    for bad in ("0", "1.0", "-3", "x"):
+        with pytest.raises(SystemExit) as exit_:
+            main(args + ["--holdout", bad])
+        assert exit_.value.code == 2

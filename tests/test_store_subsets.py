@@ -21,13 +21,6 @@ KEYS = [slice(None), slice(20, 75), slice(90, 10, -7), [3, 99, 3, 40, -1],
         np.arange(100) % 3 == 0, np.array([64, 1, 65, 2], dtype=np.int32)]
 
 
-@pytest.fixture
-def small_store(tmp_path):
-    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
-    save_store(X, tmp_path / "s", dtype="float32", shard_rows=30)
-    return X, tmp_path / "s"
-
-
 @pytest.mark.parametrize("key", KEYS, ids=range(len(KEYS)))
 def test_a_subset_reads_exactly_its_rows(small_store, key):
     X, path = small_store
@@ -88,12 +81,9 @@ def test_a_run_of_subset_rows_is_read_as_one_slice(small_store, monkeypatch):
     assert gathers == [1]
 
 
-def test_lazy_indexing_returns_subsets_and_reads_nothing(small_store):
+def test_lazy_indexing_returns_subsets_and_reads_nothing(small_store, tamper_shard):
     X, path = small_store
-    shard = path / "layer-000" / "shard-000002.npy"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    tamper_shard(path)
     store = open_store(path, indexing="lazy")
     fold = store[np.arange(40, 100)]  # rows of the altered shard: nothing read yet
     assert isinstance(fold, ActivationStore) and fold.indexing == "lazy"
