@@ -39,8 +39,8 @@ from ._base import (
     to_numpy,
     torch_dtype,
 )
-from ._data import (FULL_SCAN_BYTES, Rows, check_codes, check_input, iter_chunks, sample_rows,
-                    take)
+from ._data import (FULL_SCAN_BYTES, Rows, check_codes, check_input, is_out_of_core,
+                    iter_chunks, sample_rows, take)
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource
 from ._online import forgetting_factor, init_dictionary, update_dictionary, update_stats
@@ -585,13 +585,17 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         """
         with restore_on_failure(self):
             checked = check_input(self, X, reset=not hasattr(self, "components_"))
-            if isinstance(checked, Rows):
+            if isinstance(checked, Rows) and not is_out_of_core(X) \
+                    and checked.nbytes <= FULL_SCAN_BYTES:
+                # float16 values in memory: one minibatch, as their float32 copy would be
+                self._partial_fit(take(checked, np.arange(checked.n_samples)))
+            elif isinstance(checked, Rows):
                 # one step per batch_size rows, in order (a store is never one minibatch)
                 for start in range(0, checked.n_samples, self.batch_size):
                     stop = min(start + self.batch_size, checked.n_samples)
                     self._partial_fit(take(checked, np.arange(start, stop)))
             else:
-                self._partial_fit(X)
+                self._partial_fit(checked)
         return self
 
     def _partial_fit(self, X):

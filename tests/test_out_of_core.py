@@ -268,6 +268,11 @@ def test_float16_arrays_train_as_float32_without_a_float64_copy(data, Estimator,
     np.testing.assert_array_equal(b.components_, a.components_)
     assert b.components_.dtype == np.float32 and b.transform(X16).dtype == np.float32
     np.testing.assert_array_equal(b.transform(X16), a.transform(X16.astype(np.float32)))
+    c = Estimator(**params).partial_fit(X16[:300]).partial_fit(X16[300:600])
+    d = Estimator(**params).partial_fit(X16[:300].astype(np.float32)).partial_fit(
+        X16[300:600].astype(np.float32))
+    np.testing.assert_array_equal(c.components_, d.components_)  # the same minibatches
+    assert c.n_steps_ == d.n_steps_
 
 
 @pytest.mark.parametrize("dtype, expected", [
@@ -286,6 +291,8 @@ def test_torch_tensors_train_as_arrays_of_their_values(data, dtype, expected, de
         np.testing.assert_array_equal(codes, a.transform(values))
         np.testing.assert_array_equal(b.inverse_transform(torch.from_numpy(codes)),
                                       b.inverse_transform(codes))
+        c = Estimator(**params, device=device).partial_fit(X[:300])
+        assert c.components_.dtype == expected
         half = b.inverse_transform(torch.from_numpy(codes).to(dtype))  # codes of any float
         assert half.dtype == expected
     bad = X.detach().clone()
