@@ -10,7 +10,10 @@ cannot):
   collectives (the gradient + fired-count all-reduce and the metrics'
   all-reduce, timed around each call) over the step time;
 - the bytes all-reduced per step, from which the user guide extrapolates to
-  8 GPUs and several nodes.
+  8 GPUs and several nodes;
+- with ``--sharded``, the same for 2 gloo ranks that shard the latents
+  (``distributed="latent"``; its communication: the all-gathers of the top-k
+  candidates and the sums of the partial reconstructions).
 
 On a GPU machine (``--device cuda``) a 1-rank NCCL group is timed beside the
 non-distributed fit (this project's GPU machines have one GPU each).
@@ -59,6 +62,17 @@ def worker(args):
         return out
 
     Group.sum_ = timed
+    gather = Group.all_gather
+
+    def timed_gather(self, t):
+        start = time.perf_counter()
+        out = gather(self, t)
+        comm["s"] += time.perf_counter() - start
+        comm["bytes"] += t.numel() * t.element_size() * self.world_size
+        comm["calls"] += 1
+        return out
+
+    Group.all_gather = timed_gather
     rng = np.random.RandomState(0)
     X = rng.randn(args.rows, args.features).astype(np.float32)
     stamps = []
@@ -115,15 +129,20 @@ def main():
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=61440)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sharded", action="store_true",
+                        help="also 2 gloo ranks latent-sharded (distributed='latent')")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     one = launch(1, args, "none")
     two = launch(2, args, "data")
     rows = [("1 process", one), ("2 gloo ranks, data-parallel", two)]
+    if args.sharded:
+        rows.append(("2 gloo ranks, latent-sharded", launch(2, args, "latent")))
     if args.device == "cuda":
         rows.append(("1-rank NCCL group, data-parallel", launch(1, args, "data")))
-    lines = [f"Data-parallel TopK training, d={args.features}, F={args.latents}, k={args.k}, "
+    what = "Data-parallel" + (" and latent-sharded" if args.sharded else "")
+    lines = [f"{what} TopK training, d={args.features}, F={args.latents}, k={args.k}, "
              f"global batch {args.batch}, {args.rows} rows, device {args.device}, one thread "
              "per process", ""]
     lines.append(f"{'configuration':32s} {'samples/s':>10s} {'step ms':>8s} {'comm share':>10s} "
@@ -132,9 +151,12 @@ def main():
         lines.append(f"{label:32s} {r['samples_per_s']:10.0f} {r['step_ms']:8.1f} "
                      f"{r['comm_share']:10.3f} {r['bytes_per_step'] / 2**20:8.2f} "
                      f"{r['collectives_per_step']:11.1f}")
-    eff = two["samples_per_s"] / (2 * one["samples_per_s"])
-    lines += ["", f"speed-up 2 ranks / 1 process: {two['samples_per_s'] / one['samples_per_s']:.2f}x; "
-              f"scaling efficiency {eff:.2f}"]
+    lines.append("")
+    for label, r in rows[1:]:
+        if "gloo" in label:
+            speed = r["samples_per_s"] / one["samples_per_s"]
+            lines.append(f"{label} / 1 process: {speed:.2f}x; scaling efficiency "
+                         f"{speed / 2:.2f}")
     text = "\n".join(lines)
     print(text)
     RESULTS.parent.mkdir(exist_ok=True)

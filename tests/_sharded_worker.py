@@ -26,6 +26,7 @@ def problem(case):
     arch = architectures.get("topk")(
         {"k": case["k"], "auxk_alpha": case["auxk_alpha"]}, case["n_components"], N_FEATURES)
     arch.check()
+    arch.kernels = case.get("kernels", "auto")
     params = init_parameters(X[:512].double(), case["n_components"], "data", g,
                              torch.float32, torch.device("cpu"))
     params["b_enc"] = arch.init_encoder_bias(params)

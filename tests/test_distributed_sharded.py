@@ -27,6 +27,8 @@ CASES = {
     "alive": {**BASE, "dead_window": 40_000},
     # latents die after 3 batches without firing: AuxK runs and revives them
     "dead": {**BASE, "seed": 1, "dead_window": 96, "auxk_alpha": 0.5},
+    # the sparse kernels (the rule picks them at widths of 512 and more), AuxK included
+    "sparse": {**BASE, "seed": 1, "dead_window": 96, "auxk_alpha": 0.5, "kernels": "sparse"},
 }
 
 
@@ -60,7 +62,7 @@ def test_sharded_equals_unsharded(sharded_runs, name):
         want = torch.tensor([h[metric] for h in history])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3, msg=metric)
     auxk = max(h["auxk"] for h in history)
-    if name == "dead":
+    if name != "alive":
         assert auxk > 0 and max(h["dead_fraction"] for h in history) > 0
     else:
         assert auxk == 0

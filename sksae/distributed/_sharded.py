@@ -18,7 +18,11 @@ One step, on every rank:
    by rank 0 only), summed across ranks by an all-reduce whose backward
    passes the gradient on unchanged (:class:`_SumAcrossRanks`): every rank
    computes the same loss from the same ``x_hat``, and its backward gives
-   each rank the gradient of its own rows;
+   each rank the gradient of its own rows. Where the unsharded trainer's
+   rule (:func:`~sksae._accel.sparse.use_sparse`, at this rank's width)
+   picks the sparse kernels, the winners are a ragged pattern and the decode
+   and the gradients of ``W_enc``, ``b_enc`` and ``W_dec`` touch the picked
+   latents only, as there; otherwise dense codes with zeros elsewhere;
 4. the AuxK loss of :mod:`sksae.architectures.topk`, its dead-latent picks
    merged the same way and its partial reconstructions summed;
 5. ``b_dec``'s gradient summed across ranks (its encoder-path parts are
@@ -38,7 +42,9 @@ import torch
 
 from .._accel.adam import clip_and_step, make_adam
 from .._accel.device import autocast
-from .._accel.sparse import unit_rows_
+from .._accel.select import select_topk
+from .._accel.sparse import Pattern, gather_pre, row_offsets, unit_rows_, use_sparse
+from ..architectures._base import SparseCodes, decode
 from .._sae_trainer import (SAETrainer, StepOutput, _total_variance, product_dtype,
                             scale_encoder_to_fit)
 
@@ -68,7 +74,8 @@ def local_candidates(pre_BF, k, start):
     """
     B, F_local = pre_BF.shape
     take = min(k, F_local)
-    values, idx = torch.topk(pre_BF, take, dim=-1, sorted=False)
+    idx = select_topk(pre_BF, take)  # the unsharded step's selection (compiled on the CPU)
+    values = pre_BF.gather(1, idx)
     ids = idx + start
     if take < k:  # every rank sends the same shape
         values = torch.cat([values, values.new_full((B, k - take), float("-inf"))], 1)
@@ -197,26 +204,37 @@ class LatentShardedTrainer:
     _set_schedules = SAETrainer._set_schedules
 
     # -- the sharded forward ------------------------------------------------
-    def _merged_picks(self, pre_BF, k):
-        """This rank's winners of each row's global top ``k``, as a (B, F_local) mask.
+    def _merged_picks(self, pre_BF, k, sparse=False):
+        """This rank's winners of each row's global top ``k``.
 
         One all-gather of every rank's candidates (values and ids together in
-        float64, exact for both), then the same merge on every rank.
+        float64, exact for both), then the same merge on every rank. Returns
+        a (B, F_local) mask, or with ``sparse`` a :class:`Pattern` of the
+        winners' local ids (a varying number per row).
         """
         values, ids = local_candidates(pre_BF, k, self.start)
         packed = torch.cat([values.double(), ids.double()], 1)
         gathered = self.group.all_gather(packed)  # (world * B, 2k), rank-major
-        B = pre_BF.shape[0]
+        B, F_local = pre_BF.shape
         gathered = gathered.view(self.group.world_size, B, 2 * k)
         all_values = gathered[..., :k].permute(1, 0, 2).reshape(B, -1)
         all_ids = gathered[..., k:].permute(1, 0, 2).reshape(B, -1).long()
         win_values, win_ids = merge_candidates(all_values, all_ids, k)
-        F_local = pre_BF.shape[1]
         mine = (win_ids >= self.start) & (win_ids < self.stop) & (win_values > float("-inf"))
+        if sparse:
+            rows = torch.arange(B, device=pre_BF.device).unsqueeze(1).expand(B, k)[mine]
+            return Pattern((win_ids - self.start)[mine], row_offsets(rows, B), F_local)
         # picks of other ranks land in an extra column, dropped
         local = torch.where(mine, win_ids - self.start, F_local)
         mask = torch.zeros(B, F_local + 1, dtype=torch.bool, device=pre_BF.device)
         return mask.scatter_(1, local, True)[:, :F_local]
+
+    def _local_codes(self, pre, x_BD, picks, centred):
+        """This rank's codes at ``picks``: a Pattern (sparse kernels) or a dense mask."""
+        if isinstance(picks, Pattern):
+            values = gather_pre(pre, picks, x_BD, self.params, centred=centred)
+            return SparseCodes(values.clamp_min(0), picks)
+        return torch.where(picks, pre.clamp_min(0), 0)
 
     def _pre_activation(self, x_BD):
         p = self.params
@@ -224,7 +242,8 @@ class LatentShardedTrainer:
 
     def _reconstruct(self, codes_BF, x_BD, with_bias):
         """The global reconstruction from this rank's codes (partials summed across ranks)."""
-        partial = (codes_BF @ self.params["W_dec"]).to(x_BD.dtype)
+        kernels = "sparse" if isinstance(codes_BF, SparseCodes) else "dense"
+        partial = decode(codes_BF, self.params["W_dec"], kernels=kernels).to(x_BD.dtype)
         if with_bias and self.group.rank == 0:  # b_dec counted once in the sum
             partial = partial + self.params["b_dec"]
         return _SumAcrossRanks.apply(partial, self.group)
@@ -264,15 +283,20 @@ class LatentShardedTrainer:
         # n_dead is needed before the forward (whether AuxK runs, its scale)
         n_dead = group.sum_(dead.sum().to(torch.float64).reshape(1))
         n_dead_value = float(n_dead)
+        # the unsharded trainer's rule at this rank's width: the sparse kernels take the
+        # decode and the gradients over the picked latents only (the product stays dense)
+        sparse = use_sparse(self.stop - self.start, k, arch.kernels, self.device)
         with autocast(self.device, self.use_autocast):
-            pre = self._pre_activation(x_BD)
+            with torch.set_grad_enabled(not sparse):
+                pre = self._pre_activation(x_BD)
+            centred = (x_BD - p["b_dec"]).detach() if sparse else None
             with torch.no_grad():
-                sel = self._merged_picks(pre.detach(), k)
-            codes = torch.where(sel, pre.clamp_min(0), 0)
+                picks = self._merged_picks(pre.detach(), k, sparse)
+            codes = self._local_codes(pre, x_BD, picks, centred)
             x_hat = self._reconstruct(codes, x_BD, with_bias=True)
             terms = {}
             if alpha > 0:
-                terms["auxk"] = (self._auxk(pre, x_BD, x_hat, dead, n_dead_value)
+                terms["auxk"] = (self._auxk(pre, x_BD, x_hat, dead, n_dead_value, centred)
                                  if n_dead_value > 0 else x_BD.new_zeros(()))
         sq_err = (x_hat - x_BD).pow(2).sum()
         mse = sq_err / n_rows
@@ -284,7 +308,12 @@ class LatentShardedTrainer:
             self._project_decoder_grad()
             grad_norm = self._clip_and_step()
             unit_rows_(p["W_dec"].detach())
-            fired = (codes.detach() > 0).sum(0)
+            if isinstance(codes, SparseCodes):
+                fired = torch.zeros(self.stop - self.start, dtype=torch.int64,
+                                    device=self.device).index_add_(
+                    0, codes.indices.indices, (codes.values.detach() > 0).to(torch.int64))
+            else:
+                fired = (codes.detach() > 0).sum(0)
             self.rows_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)
             counts = torch.stack([
                 fired.sum().to(torch.float64),
@@ -298,19 +327,20 @@ class LatentShardedTrainer:
                 grad_norm=grad_norm,
                 terms={name: v.detach() for name, v in terms.items()})
 
-    def _auxk(self, pre, x_BD, x_hat, dead, n_dead):
+    def _auxk(self, pre, x_BD, x_hat, dead, n_dead, centred=None):
         """The AuxK loss of :meth:`sksae.architectures.topk.TopKFamily.auxk_loss`, sharded.
 
         The ``k_aux`` largest pre-activations among the dead latents of each
         row, picked over every rank's dead latents; a pick whose
         pre-activation is negative reconstructs nothing (the ReLU), as there.
+        ``centred`` (``x - b_dec``) is given on the sparse path.
         """
         k_aux = self.arch.k_aux
         with torch.no_grad():
             masked = pre.detach().masked_fill(~dead, float("-inf"))
-            sel = self._merged_picks(masked, k_aux)
+            picks = self._merged_picks(masked, k_aux, sparse=centred is not None)
         e = (x_BD - x_hat).detach()
-        aux_codes = torch.where(sel, pre.clamp_min(0), 0)
+        aux_codes = self._local_codes(pre, x_BD, picks, centred)
         e_hat = self._reconstruct(aux_codes, x_BD, with_bias=False)
         total_var = _total_variance(e)
         scale = min(n_dead / k_aux, 1.0)
@@ -333,10 +363,12 @@ class LatentShardedTrainer:
         """Clip by the global gradient norm (``b_dec`` counted once), then Adam on the slices."""
         sharded = [self.params[k].grad for k in _SHARDED_PARAMS
                    if self.params[k].grad is not None]
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for g in sharded:
-            sq = sq + g.double().pow(2).sum()
-        sq = self.group.sum_(sq.reshape(1))[0]
+        # each slice's norm in its dtype (one pass, as the unsharded clipping), squared and
+        # summed in float64 across the slices and the ranks
+        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if sharded:
+            sq += torch.stack(torch._foreach_norm(sharded)).double().square().sum()
+        sq = self.group.sum_(sq)[0]
         sq = sq + self.params["b_dec"].grad.double().pow(2).sum()
         norm = sq.sqrt().to(self.params["W_dec"].dtype)
         return clip_and_step(self.optimizer, self.params.values(), self.clip_norm, norm=norm)
@@ -351,8 +383,7 @@ class LatentShardedTrainer:
         p = self.params
         x = x_sample_ND.to(p["W_dec"])
         pre = self._pre_activation(x)
-        sel = self._merged_picks(pre, self.arch.hparams["k"])
-        codes = torch.where(sel, pre.clamp_min(0), 0)
+        codes = self._local_codes(pre, x, self._merged_picks(pre, self.arch.hparams["k"]), None)
         scale_encoder_to_fit(p, x, self._reconstruct(codes, x, with_bias=False))
 
     def resample_dead_latents(self, x_ND, generator=None):
