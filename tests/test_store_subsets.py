@@ -195,3 +195,15 @@ def test_dictionary_size_sweep_over_a_store_streams_fits_and_metrics(folds, no_l
         np.testing.assert_allclose(b[key], c[key], rtol=1e-5, atol=1e-6, err_msg=key)
     for m, n in zip(a.estimators, b.estimators):  # the same fits: the store was streamed
         np.testing.assert_array_equal(m.components_, n.components_)
+
+
+def test_train_test_split_of_a_lazy_store_gives_views(small_store):
+    from sklearn.model_selection import train_test_split
+
+    X, path = small_store
+    train, test = train_test_split(open_store(path, indexing="lazy"), test_size=0.2,
+                                   random_state=0)
+    X_train, X_test = train_test_split(X, test_size=0.2, random_state=0)
+    assert isinstance(train, ActivationStore) and isinstance(test, ActivationStore)
+    np.testing.assert_array_equal(np.asarray(train), X_train)
+    np.testing.assert_array_equal(np.asarray(test), X_test)
