@@ -70,12 +70,14 @@ def test_sharded_equals_unsharded(sharded_runs, name):
     assert history[-1]["fvu"] < 0.5 * history[0]["fvu"]
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_candidate_merge_equals_topk(seed):
+@pytest.mark.parametrize("seed, F, k, bounds", [
+    *((seed, 53, 7, [0, 3, 20, 41, 53]) for seed in range(5)),  # one slice narrower than k
+    (0, 3000, 16, [0, 1300, 3000]),  # wide slices: the compiled selection (16 k <= F_local)
+])
+def test_candidate_merge_equals_topk(seed, F, k, bounds):
     g = torch.Generator().manual_seed(seed)
-    B, F, k = 17, 53, 7
+    B = 17
     pre = torch.randn(B, F, generator=g)
-    bounds = [0, 3, 20, 41, 53]  # uneven slices, one narrower than k
     values, ids = zip(*(local_candidates(pre[:, a:b], k, a)
                         for a, b in zip(bounds, bounds[1:])))
     got_values, got_ids = merge_candidates(torch.cat(values, 1), torch.cat(ids, 1), k)
@@ -85,19 +87,22 @@ def test_candidate_merge_equals_topk(seed):
                                atol=0, rtol=0)
 
 
-def test_candidate_merge_masked():
+@pytest.mark.parametrize("F, k", [(10, 3), (1000, 3)])  # torch.topk, the compiled selection
+def test_candidate_merge_masked(F, k):
     # masked (dead-latent) selection: -inf entries are only picked as padding
     g = torch.Generator().manual_seed(0)
-    pre = torch.randn(4, 10, generator=g)
-    alive = torch.zeros(10, dtype=torch.bool)
-    alive[[1, 7]] = True
+    pre = torch.randn(4, F, generator=g)
+    alive = torch.zeros(F, dtype=torch.bool)
+    alive[[1, F - 3]] = True
     masked = pre.masked_fill(~alive, float("-inf"))
-    values, ids = zip(*(local_candidates(masked[:, a:b], 3, a) for a, b in ((0, 5), (5, 10))))
-    got_values, got_ids = merge_candidates(torch.cat(values, 1), torch.cat(ids, 1), 3)
+    half = F // 2
+    values, ids = zip(*(local_candidates(masked[:, a:b], k, a) for a, b in ((0, half),
+                                                                            (half, F))))
+    got_values, got_ids = merge_candidates(torch.cat(values, 1), torch.cat(ids, 1), k)
     valid = got_values > float("-inf")
     assert valid.sum(1).tolist() == [2] * 4
     assert torch.equal(got_ids[valid].view(4, 2).sort(-1).values,
-                       torch.tensor([[1, 7]] * 4))
+                       torch.tensor([[1, F - 3]] * 4))
 
 
 def test_other_architectures_refused():
