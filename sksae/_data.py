@@ -17,7 +17,7 @@ from sklearn.utils.validation import _check_feature_names, _check_n_features, va
 
 from .activations._store import ActivationStore
 
-__all__ = ["Rows", "is_out_of_core", "check_input", "check_codes", "take", "head",
+__all__ = ["Rows", "is_out_of_core", "streamed", "check_input", "check_codes", "take", "head",
            "FULL_SCAN_BYTES", "NonFiniteRowError", "sample_rows", "sample_rows_torch"]
 
 #: in-memory arrays larger than this are checked batch by batch, not scanned whole
@@ -171,12 +171,7 @@ def check_input(estimator, X, *, reset, order=None):
     """
     if isinstance(X, torch.Tensor):
         X = _host(X)
-    # float16 and bfloat16 activations in memory are read batch by batch and converted
-    # to float32 on the device, as from a memory map or a store: validate_data would
-    # first copy them whole into float64 (4x their size), the dtype scikit-learn picks
-    # for float16 (and numpy has no bfloat16)
-    half = isinstance(X, np.ndarray) and X.dtype == np.float16 or isinstance(X, torch.Tensor)
-    if not is_out_of_core(X) and not half:
+    if not is_out_of_core(X) and not _is_half(X):
         big = getattr(X, "nbytes", 0) > FULL_SCAN_BYTES
         X = validate_data(estimator, X, dtype=[np.float64, np.float32], order=order,
                           reset=reset, ensure_all_finite=not big)
@@ -194,6 +189,28 @@ def check_input(estimator, X, *, reset, order=None):
     _check_feature_names(estimator, X, reset=reset)
     _check_n_features(estimator, X, reset=reset)
     return Rows(X)
+
+
+def _is_half(X):
+    """Whether ``X`` (after :func:`_host`) is float16 or bfloat16 values in memory.
+
+    They are read batch by batch and converted to float32 on the device, as
+    from a memory map or a store: ``validate_data`` would first copy them
+    whole into float64 (4x their size), the dtype scikit-learn picks for
+    float16 (and numpy has no bfloat16).
+    """
+    return isinstance(X, np.ndarray) and X.dtype == np.float16 or isinstance(X, torch.Tensor)
+
+
+def streamed(X):
+    """``X`` as :class:`Rows` when the estimators read it batch by batch, else None.
+
+    Out-of-core inputs, and float16 or bfloat16 values in memory (arrays or
+    tensors); a float32 or float64 tensor is an array (None).
+    """
+    if isinstance(X, torch.Tensor):
+        X = _host(X)
+    return Rows(X) if is_out_of_core(X) or _is_half(X) else None
 
 
 def _host(X):

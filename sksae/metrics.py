@@ -547,8 +547,9 @@ def fve_scorer(estimator, X, y=None):
         With ``transform`` and ``inverse_transform`` (or ``components_``).
     X : array-like of shape (n_samples, n_features)
         Evaluation rows. An activation store (or a fold of one), a memory
-        map, zarr or h5py array is read and encoded chunk by chunk, in
-        bounded memory (as :func:`evaluate` does).
+        map, zarr or h5py array, and float16 or bfloat16 values in memory
+        are read and encoded chunk by chunk, in bounded memory (as
+        :func:`evaluate` does), never copied whole into float64.
     y : None
         Ignored.
 
@@ -704,25 +705,24 @@ def make_mmcs_scorer(true_features, *, threshold=None, absolute=False):
 
 
 def _chunks(X, chunk_rows):
-    """``(start, float32/float64 ndarray)`` chunks of an array, memory map or store."""
+    """``(start, float32/float64 ndarray)`` chunks of an array, memory map, store or tensor."""
     import torch
 
-    from ._data import Rows, is_out_of_core, iter_chunks
+    from ._data import Rows, iter_chunks, streamed
 
-    if is_out_of_core(X):
-        X = Rows(X)
-        dtype = torch.float64 if X.dtype == np.float64 else torch.float32
-    else:
-        X = _check_dense(X, "X")
-        dtype = torch.float64 if X.dtype == np.float64 else torch.float32
+    if not isinstance(X, Rows):
+        rows = streamed(X)
+        X = _check_dense(X, "X") if rows is None else rows
+    dtype = torch.float64 if X.dtype == np.float64 else torch.float32
     for start, chunk in iter_chunks(X, chunk_rows, torch.device("cpu"), dtype):
         yield start, chunk.numpy()
 
 
 def _is_out_of_core(X):
-    from ._data import is_out_of_core
+    """Whether the scorers read ``X`` in chunks: out-of-core, or half precision in memory."""
+    from ._data import Rows, streamed
 
-    return is_out_of_core(X)
+    return isinstance(X, Rows) or streamed(X) is not None
 
 
 def _core_sums(estimator, X, chunk_rows=None):

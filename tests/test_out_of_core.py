@@ -257,7 +257,8 @@ def test_memmaps_train_like_arrays_without_a_copy(data, tmp_path):
     (DictionaryLearnerGPU, dict(n_components=16, alpha=0.1, max_iter=2, batch_size=64,
                                 random_state=0)),
 ], ids=["sae", "dict"])
-def test_float16_arrays_train_as_float32_without_a_float64_copy(data, Estimator, params):
+def test_float16_arrays_train_as_float32_without_a_float64_copy(data, Estimator, params,
+                                                                  monkeypatch):
     from sksae._data import check_input
 
     X16 = data.astype(np.float16)
@@ -268,6 +269,11 @@ def test_float16_arrays_train_as_float32_without_a_float64_copy(data, Estimator,
     np.testing.assert_array_equal(b.components_, a.components_)
     assert b.components_.dtype == np.float32 and b.transform(X16).dtype == np.float32
     np.testing.assert_array_equal(b.transform(X16), a.transform(X16.astype(np.float32)))
+    from sksae import metrics
+
+    expected = metrics.fve_scorer(b, X16.astype(np.float32))
+    monkeypatch.setattr(metrics, "_check_dense", None)  # read in chunks: no whole copy
+    assert metrics.fve_scorer(b, X16) == pytest.approx(expected, rel=1e-6)
     c = Estimator(**params).partial_fit(X16[:300]).partial_fit(X16[300:600])
     d = Estimator(**params).partial_fit(X16[:300].astype(np.float32)).partial_fit(
         X16[300:600].astype(np.float32))
