@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
@@ -233,17 +234,31 @@ def test_mutated_peer_folders_are_refused_or_import_finite(folders, tmp_path, na
 # -- fit and transform ----------------------------------------------------------------
 finite_or_not = st.floats(allow_nan=True, allow_infinity=True, width=32)
 inputs = st.builds(
-    lambda rows, cols, seed, scale, poison: _make_input(rows, cols, seed, scale, poison),
+    lambda rows, cols, seed, scale, poison, form: _make_input(rows, cols, seed, scale, poison,
+                                                              form),
     st.integers(1, 40), st.integers(1, 6), st.integers(0, 10**6),
     st.sampled_from([1.0, 1e-30, 1e6, 1e18, 1e30]),
-    st.one_of(st.none(), finite_or_not))
+    st.one_of(st.none(), finite_or_not),
+    # what users pass: numpy arrays, and torch tensors (half precision read batch by batch)
+    st.sampled_from(["float32", "float16", "tensor", "bfloat16 tensor"]))
 
 
-def _make_input(rows, cols, seed, scale, poison):
+def _make_input(rows, cols, seed, scale, poison, form="float32"):
     X = (np.random.RandomState(seed).randn(rows, cols) * scale).astype(np.float32)
     if poison is not None:
         X[0, 0] = poison
+    if form == "float16":
+        with np.errstate(over="ignore"):  # large values overflow to inf: refused, as NaN is
+            return X.astype(np.float16)
+    if form == "tensor":
+        return torch.from_numpy(X)
+    if form == "bfloat16 tensor":
+        return torch.from_numpy(X).bfloat16()
     return X
+
+
+def _all_finite(X):
+    return bool(torch.isfinite(torch.as_tensor(X)).all())
 
 
 @given(X=inputs, arch=st.sampled_from(available()), k=st.integers(-1, 20),
@@ -272,9 +287,9 @@ def _transform_finite_or_refused(model, X):
     try:
         codes = model.transform(X)
     except ValueError as exc:
-        assert "overflowed" in str(exc) or not np.isfinite(X).all(), exc
+        assert "overflowed" in str(exc) or not _all_finite(X), exc
         return
-    assert np.isfinite(codes).all() or not np.isfinite(X).all()
+    assert np.isfinite(codes).all() or not _all_finite(X)
 
 
 @given(X=inputs, n_components=st.one_of(st.none(), st.integers(-1, 8)),
