@@ -207,3 +207,20 @@ def test_train_test_split_of_a_lazy_store_gives_views(small_store):
     assert isinstance(train, ActivationStore) and isinstance(test, ActivationStore)
     np.testing.assert_array_equal(np.asarray(train), X_train)
     np.testing.assert_array_equal(np.asarray(test), X_test)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_subsets_of_half_precision_stores(tmp_path, dtype):
+    X = np.random.RandomState(0).randn(300, 8).astype(np.float32)
+    store = save_store(X, tmp_path / "s", dtype=dtype, shard_rows=70)
+    whole = np.asarray(store)  # the stored values (bfloat16 read as float32)
+    rows = np.r_[250:300, 5, 140, 141, 142, 69, 70]  # runs and gathers across shards
+    sub = store.subset(rows)
+    assert sub.dtype == store.dtype
+    np.testing.assert_array_equal(np.asarray(sub), whole[rows])
+    np.testing.assert_array_equal(sub[48:53], whole[rows[48:53]])
+    kw = dict(n_components=16, k=2, max_iter=1, batch_size=16, shuffle=False, random_state=0,
+              precision="float32")
+    a = SparseAutoencoder(**kw).fit(sub)
+    b = SparseAutoencoder(**kw).fit(whole[rows])
+    np.testing.assert_array_equal(a.components_, b.components_)
