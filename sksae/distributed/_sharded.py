@@ -42,7 +42,8 @@ import torch
 
 from .._accel.adam import clip_and_step, make_adam
 from .._accel.device import autocast
-from .._accel.select import select_topk
+from .._accel.select import pre_activation, select_topk
+from .._accel.workspace import StepWorkspace
 from .._accel.sparse import Pattern, gather_pre, row_offsets, unit_rows_, use_sparse
 from ..architectures._base import SparseCodes, decode
 from .._sae_trainer import (SAETrainer, StepOutput, _total_variance, product_dtype,
@@ -193,6 +194,7 @@ class LatentShardedTrainer:
         self.device = device = params["W_dec"].device
         self.use_autocast = product_dtype(precision, device, params["W_dec"].dtype) is not None
         self.optimizer = make_adam(list(self.params.values()), lr, device)
+        self.ws = StepWorkspace()
         self.rows_since_fired = torch.zeros(self.stop - self.start, dtype=torch.float64,
                                             device=device)
         self.step_count = 0
@@ -287,9 +289,12 @@ class LatentShardedTrainer:
         # decode and the gradients over the picked latents only (the product stays dense)
         sparse = use_sparse(self.stop - self.start, k, arch.kernels, self.device)
         with autocast(self.device, self.use_autocast):
-            with torch.set_grad_enabled(not sparse):
-                pre = self._pre_activation(x_BD)
-            centred = (x_BD - p["b_dec"]).detach() if sparse else None
+            if sparse:  # no graph: into a buffer reused by every step (CPU), as unsharded
+                with torch.no_grad():
+                    centred = x_BD - p["b_dec"]
+                    pre = pre_activation(p, x_BD, self.ws, centred)
+            else:
+                pre, centred = self._pre_activation(x_BD), None
             with torch.no_grad():
                 picks = self._merged_picks(pre.detach(), k, sparse)
             codes = self._local_codes(pre, x_BD, picks, centred)
