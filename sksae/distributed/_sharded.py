@@ -43,11 +43,11 @@ import torch
 from .._accel.adam import clip_and_step, make_adam
 from .._accel.device import autocast
 from .._accel.select import pre_activation, select_topk
-from .._accel.workspace import StepWorkspace
 from .._accel.sparse import Pattern, gather_pre, row_offsets, unit_rows_, use_sparse
-from ..architectures._base import SparseCodes, decode
+from .._accel.workspace import StepWorkspace
 from .._sae_trainer import (SAETrainer, StepOutput, _total_variance, product_dtype,
                             scale_encoder_to_fit)
+from ..architectures._base import SparseCodes, decode
 
 __all__ = ["LatentShardedTrainer", "local_candidates", "merge_candidates"]
 
