@@ -40,9 +40,10 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 from pydoc_data.topics import topics
+from sklearn.model_selection import train_test_split
 
 from sksae import SparseAutoencoder
-from sksae.activations import harvest
+from sksae.activations import harvest, open_store
 from sksae.plotting import plot_feature_density
 
 QUICK = os.environ.get("SKSAE_EXAMPLE_QUICK") == "1"  # small sizes for the test suite
@@ -85,11 +86,17 @@ print(f"harvested {store.shape[0]} token activations of dimension {store.shape[1
 # %%
 # A TopK SAE with 4x more latents than dimensions, 16 active per token,
 # fitted out of core on the store: batches are read by a background thread,
-# converted to float32 and checked for NaN/inf as they come.
+# converted to float32 and checked for NaN/inf as they come. The last 10% of
+# the tokens (the last sentences) are held out to judge it on text it did not
+# train on: opened with ``indexing="lazy"``, the store splits into two views
+# that read nothing until the fit and the score stream them.
+train, held_out = train_test_split(open_store(store.path, indexing="lazy"), test_size=0.1,
+                                   shuffle=False)
 sae = SparseAutoencoder(n_components=4 * store.shape[1], k=16, batch_size=256,
                         max_iter=2 if QUICK else 8, random_state=0)
-sae.fit(store)
-print(f"FVE on the stored tokens: {sae.score(store):.3f}")
+sae.fit(train)
+print(f"FVE on the {train.shape[0]} training tokens: {sae.score(train):.3f}; "
+      f"on the {held_out.shape[0]} held-out tokens: {sae.score(held_out):.3f}")
 
 # %%
 # The tokens that activate a few latents most, in context. The codes come
