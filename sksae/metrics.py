@@ -558,8 +558,9 @@ def fve_scorer(estimator, X, y=None):
     score : float
         See :func:`fraction_variance_explained`.
     """
-    if _is_out_of_core(X):
-        return _core_sums(estimator, X).result().explained_variance
+    rows = _streamed(X)
+    if rows is not None:
+        return _core_sums(estimator, rows).result().explained_variance
     _, X_hat = _encode_decode(estimator, X)
     return fraction_variance_explained(X, X_hat)
 
@@ -572,8 +573,9 @@ class _SparsityScorer:
         self.penalty = penalty
 
     def __call__(self, estimator, X, y=None):
-        if _is_out_of_core(X):
-            sums = _core_sums(estimator, X).result()
+        rows = _streamed(X)
+        if rows is not None:
+            sums = _core_sums(estimator, rows).result()
             fve, mean_l0 = sums.explained_variance, sums.l0
         else:
             codes, X_hat = _encode_decode(estimator, X)
@@ -708,21 +710,25 @@ def _chunks(X, chunk_rows):
     """``(start, float32/float64 ndarray)`` chunks of an array, memory map, store or tensor."""
     import torch
 
-    from ._data import Rows, iter_chunks, streamed
+    from ._data import iter_chunks
 
-    if not isinstance(X, Rows):
-        rows = streamed(X)
-        X = _check_dense(X, "X") if rows is None else rows
+    rows = _streamed(X)
+    X = _check_dense(X, "X") if rows is None else rows
     dtype = torch.float64 if X.dtype == np.float64 else torch.float32
     for start, chunk in iter_chunks(X, chunk_rows, torch.device("cpu"), dtype):
         yield start, chunk.numpy()
 
 
-def _is_out_of_core(X):
-    """Whether the scorers read ``X`` in chunks: out-of-core, or half precision in memory."""
+def _streamed(X):
+    """``X`` as :class:`~sksae._data.Rows` when it is read in chunks, else None.
+
+    Out-of-core inputs and half precision in memory (:func:`sksae._data.streamed`);
+    :class:`Rows` are returned as they are, so a caller that already made them
+    passes them on without converting ``X`` (a GPU tensor's host copy) again.
+    """
     from ._data import Rows, streamed
 
-    return isinstance(X, Rows) or streamed(X) is not None
+    return X if isinstance(X, Rows) else streamed(X)
 
 
 def _core_sums(estimator, X, chunk_rows=None):

@@ -19,7 +19,7 @@ from .metrics import (
     _core_sums,
     _encode_decode,
     _final_estimator,
-    _is_out_of_core,
+    _streamed,
     duplicate_fraction,
     feature_density,
     fraction_variance_explained,
@@ -103,8 +103,9 @@ def _estimate(sizes, n_shared):
 def _fit_and_evaluate(estimator, X, X_eval, param_name, size, duplicate_threshold,
                       absolute):
     est = clone(estimator).set_params(**{param_name: int(size)}).fit(X)
-    if _is_out_of_core(X_eval):  # encoded chunk by chunk: codes of every row never held
-        sums = _core_sums(est, X_eval).result()
+    rows = _streamed(X_eval)
+    if rows is not None:  # encoded chunk by chunk: codes of every row never held
+        sums = _core_sums(est, rows).result()
         density, fve, mean_l0 = sums.feature_density, sums.explained_variance, sums.l0
     else:
         codes, X_hat = _encode_decode(est, X_eval)

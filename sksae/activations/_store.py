@@ -644,15 +644,14 @@ class ActivationStore:
             row = int(key) + n if key < 0 else int(key)
             if not 0 <= row < n:
                 raise IndexError(f"row {key} is out of range for {n} rows.")
-            out = self._values(self.read_raw(row, row + 1))[0]
+            out = self._load(row, row + 1)[0]
             return out if cols is None or cols is Ellipsis else out[cols]
         every_column = cols is None or cols is Ellipsis or (
             isinstance(cols, slice) and cols == slice(None))
         if self.indexing == "lazy" and every_column:
             return self.subset(key)
-        if isinstance(key, slice) and key.indices(self.shape[0])[2] == 1:
-            start, stop, _ = key.indices(self.shape[0])
-            out = self._values(self.read_raw(start, stop))
+        if isinstance(key, slice) and key.step in (None, 1):
+            out = self._load(*key.indices(self.shape[0])[:2])
         else:
             idx = self._row_ids(key)
             out = self._values(self.take_raw(idx.ravel())).reshape(*idx.shape, self.shape[1])
