@@ -135,3 +135,24 @@ def test_fit_holds_out_the_last_rows_and_reports_them(tmp_path, capsys, what):
         with pytest.raises(SystemExit) as exit_:
             main(args + ["--holdout", bad])
         assert exit_.value.code == 2
+
+
+def test_ctrl_c_while_evaluating_the_holdout_leaves_the_old_model(tmp_path, capsys,
+                                                                   monkeypatch):
+    import sksae.metrics
+
+    X = np.random.RandomState(0).randn(200, 6).astype(np.float32)
+    save_store(X, tmp_path / "acts", dtype="float32", shard_rows=64)
+    args = ["fit", str(tmp_path / "acts"), "--n-components", "12", "--k", "2", "--max-iter",
+            "1", "--batch-size", "32", "--random-state", "0", "-q", "-o", str(tmp_path / "m")]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sksae.metrics, "evaluate", interrupted)
+    assert main(args + ["--random-state", "1", "--holdout", "0.1"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acts", "m"]  # no temporary left
