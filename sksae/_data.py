@@ -49,7 +49,9 @@ class Rows:
 
     Parameters
     ----------
-    X : ActivationStore, np.memmap, ndarray, bfloat16 torch.Tensor, zarr or h5py array
+    X : ActivationStore, np.memmap, ndarray, torch.Tensor, zarr or h5py array
+        A tensor is a bfloat16 one on the CPU, or any floating tensor on an
+        accelerator, read where it is (see :func:`_host`).
 
     Attributes
     ----------
@@ -62,6 +64,12 @@ class Rows:
     blocks : bool
         Whether random row reads are slow here (stores, zarr, h5py), so that
         shuffling should read contiguous blocks.
+    device : torch.device
+        Where reads return their rows: the accelerator of a tensor that is
+        on one, else the CPU.
+    on_device : bool
+        Whether ``X`` is a tensor read where it is (:func:`_stays_on_device`):
+        no pinned staging, no reading ahead in another thread.
     """
 
     def __init__(self, X):
@@ -75,6 +83,8 @@ class Rows:
             self.raw_dtype = _TORCH[np.dtype(X.dtype)]
         self.dtype = np.dtype(np.float64 if self.raw_dtype == torch.float64 else np.float32)
         self.blocks = not isinstance(X, (np.ndarray, torch.Tensor))
+        self.device = X.device if isinstance(X, torch.Tensor) else torch.device("cpu")
+        self.on_device = isinstance(X, torch.Tensor) and _stays_on_device(X)
         self.nbytes = self.shape[0] * self.shape[1] * torch.empty(
             (), dtype=self.raw_dtype).element_size()
 
@@ -83,7 +93,7 @@ class Rows:
         return self.shape[0]
 
     def read(self, start, stop):
-        """Rows ``start:stop`` (a host tensor of ``raw_dtype``, a copy)."""
+        """Rows ``start:stop`` (a tensor of ``raw_dtype`` on :attr:`device`, a copy)."""
         if isinstance(self.X, ActivationStore):
             return self.X.read_raw(start, stop)
         if isinstance(self.X, torch.Tensor):
@@ -102,12 +112,12 @@ class Rows:
             target[...] = self.X[start:stop]
 
     def take(self, rows):
-        """Rows ``rows`` (int array, any order, repeats allowed) as a host tensor (a copy)."""
+        """Rows ``rows`` (int array, any order, repeats allowed) on :attr:`device` (a copy)."""
         rows = np.asarray(rows, dtype=np.int64)
         if isinstance(self.X, ActivationStore):
             return self.X.take_raw(rows)
         if isinstance(self.X, torch.Tensor):
-            return self.X[torch.from_numpy(rows)]
+            return self.X.index_select(0, torch.from_numpy(rows).to(self.device))
         if isinstance(self.X, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(self.X[rows]))
         # zarr and h5py read sorted, distinct rows
@@ -171,7 +181,7 @@ def check_input(estimator, X, *, reset, order=None):
     """
     if isinstance(X, torch.Tensor):
         X = _host(X)
-    if not is_out_of_core(X) and not _is_half(X):
+    if not is_out_of_core(X) and not _in_batches(X):
         big = getattr(X, "nbytes", 0) > FULL_SCAN_BYTES
         X = validate_data(estimator, X, dtype=[np.float64, np.float32], order=order,
                           reset=reset, ensure_all_finite=not big)
@@ -191,13 +201,15 @@ def check_input(estimator, X, *, reset, order=None):
     return Rows(X)
 
 
-def _is_half(X):
-    """Whether ``X`` (after :func:`_host`) is float16 or bfloat16 values in memory.
+def _in_batches(X):
+    """Whether ``X`` (after :func:`_host`) is in memory but read batch by batch as :class:`Rows`.
 
-    They are read batch by batch and converted to float32 on the device, as
-    from a memory map or a store: ``validate_data`` would first copy them
-    whole into float64 (4x their size), the dtype scikit-learn picks for
-    float16 (and numpy has no bfloat16).
+    float16 or bfloat16 values are read batch by batch and converted to
+    float32 on the device, as from a memory map or a store: ``validate_data``
+    would first copy them whole into float64 (4x their size), the dtype
+    scikit-learn picks for float16 (and numpy has no bfloat16). A tensor on an
+    accelerator is read there, batch by batch, instead of being copied to the
+    host and back.
     """
     return isinstance(X, np.ndarray) and X.dtype == np.float16 or isinstance(X, torch.Tensor)
 
@@ -210,7 +222,7 @@ def streamed(X):
     """
     if isinstance(X, torch.Tensor):
         X = _host(X)
-    return Rows(X) if is_out_of_core(X) or _is_half(X) else None
+    return Rows(X) if is_out_of_core(X) or _in_batches(X) else None
 
 
 def _host(X):
@@ -218,17 +230,31 @@ def _host(X):
 
     A tensor on the CPU is not copied (a float32 or float64 one becomes an
     ndarray view, so validate_data keeps its dtype instead of picking float64);
-    one on an accelerator is copied to the host once. bfloat16 stays a tensor
-    (numpy lacks it), read batch by batch as :class:`Rows`.
+    bfloat16 stays a tensor (numpy lacks it), read batch by batch as
+    :class:`Rows`. A floating tensor on an accelerator stays there, also read
+    batch by batch as :class:`Rows` (:func:`_stays_on_device`); other tensors
+    there are copied to the host once.
     """
     X = X.detach()
+    if X.dtype.is_complex:
+        raise ValueError("Complex data not supported; got a complex torch tensor.")
+    if X.dtype.is_floating_point and _stays_on_device(X):
+        return X
     if X.device.type != "cpu":
         X = X.cpu()
     if X.dtype == torch.bfloat16:
         return X
-    if X.dtype.is_complex:
-        raise ValueError("Complex data not supported; got a complex torch tensor.")
     return X.numpy()
+
+
+def _stays_on_device(X):
+    """Whether a floating tensor is read where it is rather than through a host copy.
+
+    On an accelerator: its batches are gathered there (no copy of the whole
+    to the host and back, no pinned staging). Tests make it true for CPU
+    tensors to run this path without a GPU.
+    """
+    return X.device.type != "cpu"
 
 
 def check_codes(X, **kwargs):
@@ -242,8 +268,9 @@ def check_codes(X, **kwargs):
 
     if isinstance(X, torch.Tensor):
         X = _host(X)
-        if isinstance(X, torch.Tensor):  # bfloat16
-            X = X.float().numpy()
+        if isinstance(X, torch.Tensor):  # bfloat16, or on an accelerator
+            X = X.cpu()
+            X = (X.float() if X.dtype in (torch.float16, torch.bfloat16) else X).numpy()
     if isinstance(X, np.ndarray) and X.dtype == np.float16:
         X = X.astype(np.float32)
     return check_array(X, dtype=[np.float64, np.float32], **kwargs)
@@ -291,14 +318,14 @@ def take(X, rows):
     if isinstance(X, Rows):
         t = X.take(rows).to(torch_dtype_of(X.dtype))
         X.check_finite(t, np.asarray(rows))
-        return t.numpy()
+        return t.cpu().numpy()
     return X[rows]
 
 
 def head(X, n):
     """The first ``n`` rows, as :func:`take`."""
     if isinstance(X, Rows):
-        return X.read(0, min(n, X.n_samples)).to(torch_dtype_of(X.dtype)).numpy()
+        return X.read(0, min(n, X.n_samples)).to(torch_dtype_of(X.dtype)).cpu().numpy()
     return X[:n]
 
 

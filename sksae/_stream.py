@@ -63,7 +63,8 @@ class StreamSource:
     scale : float, default=1.0
     read_ahead_depth : int, default=None
         Buffers read ahead by the background thread (0: read in this thread);
-        None means ``READ_AHEAD_DEPTH`` (2).
+        None means ``READ_AHEAD_DEPTH`` (2). Rows on an accelerator (a tensor
+        there) are always read in this thread.
     group : sksae.distributed.Group or None
         Data-parallel training: the batches are this rank's parts of the
         global batches one process would train on (the same draws), and
@@ -82,6 +83,10 @@ class StreamSource:
         self.shuffle = shuffle
         self.scale = scale
         self.depth = READ_AHEAD_DEPTH if read_ahead_depth is None else read_ahead_depth
+        if rows.on_device:
+            # rows on an accelerator are gathered by its kernels, queued in this thread (a
+            # second thread's launches could also fall inside a CUDA graph's recording)
+            self.depth = 0
         buffer_rows = default_buffer_rows(rows) if buffer_rows is None else int(buffer_rows)
         # whole batches per buffer, so that no batch straddles two reads
         self.buffer_rows = max(1, buffer_rows // self.batch_size) * self.batch_size
@@ -89,7 +94,7 @@ class StreamSource:
         self._order = None
         if shuffle == "once":
             self._order = torch.randperm(self.n_samples, generator=generator)
-        self._pin = is_accelerator(self.device)
+        self._pin = is_accelerator(self.device) and not rows.on_device
 
     @property
     def steps_per_epoch(self):

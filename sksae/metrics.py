@@ -724,7 +724,7 @@ def _streamed(X):
 
     Out-of-core inputs and half precision in memory (:func:`sksae._data.streamed`);
     :class:`Rows` are returned as they are, so a caller that already made them
-    passes them on without converting ``X`` (a GPU tensor's host copy) again.
+    passes them on without converting ``X`` again.
     """
     from ._data import Rows, streamed
 

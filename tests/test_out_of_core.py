@@ -307,6 +307,46 @@ def test_torch_tensors_train_as_arrays_of_their_values(data, dtype, expected, de
         SparseAutoencoder(**SAE, device=device).fit(bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tensors_on_an_accelerator_are_read_there_batch_by_batch(data, dtype, device,
+                                                                   monkeypatch):
+    # on a GPU machine the device fixture's CUDA case is the real one; the CPU case runs the
+    # same path (no host copy, no pinned staging, no read-ahead thread) on CPU tensors
+    from sksae import _data, metrics
+    from sksae._data import check_input
+
+    monkeypatch.setattr(_data, "_stays_on_device", lambda t: True)
+    X = torch.from_numpy(data).to(device, dtype)
+    values = X.cpu().float().numpy()
+    rows = check_input(SparseAutoencoder(**SAE), X, reset=True)
+    assert isinstance(rows, Rows) and rows.X.data_ptr() == X.data_ptr()  # not copied
+    assert rows.device == X.device and rows.take([5, 2]).device == X.device
+    source = StreamSource(rows, 64, device, torch.float32, torch.Generator())
+    assert source.depth == 0 and not source._pin
+    for Estimator, params in ((SparseAutoencoder, SAE), (DictionaryLearnerGPU, dict(
+            n_components=16, alpha=0.1, max_iter=2, batch_size=64, random_state=0))):
+        a = Estimator(**params, device=device).fit(values)
+        b = Estimator(**params, device=device).fit(X)
+        np.testing.assert_array_equal(b.components_, a.components_)
+        np.testing.assert_array_equal(b.transform(X), a.transform(values))
+        if hasattr(b, "score"):  # SparseAutoencoder's FVE
+            assert b.score(X) == pytest.approx(a.score(values), rel=1e-6)
+        assert metrics.fve_scorer(b, X) == pytest.approx(metrics.fve_scorer(a, values),
+                                                         rel=1e-6)
+        c = Estimator(**params, device=device).partial_fit(X[:300])
+        d = Estimator(**params, device=device).partial_fit(values[:300])
+        np.testing.assert_array_equal(c.components_, d.components_)
+        codes = torch.from_numpy(b.transform(values)).to(device)
+        np.testing.assert_allclose(b.inverse_transform(codes),
+                                   b.inverse_transform(codes.cpu().numpy()), rtol=1e-6)
+        bad = X.clone()
+        bad[700, 3] = float("nan")
+        before = b.components_.copy()
+        with pytest.raises(ValueError, match="NaN or infinity in row 700"):
+            b.fit(bad)
+        np.testing.assert_array_equal(b.components_, before)  # the model as it was
+
+
 def test_zarr_and_h5py_arrays(data, tmp_path):
     zarr = pytest.importorskip("zarr")
     h5py = pytest.importorskip("h5py")
