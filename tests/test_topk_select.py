@@ -1,6 +1,5 @@
 """The training step's top-k selection: the compiled kernel against torch.topk."""
 
-import numba
 import numpy as np
 import pytest
 import torch
