@@ -58,10 +58,13 @@ for check in $checks; do
         timeout "${KERNELS_TIMEOUT:-150}" python3 -m pytest tests/test_triton.py -q -rs \
             -p no:cacheprovider > "$out/triton_tests.txt" 2>&1
         tail -5 "$out/triton_tests.txt"
-        # tensors on the GPU read there (CUDA cases of the device fixture; a few seconds)
-        timeout "${KERNELS_TIMEOUT:-150}" python3 -m pytest tests/test_out_of_core.py -q -rs \
-            -p no:cacheprovider -k tensors > "$out/tensor_tests.txt" 2>&1
-        tail -3 "$out/tensor_tests.txt"
+        # tensors on the GPU read there (the device fixture's CUDA cases) and the recorded
+        # step's tests (CUDA graphs; a recording beside a thread that pins memory)
+        timeout "${KERNELS_TIMEOUT:-150}" python3 -m pytest -q -rs -p no:cacheprovider \
+            tests/test_graphs.py \
+            tests/test_out_of_core.py::test_tensors_on_an_accelerator_are_read_there_batch_by_batch \
+            > "$out/graph_tensor_tests.txt" 2>&1
+        tail -3 "$out/graph_tensor_tests.txt"
         timeout "${TOPK_TIMEOUT:-90}" python3 benchmarks/bench_topk_gpu.py --device cuda --tune \
             2>&1 | tee "$out/topk_gpu.txt" ;;
     rule)

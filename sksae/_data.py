@@ -343,7 +343,10 @@ def iter_chunks(X, chunk_rows, device, dtype):
     for start in range(0, X.shape[0], chunk_rows):
         stop = min(start + chunk_rows, X.shape[0])
         if isinstance(X, Rows):
-            chunk = X.read(start, stop).to(device, non_blocking=True).to(dtype)
+            chunk = X.read(start, stop)
+            # non-blocking only from the host: a device-to-host copy that did not wait
+            # would be read (checked, converted) before its values arrive
+            chunk = chunk.to(device, non_blocking=chunk.device.type == "cpu").to(dtype)
             X.check_finite(chunk, start)
         else:
             chunk = as_tensor(X[start:stop], device, dtype)

@@ -122,3 +122,26 @@ def test_group_parts_are_contiguous_and_even():
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             sizes = [b - a for a, b in parts]
             assert max(sizes) - min(sizes) <= 1
+
+
+def test_nccl_ranks_take_their_own_gpu_before_the_group_exists(monkeypatch):
+    # NCCL's object collectives run on the current CUDA device: left at cuda:0, every rank
+    # of a machine would share one GPU (checked here without one: CUDA's calls recorded)
+    import torch.distributed as dist
+
+    from sksae.distributed import _launch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend)))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert _launch.init_from_environment(backend="nccl")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    calls.clear()
+    assert _launch.init_from_environment(backend="gloo")  # gloo: the CPU, no GPU chosen
+    assert calls == [("init", "gloo")]

@@ -102,6 +102,38 @@ def test_recorded_step_matches_eager(name, monkeypatch):
 
 
 @needs_cuda
+def test_recording_is_not_disturbed_by_another_thread_pinning_memory():
+    """The read-ahead thread pins the next buffer while the training thread may be recording
+    its step: the recording checks its own thread only (capture_error_mode="thread_local")."""
+    import threading
+
+    from sksae._accel.device import capture_graph
+
+    stop, errors = threading.Event(), []
+
+    def pin():
+        try:
+            while not stop.is_set():
+                torch.empty(1 << 20, pin_memory=True)
+                torch.empty(1 << 12 + len(errors), pin_memory=True)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=pin)
+    thread.start()
+    x = torch.randn(256, 256, device="cuda")
+    try:
+        for _ in range(20):
+            graph, out = capture_graph(lambda: x @ x, "cuda")
+            graph.replay()
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert_close(out, x @ x)
+
+
+@needs_cuda
 def test_recorded_step_runs_odd_batches_eagerly(monkeypatch):
     trainer, batches = _trainer("topk", "cuda", True, monkeypatch)
     _run(trainer, batches, 6)

@@ -309,7 +309,7 @@ def test_torch_tensors_train_as_arrays_of_their_values(data, dtype, expected, de
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tensors_on_an_accelerator_are_read_there_batch_by_batch(data, dtype, device,
-                                                                   monkeypatch):
+                                                                   monkeypatch, tmp_path):
     # on a GPU machine the device fixture's CUDA case is the real one; the CPU case runs the
     # same path (no host copy, no pinned staging, no read-ahead thread) on CPU tensors
     from sksae import _data, metrics
@@ -339,6 +339,8 @@ def test_tensors_on_an_accelerator_are_read_there_batch_by_batch(data, dtype, de
         codes = torch.from_numpy(b.transform(values)).to(device)
         np.testing.assert_allclose(b.inverse_transform(codes),
                                    b.inverse_transform(codes.cpu().numpy()), rtol=1e-6)
+        stored = transform_to_store(b, X, tmp_path / type(b).__name__, chunk_rows=400)
+        np.testing.assert_array_equal(stored.to_csr().toarray(), b.transform(values))
         bad = X.clone()
         bad[700, 3] = float("nan")
         before = b.components_.copy()

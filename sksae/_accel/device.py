@@ -19,7 +19,7 @@ from .cluster import worker_index
 __all__ = ["resolve_device", "is_accelerator", "synchronize", "native_bf16", "autocast",
            "HostReading", "side_stream", "capture_graph", "graphs_supported", "fits_on_device",
            "host_read_interval", "device_available", "free_host_value", "is_capturing",
-           "time_call"]
+           "time_call", "use_local_gpu"]
 
 
 def resolve_device(device="auto"):
@@ -174,7 +174,9 @@ def capture_graph(fn, device):
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, got {device}.")
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph):
+    # "thread_local": only this thread's calls are checked while recording; the default
+    # ("global") would also fail the read-ahead thread's pinning of the next buffer
+    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
 
@@ -246,6 +248,21 @@ def free_host_value(t):
 def default_distributed_backend():
     """The ``torch.distributed`` backend for this machine: NCCL with CUDA devices, else gloo."""
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def use_local_gpu():
+    """Make ``cuda:{LOCAL_RANK}`` the current CUDA device in a ``torchrun`` process.
+
+    NCCL's object collectives (``all_gather_object``, ``broadcast_object_list``)
+    run on the current device, which is ``cuda:0`` in every process until it
+    is set: every rank would then share one GPU. Does nothing without CUDA or
+    outside ``torchrun`` (``LOCAL_RANK`` unset).
+    """
+    import os
+
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and torch.cuda.is_available():
+        torch.cuda.set_device(int(local) % torch.cuda.device_count())
 
 
 def local_rank_device(device):

@@ -96,7 +96,7 @@ def transform_to_store(estimator, X, path, *, chunk_rows=65536, shard_rows=1 << 
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
             if rows is not None:
-                chunk = rows.read(start, stop)
+                chunk = rows.read(start, stop).cpu()  # a tensor on a GPU: its chunk, here
                 chunk = chunk.float().numpy() if rows.dtype == np.float32 else chunk.numpy()
                 if not np.isfinite(chunk).all():
                     rows.raise_row(int(np.argmax(~np.isfinite(chunk).all(axis=1))), start)

@@ -7,7 +7,7 @@ import os
 
 import torch.distributed as dist
 
-from .._accel.device import default_distributed_backend
+from .._accel.device import default_distributed_backend, use_local_gpu
 
 __all__ = ["init_from_environment", "is_main_process"]
 
@@ -35,6 +35,8 @@ def init_from_environment(backend=None, timeout_s=600):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = backend or default_distributed_backend()
+    if backend == "nccl":
+        use_local_gpu()  # before any collective: NCCL binds each rank to its current GPU
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
