@@ -147,6 +147,31 @@ def test_jumprelu_straight_through_gradients_by_hand():
     np.testing.assert_allclose(grad_t, lam * (-(1 / eps) * K / 2) * 0.5 * THRESHOLD_SPEED)
 
 
+def test_jumprelu_gate_and_window_use_the_unrounded_threshold_under_bf16_products():
+    # under bf16 products (autocast on CUDA) the pre-activations are bf16 while the
+    # thresholds are float32: rounding them to bf16 (step 0.03 near 5) would shut the gate
+    # of 5.0 > 4.99 and move 5.0625 out of 5.04's window (half-width 0.025)
+    from sksae.architectures.jumprelu import _theta
+
+    eps = 0.05
+    arch = get("jumprelu")({"bandwidth": eps, "l0_coefficient": 1.0, "threshold_init": 1.0},
+                           2, 2)
+    theta = torch.tensor([5.04, 4.99])
+    p = _identity_params(theta.double(), dtype=torch.bfloat16)
+    p["log_threshold"] = (theta.log() / THRESHOLD_SPEED).requires_grad_(True)  # float32
+    x = torch.tensor([[5.0625, 5.0]], dtype=torch.bfloat16)  # exact in bf16
+    enc = arch.encode(p, x, training=True)
+    t, a = _theta(p).detach().double(), x.double()
+    np.testing.assert_array_equal(enc.codes.detach().double(), a * (a > t))
+    assert enc.codes[0, 1] == 5.0
+    np.testing.assert_array_equal(arch.encode(p, x).double(), a * (a > t))  # inference too
+    enc.codes.float().sum().backward()
+    inside = ((a - t).abs() / eps < 0.5).double()
+    assert inside.all()
+    expected = -(t / eps) * inside * THRESHOLD_SPEED * t
+    np.testing.assert_allclose(p["log_threshold"].grad, expected[0].float(), rtol=1e-2)
+
+
 def test_jumprelu_threshold_is_exported_in_user_units(toy):
     X = toy[0]
     sae = SparseAutoencoder(architecture="jumprelu", **SMALL).fit(X)

@@ -98,7 +98,10 @@ class JumpReLU(PenaltyWarmup, Architecture):
 
     def encode(self, p, x_BD, training=False, ws=None):
         pre = self.pre_activation(p, x_BD)
-        theta = _theta(p).to(pre.dtype)
+        # theta stays in the parameters' dtype: under bf16 products a rounded theta would move
+        # the gate and quantise the (a - theta) window of its gradient (bf16's step near 5 is
+        # 0.03, the window's half-width 0.025); comparisons and differences promote exactly
+        theta = _theta(p)
         if not training:
             return pre * (pre > theta)
         a = torch.relu(pre)
@@ -106,7 +109,7 @@ class JumpReLU(PenaltyWarmup, Architecture):
 
     def losses(self, inp):
         a = torch.relu(inp.enc.pre)
-        theta = _theta(inp.p).to(a.dtype)
+        theta = _theta(inp.p)
         l0 = inp.row_mean(StepFunction.apply(a, theta, self.hparams["bandwidth"]).sum(-1))
         return {"l0_penalty": inp.coef["sparsity"] * self.hparams["l0_coefficient"] * l0}
 
