@@ -3,10 +3,10 @@
 # timings and a kernel profile, the test suite with the device fixture including CUDA,
 # then the benchmarks on the GPU.
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
-#   (run from the repository root; CHECKS picks and orders the parts, all by default:
-#    step, tests, throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist,
-#    kernels, rule, scaling, fusion. Two presets, each under the device tool's 10 minutes a
-#    command: CHECKS=triton runs issue 21's Must-show checks, kernels rule throughput (about
+#   (run from the repository root; CHECKS picks and orders the parts among step, tests,
+#    throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist, kernels, rule,
+#    scaling, fusion, cuda-tests; by default step tests throughput toy dict-quick. Two
+#    presets, each under the device tool's 10 minutes a command: CHECKS=triton runs issue 21's Must-show checks, kernels rule throughput (about
 #    5 minutes); CHECKS=widths runs scaling fusion dist (the scaling table in F, the step's
 #    elementwise end, issue 18's NCCL check; about 6 minutes))
 # Peers that are not installed there can travel as wheels in .peers/ (pure-Python
@@ -58,15 +58,17 @@ for check in $checks; do
         timeout "${KERNELS_TIMEOUT:-150}" python3 -m pytest tests/test_triton.py -q -rs \
             -p no:cacheprovider > "$out/triton_tests.txt" 2>&1
         tail -5 "$out/triton_tests.txt"
-        # tensors on the GPU read there (the device fixture's CUDA cases) and the recorded
-        # step's tests (CUDA graphs; a recording beside a thread that pins memory)
-        timeout "${KERNELS_TIMEOUT:-150}" python3 -m pytest -q -rs -p no:cacheprovider \
-            tests/test_graphs.py \
-            tests/test_out_of_core.py::test_tensors_on_an_accelerator_are_read_there_batch_by_batch \
-            > "$out/graph_tensor_tests.txt" 2>&1
-        tail -3 "$out/graph_tensor_tests.txt"
         timeout "${TOPK_TIMEOUT:-90}" python3 benchmarks/bench_topk_gpu.py --device cuda --tune \
             2>&1 | tee "$out/topk_gpu.txt" ;;
+    cuda-tests)
+        # the CUDA-only tests written without a GPU at hand: tensors on the GPU read there
+        # (the device fixture's CUDA cases) and the recorded step (CUDA graphs, a recording
+        # beside a thread that pins memory); the whole suite is the "tests" check
+        timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -q -rs -p no:cacheprovider \
+            tests/test_graphs.py \
+            tests/test_out_of_core.py::test_tensors_on_an_accelerator_are_read_there_batch_by_batch \
+            > "$out/cuda_tests.txt" 2>&1
+        tail -5 "$out/cuda_tests.txt" ;;
     rule)
         # the sparse (Triton) step against the dense one, forced, at the rule's shapes
         timeout "${RULE_TIMEOUT:-90}" python3 benchmarks/bench_kernel_rule.py --device cuda \
