@@ -206,7 +206,9 @@ class BatchSource:
         else:
             batch, fresh = self._data.index_select(0, order[start:stop]), True
         if not self._on_device:
-            batch = batch.pin_memory().to(self.device, self.dtype, non_blocking=True)
+            # cast on the device: a copy that also casts would cast on the host, into
+            # pageable memory, and then wait for its copy
+            batch = batch.pin_memory().to(self.device, non_blocking=True).to(self.dtype)
             fresh = True
         elif batch.dtype != self.dtype:
             batch, fresh = batch.to(self.dtype), True
