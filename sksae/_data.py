@@ -17,7 +17,8 @@ from sklearn.utils.validation import _check_feature_names, _check_n_features, va
 
 from .activations._store import ActivationStore
 
-__all__ = ["Rows", "is_out_of_core", "streamed", "check_input", "check_codes", "take", "head",
+__all__ = ["Rows", "is_out_of_core", "streamed", "check_input", "check_codes", "take",
+           "take_tensor", "head",
            "FULL_SCAN_BYTES", "NonFiniteRowError", "sample_rows", "sample_rows_torch"]
 
 #: in-memory arrays larger than this are checked batch by batch, not scanned whole
@@ -316,10 +317,23 @@ def take(X, rows):
     Rows of :class:`Rows` are checked for NaN/inf (the error names the row).
     """
     if isinstance(X, Rows):
-        t = X.take(rows).to(torch_dtype_of(X.dtype))
-        X.check_finite(t, np.asarray(rows))
-        return t.cpu().numpy()
+        return take_tensor(X, rows, "cpu", torch_dtype_of(X.dtype)).numpy()
     return X[rows]
+
+
+def take_tensor(X, rows, device, dtype):
+    """Rows ``rows`` of an ndarray or :class:`Rows` as a ``dtype`` tensor on ``device``.
+
+    As :func:`take`, without a trip through the host for rows already on
+    ``device`` (a tensor on the GPU).
+    """
+    from ._base import as_tensor
+
+    if isinstance(X, Rows):
+        t = X.take(rows).to(device).to(dtype)
+        X.check_finite(t, np.asarray(rows))
+        return t
+    return as_tensor(X[rows], device, dtype)
 
 
 def head(X, n):

@@ -40,7 +40,7 @@ from ._base import (
     torch_dtype,
 )
 from ._data import (FULL_SCAN_BYTES, Rows, check_codes, check_input, is_out_of_core,
-                    iter_chunks, sample_rows, take)
+                    iter_chunks, sample_rows, take, take_tensor)
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource
 from ._online import forgetting_factor, init_dictionary, update_dictionary, update_stats
@@ -404,7 +404,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 rows = np.arange(n)
             else:
                 rows = np.sort(sample_rows(random_state, n, _INIT_SAMPLE_ROWS))
-            Xt = as_tensor(take(X, rows), device, dtype)
+            Xt = take_tensor(X, rows, device, dtype)
         else:
             Xt = as_tensor(X, device, dtype)
         dict_init = None if self.dict_init is None else as_tensor(
