@@ -3,7 +3,7 @@
 ``python -m torch.distributed.run --nproc_per_node=2 tests/_distributed_worker.py CASE OUT``
 
 Each rank fits in its process group and writes ``OUT/{name}_rank{r}.npy``
-(the decoder) and ``OUT/{name}_rank{r}_loss.npy`` (the per-step losses); the
+(the decoder) and ``OUT/{name}_rank{r}_l0.npy`` (a SparseAutoencoder's per-step L0); the
 test fits the single-process references and compares.
 """
 
@@ -43,11 +43,21 @@ CASES = {
     "dictionary": (lambda: DictionaryLearnerGPU(24, alpha=0.3, batch_size=16, max_iter=3,
                                                 random_state=0, tol=0,
                                                 max_no_improvement=None), "array64"),
+    # a last batch of one row: one rank's part of it is empty
+    "batchtopk_ragged": (lambda: SparseAutoencoder(**SAE, architecture="batchtopk"), "ragged"),
+    "matryoshka_ragged": (lambda: SparseAutoencoder(**SAE, architecture="matryoshka"),
+                          "ragged"),
 }
+# bf16 selection products (CUDA's autocast; on the CPU precision="bfloat16"): ties at the cut
+TIES = {
+    name: (lambda arch=arch: SparseAutoencoder(
+        n_components=512, k=8, batch_size=512, max_iter=1, random_state=0,
+        architecture=arch, precision="bfloat16"), "wide")
+    for name, arch in (("batchtopk_bf16", "batchtopk"), ("matryoshka_bf16", "matryoshka"))}
 
 
 def make(name, distributed):
-    est, kind = CASES[name]
+    est, kind = {**CASES, **TIES}[name]
     model = est()
     model.set_params(distributed=("latent" if name == "latent" else "data")
                      if distributed else False)
@@ -62,6 +72,10 @@ def fit(model, name, X):
 
 
 def inputs(kind, out):
+    if kind == "ragged":
+        return data(n=1201)
+    if kind == "wide":
+        return data(n=4096, d=64)
     X = data()
     if kind == "array64":
         return X.astype(np.float64)
@@ -80,6 +94,9 @@ def main():
             model, kind = make(name, True)
             fit(model, name, inputs(kind, out))
             np.save(os.path.join(out, f"{name}_rank{rank}.npy"), model.components_)
+            if hasattr(model, "history_"):  # SparseAutoencoder's per-step L0
+                np.save(os.path.join(out, f"{name}_rank{rank}_l0.npy"),
+                        model.history_["step"]["l0"])
     elif case in ("killed", "resumed"):
         model, kind = make("topk", True)
         model.set_params(checkpoint_dir=os.path.join(out, "ckpt"), checkpoint_every=40)

@@ -63,6 +63,20 @@ def test_data_parallel_and_latent_sharded_equal_one_process(out):
         assert not np.allclose(expected, reference_start(name), atol=1e-2)
 
 
+def test_data_parallel_batch_topk_keeps_k_when_bf16_values_tie(out):
+    """bf16 selection products tie at the global cut: the ranks still keep exactly k * B."""
+    names = list(worker.TIES)
+    code, log, _ = launch("equal", out, ",".join(names))
+    assert code == 0, log[-3000:]
+    for name in names:
+        ranks = [np.load(out / f"{name}_rank{r}.npy") for r in (0, 1)]
+        np.testing.assert_array_equal(ranks[0], ranks[1], err_msg=name)
+        model, kind = worker.make(name, False)
+        one = model.fit(worker.inputs(kind, out))
+        assert np.all(one.history_["step"]["l0"] == 8)  # one process: k, exactly
+        np.testing.assert_array_equal(np.load(out / f"{name}_rank0_l0.npy"), 8, err_msg=name)
+
+
 def reference_start(name):
     model, kind = worker.make(name, False)
     return model.set_params(max_iter=0).fit(worker.inputs(kind, None)

@@ -145,3 +145,60 @@ def test_nccl_ranks_take_their_own_gpu_before_the_group_exists(monkeypatch):
     calls.clear()
     assert _launch.init_from_environment(backend="gloo")  # gloo: the CPU, no GPU chosen
     assert calls == [("init", "gloo")]
+
+
+class _ThreadGroup(Group):
+    """Ranks as threads: all_gather and min_ meet at a barrier (the collectives' results)."""
+
+    def __init__(self, rank, world, slots, barrier):
+        self.group, self.rank, self.world_size = None, rank, world
+        self.slots, self.barrier = slots, barrier
+
+    def all_gather(self, t):
+        self.slots[self.rank] = t
+        self.barrier.wait()
+        out = torch.cat(list(self.slots))
+        self.barrier.wait()
+        return out
+
+
+@pytest.mark.parametrize("rows, world, k", [(7, 3, 3), (9, 2, 4), (2, 3, 5), (5, 2, 8), (33, 2, 1)])
+def test_batch_topk_keeps_exactly_k_per_row_across_ranks_however_many_tie(rows, world, k):
+    # bf16 products tie often at the global cut: every rank keeping all its entries equal to
+    # it trained data-parallel BatchTopK at an L0 above k; the ranks keep exactly k * B,
+    # earlier entries of the global batch first, as one process's compiled selection does
+    import threading
+
+    from sksae import SparseAutoencoder
+    from sksae.distributed import BatchInfo
+
+    F = 8
+    gen = torch.Generator().manual_seed(rows * world + k)
+    pre = torch.randint(0, 4, (rows, F), generator=gen).to(torch.bfloat16)  # many ties
+    K = min(k * rows, rows * F)
+    order = torch.sort(-pre.float().reshape(-1), stable=True).indices[:K]
+    expected = torch.zeros(rows * F, dtype=torch.bool)
+    expected[order] = True
+    slots, barrier = [None] * world, threading.Barrier(world)
+    got, errors = [None] * world, []
+
+    def rank(r):
+        try:
+            g = _ThreadGroup(r, world, slots, barrier)
+            arch = SparseAutoencoder(architecture="batchtopk", k=k)._architecture(F, 4)
+            arch.batch = BatchInfo(rows, g)
+            lo, hi = g.part(rows)
+            got[r] = arch._global_keep(pre[lo:hi])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    keep = torch.cat(got).reshape(-1)
+    assert int(keep.sum()) == K
+    assert torch.equal(keep, expected)

@@ -29,7 +29,7 @@ from .sparse import Pattern, row_offsets
 from .threads import even_bounds, parallel, run_ranges
 
 __all__ = ["encoder_product", "pre_activation", "selection_pre_activation", "topk",
-           "select_topk", "batch_topk_pattern", "pattern_at_least", "dead_latent_picks"]
+           "select_topk", "batch_topk_pattern", "pattern_of", "dead_latent_picks"]
 
 #: magnitude-bit masks of the float formats the compiled selections read as integers
 _BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float32: (torch.int32, 0x7FFFFFFF)}
@@ -148,9 +148,9 @@ def batch_topk_pattern(pre_BF, K):
     return _flat_pattern(torch.sort(chosen).values, *pre_BF.shape)
 
 
-def pattern_at_least(pre_BF, cut):
-    """The entries of ``pre`` at or above ``cut`` (a 0-dim tensor), as a row-ordered pattern."""
-    return _flat_pattern((pre_BF.reshape(-1) >= cut).nonzero().reshape(-1), *pre_BF.shape)
+def pattern_of(mask_BF):
+    """The entries of a (B, F) boolean mask, as a row-ordered pattern."""
+    return _flat_pattern(mask_BF.reshape(-1).nonzero().reshape(-1), *mask_BF.shape)
 
 
 def _flat_pattern(chosen, B, F):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval
 
-from .._accel.select import batch_topk_pattern, pattern_at_least
+from .._accel.select import batch_topk_pattern, pattern_of
 from ._base import SparseCodes
 from .topk import TopKFamily
 
@@ -45,13 +45,12 @@ class BatchTopK(TopKFamily):
         # before the ReLU: the same support wherever k * B entries are positive,
         # otherwise the extra entries are non-positive and their codes 0 either way
         if self._group() is not None:
-            return pattern_at_least(pre_BF, self._global_cut(pre_BF))
+            return pattern_of(self._global_keep(pre_BF))
         return batch_topk_pattern(pre_BF, self.kept(pre_BF.shape[0]))
 
     def dense_codes(self, pre_BF):
         if self._group() is not None:
-            keep = pre_BF >= self._global_cut(pre_BF)
-            return torch.relu(pre_BF) * keep
+            return torch.relu(pre_BF) * self._global_keep(pre_BF)
         flat = torch.relu(pre_BF).flatten()
         values, indices = torch.topk(flat, self.kept(pre_BF.shape[0]), sorted=False)
         return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre_BF)
@@ -59,20 +58,42 @@ class BatchTopK(TopKFamily):
     def _group(self):
         return None if self.batch is None else self.batch.group
 
-    def _global_cut(self, pre_BF):
-        """The ``k * B``-th largest pre-activation of the global batch (data-parallel training).
+    def _global_keep(self, pre_BF):
+        """This rank's entries of the ``k * B`` largest of the global batch (data-parallel).
 
         Each rank's part holds at most ``k * B`` of the global batch's
         largest entries: every rank gathers the others' ``k * B`` largest and
-        takes the cut of the union, so that each keeps its entries at or
-        above it: the same set as a top-k of the whole batch, up to ties.
+        takes the cut of the union. Each keeps its entries above the cut, and
+        of the entries equal to it as many as the ``k * B`` leave, earlier
+        ones first in the global batch's row-major order (ranks hold
+        consecutive rows): exactly ``k * B`` entries, however many tie (bf16
+        products tie often at the cut), as one process keeps. Returns a
+        (B, F) mask; no host synchronisation.
         """
+        group = self._group()
         m = self.kept(self.batch.n_rows)
-        flat = pre_BF.detach().reshape(-1)
+        pre = pre_BF.detach()
+        flat = pre.reshape(-1)
         local = torch.topk(flat, min(m, flat.numel()), sorted=False).values
         if local.numel() < m:
             local = torch.cat([local, local.new_full((m - local.numel(),), -torch.inf)])
-        return torch.topk(self._group().all_gather(local), m, sorted=False).values.min()
+        cut = torch.topk(group.all_gather(local), m, sorted=False).values.min()
+        above, tie = pre > cut, pre == cut
+        counts = group.all_gather(torch.stack([above.sum(), tie.sum()]).reshape(1, 2))
+        ties_before = counts[:group.rank, 1].sum()
+        quota = (m - counts[:, 0].sum() - ties_before).clamp(0, counts[group.rank, 1])
+        if pre.shape[0] == 0:
+            return above
+        # rows whose ties are all kept, then the one row where the quota runs out
+        row_ties = tie.sum(1)
+        ends = row_ties.cumsum(0)
+        whole = ends <= quota
+        keep = above | (tie & whole[:, None])
+        j = (~whole).to(torch.int8).argmax().reshape(1)  # that row (row 0 when none)
+        left = quota - (ends - row_ties).index_select(0, j)
+        row_tie = tie.index_select(0, j) & ~whole.index_select(0, j)[:, None]
+        part = row_tie & (row_tie.cumsum(1) <= left[:, None])
+        return keep.index_copy_(0, j, keep.index_select(0, j) | part)
 
     def encode(self, p, x_BD, training=False, ws=None):
         if training:
@@ -91,7 +112,10 @@ class BatchTopK(TopKFamily):
         """
         codes = enc.codes
         codes = (codes.values if isinstance(codes, SparseCodes) else codes).detach()
-        smallest = torch.where(codes > 0, codes, torch.inf).min().to(p["threshold"].dtype)
+        if codes.numel() == 0:  # a rank's empty part of a short last batch
+            smallest = p["threshold"].new_full((), torch.inf)
+        else:
+            smallest = torch.where(codes > 0, codes, torch.inf).min().to(p["threshold"].dtype)
         if self._group() is not None:
             smallest = self._group().min_(smallest.reshape(1)).reshape(())
         n = p["threshold_updates"]
