@@ -44,7 +44,8 @@ from ._data import (FULL_SCAN_BYTES, Rows, check_codes, check_input, is_out_of_c
 from ._engine import BatchSource, EarlyStopping, _diverged, run_minibatch_loop
 from ._stream import StreamSource
 from ._online import forgetting_factor, init_dictionary, update_dictionary, update_stats
-from .distributed._group import GlobalRows, check_data_parallel, resolve_group
+from .distributed._group import (GlobalRows, check_data_parallel, resolve_group,
+                                 shared_random_state)
 from ._accel.threads import parallel, serial
 from .coders import check_positive_coding, encode
 
@@ -511,7 +512,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         if group is not None:
             device = local_rank_device(self.device)
             check_data_parallel(group, self, *X.shape)
-        random_state = check_random_state(self.random_state)
+        random_state = shared_random_state(group, self.random_state)
         D, A, B = self._start(X, device, n_components, random_state)
         if group is not None:  # the same draws on every rank: rank 0's, to the bit
             group.broadcast_(D)

@@ -11,7 +11,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import (Interval, StrOptions,
                                              validate_parameter_constraints)
 from sklearn.utils.validation import check_array, check_is_fitted
@@ -34,7 +33,7 @@ from ._engine import BatchSource, EarlyStopping, LoopState, _diverged, run_minib
 from ._stream import StreamSource, as_shuffle
 from ._sae_trainer import SAETrainer, init_parameters
 from .distributed._group import (check_data_parallel, check_latent_sharded, plain_params,
-                                 resolve_group)
+                                 resolve_group, shared_random_state)
 from .distributed._sharded import LatentShardedTrainer
 from .distributed._launch import is_main_process
 from .metrics import fraction_variance_explained
@@ -630,11 +629,7 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
                        for k, v in previous["trainer"]["buffers"].items()}
             generator = make_generator(rng)
         else:
-            rng = check_random_state(self.random_state)
-            if group is not None and self.random_state is None:
-                # every rank must draw the same batches: rank 0's draws
-                rng = np.random.RandomState()
-                rng.set_state(group.broadcast_object(check_random_state(None).get_state()))
+            rng = shared_random_state(group, self.random_state)
             generator = make_generator(rng)
             params, buffers, scale, calibration = self._initial_parameters(
                 X, arch, n_components, rng, generator, device, dtype)

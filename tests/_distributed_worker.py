@@ -56,8 +56,17 @@ TIES = {
     for name, arch in (("batchtopk_bf16", "batchtopk"), ("matryoshka_bf16", "matryoshka"))}
 
 
+# random_state=None: every rank must still draw rank 0's batches and rows
+UNSEEDED = {
+    "topk_unseeded": (lambda: SparseAutoencoder(**{**SAE, "random_state": None}), "array"),
+    "dictionary_unseeded": (lambda: DictionaryLearnerGPU(
+        24, alpha=0.3, batch_size=16, max_iter=3, random_state=None, tol=0,
+        max_no_improvement=None), "array64"),
+}
+
+
 def make(name, distributed):
-    est, kind = {**CASES, **TIES}[name]
+    est, kind = {**CASES, **TIES, **UNSEEDED}[name]
     model = est()
     model.set_params(distributed=("latent" if name == "latent" else "data")
                      if distributed else False)

@@ -9,11 +9,12 @@ runs: the single-process step is unchanged.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = ["Group", "resolve_group", "BatchInfo", "GlobalRows", "check_data_parallel",
-           "variance_from_sums"]
+           "variance_from_sums", "shared_random_state"]
 
 
 def variance_from_sums(squares, column_sums, n_rows):
@@ -157,6 +158,24 @@ def resolve_group(distributed, group=None):
     if distributed == "auto" and g.world_size == 1:
         return None
     return g
+
+
+def shared_random_state(group, random_state):
+    """``check_random_state(random_state)``, the same on every rank of ``group``.
+
+    With ``random_state=None`` each process's global numpy state differs:
+    every rank then draws from a copy of rank 0's, so that all draw the same
+    batches and the same rows (a different draw per rank would desynchronise
+    the collectives that follow). Without a group, or with a seed, as
+    ``check_random_state``.
+    """
+    from sklearn.utils import check_random_state
+
+    rng = check_random_state(random_state)
+    if group is not None and random_state is None:
+        rng = np.random.RandomState()
+        rng.set_state(group.broadcast_object(check_random_state(None).get_state()))
+    return rng
 
 
 def check_data_parallel(group, estimator, n_samples, n_features):
