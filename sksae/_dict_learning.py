@@ -466,6 +466,10 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
                 A.mul_(beta).add_(sums[:k * k].view(k, k), alpha=1.0 / n_rows)
                 B.mul_(beta).add_(sums[k * k:k * k + d * k].view(d, k), alpha=1.0 / n_rows)
             update_dictionary(D, A, B, rows, random_state, positive=self.positive_dict)
+            if group is not None:
+                # on a GPU each rank times where its sweep runs (device or host copies), and
+                # the two round differently: rank 0's dictionary, to the bit, on every rank
+                group.broadcast_(D)
         return cost
 
     @_fit_context(prefer_skip_nested_validation=True)

@@ -56,17 +56,33 @@ TIES = {
     for name, arch in (("batchtopk_bf16", "batchtopk"), ("matryoshka_bf16", "matryoshka"))}
 
 
-# random_state=None: every rank must still draw rank 0's batches and rows
-UNSEEDED = {
+# cases where the ranks must agree, whatever one process would fit: random_state=None
+# (every rank draws rank 0's batches and rows), and a dictionary update that rounds
+# differently on rank 1 (as a GPU's timed choice between device and host sweeps can)
+ALIKE = {
     "topk_unseeded": (lambda: SparseAutoencoder(**{**SAE, "random_state": None}), "array"),
     "dictionary_unseeded": (lambda: DictionaryLearnerGPU(
         24, alpha=0.3, batch_size=16, max_iter=3, random_state=None, tol=0,
         max_no_improvement=None), "array64"),
+    "dictionary_rounding": (lambda: DictionaryLearnerGPU(
+        24, alpha=0.3, batch_size=16, max_iter=1, random_state=0), "array64"),
 }
 
 
+def _round_differently():
+    """Rank 1's dictionary sweeps end one part in 10^9 off (another placement's rounding)."""
+    import sksae._online as online
+
+    def sweep(site, t, on_device, on_host):
+        out = on_device()
+        t.mul_(1 + 1e-9)
+        return out
+
+    online.run_faster = sweep
+
+
 def make(name, distributed):
-    est, kind = {**CASES, **TIES, **UNSEEDED}[name]
+    est, kind = {**CASES, **TIES, **ALIKE}[name]
     model = est()
     model.set_params(distributed=("latent" if name == "latent" else "data")
                      if distributed else False)
@@ -100,6 +116,8 @@ def main():
     rank = dist.get_rank()
     if case == "equal":
         for name in sys.argv[3].split(","):
+            if name == "dictionary_rounding" and rank == 1:
+                _round_differently()
             model, kind = make(name, True)
             fit(model, name, inputs(kind, out))
             np.save(os.path.join(out, f"{name}_rank{rank}.npy"), model.components_)
