@@ -515,7 +515,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         group = resolve_group(self.distributed)
         if group is not None:
             device = local_rank_device(self.device)
-            check_data_parallel(group, self, *X.shape)
+            check_data_parallel(group, self, *X.shape, device)
         random_state = shared_random_state(group, self.random_state)
         D, A, B = self._start(X, device, n_components, random_state)
         if group is not None:  # the same draws on every rank: rank 0's, to the bit

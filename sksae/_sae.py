@@ -608,9 +608,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         device = resolve_device(self.device) if group is None else local_rank_device(self.device)
         latent = group is not None and self.distributed == "latent"
         if latent:
-            check_latent_sharded(group, self, n_samples, n_features, resume or partial)
+            check_latent_sharded(group, self, n_samples, n_features, resume or partial, device)
         elif group is not None:
-            check_data_parallel(group, self, n_samples, n_features)
+            check_data_parallel(group, self, n_samples, n_features, device)
         dtype = torch.float32
         saved = None if partial else self._saved_checkpoint(n_samples, n_features, group)
         # a checkpoint of this fit, or the state of the previous one (warm_start, partial_fit)

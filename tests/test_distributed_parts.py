@@ -143,6 +143,9 @@ def test_nccl_ranks_take_their_own_gpu_before_the_group_exists(monkeypatch):
     assert _launch.init_from_environment(backend="nccl")
     assert calls == [("set_device", 1), ("init", "nccl")]
     calls.clear()
+    assert _launch.init_from_environment()  # the default with GPUs: NCCL for CUDA tensors
+    assert calls == [("set_device", 1), ("init", "cpu:gloo,cuda:nccl")]
+    calls.clear()
     assert _launch.init_from_environment(backend="gloo")  # gloo: the CPU, no GPU chosen
     assert calls == [("init", "gloo")]
 
@@ -202,3 +205,22 @@ def test_batch_topk_keeps_exactly_k_per_row_across_ranks_however_many_tie(rows, 
     keep = torch.cat(got).reshape(-1)
     assert int(keep.sum()) == K
     assert torch.equal(keep, expected)
+
+
+@pytest.mark.parametrize("seen, message", [
+    ([("a", "cuda", 0), ("a", "cuda", 1), ("b", "cuda", 0)], None),
+    ([("a", "cpu", None), ("a", "cpu", None)], None),
+    ([("a", "cuda", 0), ("a", "cuda", 0)], "ranks 0 and 1 \\(host a\\) both train on cuda:0"),
+    ([("a", "cuda", 0), ("a", "cpu", None)], "different kinds of device \\(cpu, cuda\\)"),
+])
+def test_ranks_must_train_on_one_kind_of_device_each_gpu_its_own(seen, message, monkeypatch):
+    # every rank given device="cuda:0" would fail inside NCCL ("Duplicate GPU detected")
+    from sksae.distributed._group import check_devices
+
+    g = fake_group(0, len(seen))
+    monkeypatch.setattr(g, "gather_object", lambda value: seen, raising=False)
+    if message is None:
+        check_devices(g, "cpu")
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_devices(g, "cpu")

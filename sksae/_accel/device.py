@@ -246,8 +246,13 @@ def free_host_value(t):
 
 
 def default_distributed_backend():
-    """The ``torch.distributed`` backend for this machine: NCCL with CUDA devices, else gloo."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """The ``torch.distributed`` backend for this machine: NCCL with CUDA devices, else gloo.
+
+    With CUDA devices ``"cpu:gloo,cuda:nccl"`` (torch's own default): collectives of
+    CUDA tensors go through NCCL, those of host tensors and objects through gloo, so
+    that a fit on the CPU inside a GPU launch works too.
+    """
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 def use_local_gpu():

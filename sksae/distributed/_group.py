@@ -123,10 +123,15 @@ class Group:
         start = rank * base + min(rank, extra)
         return start, start + base + (rank < extra)
 
-    def check_same(self, what, value):
-        """Raise on every rank unless every rank has the same (picklable) ``value``."""
+    def gather_object(self, value):
+        """Every rank's picklable ``value``, a list in rank order (small host objects only)."""
         values = [None] * self.world_size
         dist.all_gather_object(values, value, group=self.group)
+        return values
+
+    def check_same(self, what, value):
+        """Raise on every rank unless every rank has the same (picklable) ``value``."""
+        values = self.gather_object(value)
         if any(v != values[0] for v in values):
             raise ValueError(f"the ranks of the process group disagree on {what}: "
                              f"{values}. Every rank must fit the same data with the "
@@ -178,14 +183,18 @@ def shared_random_state(group, random_state):
     return rng
 
 
-def check_data_parallel(group, estimator, n_samples, n_features):
-    """Raise on every rank unless the ranks fit the same shape with the same parameters."""
+def check_data_parallel(group, estimator, n_samples, n_features, device=None):
+    """Raise on every rank unless the ranks fit the same shape with the same parameters.
+
+    With ``device`` (this rank's), also unless they train on one kind of device,
+    each GPU its own (:func:`check_devices`).
+    """
     batch_size = min(getattr(estimator, "batch_size", 1), n_samples)
     if batch_size < group.world_size:
         raise ValueError(
             f"data-parallel training cuts each batch into one part per rank: batch_size "
             f"({batch_size}) must be at least the number of processes ({group.world_size}).")
-    _check_same_fit(group, estimator, n_samples, n_features)
+    _check_same_fit(group, estimator, n_samples, n_features, device)
 
 
 class GlobalRows:
@@ -219,7 +228,7 @@ class GlobalRows:
         return self.group.broadcast_(row, src=owner)
 
 
-def check_latent_sharded(group, estimator, n_samples, n_features, continuing):
+def check_latent_sharded(group, estimator, n_samples, n_features, continuing, device=None):
     """Raise on every rank unless latent-sharded training can run this fit."""
     if estimator.architecture != "topk":
         raise ValueError(f"distributed='latent' trains architecture='topk' only, got "
@@ -230,7 +239,7 @@ def check_latent_sharded(group, estimator, n_samples, n_features, continuing):
     if continuing:
         raise ValueError("distributed='latent' trains with fit only, from scratch or from "
                          "a checkpoint_dir (not partial_fit nor warm_start).")
-    _check_same_fit(group, estimator, n_samples, n_features)
+    _check_same_fit(group, estimator, n_samples, n_features, device)
 
 
 def plain_params(estimator, skip=()):
@@ -239,7 +248,39 @@ def plain_params(estimator, skip=()):
             for k, v in estimator.get_params(deep=False).items() if k not in skip}
 
 
-def _check_same_fit(group, estimator, n_samples, n_features):
+def _check_same_fit(group, estimator, n_samples, n_features, device=None):
     params = plain_params(estimator, ("callback", "verbose", "device"))
     group.check_same("the data's shape and the estimator's parameters",
                      (n_samples, n_features, sorted(params.items())))
+    if device is not None:
+        check_devices(group, device)
+
+
+def check_devices(group, device):
+    """Raise on every rank unless the ranks train on one kind of device, each GPU its own.
+
+    Every rank of a machine on one GPU (``device="cuda:0"`` given to all)
+    would fail inside NCCL ("Duplicate GPU detected") or share the GPU;
+    ``device="auto"`` or ``"cuda"`` under ``torchrun`` is ``cuda:{LOCAL_RANK}``.
+    """
+    import socket
+
+    device = torch.device(device)
+    seen = group.gather_object((socket.gethostname(), device.type, device.index))
+    kinds = sorted({kind for _, kind, _ in seen})
+    if len(kinds) > 1:
+        raise ValueError(f"the ranks of the process group train on different kinds of device "
+                         f"({', '.join(kinds)}); give every rank the same device, e.g. "
+                         "device='auto'.")
+    places = {}
+    for rank, (host, kind, index) in enumerate(seen):
+        if kind == "cpu":
+            continue
+        other = places.setdefault((host, kind, index), rank)
+        if other != rank:
+            raise ValueError(
+                f"ranks {other} and {rank} (host {host}) both train on {kind}:{index or 0}: "
+                "each rank needs its own GPU. Under torchrun, device='auto' or 'cuda' is "
+                "cuda:{LOCAL_RANK}.")
+    seen = group.gather_object((socket.gethostname(), device.type, device.index))
+    kinds

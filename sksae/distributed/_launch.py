@@ -21,7 +21,8 @@ def init_from_environment(backend=None, timeout_s=600):
     Parameters
     ----------
     backend : str or None
-        None: NCCL where CUDA devices are available, else gloo.
+        None: NCCL for CUDA tensors where CUDA devices are available (and gloo
+        for host tensors: ``"cpu:gloo,cuda:nccl"``), else gloo.
     timeout_s : float, default=600
         How long a collective may wait for the other ranks before it fails
         (so that a rank that died makes the others stop, not hang).
@@ -35,7 +36,7 @@ def init_from_environment(backend=None, timeout_s=600):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = backend or default_distributed_backend()
-    if backend == "nccl":
+    if "nccl" in backend:
         use_local_gpu()  # before any collective: NCCL binds each rank to its current GPU
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
