@@ -172,6 +172,19 @@ def test_jumprelu_gate_and_window_use_the_unrounded_threshold_under_bf16_product
     np.testing.assert_allclose(p["log_threshold"].grad, expected[0].float(), rtol=1e-2)
 
 
+def test_gated_magnitude_scale_is_not_rounded_under_bf16_products():
+    # bf16 projections (CUDA's autocast) times the float32 scale exp(r_mag): the scale
+    # rounded to bf16 first trained magnitudes up to 0.4% off the exported mag_scale_
+    arch = get("gated")({"alpha": 1.0}, 2, 2)
+    eye = torch.eye(2, dtype=torch.bfloat16)
+    scale = torch.tensor([1.003, 0.9971])  # not bf16 values
+    p = {"W_enc": eye, "W_dec": eye, "b_dec": torch.zeros(2, dtype=torch.bfloat16),
+         "b_enc": torch.zeros(2), "r_mag": scale.log(), "b_mag": torch.zeros(2)}
+    x = torch.tensor([[2.0, 3.0]], dtype=torch.bfloat16)
+    codes = arch.encode(p, x)
+    np.testing.assert_allclose(codes.double(), (x.double() * scale.double()), rtol=1e-6)
+
+
 def test_jumprelu_threshold_is_exported_in_user_units(toy):
     X = toy[0]
     sae = SparseAutoencoder(architecture="jumprelu", **SMALL).fit(X)
