@@ -368,19 +368,40 @@ def _fit(args):
         X, held = _split_holdout(X, args.holdout)
     # under torchrun: data-parallel, every rank trains, rank 0 alone prints and writes
     launched = init_from_environment()
+    ending = _ending_group() if launched else None
     try:
         return _fit_rows(args, X, launched, is_main_process(), held)
     finally:
         if launched:
-            _leave_group()
+            _leave_group(ending)
 
 
-def _leave_group():
+#: how long the other ranks wait at the end for rank 0's saving and held-out evaluation
+_ENDING_TIMEOUT_S = 7 * 24 * 3600
+
+
+def _ending_group():
+    """A gloo group for the final wait, made by every rank before training.
+
+    The default group's timeout (10 minutes) bounds a collective waiting for a
+    rank that is gone; rank 0's writing of the model and its ``--holdout``
+    evaluation of a large store may take longer than that, and the waiting
+    ranks must not fail then (torchrun would stop rank 0 with them).
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo",
+                          timeout=datetime.timedelta(seconds=_ENDING_TIMEOUT_S))
+
+
+def _leave_group(ending=None):
     """Wait for rank 0's writing, then close the process group (its threads end cleanly)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=ending)
         dist.destroy_process_group()
 
 

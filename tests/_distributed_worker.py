@@ -112,8 +112,21 @@ def inputs(kind, out):
 
 def main():
     case, out = sys.argv[1], sys.argv[2]
-    init_from_environment(timeout_s=60)
+    # cli_slow: collectives time out after 10 s, and rank 0 writes the model for 15 s
+    init_from_environment(timeout_s=10 if case == "cli_slow" else 60)
     rank = dist.get_rank()
+    if case == "cli_slow" and rank == 0:
+        import time
+
+        import sksae._io
+
+        save = sksae._io.save
+
+        def slow_save(*args, **kwargs):
+            time.sleep(15)
+            return save(*args, **kwargs)
+
+        sksae._io.save = slow_save
     if case == "equal":
         for name in sys.argv[3].split(","):
             if name == "dictionary_rounding" and rank == 1:
@@ -134,7 +147,7 @@ def main():
             model.set_params(callback=die)
         model.fit(inputs(kind, out))
         np.save(os.path.join(out, f"resumed_rank{rank}.npy"), model.components_)
-    elif case == "cli":
+    elif case in ("cli", "cli_slow"):
         from sksae.__main__ import main as cli
 
         status = cli(["fit", os.path.join(out, "acts.npy"), "-o", os.path.join(out, "cli-model"),
