@@ -124,6 +124,10 @@ def read_checkpoint(folder):
                          "or choose another checkpoint_dir.") from None
 
 
+#: data-parallel training with a wall-clock interval: steps between two askings of rank 0's clock
+CLOCK_STEPS = 50
+
+
 class Checkpointer:
     """When to write a checkpoint, and the writing (on the main process only).
 
@@ -153,9 +157,16 @@ class Checkpointer:
         self.last = time.monotonic()
 
     def due(self, n_steps):
-        """Whether to write after ``n_steps`` steps of the call."""
+        """Whether to write after ``n_steps`` steps of the call.
+
+        With a group and a wall-clock interval, rank 0's clock is asked every
+        :data:`CLOCK_STEPS` steps only: each asking is a broadcast read on the
+        host, which waits for the GPU's queued work.
+        """
         if self.kind == "steps":
             return n_steps % self.every == 0
+        if self.group is not None and n_steps % CLOCK_STEPS:
+            return False
         due = time.monotonic() - self.last >= self.every
         if self.group is not None:  # rank 0's clock decides, for every rank alike
             flag = torch.tensor([float(due)], device=self.device)

@@ -116,3 +116,21 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
         read_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="not a checkpoint"):
         SparseAutoencoder(**PARAMS, checkpoint_dir=tmp_path).fit(data())
+
+
+def test_ranks_ask_rank_0s_clock_every_few_steps_only(tmp_path):
+    # each asking is a broadcast read on the host (a wait for the GPU's queued work): asked
+    # every step, a wall-clock interval synchronised every data-parallel step
+    from sksae._checkpoint import CLOCK_STEPS, Checkpointer
+
+    class Group:
+        asked = 0
+
+        def broadcast_(self, t):
+            Group.asked += 1
+            return t.fill_(1.0)  # rank 0's clock says: due
+
+    ckpt = Checkpointer(tmp_path, "1h", state=None, write=False, group=Group())
+    due = [ckpt.due(n) for n in range(1, 4 * CLOCK_STEPS + 1)]
+    assert Group.asked == 4
+    assert [n for n, d in enumerate(due, 1) if d] == [CLOCK_STEPS * i for i in (1, 2, 3, 4)]
