@@ -219,6 +219,37 @@ def test_transform_to_store_writes_the_codes_chunk_by_chunk(store16, tmp_path):
     np.testing.assert_allclose(dl_codes.to_csr().toarray(), dl.transform(X), atol=1e-6)
 
 
+def test_transform_to_store_never_holds_a_chunk_of_dense_codes(store16, tmp_path,
+                                                                 monkeypatch):
+    # a chunk of 65,536 rows of 24,576 latents is 6 GB of dense codes: a SparseAutoencoder
+    # encodes sparse whatever its sparse_output, other estimators in bounded pieces
+    import sksae._base
+
+    store, X = store16
+    sae = SparseAutoencoder(**SAE).fit(X)
+    got, calls = [], []
+    transform = SparseAutoencoder.transform
+
+    def spy(self, Z):
+        got.append(transform(self, Z))
+        return got[-1]
+
+    monkeypatch.setattr(SparseAutoencoder, "transform", spy)
+    codes = transform_to_store(sae, store, tmp_path / "codes", chunk_rows=400)
+    assert got and all(sp.issparse(c) for c in got) and not sae.sparse_output
+    monkeypatch.undo()
+    np.testing.assert_array_equal(codes.to_csr().toarray(), sae.transform(X))
+    dl = DictionaryLearnerGPU(n_components=8, max_iter=1, random_state=0, device="cpu").fit(X)
+    monkeypatch.setattr(sksae._base, "inference_chunk_rows", lambda n, itemsize=4: 70)
+    dl_transform = DictionaryLearnerGPU.transform
+    monkeypatch.setattr(DictionaryLearnerGPU, "transform",
+                        lambda self, Z: calls.append(len(Z)) or dl_transform(self, Z))
+    dl_codes = transform_to_store(dl, X, tmp_path / "dl", chunk_rows=400)
+    assert max(calls) == 70 and sum(calls) == len(X)
+    monkeypatch.undo()
+    np.testing.assert_allclose(dl_codes.to_csr().toarray(), dl.transform(X), atol=1e-6)
+
+
 def test_dictionary_learner_on_a_store(store16):
     store, X = store16
     kw = dict(n_components=8, alpha=0.5, max_iter=2, batch_size=100, random_state=0,

@@ -9,6 +9,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import shutil
@@ -32,13 +33,53 @@ def _csr_chunk(codes):
     return sp.csr_array(codes) if not sp.issparse(codes) else sp.csr_array(codes)
 
 
+def _sparse_encoder(estimator):
+    """``estimator``, or a shallow copy whose ``transform`` returns sparse codes.
+
+    A :class:`~sksae.SparseAutoencoder` with ``sparse_output=False`` would
+    return a chunk's codes dense: (chunk_rows, n_components) floats, 6 GB for
+    65,536 rows of 24,576 latents. The copy shares the fitted arrays.
+    """
+    if estimator.get_params(deep=False).get("sparse_output") is False:
+        estimator = copy.copy(estimator)
+        estimator.sparse_output = True
+    return estimator
+
+
+def _encode_sparse(encoder, chunk, dense_rows):
+    """The codes of ``chunk`` as CSR.
+
+    An encoder without sparse codes (DictionaryLearnerGPU, a pipeline)
+    encodes ``dense_rows`` rows at a time, each piece made sparse at once, so
+    that no dense block of codes is larger than about 256 MiB.
+    """
+    step = len(chunk) if getattr(encoder, "sparse_output", False) is True else dense_rows
+    parts = [_csr_chunk(encoder.transform(chunk[i:i + step]))
+             for i in range(0, len(chunk), step)]
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+
+def _dense_rows(estimator):
+    """Rows whose dense codes take about 256 MiB (float64), or 65,536 when unknown."""
+    from .._base import inference_chunk_rows
+
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    n_latents = getattr(final, "n_components_", None)
+    if n_latents is None and hasattr(final, "components_"):
+        n_latents = np.shape(final.components_)[0]
+    return inference_chunk_rows(n_latents, 8) if n_latents else 65536
+
+
 def transform_to_store(estimator, X, path, *, chunk_rows=65536, shard_rows=1 << 20,
                        overwrite=False):
     """Write ``estimator.transform(X)`` to a sparse code store, chunk by chunk.
 
     Neither ``X`` nor its codes are ever whole in memory: ``chunk_rows`` rows
     are read, encoded and kept as a sparse matrix until a shard of
-    ``shard_rows`` rows is written.
+    ``shard_rows`` rows is written. The codes are never dense beyond about
+    256 MiB: a :class:`~sksae.SparseAutoencoder` encodes sparse (as with
+    ``sparse_output=True``, whatever its setting), other estimators in
+    pieces made sparse one by one.
 
     Parameters
     ----------
@@ -72,6 +113,7 @@ def transform_to_store(estimator, X, path, *, chunk_rows=65536, shard_rows=1 << 
         X = check_input(estimator, X, reset=False)
         if isinstance(X, Rows):
             rows = X
+    encoder, dense_rows = _sparse_encoder(estimator), _dense_rows(estimator)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir(parents=True)
     try:
@@ -102,7 +144,7 @@ def transform_to_store(estimator, X, path, *, chunk_rows=65536, shard_rows=1 << 
                     rows.raise_row(int(np.argmax(~np.isfinite(chunk).all(axis=1))), start)
             else:
                 chunk = X[start:stop]
-            pending.append(_csr_chunk(estimator.transform(chunk)))
+            pending.append(_encode_sparse(encoder, chunk, dense_rows))
             pending_rows += stop - start
             if pending_rows >= shard_rows:
                 write(pending)
