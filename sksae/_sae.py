@@ -36,7 +36,6 @@ from .distributed._group import (check_data_parallel, check_latent_sharded, plai
                                  resolve_group, shared_random_state)
 from .distributed._sharded import LatentShardedTrainer
 from .distributed._launch import is_main_process
-from .metrics import fraction_variance_explained
 
 __all__ = ["SparseAutoencoder"]
 
@@ -947,9 +946,9 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
 
         ``FVE = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``, the mean taken
         per input feature over the rows of ``X``; equal to
-        ``r2_score(X, X_hat, multioutput="variance_weighted")``. An
-        out-of-core ``X`` is scored chunk by chunk (float64 sums, the chunks'
-        means and variances merged as Chan et al.).
+        ``r2_score(X, X_hat, multioutput="variance_weighted")``. ``X`` is
+        encoded and scored chunk by chunk, in bounded memory whatever its size
+        (float64 sums, the chunks' means and variances merged as Chan et al.).
 
         Parameters
         ----------
@@ -964,17 +963,19 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)
-        if not isinstance(X, Rows):
-            recon = self.inverse_transform(self.transform(X))
-            return fraction_variance_explained(X, recon)
         device = resolve_device(self.device)
         dtype = torch_dtype(X.dtype)
         arch, p = self._inference_params(device, dtype)
+        # chunk by chunk for every X: the codes of all rows at once are n_samples x
+        # n_components (800 GB for 100k rows of 1M latents)
         chunk = inference_chunk_rows(self.n_components_, X.dtype.itemsize)
         n, mean, m2, sse = 0, None, None, 0.0
         with torch.inference_mode():
             for _, xb in iter_chunks(X, chunk, device, dtype):
-                recon = arch.encode(p, xb) @ p["W_dec"] + p["b_dec"]
+                codes = arch.encode(p, xb)
+                if not torch.isfinite(codes).all():
+                    check_finite_output(codes.cpu().numpy(), xb.cpu().numpy(), self)
+                recon = codes @ p["W_dec"] + p["b_dec"]
                 x64 = xb.double()
                 sse += float((x64 - recon.double()).square().sum())
                 nb, mb = len(xb), x64.mean(0)

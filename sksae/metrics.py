@@ -546,10 +546,10 @@ def fve_scorer(estimator, X, y=None):
     estimator : fitted estimator
         With ``transform`` and ``inverse_transform`` (or ``components_``).
     X : array-like of shape (n_samples, n_features)
-        Evaluation rows. An activation store (or a fold of one), a memory
-        map, zarr or h5py array, and float16 or bfloat16 values in memory
-        are read and encoded chunk by chunk, in bounded memory (as
-        :func:`evaluate` does), never copied whole into float64.
+        Evaluation rows, encoded chunk by chunk in bounded memory (as
+        :func:`evaluate` does). An activation store (or a fold of one), a
+        memory map, zarr or h5py array, and float16 or bfloat16 values in
+        memory are also read chunk by chunk, never copied whole into float64.
     y : None
         Ignored.
 
@@ -558,11 +558,8 @@ def fve_scorer(estimator, X, y=None):
     score : float
         See :func:`fraction_variance_explained`.
     """
-    rows = _streamed(X)
-    if rows is not None:
-        return _core_sums(estimator, rows).result().explained_variance
-    _, X_hat = _encode_decode(estimator, X)
-    return fraction_variance_explained(X, X_hat)
+    # chunk by chunk for every X: a fold's codes at once are n_samples x n_components
+    return _core_sums(estimator, X).result().explained_variance
 
 
 class _SparsityScorer:
@@ -573,13 +570,8 @@ class _SparsityScorer:
         self.penalty = penalty
 
     def __call__(self, estimator, X, y=None):
-        rows = _streamed(X)
-        if rows is not None:
-            sums = _core_sums(estimator, rows).result()
-            fve, mean_l0 = sums.explained_variance, sums.l0
-        else:
-            codes, X_hat = _encode_decode(estimator, X)
-            fve, mean_l0 = fraction_variance_explained(X, X_hat), l0(codes)
+        sums = _core_sums(estimator, X).result()
+        fve, mean_l0 = sums.explained_variance, sums.l0
         excess = max(0.0, mean_l0 / self.l0_budget - 1.0)
         if excess == 0.0:
             return fve

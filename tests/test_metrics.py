@@ -296,3 +296,33 @@ def test_metrics_over_several_chunks_of_rows(monkeypatch):
     want = (cos.max(1) > 0.9).mean()
     assert want == pytest.approx(6 / 30)
     assert duplicate_fraction(atoms) == pytest.approx(want, rel=1e-12)
+
+
+def test_scores_encode_rows_in_memory_chunk_by_chunk(monkeypatch):
+    # the codes of a whole fold at once are n_samples x n_components (800 GB for 100k rows
+    # of 1M latents): score and the scorers encode in-memory rows chunk by chunk too
+    import sksae._base
+    import sksae._sae
+    from sksae import SparseAutoencoder
+    from sksae.metrics import fve_scorer, make_sparsity_scorer
+
+    rng = np.random.RandomState(0)
+    X = (rng.randn(300, 8) @ rng.randn(8, 8)).astype(np.float32)
+    sae = SparseAutoencoder(n_components=16, k=3, max_iter=2, random_state=0).fit(X)
+    codes = sae.transform(X)
+    fve = fraction_variance_explained(X, sae.inverse_transform(codes))
+    penalised = fve - 2.0 * (l0(codes) / 2.0 - 1.0)
+    chunks, encoded = [], []
+    iter_chunks = sksae._sae.iter_chunks
+    monkeypatch.setattr(sksae._sae, "iter_chunks", lambda X, rows, *a: chunks.append(rows)
+                        or iter_chunks(X, rows, *a))
+    monkeypatch.setattr(sksae._sae, "inference_chunk_rows", lambda *a: 64)
+    monkeypatch.setattr(sksae._base, "inference_chunk_rows", lambda *a: 64)
+    transform = SparseAutoencoder.transform
+    monkeypatch.setattr(SparseAutoencoder, "transform",
+                        lambda self, Z: encoded.append(len(Z)) or transform(self, Z))
+    assert sae.score(X) == pytest.approx(fve, rel=1e-9)
+    assert chunks == [64] and encoded == []  # no whole transform
+    assert fve_scorer(sae, X) == pytest.approx(fve, rel=1e-9)
+    assert make_sparsity_scorer(2.0, penalty=2.0)(sae, X) == pytest.approx(penalised, rel=1e-9)
+    assert max(encoded) == 64 and sum(encoded) == 2 * len(X)
