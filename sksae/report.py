@@ -140,29 +140,71 @@ def _token_strings(tokens, tokenizer, seq):
     return [str(t) for t in tokenizer([int(i) for i in ids])]
 
 
-def _contexts(estimator, X, examples, positions, tokens, tokenizer, context, chunk_rows):
+class _SortedPositions:
+    """Rows by (sequence, position), from every row's positions given in memory."""
+
+    def __init__(self, positions):
+        self.positions = positions
+        self.stride = int(positions[:, 1].max()) + 1 if len(positions) else 1
+        keys = positions[:, 0] * self.stride + positions[:, 1]
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
+
+    def of(self, row):
+        """``(sequence, position)`` of ``row``."""
+        return tuple(int(v) for v in self.positions[row])
+
+    def rows(self, row, seq, lo, hi):
+        """The rows at positions ``lo:hi`` of sequence ``seq`` (-1 where none), near ``row``."""
+        want = seq * self.stride + np.arange(lo, hi)
+        at = np.minimum(np.searchsorted(self.keys, want), len(self.keys) - 1)
+        return np.where(self.keys[at] == want, self.order[at], -1)
+
+
+class _StorePositions:
+    """Rows by (sequence, position), read from a harvested store near the rows asked about.
+
+    Every row's positions at once would be 16 bytes a row, and their sort 24
+    more: 40 GB for 10^9 rows. A harvest writes the rows of a sequence
+    together, in the order of their positions (masked tokens left out), so
+    the rows at positions ``lo:hi`` of ``row``'s sequence lie within
+    ``row - (pos - lo)`` and ``row + (hi - 1 - pos)``: only those are read.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.n_rows = store.shape[0]
+        store.positions(0, min(1, self.n_rows))  # a store without positions raises here
+
+    def of(self, row):
+        return tuple(int(v) for v in self.store.positions(row, row + 1)[0])
+
+    def rows(self, row, seq, lo, hi):
+        pos = self.of(row)[1]
+        a, b = max(0, row - (pos - lo)), min(self.n_rows, row + (hi - pos))
+        near = self.store.positions(a, b)
+        out = np.full(hi - lo, -1, dtype=np.int64)
+        same = (near[:, 0] == seq) & (near[:, 1] >= lo) & (near[:, 1] < hi)
+        out[near[same, 1] - lo] = np.arange(a, b)[same]
+        return out
+
+
+def _contexts(estimator, X, examples, where, tokens, tokenizer, context, chunk_rows):
     """Token windows around each example, with the latent's activation at every token.
 
-    ``examples``: (latent, row) pairs. Returns ``{(latent, row): (strings, acts, centre)}``
-    and the vocabulary of shown strings.
+    ``examples``: (latent, row) pairs; ``where``: the rows' positions
+    (:class:`_SortedPositions` or :class:`_StorePositions`). Returns
+    ``{(latent, row): (strings, acts, centre)}``.
     """
-    positions = np.asarray(positions, dtype=np.int64)
-    stride = int(positions[:, 1].max()) + 1
-    keys = positions[:, 0] * stride + positions[:, 1]
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
     windows, wanted = {}, {}
     cache = {}
     for latent, row in examples:
-        seq, pos = (int(v) for v in positions[row])
+        seq, pos = where.of(row)
         if seq not in cache:
             cache[seq] = _display_tokens(_token_strings(tokens, tokenizer, seq))
         strings = cache[seq]
         lo, hi = max(0, pos - context), min(len(strings), pos + context + 1)
-        want = seq * stride + np.arange(lo, hi)
-        at = np.minimum(np.searchsorted(sorted_keys, want), len(keys) - 1)
-        found = sorted_keys[at] == want
-        rows = np.where(found, order[at], -1)
+        rows = where.rows(row, seq, lo, hi)
         windows[(latent, row)] = (strings[lo:hi], rows, pos - lo)
         for r in rows[rows >= 0]:
             wanted.setdefault(int(r), set()).add(latent)
@@ -220,9 +262,10 @@ def feature_browser(estimator, X, path, *, tokens=None, tokenizer=None, position
         Turns ids into strings: an object with ``convert_ids_to_tokens``
         (transformers) or a function of a list of ids. None shows the ids.
     positions : array-like of shape (n_samples, 2), default=None
-        ``(sequence, position)`` of every row; None takes
-        ``X.positions()`` when ``X`` is a store written by
-        :func:`~sksae.activations.harvest`.
+        ``(sequence, position)`` of every row; None reads them from ``X``
+        when it is a store written by :func:`~sksae.activations.harvest`
+        (only near the rows shown, not every row's: the harvest's order puts
+        a sequence's tokens on consecutive rows).
     metrics : dict or Bunch, default=None
         Numbers for the summary page, e.g. the result of
         :func:`sksae.metrics.evaluate` with a model (loss recovered); None
@@ -269,13 +312,15 @@ def feature_browser(estimator, X, path, *, tokens=None, tokenizer=None, position
     if chunk_rows is None:
         chunk_rows = inference_chunk_rows(max(n_components, n_features), 4, 64 * 2**20)
     chunk_rows = int(chunk_rows)
-    if positions is None and tokens is not None and hasattr(X, "positions"):
-        positions = X.positions()
+    where = None
     if positions is not None:
         positions = np.asarray(positions, dtype=np.int64)
         if positions.shape != (X.shape[0], 2):
             raise ValueError(f"positions must have shape ({X.shape[0]}, 2), one (sequence, "
                              f"position) per row; got {positions.shape}.")
+        where = _SortedPositions(positions)
+    elif tokens is not None and hasattr(X, "positions"):
+        where = _StorePositions(X)
     sums = _CoreSums(n_features, n_components) if metrics is None else None
     count, top_abs, top_val, top_row = _scan(estimator, X, n_components, int(n_top),
                                              chunk_rows, sums)
@@ -288,8 +333,8 @@ def feature_browser(estimator, X, path, *, tokens=None, tokenizer=None, position
     examples = [(int(f), int(top_row[j, f])) for f in chosen for j in range(int(n_top))
                 if top_abs[j, f] > 0]
     shown = {}
-    if tokens is not None and positions is not None and examples:
-        shown = _contexts(estimator, X, examples, positions, tokens, tokenizer, int(context),
+    if tokens is not None and where is not None and examples:
+        shown = _contexts(estimator, X, examples, where, tokens, tokenizer, int(context),
                           chunk_rows)
     vocab, vocab_index = [], {}
 
@@ -308,8 +353,8 @@ def feature_browser(estimator, X, path, *, tokens=None, tokenizer=None, position
                 break
             row = int(top_row[j, f])
             entry = {"row": row, "act": float(f"{top_val[j, f]:.6g}")}
-            if positions is not None:
-                entry["seq"], entry["pos"] = (int(v) for v in positions[row])
+            if where is not None:
+                entry["seq"], entry["pos"] = where.of(row)
             if (f, row) in shown:
                 strings, acts, centre = shown[(f, row)]
                 entry["toks"] = [vid(s) for s in strings]

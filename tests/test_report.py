@@ -121,6 +121,23 @@ window.addEventListener("load", () => {
 </script>"""
 
 
+def test_browser_reads_a_stores_positions_near_the_rows_shown(fitted, monkeypatch):
+    # every row's positions and their sort: 40 bytes a row, 40 GB for 10^9 rows; a store's
+    # are read around the rows shown, and the page is the one every row's positions give
+    folder, store, sae, tokens = fitted
+    kw = dict(tokens=tokens, n_top=5, context=3, chunk_rows=100,
+              tokenizer=lambda ids: [WORDS[i] for i in ids])
+    given = _data(feature_browser(sae, store, folder / "given.html",
+                                  positions=store.positions(), **kw))
+    spans = []
+    positions = type(store).positions
+    monkeypatch.setattr(type(store), "positions", lambda self, start=0, stop=None: (
+        spans.append((start, stop)) or positions(self, start, stop)))
+    read = _data(feature_browser(sae, store, folder / "read.html", **kw))
+    assert read["latents"] == given["latents"] and read["vocab"] == given["vocab"]
+    assert spans and max(stop - start for start, stop in spans) <= 2 * 3 + 1
+
+
 def test_browser_in_a_real_browser(fitted, tmp_path, chromium):
     """Headless Chromium: no console error, the picker, next button and neighbour links change
     the view, and a screenshot has content."""
