@@ -88,19 +88,30 @@ def _histograms(estimator, X, peak, bins, chunk_rows):
     return hist.reshape(n_components, bins)
 
 
-def _neighbours(components, latents, n):
-    """For each latent, its ``n`` nearest other latents by decoder cosine."""
-    W = np.asarray(components, dtype=np.float64)
+def _neighbours(components, latents, n, block_bytes=64 * 2**20):
+    """For each latent, its ``n`` nearest other latents by decoder cosine.
+
+    In the dictionary's precision (float32 for a float32 dictionary: a float64
+    copy of 1M x 4096 atoms would be 32 GB), ``block_bytes`` of cosines at a
+    time, the ``n`` largest of each row picked before they are sorted.
+    """
+    W = np.asarray(components)
+    W = W.astype(np.result_type(W.dtype, np.float32), copy=False)
     W = W / np.maximum(np.linalg.norm(W, axis=1, keepdims=True), 1e-12)
     n = min(n, len(W) - 1)
     out = {}
-    for lo in range(0, len(latents), 1024):
-        part = latents[lo:lo + 1024]
+    if n < 1:
+        return {int(latent): [] for latent in latents}
+    block = max(1, block_bytes // (len(W) * W.itemsize))
+    for lo in range(0, len(latents), block):
+        part = latents[lo:lo + block]
         cos = W[part] @ W.T
         cos[np.arange(len(part)), part] = -np.inf
-        idx = np.argsort(-cos, axis=1)[:, :n]
+        top = np.argpartition(-cos, n - 1, axis=1)[:, :n]
         for j, latent in enumerate(part):
-            out[int(latent)] = [[int(i), round(float(cos[j, i]), 4)] for i in idx[j]]
+            # the nearest first; equal cosines in the order of the latents
+            idx = top[j][np.lexsort((top[j], -cos[j, top[j]]))]
+            out[int(latent)] = [[int(i), round(float(cos[j, i]), 4)] for i in idx]
     return out
 
 

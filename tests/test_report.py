@@ -246,3 +246,20 @@ def test_cli_report_text_with_a_tokenizer(tmp_path, capsys):
     assert main(["report", str(tmp_path / "sae"), str(store.path), "--text", "t",
                  "--tokens", "x.npy", "-o", str(out)]) == 2
     assert "at most one of --tokens" in capsys.readouterr().err
+
+
+def test_neighbours_in_blocks_equal_a_whole_sort():
+    # blocks of a few cosine rows, the n largest picked first: the same neighbours, nearest
+    # first, as sorting every cosine of every latent in float64
+    from sksae.report import _neighbours
+
+    W = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    U = W.astype(np.float64) / np.linalg.norm(W.astype(np.float64), axis=1, keepdims=True)
+    cos = U @ U.T
+    np.fill_diagonal(cos, -np.inf)
+    latents = np.array([0, 3, 49, 17])
+    got = _neighbours(W, latents, 5, block_bytes=3 * 50 * 4)  # 3 latents a block
+    for f in latents:
+        assert [i for i, _ in got[int(f)]] == list(np.argsort(-cos[f], kind="stable")[:5])
+        np.testing.assert_allclose([c for _, c in got[int(f)]],
+                                   np.sort(cos[f])[::-1][:5], atol=1e-4)
