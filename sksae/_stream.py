@@ -105,13 +105,19 @@ class StreamSource:
         return rows_in_step(self, step)
 
     # ---------------------------------------------------------------- buffers
-    def _in_order(self):
-        for start in range(0, self.n_samples, self.buffer_rows):
+    # Each takes ``skip``, the batches of the epoch already trained on (a resumed
+    # epoch), and reads none of their rows: on a large store a resumption late in an
+    # epoch would otherwise read (and discard) most of an epoch before training.
+
+    def _in_order(self, skip=0):
+        # the batches are cut from row 0 in steps of batch_size; buffers begin at the
+        # first batch not skipped (their size, a number of whole batches, is unchanged)
+        for start in range(skip * self.batch_size, self.n_samples, self.buffer_rows):
             stop = min(start + self.buffer_rows, self.n_samples)
             yield self.rows.read(start, stop), start
 
-    def _gathered(self, order):
-        for start in range(0, self.n_samples, self.buffer_rows):
+    def _gathered(self, order, skip=0):
+        for start in range(skip * self.batch_size, self.n_samples, self.buffer_rows):
             ids = order[start:start + self.buffer_rows]
             yield self.rows.take(ids.numpy()), ids
 
@@ -138,7 +144,7 @@ class StreamSource:
             carry_ids = ids[perm[usable:]]
             yield spans, ids, perm, usable
 
-    def _blocks(self, seed):
+    def _blocks(self, seed, skip=0):
         """Buffers of 16 blocks read in a random order, each with its row permutation.
 
         A buffer is read straight into one tensor (one copy from the input);
@@ -146,10 +152,25 @@ class StreamSource:
         through the permutation (as a batch of an array in memory is
         gathered), and the rows left over after the last whole batch are
         carried to the front of the next buffer.
+
+        The buffers whose batches are all among the first ``skip`` are not
+        read; the rows the last of them carries are read alone (by
+        ``Rows.take``, fewer than ``batch_size``). The buffer the
+        epoch resumes inside is read whole (sequential reads, and its own
+        leftover rows are needed), but its skipped batches are not yielded.
         """
         d = self.rows.shape[1]
-        carry = None
+        carry, carry_ids = None, None
         for spans, ids, perm, usable in self._block_plan(seed):
+            n_batches = math.ceil(usable / self.batch_size)
+            if skip and n_batches <= skip:
+                # all trained on: nothing read; ids holds the rows carried in as well
+                skip -= n_batches
+                carry_ids = ids[perm[usable:]]
+                continue
+            if carry_ids is not None:
+                carry = self.rows.take(carry_ids.numpy()) if len(carry_ids) else None
+                carry_ids = None
             data = torch.empty((len(ids), d), dtype=self.rows.raw_dtype,
                                pin_memory=self._pin)
             pos = 0 if carry is None else len(carry)
@@ -159,8 +180,9 @@ class StreamSource:
                 self.rows.read_into(data[pos:pos + stop - start], start, stop)
                 pos += stop - start
             carry = data[perm[usable:]]
-            if usable:
-                yield data, perm[:usable], ids
+            first, skip = skip * self.batch_size, 0
+            if usable > first:
+                yield data, perm[first:usable], ids
 
     def _planned_ids(self):
         """The input rows of each buffer of the epoch, in batch order.
@@ -178,15 +200,26 @@ class StreamSource:
         return (draw[start:start + self.buffer_rows]
                 for start in range(0, self.n_samples, self.buffer_rows))
 
-    def _rank_buffers(self):
+    def _rank_buffers(self, skip=0):
         """Data-parallel buffers: this rank's rows of each global batch, read alone.
 
         The global batches are those of one process (:meth:`_planned_ids`);
         this rank reads its part of each (sorted reads within the buffer's
         rows) and yields ``(data, None, ids, cuts)``, ``cuts`` the ends of its
-        parts of the buffer's batches.
+        parts of the buffer's batches. The first ``skip`` global batches are
+        dropped from the plan, unread.
         """
-        return self._read_parts(self._planned_ids())
+        return self._read_parts(self._after(self._planned_ids(), skip))
+
+    def _after(self, plan, skip):
+        """The planned buffers (input rows, in batch order) less their first ``skip`` batches."""
+        for planned in plan:
+            n_batches = math.ceil(len(planned) / self.batch_size)
+            if skip >= n_batches:  # (an empty buffer, skip or not, has nothing to read)
+                skip -= n_batches
+                continue
+            yield planned[skip * self.batch_size:]
+            skip = 0
 
     def _read_parts(self, plan):
         for planned in plan:
@@ -213,14 +246,19 @@ class StreamSource:
             return torch.randperm(self.n_samples, generator=self.generator)
         return self._order
 
-    def _buffers(self):
-        """The epoch's buffers, planned here (generator draws), read by the caller's thread."""
+    def _buffers(self, skip=0):
+        """The epoch's buffers, planned here (generator draws), read by the caller's thread.
+
+        The first ``skip`` batches are neither read nor yielded (see :meth:`_blocks`
+        for the one partly skipped buffer of the block shuffle); the draws are
+        those of a whole epoch.
+        """
         draw = self._draw()
         if self.shuffle == "none":
-            return self._in_order()
+            return self._in_order(skip)
         if self.shuffle == "blocks":
-            return self._blocks(draw)
-        return self._gathered(draw)
+            return self._blocks(draw, skip)
+        return self._gathered(draw, skip)
 
     def _pinned(self, buffers):
         for data, ids in buffers:
@@ -230,7 +268,10 @@ class StreamSource:
     def epoch(self, skip=0):
         """Yield the batches of one epoch; NaN/inf in a batch raises, naming its row.
 
-        The first ``skip`` batches are read but not yielded (a resumed epoch).
+        The first ``skip`` batches are not yielded, and not read (a resumed
+        epoch): the buffers start at the first batch yielded, except that
+        the block shuffle reads whole the buffer it resumes inside. The
+        generator draws are those of an uninterrupted epoch.
         """
         pending = []  # accelerators: per-batch flags, read every few batches
         interval = host_read_interval(self.device, every_step=True)
@@ -245,9 +286,9 @@ class StreamSource:
             pending.clear()
 
         if self.group is not None:
-            buffers = self._rank_buffers()
+            buffers = self._rank_buffers(skip)
         else:
-            buffers = self._buffers()
+            buffers = self._buffers(skip)
             if self.shuffle != "blocks":  # blocks come as (data, perm, ids), pinned if need be
                 buffers = self._pinned(buffers)
             else:
@@ -265,10 +306,6 @@ class StreamSource:
                 start = 0
                 for stop in cuts:
                     stop = min(stop, n_rows)
-                    if skip:
-                        skip -= 1
-                        start = stop
-                        continue
                     if perm is None:
                         raw = data[start:stop]
                     else:
