@@ -275,3 +275,22 @@ def test_errors(lm, tokens):
     with pytest.raises(TypeError, match="transform"):
         with splice(lm, "block", object()):
             pass
+
+
+def test_loss_recovered_encodes_a_batch_chunk_by_chunk(lm, tokens, monkeypatch):
+    # a language model's batch of 32k tokens has 128 GB of codes at 1M latents: the spliced
+    # run reconstructs it a chunk of rows at a time, with the same loss
+    import sksae._base
+    from sksae.activations._splice import _Reconstruction
+
+    sae = identity_sae(0.5)
+    whole = loss_recovered(lm, "block", sae, [tokens], ablations=("zero",))
+    sizes = []
+    encode = _Reconstruction.encode
+    monkeypatch.setattr(_Reconstruction, "encode",
+                        lambda self, x: sizes.append(len(x)) or encode(self, x))
+    monkeypatch.setattr(sksae._base, "inference_chunk_rows", lambda *a: 10)
+    chunked = loss_recovered(lm, "block", sae, [tokens], ablations=("zero",))
+    assert max(sizes) == 10 and sum(sizes) == tokens.numel()
+    for key in ("loss_spliced", "loss_recovered", "kl_spliced"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6)
