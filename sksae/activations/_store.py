@@ -21,10 +21,12 @@ shards and a manifest that lists exactly them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,13 @@ VERSION = 1
 MANIFEST = "manifest.json"
 POSITIONS = "positions"  # folder of the optional (sequence, position) of every row
 _MAX_MANIFEST_BYTES = 64 * 2**20
+#: At most this many shards of one store (its subsets included) are memory-mapped at a time:
+#: each map keeps a file descriptor (CPython's mmap holds a duplicate), and a store of 10^9
+#: rows has thousands of shards, past the usual limit of 1024 open files per process.
+_MAX_OPEN_SHARDS = 64
+#: :func:`save_store`'s default shard size, in bytes of stored values: about a thousand
+#: files per TiB, each small enough to copy, rewrite or hash on its own.
+_SHARD_BYTES = 1 << 30
 
 #: storage dtype name -> (numpy dtype of the shard files, torch dtype of the values)
 STORAGE_DTYPES = {
@@ -194,14 +203,53 @@ class StoreWriter:
                     f.unlink()
 
     def _write_file(self, rel, a):
+        """Write the C-contiguous 2-D array ``a`` as the file ``rel``; its manifest entry."""
+        return self._write_chunks(rel, a.shape, a.dtype, [a])
+
+    def _write_chunks(self, rel, shape, dtype, chunks):
+        """Write the ``.npy`` file ``rel`` of ``shape`` and ``dtype`` from ``chunks``.
+
+        Parameters
+        ----------
+        rel : str
+            The file, relative to the store folder.
+        shape : tuple of (int, int)
+        dtype : numpy.dtype
+        chunks : iterable of ndarray
+            Blocks of consecutive rows, in order, of ``dtype`` and ``shape[1]``
+            columns, ``shape[0]`` rows in all; only one is held at a time.
+
+        Returns
+        -------
+        entry : dict
+            The file's manifest entry: ``{"file": rel, "sha256": digest}``.
+        """
         target = self.path / rel
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array(f, a, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        return {"file": rel, "sha256": _sha256(target)}
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+            "shape": tuple(int(k) for k in shape)})
+        digest = hashlib.sha256(header.getvalue())  # of the bytes written: no reading back
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header.getvalue())
+                written = 0
+                for chunk in chunks:
+                    data = _raw_bytes(chunk, dtype, shape[1], rel)
+                    f.write(data)
+                    digest.update(data)
+                    written += len(chunk)
+                if written != shape[0]:
+                    raise ValueError(f"{rel}: {written} rows were given for a shard of "
+                                     f"{shape[0]}.")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a later run would remove it as a stray anyway
+            raise
+        return {"file": rel, "sha256": digest.hexdigest()}
 
     def write_shard(self, arrays, n_batches, positions=None):
         """Append one shard: ``arrays[layer]`` of shape (rows, n_features), in storage dtype.
@@ -232,9 +280,27 @@ class StoreWriter:
             (self.path / POSITIONS).mkdir(exist_ok=True)
             shard["positions"] = self._write_file(f"{POSITIONS}/shard-{index:06d}.npy",
                                                   positions)
+        self._append(shard)
+
+    def _write_shard_chunks(self, rows, chunks, n_batches=0):
+        """Append one shard of a one-layer store, ``rows`` rows written from ``chunks``.
+
+        ``chunks`` are blocks of consecutive rows in storage dtype (see
+        :meth:`_write_chunks`): the shard is never whole in memory.
+        """
+        (entry,) = self.manifest["layers"]
+        index = len(self.manifest["shards"])
+        info = self._write_chunks(f"{entry['dir']}/shard-{index:06d}.npy",
+                                  (rows, entry["n_features"]),
+                                  STORAGE_DTYPES[self.storage_dtype][0], chunks)
+        self._append({"rows": int(rows), "batches": int(n_batches),
+                      "files": {entry["name"]: info}})
+
+    def _append(self, shard):
+        """List a shard whose files are in place: the manifest then names it."""
         self.manifest["shards"].append(shard)
-        self.manifest["n_rows"] += int(rows)
-        self.manifest["n_batches"] += int(n_batches)
+        self.manifest["n_rows"] += shard["rows"]
+        self.manifest["n_batches"] += shard["batches"]
         _write_json_atomic(self.path / MANIFEST, self.manifest)
 
     def close(self, n_batches=0):
@@ -242,6 +308,15 @@ class StoreWriter:
         self.manifest["n_batches"] += int(n_batches)
         self.manifest["complete"] = True
         _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def _raw_bytes(chunk, dtype, n_features, rel):
+    """The bytes of ``chunk``, rows of ``n_features`` ``dtype`` values, as a flat buffer."""
+    chunk = np.ascontiguousarray(chunk)
+    if chunk.dtype != dtype or chunk.ndim != 2 or chunk.shape[1] != n_features:
+        raise ValueError(f"{rel}: expected rows of {n_features} {dtype} values; got "
+                         f"{chunk.shape} {chunk.dtype}.")
+    return memoryview(chunk.reshape(-1).view(np.uint8))
 
 
 def _read_manifest(path):
@@ -318,7 +393,9 @@ class ActivationStore:
         if indexing not in ("numpy", "lazy"):
             raise ValueError(f"indexing must be 'numpy' or 'lazy'; got {indexing!r}.")
         self.indexing = indexing
-        self._rows = None  # a subset's rows of the whole layer; None: all of them
+        # A subset's rows of the whole layer: a range (a slice's evenly spaced rows, never
+        # materialised) or a read-only int64 array; None: all of them.
+        self._rows = None
         self.path = Path(path)
         manifest = _manifest if _manifest is not None else _read_manifest(self.path)
         try:
@@ -330,7 +407,9 @@ class ActivationStore:
         self._verify = verify
         self._verified = set()
         self._lock = threading.Lock()
-        self._maps = [None] * len(self._files)
+        # shard index -> its memory map, least recently used first (see _MAX_OPEN_SHARDS)
+        self._maps = OrderedDict()
+        self._maps_lock = threading.Lock()  # not _lock: a read need not wait for a digest
         if verify == "full":
             for i in range(len(self._files)):
                 self._check_digest(i)
@@ -424,16 +503,21 @@ class ActivationStore:
         start, stop, _ = slice(start, stop).indices(self.shape[0])
         if self._rows is not None:
             rows = self._rows[start:stop]
-            out = np.empty((rows.size, 2), dtype=np.int64)
-            return self._gather(rows, self._positions_map, out)
-        parts = []
+            run = _run(rows)
+            if run is None:
+                out = np.empty((len(rows), 2), dtype=np.int64)
+                return self._gather(_ids(rows), self._positions_map, out)
+            start, stop = run
+        # copied shard by shard, so that only one positions file is mapped at a time
+        out = np.empty((max(0, stop - start), 2), dtype=np.int64)
         pos = start
         while pos < stop:
             i = self._shard_of_base(pos)
             hi = min(stop, int(self._offsets[i + 1]))
-            parts.append(self._positions_map(i)[pos - self._offsets[i]: hi - self._offsets[i]])
+            out[pos - start: hi - start] = \
+                self._positions_map(i)[pos - self._offsets[i]: hi - self._offsets[i]]
             pos = hi
-        return np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        return out
 
     def _positions_map(self, i):
         info = self.manifest["shards"][i]["positions"]
@@ -498,10 +582,11 @@ class ActivationStore:
         return int(self._offsets[-1])
 
     def _row_ids(self, key):
-        """The rows ``key`` (slice, integer or boolean array) picks, as an int64 array."""
+        """The rows ``key`` (slice, integer or boolean array) picks: a range for a slice,
+        else an int64 array."""
         n = self.shape[0]
         if isinstance(key, slice):
-            return np.arange(*key.indices(n), dtype=np.int64)
+            return range(*key.indices(n))
         idx = np.asarray(key)
         if idx.size == 0 and not isinstance(key, np.ndarray):  # [] is float64 to numpy
             return np.zeros(idx.shape, dtype=np.int64)
@@ -539,24 +624,37 @@ class ActivationStore:
             Its ``indexing`` is this store's.
         """
         picked = self._row_ids(rows)
-        if picked.ndim != 1:
+        if not isinstance(picked, range) and picked.ndim != 1:
             raise IndexError(f"a subset takes a 1-D row index; got shape {picked.shape}.")
+        return self._view(_pick(self._rows, picked))
+
+    def _view(self, rows):
+        """A view of ``rows`` of the whole layer (a range or a 1-D int64 array)."""
         view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)  # shares the memory maps and the digest checks
-        view._rows = picked if self._rows is None else self._rows[picked]
-        view._rows.setflags(write=False)
-        view.shape = (int(view._rows.size), self.shape[1])
+        if isinstance(rows, np.ndarray):
+            rows.setflags(write=False)
+        view._rows = rows
+        view.shape = (len(rows), self.shape[1])
         return view
 
     # ------------------------------------------------------------ reads
     def _map(self, i):
+        """Shard ``i``'s memory map, opened when not among the ``_MAX_OPEN_SHARDS`` most
+        recently used; the least recently used beyond that are let go (a reader still
+        holding one keeps it open until it is done with it)."""
         if self._verify == "lazy":
             self._check_digest(i)
-        m = self._maps[i]
-        if m is None:
+        with self._maps_lock:
+            m = self._maps.get(i)
+            if m is not None:
+                self._maps.move_to_end(i)
+                return m
             m = np.load(self._files[i], mmap_mode="r", allow_pickle=False)
             self._maps[i] = m
-        return m
+            while len(self._maps) > max(1, _MAX_OPEN_SHARDS):
+                self._maps.popitem(last=False)
+            return m
 
     def _shard_of_base(self, row):
         return int(np.searchsorted(self._offsets, row, side="right") - 1)
@@ -600,11 +698,11 @@ class ActivationStore:
         """Copy rows ``start:stop`` into ``out``, a numpy array of the shard files' dtype."""
         if self._rows is not None:
             rows = self._rows[start:stop]
-            if rows.size and bool((np.diff(rows) == 1).all()):  # a run: read it as one
-                start, stop = int(rows[0]), int(rows[-1]) + 1
-            else:
-                self._gather(rows, self._map, out)
+            run = _run(rows)
+            if run is None:
+                self._gather(_ids(rows), self._map, out)
                 return
+            start, stop = run  # a run: read it as one
         pos = start
         while pos < stop:
             i = self._shard_of_base(pos)
@@ -619,7 +717,7 @@ class ActivationStore:
         if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
             raise IndexError(f"row index out of range for a store of {self.shape[0]} rows.")
         if self._rows is not None:
-            rows = self._rows[rows]
+            rows = _pick(self._rows, rows)
         out = np.empty((rows.size, self.shape[1]), dtype=self._file_dtype)
         return self._as_torch(self._gather(rows, self._map, out))
 
@@ -652,6 +750,8 @@ class ActivationStore:
             return self.subset(key)
         if isinstance(key, slice) and key.step in (None, 1):
             out = self._load(*key.indices(self.shape[0])[:2])
+        elif isinstance(key, slice):  # evenly spaced rows: ids only for the rows read
+            out = self.subset(key)._load()
         else:
             idx = self._row_ids(key)
             out = self._values(self.take_raw(idx.ravel())).reshape(*idx.shape, self.shape[1])
@@ -671,10 +771,56 @@ class ActivationStore:
             yield from self._load(start, start + 4096)
 
 
+def _pick(rows, picked):
+    """``rows[picked]`` where each is a range or a 1-D int64 array (``rows`` None: all
+    rows; ``picked`` already in range, no negatives), without materialising a range: a
+    range of a range is a range."""
+    if rows is None:
+        return picked
+    if isinstance(picked, range):
+        if isinstance(rows, range):
+            return range(rows.start + rows.step * picked.start,
+                         rows.start + rows.step * picked.stop, rows.step * picked.step)
+        return rows[_as_slice(picked)]
+    if isinstance(rows, range):
+        return rows.start + rows.step * picked
+    return rows[picked]
+
+
+def _as_slice(r):
+    """The slice that picks what the range ``r`` (of indices ``>= 0``) picks."""
+    if len(r) == 0:
+        return slice(0, 0)
+    last = r[-1]
+    if r.step > 0:
+        return slice(r[0], last + 1, r.step)
+    return slice(r[0], last - 1 if last > 0 else None, r.step)
+
+
+def _ids(rows):
+    """``rows`` (a range or an int64 array) as an int64 array."""
+    if isinstance(rows, range):
+        return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+    return rows
+
+
+def _run(rows):
+    """``(start, stop)`` when ``rows`` (a range or an int64 array) are consecutive
+    increasing rows, else None."""
+    if isinstance(rows, range):
+        if rows.step == 1 or len(rows) == 1:
+            return rows.start, rows.start + len(rows)
+        return (0, 0) if len(rows) == 0 else None
+    if rows.size and bool((np.diff(rows) == 1).all()):
+        return int(rows[0]), int(rows[-1]) + 1
+    return None
+
+
 def _as_runs(rows):
-    """Rows to pickle: ``(starts, lengths)`` of their runs of consecutive rows where that
-    is smaller (a fold of ``KFold`` is one or two runs), else the rows themselves."""
-    if rows is None or rows.size == 0:
+    """Rows to pickle: a range as it is; else ``(starts, lengths)`` of their runs of
+    consecutive rows where that is smaller (a fold of ``KFold`` is one or two runs), else
+    the rows themselves."""
+    if rows is None or isinstance(rows, range) or rows.size == 0:
         return rows
     cut = np.flatnonzero(np.diff(rows) != 1) + 1
     if 2 * (cut.size + 1) >= rows.size:
@@ -693,6 +839,12 @@ def _from_runs(runs):
 def _reopen(path, layer, verify, manifest, indexing="numpy", rows=None):
     """An :class:`ActivationStore` unpickled: the same files, reopened here."""
     store = ActivationStore(path, layer, verify=verify, indexing=indexing, _manifest=manifest)
+    if isinstance(rows, range):  # as a slice: nothing materialised
+        view = store.subset(_as_slice(rows))
+        if view._rows != rows:  # a slice is clipped to the rows there are
+            raise StoreError(f"{path}: a subset of rows {rows} of a layer of "
+                             f"{store.shape[0]} rows.")
+        return view
     return store if rows is None else store.subset(_from_runs(rows))
 
 
@@ -746,21 +898,22 @@ def open_store(path, layer=None, *, verify="lazy", indexing="numpy"):
     return ActivationStore(path, layer, verify=verify, indexing=indexing)
 
 
-def save_store(X, path, *, dtype="float16", shard_rows=1 << 20, layer="activations",
+def save_store(X, path, *, dtype="float16", shard_rows=None, layer="activations",
                source=None, overwrite=False, chunk_rows=65536):
     """Write a 2-D array (or any array-like with row slicing) to an activation store.
 
     Parameters
     ----------
     X : array-like of shape (n_samples, n_features)
-        Read ``chunk_rows`` rows at a time (a memory map or another store is
-        never loaded whole).
+        Read and written ``chunk_rows`` rows at a time (a memory map or
+        another store is never loaded whole, nor is a shard held whole).
     path : path-like
         The store folder to create.
     dtype : {"float16", "bfloat16", "float32", "float64"}, default="float16"
         Storage dtype.
-    shard_rows : int, default=1048576
-        Rows per shard file.
+    shard_rows : int, default=None
+        Rows per shard file; by default as many as take about 1 GiB in the
+        storage dtype (at least one): 131072 rows of 4096 float16 values.
     layer : str, default="activations"
         The name of the one layer.
     source : dict, default=None
@@ -785,18 +938,29 @@ def save_store(X, path, *, dtype="float16", shard_rows=1 << 20, layer="activatio
                          overwrite=overwrite)
     if writer.n_rows:
         raise FileExistsError(f"{path} already holds rows; pass overwrite=True.")
-    step = max(1, min(int(shard_rows), int(chunk_rows)))
-    buf, filled = [], 0
-    for start in range(0, n, step):
-        part = np.asarray(X[start:start + step])
-        buf.append(to_storage(torch.from_numpy(np.ascontiguousarray(part)), dtype))
-        filled += len(part)
-        while filled >= shard_rows:
-            block = np.concatenate(buf)
-            writer.write_shard({layer: block[:shard_rows]}, n_batches=0)
-            rest = block[shard_rows:]
-            buf, filled = ([rest] if len(rest) else []), len(rest)
-    if filled:
-        writer.write_shard({layer: np.concatenate(buf)}, n_batches=0)
+    per_shard = _default_shard_rows(d, dtype) if shard_rows is None else int(shard_rows)
+    if per_shard < 1:
+        raise ValueError(f"shard_rows must be at least 1; got {shard_rows!r}.")
+    step = max(1, min(per_shard, int(chunk_rows)))
+    for start in range(0, n, per_shard):
+        stop = min(n, start + per_shard)
+        writer._write_shard_chunks(stop - start, _stored_chunks(X, start, stop, step, dtype))
     writer.close()
     return ActivationStore(path, layer, verify="none")
+
+
+def _default_shard_rows(n_features, storage_dtype):
+    """Rows of ``n_features`` values of ``storage_dtype`` in about ``_SHARD_BYTES`` (at least 1)."""
+    row_bytes = n_features * STORAGE_DTYPES[storage_dtype][0].itemsize
+    return max(1, _SHARD_BYTES // max(1, row_bytes))
+
+
+def _stored_chunks(X, start, stop, step, storage_dtype):
+    """Rows ``start:stop`` of ``X`` in the shard files' dtype, ``step`` rows at a time."""
+    for lo in range(start, stop, step):
+        hi = min(stop, lo + step)
+        part = np.asarray(X[lo:hi])
+        if part.shape != (hi - lo, X.shape[1]):
+            raise ValueError(f"X[{lo}:{hi}] has shape {part.shape}; expected "
+                             f"{(hi - lo, X.shape[1])}.")
+        yield to_storage(torch.from_numpy(np.ascontiguousarray(part)), storage_dtype)

@@ -1,0 +1,305 @@
+"""Activation stores at scale: open files, memory held while writing, subsets of many rows.
+
+The sizes here are small; what is checked is what grows with a store: how many
+shards stay mapped, how much of a shard ``save_store`` holds, and whether a
+subset of a slice costs memory in proportion to its rows.
+"""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import tracemalloc
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sksae.activations import _store, open_store, save_store
+from sksae.activations._store import StoreWriter
+
+N_ROWS, SHARD_ROWS = 400, 10  # 40 shards
+
+
+@pytest.fixture
+def many_shards(tmp_path):
+    """``(X, path)``: 400 float32 rows of 3 features in 40 shards of 10 rows."""
+    X = np.random.RandomState(0).randn(N_ROWS, 3).astype(np.float32)
+    save_store(X, tmp_path / "s", dtype="float32", shard_rows=SHARD_ROWS)
+    return X, tmp_path / "s"
+
+
+@pytest.fixture
+def manifests_read_whole(monkeypatch):
+    """Manifests read with a buffer of their size: ``sksae._io.read_json_bounded`` reads
+    into one of its bound (64 MiB) whatever the file's size, which would hide the memory
+    measured here."""
+    monkeypatch.setattr(_store, "read_json_bounded",
+                        lambda path, max_bytes: json.loads(Path(path).read_bytes()))
+
+
+def _mapped(store):
+    """How many of the store's shards are memory-mapped now."""
+    maps = store._maps.values() if isinstance(store._maps, dict) else store._maps
+    return sum(m is not None for m in maps)
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+# ------------------------------------------------------------------ open shards
+def test_reading_every_shard_keeps_only_the_cap_mapped(many_shards, monkeypatch):
+    monkeypatch.setattr(_store, "_MAX_OPEN_SHARDS", 4, raising=False)
+    X, path = many_shards
+    store = open_store(path)
+    fds = _open_fds()
+    np.testing.assert_array_equal(np.asarray(store), X)
+    rows = np.random.RandomState(1).randint(0, N_ROWS, 300)  # scattered, repeats
+    np.testing.assert_array_equal(store.take_raw(rows).numpy(), X[rows])
+    np.testing.assert_array_equal(store.read_raw(5, 395).numpy(), X[5:395])
+    np.testing.assert_array_equal(store[::-7], X[::-7])
+    sub = store.subset(rows)  # a subset reads through its parent's maps
+    np.testing.assert_array_equal(np.asarray(sub), X[rows])
+    np.testing.assert_array_equal(np.asarray(np.asarray(store)), X)  # again, maps reopened
+    assert _mapped(store) <= 4
+    if fds is not None:
+        assert _open_fds() - fds <= 4  # the maps let go closed their files
+    blob = pickle.dumps(sub)  # the maps stay in this process
+    assert len(blob) < 20_000
+    np.testing.assert_array_equal(np.asarray(pickle.loads(blob)), X[rows])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE on Linux")
+def test_a_store_of_more_shards_than_open_files_reads(tmp_path):
+    # 300 shards under a limit of 40 more open files than the process has: every shard
+    # kept mapped would fail with "Too many open files".
+    X = np.arange(300 * 2, dtype=np.float32).reshape(300, 2)
+    save_store(X, tmp_path / "s", dtype="float32", shard_rows=1)
+    script = f"""
+import os, resource, numpy as np
+from sksae.activations import _store, open_store
+_store._MAX_OPEN_SHARDS = 16
+store = open_store({str(tmp_path / "s")!r})
+n = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 40, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+X = np.asarray(store)
+got = store.take_raw(np.random.RandomState(0).permutation(300)).numpy()
+print(X.sum(), got.sum())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(X.sum())] * 2
+
+
+def test_reads_from_two_threads_under_a_small_cap_are_right(many_shards, monkeypatch):
+    # the read-ahead thread reads while the main thread may: maps are evicted under both
+    monkeypatch.setattr(_store, "_MAX_OPEN_SHARDS", 2, raising=False)
+    X, path = many_shards
+    store = open_store(path)
+    errors = []
+
+    def read(seed):
+        rng = np.random.RandomState(seed)
+        try:
+            for _ in range(60):
+                start = rng.randint(0, N_ROWS)
+                stop = rng.randint(start, N_ROWS + 1)
+                np.testing.assert_array_equal(store.read_raw(start, stop).numpy(),
+                                              X[start:stop])
+                rows = rng.randint(0, N_ROWS, 25)
+                np.testing.assert_array_equal(store.take_raw(rows).numpy(), X[rows])
+        except Exception as exc:  # noqa: BLE001 - reported on the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert _mapped(store) <= 2
+
+
+def test_a_shard_reopened_after_eviction_is_not_hashed_again(many_shards, monkeypatch):
+    monkeypatch.setattr(_store, "_MAX_OPEN_SHARDS", 4, raising=False)
+    X, path = many_shards
+    hashed = []
+    real = _store._sha256
+    monkeypatch.setattr(_store, "_sha256", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    store = open_store(path)  # verify="lazy"
+    for _ in range(2):
+        np.testing.assert_array_equal(np.asarray(store), X)
+        np.testing.assert_array_equal(np.asarray(store.subset(slice(None, None, -1))), X[::-1])
+    assert sorted(hashed) == sorted(f"shard-{i:06d}.npy" for i in range(40))
+
+
+# ------------------------------------------------------------------ save_store
+def test_the_default_shard_holds_about_a_gib():
+    assert _store._default_shard_rows(4096, "float16") == 2**30 // (4096 * 2) == 131072
+    assert _store._default_shard_rows(4096, "bfloat16") == 131072
+    assert _store._default_shard_rows(4096, "float32") == 65536
+    assert _store._default_shard_rows(768, "float64") == 2**30 // (768 * 8)
+    assert _store._default_shard_rows(2**28, "float64") == 1  # a row over a GiB: one a shard
+
+
+def test_save_store_sizes_its_shards_in_bytes_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(_store, "_SHARD_BYTES", 1600, raising=False)
+    X = np.random.RandomState(0).randn(1000, 8).astype(np.float32)
+    store = save_store(X, tmp_path / "d", dtype="float16")  # 16 bytes a row: 100 a shard
+    assert store.n_shards == 10
+    assert {s["rows"] for s in store.manifest["shards"]} == {100}
+    explicit = save_store(X, tmp_path / "e", dtype="float16", shard_rows=300)
+    assert [s["rows"] for s in explicit.manifest["shards"]] == [300, 300, 300, 100]
+    np.testing.assert_array_equal(np.asarray(explicit), np.asarray(store))
+    with pytest.raises(ValueError, match="shard_rows must be at least 1"):
+        save_store(X, tmp_path / "z", dtype="float16", shard_rows=0)
+
+
+def test_save_store_holds_a_chunk_not_a_shard(tmp_path, manifests_read_whole):
+    n, d, shard_rows, chunk_rows = 16384, 256, 8192, 1024  # shards of 8 MiB, chunks of 1
+    chunk_bytes = chunk_rows * d * 4
+    X = np.lib.format.open_memmap(tmp_path / "x.npy", "w+", np.float32, (n, d))
+    X[:] = np.random.RandomState(0).randn(n, d)
+    X.flush()
+    X = np.load(tmp_path / "x.npy", mmap_mode="r")
+    tracemalloc.start()
+    try:
+        store = save_store(X, tmp_path / "s", dtype="float32", shard_rows=shard_rows,
+                           chunk_rows=chunk_rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * chunk_bytes, peak  # the old writer joined each shard: over 8 MiB
+    assert store.n_shards == 2
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full")), X)
+    assert not list((tmp_path / "s" / "layer-000").glob("*.tmp"))
+
+
+def test_a_save_interrupted_mid_shard_leaves_the_completed_shards(tmp_path):
+    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
+
+    class FailsAt:
+        shape, dtype = X.shape, X.dtype
+
+        def __getitem__(self, key):
+            if key.stop > 75:
+                raise OSError("the disk went away")
+            return X[key]
+
+    with pytest.raises(OSError, match="disk went away"):
+        save_store(FailsAt(), tmp_path / "s", dtype="float32", shard_rows=30, chunk_rows=10)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert not manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [30, 30]
+    assert sorted(f.name for f in (tmp_path / "s" / "layer-000").iterdir()) == [
+        "shard-000000.npy", "shard-000001.npy"]
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full")),
+                                  X[:60])
+
+
+def test_a_streamed_shard_file_is_what_numpy_writes(tmp_path):
+    a = np.random.RandomState(0).randn(7, 3).astype("<f2")
+    writer = StoreWriter(tmp_path / "s", {"a": 3}, "float16", {})
+    writer._write_shard_chunks(7, [a[:2], a[2:2], a[2:]])
+    with pytest.raises(ValueError, match="5 rows were given for a shard of 7"):
+        writer._write_shard_chunks(7, [a[:5]])
+    with pytest.raises(ValueError, match="expected rows of 3 float16 values"):
+        writer._write_shard_chunks(7, [a.astype(np.float32)])
+    writer.close()
+    expected = io.BytesIO()
+    np.lib.format.write_array(expected, a)
+    assert (tmp_path / "s" / "layer-000" / "shard-000000.npy").read_bytes() == \
+        expected.getvalue()
+    assert sorted(f.name for f in (tmp_path / "s" / "layer-000").iterdir()) == [
+        "shard-000000.npy"]
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full")), a)
+
+
+# ------------------------------------------------------------------ subsets of slices
+def _virtual_store(path, n):
+    """A float16 store of ``n`` rows of 1 feature, all zero, in one sparse shard file."""
+    save_store(np.zeros((1, 1), np.float32), path, dtype="float16")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f2", "fortran_order": False, "shape": (n, 1)})
+    with open(path / "layer-000" / "shard-000000.npy", "wb") as f:
+        f.write(header.getvalue())
+        f.truncate(len(header.getvalue()) + 2 * n)  # a hole: no disk, no memory
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["shards"][0]["rows"] = manifest["n_rows"] = n
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return open_store(path, verify="none")
+
+
+def test_a_subset_of_a_slice_costs_nothing_per_row(tmp_path, manifests_read_whole):
+    n = 30_000_000  # ids of every row would take 240 MB
+    store = _virtual_store(tmp_path / "v", n)
+    tracemalloc.start()
+    try:
+        train = store.subset(slice(0, n - 1000))  # what the CLI's --holdout takes
+        back = store.subset(slice(None, None, -3)).subset(slice(10, -10, 2))
+        lazy = open_store(tmp_path / "v", verify="none", indexing="lazy")[5:][::7][-100:]
+        blobs = [pickle.dumps(v) for v in (train, back, lazy)]
+        again = [pickle.loads(b) for b in blobs]
+        np.testing.assert_array_equal(train[-3:], np.zeros((3, 1), np.float16))
+        assert train.take_raw([n - 1001]).shape == (1, 1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+    assert all(len(b) < 10_000 for b in blobs)
+    assert train.shape == (n - 1000, 1) and again[0].shape == train.shape
+    expected_back = range(n)[::-3][10:-10:2]
+    assert back.shape == again[1].shape == (len(expected_back), 1)
+    assert back.shard_of(0) == 0 and f"row {expected_back[0]} of the whole layer" in \
+        back._where(0)
+    assert lazy.shape == again[2].shape == (100, 1)
+    assert f"row {range(n)[5:][::7][-100]} of the whole layer" in again[2]._where(0)
+
+
+def test_a_pickled_subset_of_a_slice_is_checked_against_the_layer(small_store):
+    _, path = small_store
+    sub = open_store(path).subset(slice(10, 90, 4))
+    rows = sub.__reduce__()[1][-1]
+    assert rows == range(10, 90, 4)
+    with pytest.raises(ValueError, match="subset of rows range"):
+        _store._reopen(str(path), None, "lazy", sub.manifest, "numpy", range(10, 500, 4))
+
+
+def _positioned_store(path):
+    """``(X, positions, path)``: a store of 50 rows in shards of 12, with positions."""
+    rng = np.random.RandomState(0)
+    X = rng.randn(50, 3).astype(np.float32)
+    pos = np.c_[np.arange(50) // 7, np.arange(50) % 7].astype(np.int64)
+    writer = StoreWriter(path, {"a": 3}, "float32", {})
+    for lo in range(0, 50, 12):
+        writer.write_shard({"a": X[lo:lo + 12]}, 1, positions=pos[lo:lo + 12])
+    writer.close()
+    return X, pos, path
+
+
+@pytest.mark.parametrize("keys", [[slice(3, 40)], [slice(None, None, -1)],
+                                  [slice(45, 2, -3), slice(1, None, 2)],
+                                  [slice(5, 45, 2), np.array([3, 0, 3, 10])],
+                                  [np.array([40, 41, 42, 7]), slice(None, None, -1)],
+                                  [slice(49, None, -1), slice(48, 60)], [slice(7, 7)]],
+                         ids=range(7))
+def test_subsets_of_slices_read_values_and_positions_as_numpy(tmp_path, keys):
+    X, pos, path = _positioned_store(tmp_path / "p")
+    store = open_store(path)
+    view, expected, expected_pos = store, X, pos
+    for key in keys:
+        view, expected, expected_pos = view.subset(key), expected[key], expected_pos[key]
+    assert view.shape == expected.shape
+    np.testing.assert_array_equal(np.asarray(view), expected)
+    np.testing.assert_array_equal(view.positions(), expected_pos)
+    np.testing.assert_array_equal(view.positions(1, 4), expected_pos[1:4])
+    np.testing.assert_array_equal(view.read_raw(1, 6).numpy(), expected[1:6])
+    picks = [len(expected) - 1, 0] if len(expected) else []
+    np.testing.assert_array_equal(view.take_raw(picks).numpy(), expected[picks])
+    np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(view))), expected)
