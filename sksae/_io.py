@@ -164,7 +164,10 @@ def read_json_bounded(path, max_bytes, max_depth=_MAX_JSON_DEPTH):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
+            # read(n) sets aside n bytes first: ask for the file's size (a file that
+            # grows meanwhile is still cut at max_bytes + 1)
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(min(size, max_bytes) + 1)
     except OSError as exc:
         raise ValueError(f"{path.name} cannot be read ({exc}).") from None
     if len(raw) > max_bytes:
