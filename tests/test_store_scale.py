@@ -295,3 +295,19 @@ def test_subsets_of_slices_read_values_and_positions_as_numpy(tmp_path, keys):
     picks = [len(expected) - 1, 0] if len(expected) else []
     np.testing.assert_array_equal(view.take_raw(picks).numpy(), expected[picks])
     np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(view))), expected)
+
+
+def test_a_manifest_past_what_opens_is_refused_before_it_is_written(tmp_path, monkeypatch):
+    # a store of some 10^5 shards: its manifest grew past the 64 MiB a store opens, and the
+    # finished store could be neither opened nor resumed; now the shard that would cross
+    # is refused, and the store keeps the shards it lists
+    X = np.arange(60, dtype=np.float32).reshape(20, 3)
+    save_store(X[:8], tmp_path / "probe", dtype="float32", shard_rows=2)
+    four = len((tmp_path / "probe" / "manifest.json").read_bytes())
+    monkeypatch.setattr(_store, "_MAX_MANIFEST_BYTES", four + 10)
+    with pytest.raises(_store.StoreError, match="keeps its 4 shards \\(8 rows\\)"):
+        save_store(X, tmp_path / "s", dtype="float32", shard_rows=2)
+    store = _store.ActivationStore(tmp_path / "s")
+    np.testing.assert_array_equal(np.asarray(store), X[:8])
+    assert sorted(p.name for p in (tmp_path / "s").rglob("shard-*")) == [
+        f"shard-{i:06d}.npy" for i in range(4)]  # the refused shard's file is gone

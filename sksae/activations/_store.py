@@ -74,10 +74,18 @@ def _sha256(path, chunk=16 * 2**20):
             h.update(block)
 
 
-def _write_json_atomic(path, obj):
+def _write_json_atomic(path, obj, max_bytes=None):
+    """Write ``obj`` as JSON to ``path`` through a synced temporary file and a rename.
+
+    With ``max_bytes``, refuse (ValueError, nothing written) a document larger
+    than that: what readers would refuse to open.
+    """
+    text = json.dumps(obj, indent=1)
+    if max_bytes is not None and len(text.encode()) > max_bytes:
+        raise ValueError(f"{path.name} would be larger than {max_bytes} bytes")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -297,11 +305,27 @@ class StoreWriter:
                       "files": {entry["name"]: info}})
 
     def _append(self, shard):
-        """List a shard whose files are in place: the manifest then names it."""
-        self.manifest["shards"].append(shard)
-        self.manifest["n_rows"] += shard["rows"]
-        self.manifest["n_batches"] += shard["batches"]
-        _write_json_atomic(self.path / MANIFEST, self.manifest)
+        """List a shard whose files are in place: the manifest then names it.
+
+        A manifest that would grow past what :func:`open_store` reads (64 MiB,
+        some 10^5 shards) is refused before it is written: the store keeps the
+        shards it lists, readable, and this shard's files are removed.
+        """
+        manifest = dict(self.manifest, shards=[*self.manifest["shards"], shard],
+                        n_rows=self.manifest["n_rows"] + shard["rows"],
+                        n_batches=self.manifest["n_batches"] + shard["batches"])
+        try:
+            _write_json_atomic(self.path / MANIFEST, manifest, _MAX_MANIFEST_BYTES)
+        except ValueError:
+            for info in [*shard["files"].values(), shard.get("positions")]:
+                if info is not None:
+                    (self.path / info["file"]).unlink(missing_ok=True)
+            raise StoreError(
+                f"{self.path}: a manifest listing {len(manifest['shards'])} shards would be "
+                f"larger than {_MAX_MANIFEST_BYTES} bytes, the most a store opens. The store "
+                f"keeps its {len(self.manifest['shards'])} shards ({self.manifest['n_rows']} "
+                "rows); write larger shards (shard_rows) or another store.") from None
+        self.manifest = manifest
 
     def close(self, n_batches=0):
         """Mark the store complete (``n_batches`` more input batches gave no rows)."""
