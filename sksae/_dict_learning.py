@@ -222,7 +222,11 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
     Parameters
     ----------
     n_components : int, default=None
-        Number of atoms; None means ``n_features``.
+        Number of atoms; None means ``n_features``. The algorithm keeps an
+        ``(n_components, n_components)`` statistic and codes through the
+        atoms' Gram matrix, as scikit-learn's: memory grows with its square
+        (4 GB of float32 at 32,768 atoms). For dictionaries of 10^5 latents
+        and more, train a :class:`~sksae.SparseAutoencoder`.
     alpha : float, default=1
         Sparsity penalty.
     max_iter : int, default=1000
