@@ -21,6 +21,7 @@ __all__ = [
     "make_generator",
     "batched_apply",
     "inference_chunk_rows",
+    "sparse_coder",
     "restore_on_failure",
     "TrainingDivergedError",
 ]
@@ -81,6 +82,22 @@ def make_generator(random_state):
 def inference_chunk_rows(n_columns, itemsize=4, budget_bytes=256 * 2**20):
     """Rows per chunk so that an (rows, n_columns) intermediate stays within budget."""
     return int(max(1, min(65536, budget_bytes // max(1, n_columns * itemsize))))
+
+
+def sparse_coder(estimator):
+    """``estimator``, or a shallow copy whose ``transform`` returns sparse codes.
+
+    A :class:`~sksae.SparseAutoencoder` with ``sparse_output=False`` returns
+    dense codes: (rows, n_components) floats, 6 GB for 65,536 rows of 24,576
+    latents, and a dense product to decode them. Its copy (sharing the
+    fitted arrays) codes sparse; other estimators are returned as they are.
+    """
+    import copy
+
+    if getattr(estimator, "sparse_output", None) is False:
+        estimator = copy.copy(estimator)
+        estimator.sparse_output = True
+    return estimator
 
 
 def batched_apply(fn, X, *, device, dtype, chunk_rows):

@@ -973,11 +973,12 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         with torch.inference_mode():
             for _, xb in iter_chunks(X, chunk, device, dtype):
                 codes = arch.encode(p, xb)
-                if not torch.isfinite(codes).all():
-                    check_finite_output(codes.cpu().numpy(), xb.cpu().numpy(), self)
                 recon = codes @ p["W_dec"] + p["b_dec"]
                 x64 = xb.double()
-                sse += float((x64 - recon.double()).square().sum())
+                chunk_sse = float((x64 - recon.double()).square().sum())
+                if not math.isfinite(chunk_sse):  # an overflow in the codes propagates here
+                    check_finite_output(codes.cpu().numpy(), xb.cpu().numpy(), self)
+                sse += chunk_sse
                 nb, mb = len(xb), x64.mean(0)
                 m2b = (x64 - mb).square().sum(0)
                 if mean is None:

@@ -724,8 +724,12 @@ def _streamed(X):
 
 
 def _core_sums(estimator, X, chunk_rows=None):
-    """:class:`_CoreSums` of ``estimator`` over ``X``, encoded ``chunk_rows`` rows at a time."""
-    from ._base import inference_chunk_rows
+    """:class:`_CoreSums` of ``estimator`` over ``X``, encoded ``chunk_rows`` rows at a time.
+
+    A SparseAutoencoder's codes are taken sparse (:func:`sksae._base.sparse_coder`):
+    counted and decoded over the active latents only.
+    """
+    from ._base import inference_chunk_rows, sparse_coder
 
     n_components = getattr(_final_estimator(estimator), "n_components_", None)
     if n_components is None:
@@ -734,8 +738,9 @@ def _core_sums(estimator, X, chunk_rows=None):
     if chunk_rows is None:
         chunk_rows = inference_chunk_rows(max(n_components, n_features), 8)
     sums = _CoreSums(n_features, n_components)
+    coder = sparse_coder(estimator)
     for _, chunk in _chunks(X, int(chunk_rows)):
-        codes, X_hat = _encode_decode(estimator, chunk)
+        codes, X_hat = _encode_decode(coder, chunk)
         sums.add(chunk, np.asarray(X_hat), codes)
     return sums
 

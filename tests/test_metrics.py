@@ -323,6 +323,7 @@ def test_scores_encode_rows_in_memory_chunk_by_chunk(monkeypatch):
                         lambda self, Z: encoded.append(len(Z)) or transform(self, Z))
     assert sae.score(X) == pytest.approx(fve, rel=1e-9)
     assert chunks == [64] and encoded == []  # no whole transform
-    assert fve_scorer(sae, X) == pytest.approx(fve, rel=1e-9)
-    assert make_sparsity_scorer(2.0, penalty=2.0)(sae, X) == pytest.approx(penalised, rel=1e-9)
+    # (decoded over the active latents: float32 sums in another order)
+    assert fve_scorer(sae, X) == pytest.approx(fve, rel=1e-6)
+    assert make_sparsity_scorer(2.0, penalty=2.0)(sae, X) == pytest.approx(penalised, rel=1e-6)
     assert max(encoded) == 64 and sum(encoded) == 2 * len(X)

@@ -9,7 +9,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .._base import sparse_coder
 from .._io import MALFORMED, read_json_bounded
 from ._store import _sha256, _write_json_atomic
 
@@ -31,19 +31,6 @@ _PARTS = ("indptr", "indices", "data")
 def _csr_chunk(codes):
     """A ``csr_array`` of a chunk of codes (dense ndarray or sparse)."""
     return sp.csr_array(codes) if not sp.issparse(codes) else sp.csr_array(codes)
-
-
-def _sparse_encoder(estimator):
-    """``estimator``, or a shallow copy whose ``transform`` returns sparse codes.
-
-    A :class:`~sksae.SparseAutoencoder` with ``sparse_output=False`` would
-    return a chunk's codes dense: (chunk_rows, n_components) floats, 6 GB for
-    65,536 rows of 24,576 latents. The copy shares the fitted arrays.
-    """
-    if estimator.get_params(deep=False).get("sparse_output") is False:
-        estimator = copy.copy(estimator)
-        estimator.sparse_output = True
-    return estimator
 
 
 def _encode_sparse(encoder, chunk, dense_rows):
@@ -113,7 +100,7 @@ def transform_to_store(estimator, X, path, *, chunk_rows=65536, shard_rows=1 << 
         X = check_input(estimator, X, reset=False)
         if isinstance(X, Rows):
             rows = X
-    encoder, dense_rows = _sparse_encoder(estimator), _dense_rows(estimator)
+    encoder, dense_rows = sparse_coder(estimator), _dense_rows(estimator)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir(parents=True)
     try:
