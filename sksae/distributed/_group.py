@@ -282,5 +282,3 @@ def check_devices(group, device):
                 f"ranks {other} and {rank} (host {host}) both train on {kind}:{index or 0}: "
                 "each rank needs its own GPU. Under torchrun, device='auto' or 'cuda' is "
                 "cuda:{LOCAL_RANK}.")
-    seen = group.gather_object((socket.gethostname(), device.type, device.index))
-    kinds
