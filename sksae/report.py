@@ -274,9 +274,10 @@ def feature_browser(estimator, X, path, *, tokens=None, tokenizer=None, position
         (transformers) or a function of a list of ids. None shows the ids.
     positions : array-like of shape (n_samples, 2), default=None
         ``(sequence, position)`` of every row; None reads them from ``X``
-        when it is a store written by :func:`~sksae.activations.harvest`
-        (only near the rows shown, not every row's: the harvest's order puts
-        a sequence's tokens on consecutive rows).
+        when it is a store written by :func:`~sksae.activations.harvest`:
+        only around the rows shown for the store or a run of its rows (the
+        harvest's order puts a sequence's tokens on consecutive rows), every
+        row's for other subsets (a shuffled fold).
     metrics : dict or Bunch, default=None
         Numbers for the summary page, e.g. the result of
         :func:`sksae.metrics.evaluate` with a model (loss recovered); None
@@ -331,7 +332,11 @@ def feature_browser(estimator, X, path, *, tokens=None, tokenizer=None, position
                              f"position) per row; got {positions.shape}.")
         where = _SortedPositions(positions)
     elif tokens is not None and hasattr(X, "positions"):
-        where = _StorePositions(X)
+        # a store in harvest order (whole, or a run of its rows) is read around the rows
+        # shown; another subset (a shuffled fold) is not in sequence order: every row's
+        rows = getattr(X, "_rows", None)
+        in_order = rows is None or (isinstance(rows, range) and rows.step == 1)
+        where = _StorePositions(X) if in_order else _SortedPositions(X.positions())
     sums = _CoreSums(n_features, n_components) if metrics is None else None
     count, top_abs, top_val, top_row = _scan(estimator, X, n_components, int(n_top),
                                              chunk_rows, sums)

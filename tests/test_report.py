@@ -133,9 +133,23 @@ def test_browser_reads_a_stores_positions_near_the_rows_shown(fitted, monkeypatc
     positions = type(store).positions
     monkeypatch.setattr(type(store), "positions", lambda self, start=0, stop=None: (
         spans.append((start, stop)) or positions(self, start, stop)))
-    read = _data(feature_browser(sae, store, folder / "read.html", **kw))
+    import sksae.activations._store as _store
+    from sksae.activations import open_store
+
+    hashed = []
+    sha256 = _store._sha256
+    monkeypatch.setattr(_store, "_sha256", lambda p, *a: hashed.append(p) or sha256(p, *a))
+    checked = open_store(store.path)  # digests checked lazily: each positions file once
+    read = _data(feature_browser(sae, checked, folder / "read.html", **kw))
     assert read["latents"] == given["latents"] and read["vocab"] == given["vocab"]
     assert spans and max(stop - start for start, stop in spans) <= 2 * 3 + 1
+    n_files = len(store.manifest["shards"])
+    assert 0 < sum("positions" in str(p) for p in hashed) <= n_files
+    # a shuffled subset is not in sequence order: its own positions, every row's
+    monkeypatch.undo()
+    sub = store.subset(np.random.default_rng(0).permutation(store.shape[0])[:300])
+    assert _data(feature_browser(sae, sub, folder / "sub.html", **kw)) == _data(
+        feature_browser(sae, sub, folder / "sub-given.html", positions=sub.positions(), **kw))
 
 
 def test_browser_in_a_real_browser(fitted, tmp_path, chromium):

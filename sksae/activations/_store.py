@@ -550,9 +550,13 @@ class ActivationStore:
         if folder != POSITIONS or not _SHARD_FILE.fullmatch(name) or not file.is_file():
             raise StoreError(f"{self.path}: shard {i}'s positions file is missing or "
                              "misnamed.")
-        if self._verify != "none" and _sha256(file) != info["sha256"]:
-            raise StoreError(f"{self.path}: shard {i}'s positions do not match their SHA-256 "
-                             "digest.")
+        if self._verify != "none":
+            with self._lock:  # once per file, as the values' digests
+                if ("positions", i) not in self._verified:
+                    if _sha256(file) != info["sha256"]:
+                        raise StoreError(f"{self.path}: shard {i}'s positions do not match "
+                                         "their SHA-256 digest.")
+                    self._verified.add(("positions", i))
         got = np.load(file, mmap_mode="r", allow_pickle=False)
         if got.shape != (int(self._offsets[i + 1] - self._offsets[i]), 2) \
                 or got.dtype != np.dtype("<i8"):
