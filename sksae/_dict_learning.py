@@ -245,8 +245,9 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         :class:`~sksae.SparseAutoencoder` (``shuffle="blocks"``) instead.
     dict_init : ndarray of shape (n_components, n_features), default=None
         Initial dictionary (else a randomized SVD of ``X``; of a random
-        sample of ``_INIT_SAMPLE_ROWS = 65536`` rows when ``X`` is out of core
-        and larger than 2 GiB).
+        sample of ``_INIT_SAMPLE_ROWS = 65536`` rows when ``X`` is read batch
+        by batch (out of core, half precision in memory, or a tensor on a
+        GPU) and larger than 2 GiB).
     transform_algorithm : {"lasso_lars", "lasso_cd", "lars", "omp", \
             "threshold"}, default="omp"
         Coder used by :meth:`transform`.
@@ -282,9 +283,11 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
         process group of more than one process (as under ``torchrun``); each
         rank codes its part of every batch of ``batch_size`` rows, the batch
         cost and the sufficient statistics' increments are summed across
-        ranks, and every rank takes the same dictionary update, ending with
-        the dictionary one process learns with the same ``batch_size`` and
-        ``random_state`` (up to the order of floating-point sums).
+        ranks, and every rank updates the dictionary, then takes rank 0's
+        (broadcast after every step: on a GPU the ranks' sweeps may round
+        differently), ending with the dictionary one process learns with the
+        same ``batch_size`` and ``random_state`` (up to the order of
+        floating-point sums).
         ``"data"`` requires a process group (one process included); False
         fits in one process even inside a group. ``partial_fit`` always
         runs in one process.

@@ -273,7 +273,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
     checkpoint_every : int or str, default=None
         Steps between checkpoints (an int), or a wall-clock interval such as
         ``"90s"``, ``"15min"`` or ``"2h"``. None with a ``checkpoint_dir``:
-        every 1000 steps.
+        every 1000 steps. Across processes a duration is checked every 50
+        steps (rank 0's clock), so a checkpoint may come up to 50 steps late.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation and shuffling. The same seed on the CPU gives the
         same model.
@@ -886,7 +887,8 @@ class SparseAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseE
         ------
         ValueError
             When finite ``X`` overflows the codes' dtype with this model, or
-            a row of an out-of-core ``X`` is not finite (the message names it).
+            a row of an ``X`` read in chunks (out of core, half precision, or
+            a tensor on a GPU) is not finite (the message names it).
         """
         check_is_fitted(self)
         X = self._validate(X, reset=False)

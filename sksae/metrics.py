@@ -615,9 +615,10 @@ def make_sparsity_scorer(l0_budget, *, penalty=1.0):
     Returns
     -------
     scorer : callable
-        ``scorer(estimator, X, y=None) -> float``, picklable. An
-        out-of-core ``X`` (an activation store or a fold of one, a memory
-        map) is read and encoded chunk by chunk, as by :func:`fve_scorer`.
+        ``scorer(estimator, X, y=None) -> float``, picklable. Every ``X`` is
+        encoded chunk by chunk in bounded memory, as by :func:`fve_scorer`;
+        an out-of-core ``X`` (an activation store or a fold of one, a memory
+        map) is also read chunk by chunk.
 
     Examples
     --------
@@ -887,7 +888,10 @@ def evaluate(estimator, X, *, model=None, layer=None, batches=None, loss="causal
     loss, against_clean, mask, logits, ablations, dtype, device
         As in :func:`sksae.activations.loss_recovered`.
     chunk_rows : int, default=None
-        Rows encoded at a time; None keeps a chunk's dense codes near 256 MiB.
+        Rows encoded at a time; None: as many as 256 MiB of float64 values
+        hold at ``max(n_components, n_features)`` columns (a
+        SparseAutoencoder's codes are taken sparse; another estimator's dense
+        codes stay near that size).
 
     Returns
     -------

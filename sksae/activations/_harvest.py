@@ -170,6 +170,14 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
         The store opened on the layer, or ``{layer: store}`` when ``layers``
         is a list.
 
+    Raises
+    ------
+    StoreError
+        (a ValueError) When one more shard would take the manifest past the
+        64 MiB a store opens (about 10^5 shards, some 6.5 * 10^9 rows at the
+        default ``shard_rows``); the store keeps the shards written so far.
+        Write larger shards (``shard_rows``).
+
     Examples
     --------
     >>> import os, tempfile, torch

@@ -364,7 +364,9 @@ class ActivationStore:
 
     It has ``shape``, ``dtype``, ``len`` and numpy-style row indexing (an
     integer, a slice, an integer or boolean array; a second index selects
-    columns), and reads only the rows asked for: shards are memory-mapped.
+    columns), and reads only the rows asked for: shards are memory-mapped,
+    at most 64 at a time (the least recently used are closed), so that a
+    store of thousands of shards stays within the open-file limit.
     :class:`~sksae.SparseAutoencoder` and :class:`~sksae.DictionaryLearnerGPU`
     take it in ``fit``, ``partial_fit``, ``transform`` and ``score`` without
     loading it; ``np.asarray(store)`` loads it whole.
@@ -955,6 +957,13 @@ def save_store(X, path, *, dtype="float16", shard_rows=None, layer="activations"
     -------
     store : ActivationStore
         The written store, opened.
+
+    Raises
+    ------
+    StoreError
+        (a ValueError) When one more shard would take the manifest past the
+        64 MiB a store opens (about 10^5 shards); the store keeps the shards
+        written so far. Write larger shards.
     """
     if len(getattr(X, "shape", ())) != 2:
         X = np.asarray(X)

@@ -17,6 +17,9 @@ def init_from_environment(backend=None, timeout_s=600):
 
     Does nothing (and returns False) outside a multi-process launch
     (``WORLD_SIZE`` unset or 1) or when a group already exists (then True).
+    With an NCCL backend (the default where CUDA is available) it first
+    makes ``cuda:{LOCAL_RANK}`` the process's current CUDA device, as NCCL's
+    object collectives need.
 
     Parameters
     ----------
