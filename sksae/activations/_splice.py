@@ -190,6 +190,12 @@ def splice(model, layer, sae, *, mask=None, error_term=False, edit=None, dtype=N
     element replaced and the others kept. The hook is removed on exit, also
     after an error.
 
+    The codes of a forward pass are kept dense on the model's device (the
+    handle's ``codes``, what ``edit`` receives): (tokens, n_components),
+    4 GB for 1,024 tokens of 1M float32 latents. Size the batches to them;
+    :func:`loss_recovered`, which keeps no codes, encodes and decodes a
+    chunk of rows at a time.
+
     Parameters
     ----------
     model : torch.nn.Module
