@@ -15,7 +15,8 @@
 from ._codes import CodeStore, open_codes, transform_to_store
 from ._harvest import harvest
 from ._splice import Splice, loss_recovered, splice
-from ._store import ActivationStore, open_store, save_store
+from ._store import ActivationStore, StoreError, open_store, save_store
 
-__all__ = ["harvest", "open_store", "save_store", "ActivationStore", "transform_to_store",
-           "open_codes", "CodeStore", "splice", "Splice", "loss_recovered"]
+__all__ = ["harvest", "open_store", "save_store", "ActivationStore", "StoreError",
+           "transform_to_store", "open_codes", "CodeStore", "splice", "Splice",
+           "loss_recovered"]

@@ -61,7 +61,11 @@ _SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
 
 
 class StoreError(ValueError):
-    """A store folder that cannot be read: missing, malformed, truncated or tampered with."""
+    """A store folder that cannot be read (missing, malformed, truncated or tampered with),
+    or a shard a store cannot take (its manifest would grow past what a store opens).
+
+    A :class:`ValueError`: catching that catches it too.
+    """
 
 
 def _sha256(path, chunk=16 * 2**20):
