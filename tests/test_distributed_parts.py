@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sksae._data import Rows
 from sksae._engine import BatchSource
@@ -170,14 +172,27 @@ def test_batch_topk_keeps_exactly_k_per_row_across_ranks_however_many_tie(rows, 
     # bf16 products tie often at the global cut: every rank keeping all its entries equal to
     # it trained data-parallel BatchTopK at an L0 above k; the ranks keep exactly k * B,
     # earlier entries of the global batch first, as one process's compiled selection does
+    _check_global_keep(rows, world, k, 4, seed=rows * world + k)
+
+
+@given(rows=st.integers(1, 12), world=st.integers(1, 4), k=st.integers(1, 8),
+       levels=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_batch_topk_across_ranks_is_a_stable_top_k_of_the_global_batch(rows, world, k,
+                                                                       levels, seed):
+    # any split of any batch over the ranks (parts empty included), any number of ties
+    _check_global_keep(rows, world, k, levels, seed)
+
+
+def _check_global_keep(rows, world, k, levels, seed):
+    """Each rank's ``_global_keep`` on its part, as threads: together a stable top-k * B."""
     import threading
 
     from sksae import SparseAutoencoder
     from sksae.distributed import BatchInfo
 
     F = 8
-    gen = torch.Generator().manual_seed(rows * world + k)
-    pre = torch.randint(0, 4, (rows, F), generator=gen).to(torch.bfloat16)  # many ties
+    gen = torch.Generator().manual_seed(seed)
+    pre = torch.randint(0, levels, (rows, F), generator=gen).to(torch.bfloat16)  # ties
     K = min(k * rows, rows * F)
     order = torch.sort(-pre.float().reshape(-1), stable=True).indices[:K]
     expected = torch.zeros(rows * F, dtype=torch.bool)
