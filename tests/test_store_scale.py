@@ -311,3 +311,29 @@ def test_a_manifest_past_what_opens_is_refused_before_it_is_written(tmp_path, mo
     np.testing.assert_array_equal(np.asarray(store), X[:8])
     assert sorted(p.name for p in (tmp_path / "s").rglob("shard-*")) == [
         f"shard-{i:06d}.npy" for i in range(4)]  # the refused shard's file is gone
+
+
+def test_a_shard_given_as_blocks_is_written_without_joining_them(tmp_path):
+    # a harvest buffers each layer's batches; joined into one array per layer (all layers
+    # at once) the shard was held twice: 32 layers of 65,536 x 4096 float16 rows, 32 GiB
+    rng = np.random.RandomState(0)
+    blocks = {n: [rng.randn(64, 256).astype(np.float16) for _ in range(16)] for n in "ab"}
+    where = [np.stack([np.full(64, b), np.arange(64)], 1) for b in range(16)]
+    joined = StoreWriter(tmp_path / "joined", {"a": 256, "b": 256}, "float16", {})
+    joined.write_shard({n: np.concatenate(v) for n, v in blocks.items()}, 16,
+                       positions=np.concatenate(where))
+    tracemalloc.start()
+    try:
+        streamed = StoreWriter(tmp_path / "blocks", {"a": 256, "b": 256}, "float16", {})
+        streamed.write_shard(blocks, 16, positions=where)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024  # a shard of a layer is 512 KiB; nothing of its size is made
+    assert streamed.manifest["shards"] == joined.manifest["shards"]  # the same digests
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(
+            np.asarray(_store.ActivationStore(tmp_path / "blocks", name)),
+            np.concatenate(blocks[name]))
+    with pytest.raises(ValueError, match="same number of rows"):
+        streamed.write_shard({"a": blocks["a"], "b": blocks["b"][1:]}, 1)

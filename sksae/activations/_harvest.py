@@ -277,8 +277,10 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
                 if batches_in_buffer == 0:
                     return
                 if buffered:
-                    writer.write_shard({n: np.concatenate(buffers[n]) for n in names},
-                                       batches_in_buffer, positions=np.concatenate(where))
+                    # the batches' blocks written one after the other: joined, every
+                    # layer's shard would be held twice
+                    writer.write_shard({n: list(buffers[n]) for n in names},
+                                       batches_in_buffer, positions=list(where))
                     for n in names:
                         buffers[n].clear()
                     where.clear()

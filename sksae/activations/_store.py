@@ -214,10 +214,6 @@ class StoreWriter:
                 if f.name.startswith("shard-") and rel not in listed:
                     f.unlink()
 
-    def _write_file(self, rel, a):
-        """Write the C-contiguous 2-D array ``a`` as the file ``rel``; its manifest entry."""
-        return self._write_chunks(rel, a.shape, a.dtype, [a])
-
     def _write_chunks(self, rel, shape, dtype, chunks):
         """Write the ``.npy`` file ``rel`` of ``shape`` and ``dtype`` from ``chunks``.
 
@@ -266,32 +262,44 @@ class StoreWriter:
     def write_shard(self, arrays, n_batches, positions=None):
         """Append one shard: ``arrays[layer]`` of shape (rows, n_features), in storage dtype.
 
-        ``n_batches`` is the number of input batches the shard completes;
-        ``positions`` (rows, 2) int64, optional: each row's (sequence, position).
+        ``arrays[layer]`` may also be a list of blocks of consecutive rows (a
+        harvest's batches), written one after the other: never joined into
+        one array, which would hold every layer's shard twice. ``n_batches``
+        is the number of input batches the shard completes; ``positions``
+        (rows, 2) int64 (or a list of blocks), optional: each row's
+        (sequence, position).
         """
         index = len(self.manifest["shards"])
+        dtype = STORAGE_DTYPES[self.storage_dtype][0]
+        blocks = {}
         rows = None
+        for entry in self.manifest["layers"]:
+            parts = _blocks_of(arrays[entry["name"]])
+            for a in parts:  # all checked before anything is written
+                if a.dtype != dtype or a.ndim != 2 or a.shape[1] != entry["n_features"]:
+                    raise ValueError(f"layer {entry['name']!r}: expected rows of "
+                                     f"{entry['n_features']} {self.storage_dtype} values; "
+                                     f"got {a.shape} {a.dtype}.")
+            n = sum(len(a) for a in parts)
+            if rows is not None and n != rows:
+                raise ValueError("Every layer of a shard must have the same number of rows.")
+            rows, blocks[entry["name"]] = n, parts
+        if positions is not None:
+            positions = [np.ascontiguousarray(p, dtype="<i8") for p in _blocks_of(positions)]
+            if any(p.ndim != 2 or p.shape[1] != 2 for p in positions) \
+                    or sum(len(p) for p in positions) != rows:
+                raise ValueError(f"positions must have shape ({rows}, 2); got "
+                                 f"{[p.shape for p in positions]}.")
         files = {}
         for entry in self.manifest["layers"]:
-            a = np.ascontiguousarray(arrays[entry["name"]])
-            if a.dtype != STORAGE_DTYPES[self.storage_dtype][0] or a.ndim != 2 \
-                    or a.shape[1] != entry["n_features"]:
-                raise ValueError(f"layer {entry['name']!r}: expected rows of "
-                                 f"{entry['n_features']} {self.storage_dtype} values; got "
-                                 f"{a.shape} {a.dtype}.")
-            if rows is not None and a.shape[0] != rows:
-                raise ValueError("Every layer of a shard must have the same number of rows.")
-            rows = a.shape[0]
-            files[entry["name"]] = self._write_file(f"{entry['dir']}/shard-{index:06d}.npy", a)
+            files[entry["name"]] = self._write_chunks(
+                f"{entry['dir']}/shard-{index:06d}.npy", (rows, entry["n_features"]), dtype,
+                blocks[entry["name"]])
         shard = {"rows": int(rows), "batches": int(n_batches), "files": files}
         if positions is not None:
-            positions = np.ascontiguousarray(positions, dtype="<i8")
-            if positions.shape != (rows, 2):
-                raise ValueError(f"positions must have shape ({rows}, 2); got "
-                                 f"{positions.shape}.")
             (self.path / POSITIONS).mkdir(exist_ok=True)
-            shard["positions"] = self._write_file(f"{POSITIONS}/shard-{index:06d}.npy",
-                                                  positions)
+            shard["positions"] = self._write_chunks(f"{POSITIONS}/shard-{index:06d}.npy",
+                                                    (rows, 2), np.dtype("<i8"), positions)
         self._append(shard)
 
     def _write_shard_chunks(self, rows, chunks, n_batches=0):
@@ -336,6 +344,13 @@ class StoreWriter:
         self.manifest["n_batches"] += int(n_batches)
         self.manifest["complete"] = True
         _write_json_atomic(self.path / MANIFEST, self.manifest)
+
+
+def _blocks_of(value):
+    """An array, or a list of blocks of consecutive rows, as a list of contiguous arrays."""
+    if isinstance(value, (list, tuple)):
+        return [np.ascontiguousarray(a) for a in value]
+    return [np.ascontiguousarray(value)]
 
 
 def _raw_bytes(chunk, dtype, n_features, rel):
