@@ -21,6 +21,8 @@ __all__ = [
     "make_generator",
     "batched_apply",
     "inference_chunk_rows",
+    "final_step",
+    "n_latents",
     "sparse_coder",
     "restore_on_failure",
     "TrainingDivergedError",
@@ -82,6 +84,21 @@ def make_generator(random_state):
 def inference_chunk_rows(n_columns, itemsize=4, budget_bytes=256 * 2**20):
     """Rows per chunk so that an (rows, n_columns) intermediate stays within budget."""
     return int(max(1, min(65536, budget_bytes // max(1, n_columns * itemsize))))
+
+
+def final_step(estimator):
+    """The last step of a Pipeline, or the estimator itself."""
+    return estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+
+
+def n_latents(estimator):
+    """The number of latents (codes' columns) of a fitted dictionary estimator or Pipeline.
+
+    ``n_components_`` where it has one, else the rows of ``components_``.
+    """
+    final = final_step(estimator)
+    n = getattr(final, "n_components_", None)
+    return int(n) if n is not None else int(np.shape(final.components_)[0])
 
 
 def sparse_coder(estimator):

@@ -218,8 +218,9 @@ def _in_batches(X):
 def streamed(X):
     """``X`` as :class:`Rows` when the estimators read it batch by batch, else None.
 
-    Out-of-core inputs, and float16 or bfloat16 values in memory (arrays or
-    tensors); a float32 or float64 tensor is an array (None).
+    Out-of-core inputs, float16 or bfloat16 values in memory (arrays or
+    tensors), and floating tensors on an accelerator; a float32 or float64
+    tensor on the CPU is an array (None).
     """
     if isinstance(X, torch.Tensor):
         X = _host(X)

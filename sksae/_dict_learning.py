@@ -599,7 +599,7 @@ class DictionaryLearnerGPU(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Ba
             checked = check_input(self, X, reset=not hasattr(self, "components_"))
             if isinstance(checked, Rows) and not is_out_of_core(X) \
                     and checked.nbytes <= FULL_SCAN_BYTES:
-                # float16 values in memory: one minibatch, as their float32 copy would be
+                # in memory (float16, or a tensor on a GPU): one minibatch, as an array's
                 self._partial_fit(take(checked, np.arange(checked.n_samples)))
             elif isinstance(checked, Rows):
                 # one step per batch_size rows, in order (a store is never one minibatch)

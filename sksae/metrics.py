@@ -518,18 +518,15 @@ def match_dictionaries(A, B, *, absolute=False):
 # --------------------------------------------------------------------- scorers
 
 
-def _final_estimator(estimator):
-    """The last step of a Pipeline, or the estimator itself."""
-    return estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-
-
 def _encode_decode(estimator, X):
     """Codes and reconstruction of ``X`` by a fitted dictionary estimator."""
+    from ._base import final_step
+
     codes = estimator.transform(X)
     if hasattr(estimator, "inverse_transform"):
         X_hat = estimator.inverse_transform(codes)
     else:
-        X_hat = codes @ _final_estimator(estimator).components_
+        X_hat = codes @ final_step(estimator).components_
     return codes, X_hat
 
 
@@ -638,7 +635,9 @@ class _MMCSScorer:
         self.absolute = absolute
 
     def __call__(self, estimator, X=None, y=None):
-        learned = _final_estimator(estimator).components_
+        from ._base import final_step
+
+        learned = final_step(estimator).components_
         m = max_cosine_similarity(self.true_features, learned, absolute=self.absolute)
         if self.threshold is None:
             return float(m.mean())
@@ -730,11 +729,9 @@ def _core_sums(estimator, X, chunk_rows=None):
     A SparseAutoencoder's codes are taken sparse (:func:`sksae._base.sparse_coder`):
     counted and decoded over the active latents only.
     """
-    from ._base import inference_chunk_rows, sparse_coder
+    from ._base import inference_chunk_rows, n_latents, sparse_coder
 
-    n_components = getattr(_final_estimator(estimator), "n_components_", None)
-    if n_components is None:
-        n_components = np.asarray(_final_estimator(estimator).components_).shape[0]
+    n_components = n_latents(estimator)
     n_features = X.shape[1] if hasattr(X, "shape") else np.asarray(X).shape[1]
     if chunk_rows is None:
         chunk_rows = inference_chunk_rows(max(n_components, n_features), 8)

@@ -15,10 +15,10 @@ from sklearn.base import clone
 from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval, validate_params
 
+from ._base import final_step
 from .metrics import (
     _core_sums,
     _encode_decode,
-    _final_estimator,
     _streamed,
     duplicate_fraction,
     feature_density,
@@ -111,7 +111,7 @@ def _fit_and_evaluate(estimator, X, X_eval, param_name, size, duplicate_threshol
         codes, X_hat = _encode_decode(est, X_eval)
         density = feature_density(codes)
         fve, mean_l0 = fraction_variance_explained(X_eval, X_hat), l0(codes)
-    components = np.asarray(_final_estimator(est).components_)
+    components = np.asarray(final_step(est).components_)
     alive = density > 0
     n_dup = 0.0
     if alive.any():  # duplicates among the alive atoms, as a fraction of all atoms

@@ -165,8 +165,9 @@ class _SortedPositions:
         """``(sequence, position)`` of ``row``."""
         return tuple(int(v) for v in self.positions[row])
 
-    def rows(self, row, seq, lo, hi):
-        """The rows at positions ``lo:hi`` of sequence ``seq`` (-1 where none), near ``row``."""
+    def rows(self, row, seq, pos, lo, hi):
+        """The rows at positions ``lo:hi`` of sequence ``seq`` (-1 where none), around
+        ``row`` (at position ``pos`` of it)."""
         want = seq * self.stride + np.arange(lo, hi)
         at = np.minimum(np.searchsorted(self.keys, want), len(self.keys) - 1)
         return np.where(self.keys[at] == want, self.order[at], -1)
@@ -190,8 +191,7 @@ class _StorePositions:
     def of(self, row):
         return tuple(int(v) for v in self.store.positions(row, row + 1)[0])
 
-    def rows(self, row, seq, lo, hi):
-        pos = self.of(row)[1]
+    def rows(self, row, seq, pos, lo, hi):
         a, b = max(0, row - (pos - lo)), min(self.n_rows, row + (hi - pos))
         near = self.store.positions(a, b)
         out = np.full(hi - lo, -1, dtype=np.int64)
@@ -215,7 +215,7 @@ def _contexts(estimator, X, examples, where, tokens, tokenizer, context, chunk_r
             cache[seq] = _display_tokens(_token_strings(tokens, tokenizer, seq))
         strings = cache[seq]
         lo, hi = max(0, pos - context), min(len(strings), pos + context + 1)
-        rows = where.rows(row, seq, lo, hi)
+        rows = where.rows(row, seq, pos, lo, hi)
         windows[(latent, row)] = (strings[lo:hi], rows, pos - lo)
         for r in rows[rows >= 0]:
             wanted.setdefault(int(r), set()).add(latent)

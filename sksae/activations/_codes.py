@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .._base import sparse_coder
+from .._base import n_latents, sparse_coder
 from .._io import MALFORMED, read_json_bounded
 from ._store import _sha256, _write_json_atomic
 
@@ -48,13 +48,12 @@ def _encode_sparse(encoder, chunk, dense_rows):
 
 def _dense_rows(estimator):
     """Rows whose dense codes take about 256 MiB (float64), or 65,536 when unknown."""
-    from .._base import inference_chunk_rows
+    from .._base import inference_chunk_rows  # looked up at the call (tests lower it)
 
-    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    n_latents = getattr(final, "n_components_", None)
-    if n_latents is None and hasattr(final, "components_"):
-        n_latents = np.shape(final.components_)[0]
-    return inference_chunk_rows(n_latents, 8) if n_latents else 65536
+    try:
+        return inference_chunk_rows(n_latents(estimator), 8)
+    except AttributeError:  # a transformer that does not say how many latents it has
+        return 65536
 
 
 def transform_to_store(estimator, X, path, *, chunk_rows=65536, shard_rows=1 << 20,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from sklearn.utils import Bunch
 
+from .._base import final_step, n_latents
 from ._harvest import _call, _module_table, _to_device
 
 __all__ = ["splice", "Splice", "loss_recovered"]
@@ -70,11 +71,9 @@ class _Reconstruction:
         The codes of a whole batch of a language model at once are
         (tokens, n_components): 128 GB for 32k tokens of 1M latents.
         """
-        from .._base import inference_chunk_rows
+        from .._base import inference_chunk_rows  # looked up at the call (tests lower it)
 
-        final = self.sae.steps[-1][1] if hasattr(self.sae, "steps") else self.sae
-        n_latents = getattr(final, "n_components_", None) or len(final.components_)
-        step = inference_chunk_rows(n_latents, 4)
+        step = inference_chunk_rows(n_latents(self.sae), 4)
         if len(x) <= step:
             return self.decode(self.encode(x))
         return torch.cat([self.decode(self.encode(x[i:i + step]))
@@ -89,8 +88,7 @@ class _Reconstruction:
         if hasattr(self.sae, "inverse_transform"):
             out = self.sae.inverse_transform(z)
         else:
-            final = self.sae.steps[-1][1] if hasattr(self.sae, "steps") else self.sae
-            out = z @ np.asarray(final.components_, dtype=np.float32)
+            out = z @ np.asarray(final_step(self.sae).components_, dtype=np.float32)
         return torch.as_tensor(np.asarray(out, dtype=np.float32)).to(codes.device, codes.dtype)
 
 

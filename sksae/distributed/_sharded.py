@@ -45,8 +45,8 @@ from .._accel.device import autocast
 from .._accel.select import pre_activation, select_topk
 from .._accel.sparse import Pattern, gather_pre, row_offsets, unit_rows_, use_sparse
 from .._accel.workspace import StepWorkspace
-from .._sae_trainer import (SAETrainer, StepOutput, _total_variance, product_dtype,
-                            scale_encoder_to_fit)
+from .._sae_trainer import (SAETrainer, StepOutput, _fired_counts, _total_variance,
+                            product_dtype, scale_encoder_to_fit)
 from ..architectures._base import SparseCodes, decode
 
 __all__ = ["LatentShardedTrainer", "local_candidates", "merge_candidates"]
@@ -313,12 +313,7 @@ class LatentShardedTrainer:
             self._project_decoder_grad()
             grad_norm = self._clip_and_step()
             unit_rows_(p["W_dec"].detach())
-            if isinstance(codes, SparseCodes):
-                fired = torch.zeros(self.stop - self.start, dtype=torch.int64,
-                                    device=self.device).index_add_(
-                    0, codes.indices.indices, (codes.values.detach() > 0).to(torch.int64))
-            else:
-                fired = (codes.detach() > 0).sum(0)
+            fired = _fired_counts(codes, self.stop - self.start)
             self.rows_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)
             counts = torch.stack([
                 fired.sum().to(torch.float64),
