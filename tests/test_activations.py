@@ -1,13 +1,12 @@
 """Harvesting activations from a torch model into an on-disk store, and reading it back."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from sksae.activations import harvest, open_store, save_store
+from sksae.activations import _store, harvest, open_store, save_store
 
 
 class TinyLM(nn.Module):
@@ -158,7 +157,7 @@ def test_interrupted_harvest_resumes_to_the_same_store(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         harvest(model, interrupt_after(batches, 6), "blocks.0", tmp_path / "part",
                 shard_rows=10, progress=False)
-    part = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    part = _store._read_manifest(tmp_path / "part")
     assert not part["complete"] and 0 < len(part["shards"]) < whole.n_shards
     done = part["n_batches"]
     assert 0 < done <= 6
@@ -172,8 +171,8 @@ def test_interrupted_harvest_resumes_to_the_same_store(tmp_path):
                       progress=False)
     # the model ran on the first batch (to size the layers) and the batches not yet stored
     assert model.calls == 1 + len(batches) - done
-    a = json.loads((tmp_path / "whole" / "manifest.json").read_text())
-    b = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    a = _store._read_manifest(tmp_path / "whole")
+    b = _store._read_manifest(tmp_path / "part")
     assert a["shards"] == b["shards"] and b["complete"]
     np.testing.assert_array_equal(np.asarray(resumed), np.asarray(whole))
     with pytest.raises(FileExistsError, match="complete store"):
@@ -246,13 +245,13 @@ def test_truncated_or_missing_shard_is_refused(small_store):
 
 def test_malformed_manifests_are_refused(small_store, tmp_path):
     _, path = small_store
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = _store._read_manifest(path)
     bad = dict(manifest, shards=[dict(manifest["shards"][0], files={
         "activations": {"file": "../../etc/passwd", "sha256": "0"}})])
-    (path / "manifest.json").write_text(json.dumps(bad))
+    _store._write_manifest(path, bad)
     with pytest.raises(ValueError, match="not a shard of layer-000"):
         open_store(path)
-    (path / "manifest.json").write_text(json.dumps(dict(manifest, n_rows=7)))
+    _store._write_manifest(path, dict(manifest, n_rows=7))
     with pytest.raises(ValueError, match="the shards hold 100 rows, the manifest says 7"):
         open_store(path)
     (path / "manifest.json").write_text("{")

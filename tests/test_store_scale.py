@@ -184,7 +184,7 @@ def test_a_save_interrupted_mid_shard_leaves_the_completed_shards(tmp_path):
 
     with pytest.raises(OSError, match="disk went away"):
         save_store(FailsAt(), tmp_path / "s", dtype="float32", shard_rows=30, chunk_rows=10)
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest = _store._read_manifest(tmp_path / "s")
     assert not manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [30, 30]
     assert sorted(f.name for f in (tmp_path / "s" / "layer-000").iterdir()) == [
         "shard-000000.npy", "shard-000001.npy"]
@@ -220,9 +220,9 @@ def _virtual_store(path, n):
     with open(path / "layer-000" / "shard-000000.npy", "wb") as f:
         f.write(header.getvalue())
         f.truncate(len(header.getvalue()) + 2 * n)  # a hole: no disk, no memory
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = _store._read_manifest(path)
     manifest["shards"][0]["rows"] = manifest["n_rows"] = n
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    _store._write_manifest(path, manifest)
     return open_store(path, verify="none")
 
 
@@ -297,20 +297,91 @@ def test_subsets_of_slices_read_values_and_positions_as_numpy(tmp_path, keys):
     np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(view))), expected)
 
 
-def test_a_manifest_past_what_opens_is_refused_before_it_is_written(tmp_path, monkeypatch):
-    # a store of some 10^5 shards: its manifest grew past the 64 MiB a store opens, and the
-    # finished store could be neither opened nor resumed; now the shard that would cross
-    # is refused, and the store keeps the shards it lists
-    X = np.arange(60, dtype=np.float32).reshape(20, 3)
-    save_store(X[:8], tmp_path / "probe", dtype="float32", shard_rows=2)
-    four = len((tmp_path / "probe" / "manifest.json").read_bytes())
-    monkeypatch.setattr(_store, "_MAX_MANIFEST_BYTES", four + 10)
-    with pytest.raises(_store.StoreError, match="keeps its 4 shards \\(8 rows\\)"):
-        save_store(X, tmp_path / "s", dtype="float32", shard_rows=2)
-    store = _store.ActivationStore(tmp_path / "s")
-    np.testing.assert_array_equal(np.asarray(store), X[:8])
-    assert sorted(p.name for p in (tmp_path / "s").rglob("shard-*")) == [
-        f"shard-{i:06d}.npy" for i in range(4)]  # the refused shard's file is gone
+def test_appending_a_shard_writes_a_line_and_a_manifest_of_constant_size(tmp_path):
+    # version 1 rewrote a manifest listing every shard after each one: at 12,000 shards of
+    # 32 layers that was 64 MiB per shard written (and the most a store opens)
+    X = np.arange(600, dtype=np.float32).reshape(200, 3)
+    save_store(X[:4], tmp_path / "few", dtype="float32", shard_rows=1)
+    many = save_store(X, tmp_path / "many", dtype="float32", shard_rows=1)
+    size = {name: len((tmp_path / name / "manifest.json").read_bytes()) for name in
+            ("few", "many")}
+    assert size["many"] - size["few"] <= 4  # the counts' digits
+    lines = (tmp_path / "many" / "shards.jsonl").read_bytes().splitlines()
+    assert len(lines) == 200 == many.n_shards
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "many", verify="full")), X)
+
+
+def _two_shard_writer(path):
+    writer = StoreWriter(path, {"a": 3}, "float32", {"what": "test"})
+    for i in range(2):
+        writer.write_shard({"a": np.full((5, 3), i, np.float32)}, n_batches=1)
+    return writer
+
+
+def test_an_append_stopped_between_its_two_writes_leaves_the_store_as_it_was(
+        tmp_path, monkeypatch):
+    writer = _two_shard_writer(tmp_path / "s")
+    records = (tmp_path / "s" / "shards.jsonl").read_bytes()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_store, "_write_json_atomic", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "shards.jsonl").read_bytes() == records  # the line cut off
+    assert writer.n_rows == 10 and len(writer.manifest["shards"]) == 2
+    assert open_store(tmp_path / "s", verify="full").shape == (10, 3)
+    writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    writer.close()
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full"))[:, 0],
+                                  np.repeat([0, 1, 2], 5))
+
+
+def test_a_line_past_the_manifest_count_is_ignored_and_dropped_on_resume(tmp_path):
+    _two_shard_writer(tmp_path / "s")
+    records = tmp_path / "s" / "shards.jsonl"
+    whole = records.read_bytes()
+    with open(records, "ab") as f:
+        f.write(b'{"rows": 5, "batc')  # a run stopped inside its append
+    assert open_store(tmp_path / "s").shape == (10, 3)
+    StoreWriter(tmp_path / "s", {"a": 3}, "float32", {"what": "test"}, resume=True)
+    assert records.read_bytes() == whole
+
+
+def test_altered_or_cut_shard_records_are_refused(tmp_path):
+    _two_shard_writer(tmp_path / "s")
+    records = tmp_path / "s" / "shards.jsonl"
+    whole = records.read_bytes()
+    records.write_bytes(whole.replace(b'"rows":5', b'"rows":4', 1))
+    with pytest.raises(_store.StoreError, match="does not match its SHA-256 digest"):
+        open_store(tmp_path / "s", verify="none")
+    records.write_bytes(whole.splitlines(keepends=True)[0])
+    with pytest.raises(_store.StoreError, match="counts 2 shards, but the file holds 1 lines"):
+        open_store(tmp_path / "s")
+    records.unlink()
+    with pytest.raises(_store.StoreError, match="shards.jsonl cannot be read"):
+        open_store(tmp_path / "s")
+
+
+def test_a_version_1_store_is_read_and_resumed_as_version_2(tmp_path):
+    path = tmp_path / "s"
+    _two_shard_writer(path)
+    manifest = _store._read_manifest(path)
+    for key in ("n_shards", "shards_sha256"):
+        del manifest[key]
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, version=1)))
+    (path / "shards.jsonl").unlink()
+    np.testing.assert_array_equal(np.asarray(open_store(path, verify="full"))[:, 0],
+                                  np.repeat([0, 1], 5))
+    writer = StoreWriter(path, {"a": 3}, "float32", {"what": "test"}, resume=True)
+    writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    writer.close()
+    assert json.loads((path / "manifest.json").read_text())["version"] == 2
+    store = open_store(path, verify="full")
+    assert store.complete and store.manifest["n_batches"] == 3
+    np.testing.assert_array_equal(np.asarray(store)[:, 0], np.repeat([0, 1, 2], 5))
 
 
 def test_a_shard_given_as_blocks_is_written_without_joining_them(tmp_path):

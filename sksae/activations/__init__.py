@@ -1,9 +1,9 @@
 """Activations at scale: harvest a model's activations to disk, read them as arrays.
 
 - :func:`harvest` runs any ``torch.nn.Module`` over input batches and writes
-  the outputs of named submodules to an on-disk store (sharded ``.npy`` files
-  and a JSON manifest with a digest per shard), resuming after an
-  interruption.
+  the outputs of named submodules to an on-disk store (sharded ``.npy`` files,
+  a line per shard with its digests, and a small JSON manifest), resuming
+  after an interruption.
 - :func:`open_store` opens a store as an :class:`ActivationStore`, an
   array-like object that :class:`~sksae.SparseAutoencoder` and
   :class:`~sksae.DictionaryLearnerGPU` fit, transform and score without

@@ -173,10 +173,8 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
     Raises
     ------
     StoreError
-        (a ValueError) When one more shard would take the manifest past the
-        64 MiB a store opens (about 10^5 shards, some 6.5 * 10^9 rows at the
-        default ``shard_rows``); the store keeps the shards written so far.
-        Write larger shards (``shard_rows``).
+        (a ValueError) When the unfinished store to resume is damaged or was
+        altered (a shard file or the shard records fail their digests).
 
     Examples
     --------

@@ -1,8 +1,9 @@
-"""The on-disk activation store: ``.npy`` shards per layer and a JSON manifest.
+"""The on-disk activation store: ``.npy`` shards per layer, shard records and a manifest.
 
 Layout of a store folder::
 
     manifest.json               what is in the store (below)
+    shards.jsonl                one line per shard: its rows and files (below)
     layer-000/shard-000000.npy  rows of the first layer, one file per shard
     layer-001/shard-000000.npy  the same rows (positions) of the second layer
     ...
@@ -10,12 +11,18 @@ Layout of a store folder::
 Shards are plain ``.npy`` files (read as memory maps, never with pickle);
 bfloat16, which numpy lacks, is stored as its raw 16-bit words (``<u2``) and
 named in the manifest. The manifest records the storage dtype, the layers
-(name, folder, number of features), every shard's rows and, per layer, its
-file and SHA-256 digest, how many input batches the shards cover (for resuming
-a harvest) and a free-form description of the source. A store is written
-shard by shard: each shard file and then the manifest are written under a
-temporary name and renamed into place, so an interruption leaves the completed
-shards and a manifest that lists exactly them.
+(name, folder, number of features), how many input batches the shards cover
+(for resuming a harvest), a free-form description of the source, and how many
+lines of ``shards.jsonl`` are the store's shards with the SHA-256 digest of
+those lines. Each line records a shard's rows and, per layer, its file and
+SHA-256 digest. A store is written shard by shard: the shard's files are
+written under a temporary name and renamed into place, its line is appended,
+and then the manifest is renamed into place, so an interruption leaves the
+completed shards and a manifest that counts exactly them (a line past its
+count is ignored, and removed when the store is resumed). The manifest stays
+a few hundred bytes however many shards there are: appending a shard writes
+its line and the manifest, not a list of every shard (version 1 of the format,
+still read, rewrote that list after every shard).
 """
 
 from __future__ import annotations
@@ -26,19 +33,22 @@ import json
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._io import MALFORMED, read_json_bounded
+from .._io import MALFORMED, _loads_bounded, read_json_bounded
 
 __all__ = ["ActivationStore", "open_store", "save_store", "StoreWriter", "STORAGE_DTYPES"]
 
 FORMAT = "sksae-activations"
-VERSION = 1
+VERSION = 2  # 1 listed the shards inside manifest.json; still read (and resumed as 2)
 MANIFEST = "manifest.json"
+RECORDS = "shards.jsonl"  # version 2: a line per shard
+_MAX_RECORD_BYTES = 1 << 20  # one shard's line: a few hundred bytes per layer
 POSITIONS = "positions"  # folder of the optional (sequence, position) of every row
 _MAX_MANIFEST_BYTES = 64 * 2**20
 #: At most this many shards of one store (its subsets included) are memory-mapped at a time:
@@ -61,8 +71,7 @@ _SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
 
 
 class StoreError(ValueError):
-    """A store folder that cannot be read (missing, malformed, truncated or tampered with),
-    or a shard a store cannot take (its manifest would grow past what a store opens).
+    """A store folder that cannot be read (missing, malformed, truncated or tampered with).
 
     A :class:`ValueError`: catching that catches it too.
     """
@@ -93,6 +102,68 @@ def _write_json_atomic(path, obj, max_bytes=None):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _record(shard):
+    """A shard's line of :data:`RECORDS`, as bytes."""
+    return (json.dumps(shard, separators=(",", ":")) + "\n").encode()
+
+
+def _header(manifest, n_shards, digest):
+    """What ``manifest.json`` holds of ``manifest``: everything but the shards' list."""
+    head = {key: value for key, value in manifest.items() if key != "shards"}
+    return dict(head, version=VERSION, n_shards=int(n_shards), shards_sha256=digest)
+
+
+def _write_manifest(path, manifest):
+    """Write ``manifest`` whole: every shard's line, then the manifest that counts them.
+
+    Each file goes through a synced temporary file and a rename; a reader between
+    the two renames sees the old manifest, whose lines are a prefix of the new
+    ones. Returns the running SHA-256 of the lines (to append to).
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    tmp = path / (RECORDS + ".tmp")
+    with open(tmp, "wb") as f:
+        for shard in manifest["shards"]:
+            line = _record(shard)
+            f.write(line)
+            digest.update(line)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / RECORDS)
+    _write_json_atomic(path / MANIFEST, _header(manifest, len(manifest["shards"]),
+                                                digest.hexdigest()), _MAX_MANIFEST_BYTES)
+    return digest
+
+
+def _read_records(path, n_shards, expected):
+    """The first ``n_shards`` lines of a store's :data:`RECORDS`, checked against their digest."""
+    digest = hashlib.sha256()
+    shards = []
+    try:
+        with open(path / RECORDS, "rb") as f:
+            for i in range(n_shards):
+                line = f.readline(_MAX_RECORD_BYTES + 1)
+                if not line.endswith(b"\n"):
+                    what = (f"holds {i} lines" if not line else
+                            f"has line {i + 1} cut short (or longer than {_MAX_RECORD_BYTES} "
+                            "bytes)")
+                    raise StoreError(f"{path}/{RECORDS}: the manifest counts {n_shards} "
+                                     f"shards, but the file {what}: it was truncated or "
+                                     "altered.")
+                digest.update(line)
+                shards.append(line)
+    except OSError as exc:
+        raise StoreError(f"{path}/{RECORDS} cannot be read ({exc}).") from None
+    if digest.hexdigest() != expected:
+        raise StoreError(f"{path}/{RECORDS} does not match its SHA-256 digest in the "
+                         "manifest: it was altered or damaged.")
+    try:  # digest first: only lines that sksae wrote are parsed
+        return [_loads_bounded(line.decode("utf-8")) for line in shards]
+    except ValueError as exc:
+        raise StoreError(f"{path}/{RECORDS} is not valid JSON lines ({exc}).") from None
 
 
 def _npy_header(path):
@@ -178,7 +249,9 @@ class StoreWriter:
         for entry in self.manifest["layers"]:
             (self.path / entry["dir"]).mkdir(parents=True, exist_ok=True)
         self._remove_strays()
-        _write_json_atomic(manifest_path, self.manifest)
+        # whole, once: drops a line past the manifest's count (a run stopped between the
+        # two writes) and resumes a version-1 store as version 2
+        self._records_digest = _write_manifest(self.path, self.manifest)
 
     @property
     def n_rows(self):
@@ -198,7 +271,7 @@ class StoreWriter:
                         f.unlink()
                 if not any(entry.iterdir()):
                     entry.rmdir()
-            elif entry.name.startswith(MANIFEST):
+            elif entry.name.startswith((MANIFEST, RECORDS)):
                 entry.unlink()
 
     def _remove_strays(self):
@@ -317,33 +390,39 @@ class StoreWriter:
                       "files": {entry["name"]: info}})
 
     def _append(self, shard):
-        """List a shard whose files are in place: the manifest then names it.
+        """List a shard whose files are in place: its line, then the manifest counting it.
 
-        A manifest that would grow past what :func:`open_store` reads (64 MiB,
-        some 10^5 shards) is refused before it is written: the store keeps the
-        shards it lists, readable, and this shard's files are removed.
+        Writes a line and a manifest of constant size, whatever the number of
+        shards. On any failure the line is cut off again: the store lists what
+        it listed, and this shard's files are strays that a resumed run removes.
         """
-        manifest = dict(self.manifest, shards=[*self.manifest["shards"], shard],
-                        n_rows=self.manifest["n_rows"] + shard["rows"],
+        line = _record(shard)
+        digest = self._records_digest.copy()
+        digest.update(line)
+        manifest = dict(self.manifest, n_rows=self.manifest["n_rows"] + shard["rows"],
                         n_batches=self.manifest["n_batches"] + shard["batches"])
-        try:
-            _write_json_atomic(self.path / MANIFEST, manifest, _MAX_MANIFEST_BYTES)
-        except ValueError:
-            for info in [*shard["files"].values(), shard.get("positions")]:
-                if info is not None:
-                    (self.path / info["file"]).unlink(missing_ok=True)
-            raise StoreError(
-                f"{self.path}: a manifest listing {len(manifest['shards'])} shards would be "
-                f"larger than {_MAX_MANIFEST_BYTES} bytes, the most a store opens. The store "
-                f"keeps its {len(self.manifest['shards'])} shards ({self.manifest['n_rows']} "
-                "rows); write larger shards (shard_rows) or another store.") from None
-        self.manifest = manifest
+        n_shards = len(self.manifest["shards"]) + 1
+        with open(self.path / RECORDS, "ab") as f:
+            end = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+                _write_json_atomic(self.path / MANIFEST,
+                                   _header(manifest, n_shards, digest.hexdigest()))
+            except BaseException:
+                f.truncate(end)
+                raise
+        manifest["shards"].append(shard)  # the list is shared: appended, never copied
+        self.manifest, self._records_digest = manifest, digest
 
     def close(self, n_batches=0):
         """Mark the store complete (``n_batches`` more input batches gave no rows)."""
-        self.manifest["n_batches"] += int(n_batches)
-        self.manifest["complete"] = True
-        _write_json_atomic(self.path / MANIFEST, self.manifest)
+        manifest = dict(self.manifest, complete=True,
+                        n_batches=self.manifest["n_batches"] + int(n_batches))
+        _write_json_atomic(self.path / MANIFEST, _header(
+            manifest, len(manifest["shards"]), self._records_digest.hexdigest()))
+        self.manifest = manifest
 
 
 def _blocks_of(value):
@@ -363,6 +442,7 @@ def _raw_bytes(chunk, dtype, n_features, rel):
 
 
 def _read_manifest(path):
+    """A store's manifest, with its ``"shards"`` list (version 2: read from :data:`RECORDS`)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise StoreError(f"{path} is not an activation store (no {MANIFEST}).")
@@ -372,9 +452,17 @@ def _read_manifest(path):
         raise StoreError(f"{path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{path}/{MANIFEST} is not an sksae activation store's manifest.")
-    if manifest.get("version") != VERSION:
-        raise StoreError(f"{path}: store version {manifest.get('version')!r} is not "
-                         f"supported (this sksae reads version {VERSION}).")
+    version = manifest.get("version")
+    if version == 1:
+        return manifest  # the shards are listed inside
+    if version != VERSION:
+        raise StoreError(f"{path}: store version {version!r} is not supported (this sksae "
+                         f"reads versions 1 and {VERSION}).")
+    n_shards, digest = manifest.get("n_shards"), manifest.get("shards_sha256")
+    if type(n_shards) is not int or n_shards < 0 or not isinstance(digest, str):
+        raise StoreError(f"{path}/{MANIFEST} is malformed (n_shards {n_shards!r}, "
+                         f"shards_sha256 {digest!r}).")
+    manifest["shards"] = _read_records(path, n_shards, digest)
     return manifest
 
 
@@ -977,12 +1065,6 @@ def save_store(X, path, *, dtype="float16", shard_rows=None, layer="activations"
     store : ActivationStore
         The written store, opened.
 
-    Raises
-    ------
-    StoreError
-        (a ValueError) When one more shard would take the manifest past the
-        64 MiB a store opens (about 10^5 shards); the store keeps the shards
-        written so far. Write larger shards.
     """
     if len(getattr(X, "shape", ())) != 2:
         X = np.asarray(X)
@@ -1019,4 +1101,9 @@ def _stored_chunks(X, start, stop, step, storage_dtype):
         if part.shape != (hi - lo, X.shape[1]):
             raise ValueError(f"X[{lo}:{hi}] has shape {part.shape}; expected "
                              f"{(hi - lo, X.shape[1])}.")
-        yield to_storage(torch.from_numpy(np.ascontiguousarray(part)), storage_dtype)
+        with warnings.catch_warnings():  # a read-only memory map's rows: only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            values = torch.from_numpy(np.ascontiguousarray(part))
+        # torch's rounding, not numpy's: float64 goes to float16 through float32 in torch,
+        # and a store holds the same values whichever way its rows came in
+        yield to_storage(values, storage_dtype)
