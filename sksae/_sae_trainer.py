@@ -236,12 +236,18 @@ class DeadLatentBound:
     synchronous : bool, default=False
         Wait for each reading: data-parallel ranks must take the same
         decisions at the same steps (their losses then run collectives).
+    largest : callable, default=None
+        Returns the largest count as a one-element tensor; by default
+        ``counts.max()``. Latent-sharded ranks hold a slice of the counts each
+        and pass the all-reduced maximum (a collective: with ``synchronous``,
+        every rank reads at the same steps).
     """
 
     def __init__(self, counts, dead_window, reread_steps, lookahead_steps=32,
-                 synchronous=False):
+                 synchronous=False, largest=None):
         self.synchronous = synchronous
         self.counts = counts
+        self.largest_count = counts.max if largest is None else largest
         self.dead_window = dead_window
         self.reread_steps = reread_steps
         self.lookahead_steps = lookahead_steps
@@ -279,7 +285,7 @@ class DeadLatentBound:
         return self.largest is None or self.largest + self.rows_since >= self.dead_window
 
     def _read(self, step):
-        self._reading = HostReading(self.counts.max())
+        self._reading = HostReading(self.largest_count())
         self._rows_since_reading = 0
         self._collect(step)  # at once off the GPU
 

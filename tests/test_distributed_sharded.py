@@ -110,3 +110,51 @@ def test_other_architectures_refused():
     with pytest.raises(ValueError, match="latent sharding supports architecture='topk'"):
         LatentShardedTrainer(arch, {}, {}, lr=1e-3, schedule=None, warmup_steps=1,
                              dead_window=10)
+
+
+class _OneRank:
+    """A process group of one rank that counts its all-reduces (no torch.distributed)."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self):
+        self.calls = {"sum_": 0, "max_": 0}
+
+    def part(self, n_rows, rank=None):
+        return 0, int(n_rows)
+
+    def sum_(self, t):
+        self.calls["sum_"] += 1
+        return t
+
+    def max_(self, t):
+        self.calls["max_"] += 1
+        return t
+
+    def all_gather(self, t):
+        return t.clone()
+
+
+def test_no_dead_latent_count_is_reduced_while_none_can_be_dead(monkeypatch):
+    # the step all-reduced the number of dead latents and read it on the host every step;
+    # the unsharded trainer's host-side bound now says when none can be dead (on a GPU
+    # the read was a sync per step)
+    case = dict(CASES["alive"], steps=60)
+
+    def run(always_read):
+        if always_read:
+            monkeypatch.setattr("sksae._sae_trainer.DeadLatentBound.may_be_dead",
+                                lambda self, step, n_rows: True)
+        arch, params, batches, calibration, kwargs = w.problem(case)
+        group = _OneRank()
+        trainer = LatentShardedTrainer(arch, params, {}, group=group, **kwargs)
+        w.train(trainer, batches, calibration)
+        monkeypatch.undo()
+        return group.calls, trainer.full_params()
+
+    bounded, params = run(False)
+    every_step, params_every_step = run(True)
+    assert every_step["sum_"] - bounded["sum_"] == case["steps"]  # one n_dead per step
+    assert 1 <= bounded["max_"] <= 2  # the bound read once (and maybe once more)
+    for key, value in params.items():
+        torch.testing.assert_close(params_every_step[key], value, atol=0, rtol=0)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ._store import ActivationStore, StoreWriter, to_storage
+from ._store import ActivationStore, StoreWriter, _read_manifest, to_storage
 
 __all__ = ["harvest"]
 
@@ -327,9 +327,10 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
             h.remove()
         for m, training in modes:
             m.training = training
+    manifest = _read_manifest(path)  # once, not once per layer
     if isinstance(layers, str):
-        return ActivationStore(path, layers, verify="none")
-    return {n: ActivationStore(path, n, verify="none") for n in names}
+        return ActivationStore(path, layers, verify="none", _manifest=manifest)
+    return {n: ActivationStore(path, n, verify="none", _manifest=manifest) for n in names}
 
 
 def _positions(output, keep):

@@ -441,6 +441,14 @@ def _raw_bytes(chunk, dtype, n_features, rel):
     return memoryview(chunk.reshape(-1).view(np.uint8))
 
 
+def _one_layer(manifest, layer):
+    """``manifest`` with the shards' records of ``layer``'s file only (the same when it is one)."""
+    if len(manifest["layers"]) == 1:
+        return manifest
+    shards = [dict(shard, files={layer: shard["files"][layer]}) for shard in manifest["shards"]]
+    return dict(manifest, shards=shards)
+
+
 def _read_manifest(path):
     """A store's manifest, with its ``"shards"`` list (version 2: read from :data:`RECORDS`)."""
     path = Path(path)
@@ -514,7 +522,10 @@ class ActivationStore:
     storage_dtype : str
         ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
     manifest : dict
-        The store's manifest (its ``"source"`` describes where the rows came from).
+        The store's manifest (its ``"source"`` describes where the rows came
+        from), with each shard's record of this layer's file only: a store of
+        many layers and shards is held, and sent to workers, at the size of
+        one layer's records.
     complete : bool
         False for the store of a harvest that was interrupted (its completed
         shards are readable).
@@ -536,7 +547,7 @@ class ActivationStore:
         except MALFORMED as exc:
             raise StoreError(f"{self.path}/{MANIFEST} is malformed ({type(exc).__name__}: "
                              f"{exc}).") from None
-        self.manifest = manifest
+        self.manifest = _one_layer(manifest, self.layer)
         self._verify = verify
         self._verified = set()
         self._lock = threading.Lock()

@@ -91,6 +91,11 @@ class Group:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return t
 
+    def max_(self, t):
+        """All-reduce ``t`` in place by maximum; returns it."""
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t
+
     def all_gather(self, t):
         """Every rank's ``t`` (same shape on every rank), concatenated along dim 0 in rank order."""
         out = t.new_empty((self.world_size * t.shape[0], *t.shape[1:]))

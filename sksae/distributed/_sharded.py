@@ -45,8 +45,8 @@ from .._accel.device import autocast
 from .._accel.select import pre_activation, select_topk
 from .._accel.sparse import Pattern, gather_pre, row_offsets, unit_rows_, use_sparse
 from .._accel.workspace import StepWorkspace
-from .._sae_trainer import (SAETrainer, StepOutput, _fired_counts, _total_variance,
-                            product_dtype, scale_encoder_to_fit)
+from .._sae_trainer import (DeadLatentBound, SAETrainer, StepOutput, _fired_counts,
+                            _total_variance, product_dtype, scale_encoder_to_fit)
 from ..architectures._base import SparseCodes, decode
 
 __all__ = ["LatentShardedTrainer", "local_candidates", "merge_candidates"]
@@ -197,6 +197,11 @@ class LatentShardedTrainer:
         self.ws = StepWorkspace()
         self.rows_since_fired = torch.zeros(self.stop - self.start, dtype=torch.float64,
                                             device=device)
+        # whether AuxK may have dead latents, without a collective and a host read per step
+        self._dead_bound = DeadLatentBound(
+            self.rows_since_fired, dead_window, SAETrainer.dead_reread_steps,
+            synchronous=True,
+            largest=lambda: group.max_(self.rows_since_fired.max().reshape(1)))
         self.step_count = 0
         self.current_lr = self.lr_at(0)
         self.coef = dict(arch.coefficients(0, schedule))
@@ -281,10 +286,11 @@ class LatentShardedTrainer:
         n_rows = x_BD.shape[0]
         k = arch.hparams["k"]
         alpha = arch.hparams["auxk_alpha"]
-        dead = self.rows_since_fired >= self.dead_window
-        # n_dead is needed before the forward (whether AuxK runs, its scale)
-        n_dead = group.sum_(dead.sum().to(torch.float64).reshape(1))
-        n_dead_value = float(n_dead)
+        dead, n_dead_value = None, 0.0
+        if alpha > 0 and self._dead_bound.may_be_dead(self.step_count, n_rows):
+            dead = self.rows_since_fired >= self.dead_window
+            # n_dead is needed before the forward (whether AuxK runs, its scale)
+            n_dead_value = float(group.sum_(dead.sum().to(torch.float64).reshape(1)))
         # the unsharded trainer's rule at this rank's width: the sparse kernels take the
         # decode and the gradients over the picked latents only (the product stays dense)
         sparse = use_sparse(self.stop - self.start, k, arch.kernels, self.device)
@@ -315,6 +321,7 @@ class LatentShardedTrainer:
             unit_rows_(p["W_dec"].detach())
             fired = _fired_counts(codes, self.stop - self.start)
             self.rows_since_fired.add_(n_rows).masked_fill_(fired > 0, 0)
+            self._dead_bound.advance(n_rows)
             counts = torch.stack([
                 fired.sum().to(torch.float64),
                 (self.rows_since_fired >= self.dead_window).sum().to(torch.float64)])
@@ -455,5 +462,6 @@ class LatentShardedTrainer:
         for g in self.optimizer.param_groups:  # this optimizer's settings, but the lr
             g.update({k: v for k, v in defaults.items() if k != "lr"})
         self.rows_since_fired.copy_(state["rows_since_fired"])
+        self._dead_bound.forget()
         self.step_count = state["step_count"]
         self.current_lr = self.lr_at(self.step_count)
