@@ -5,6 +5,7 @@ shards stay mapped, how much of a shard ``save_store`` holds, and whether a
 subset of a slice costs memory in proportion to its rows.
 """
 
+import hashlib
 import io
 import json
 import os
@@ -120,13 +121,18 @@ def test_a_shard_reopened_after_eviction_is_not_hashed_again(many_shards, monkey
     monkeypatch.setattr(_store, "_MAX_OPEN_SHARDS", 4, raising=False)
     X, path = many_shards
     hashed = []
-    real = _store._sha256
-    monkeypatch.setattr(_store, "_sha256", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    real = _store.ActivationStore._check_blocks
+
+    def check_blocks(self, i, spec, blocks):
+        hashed.extend((i, int(j)) for j in blocks)
+        return real(self, i, spec, blocks)
+
+    monkeypatch.setattr(_store.ActivationStore, "_check_blocks", check_blocks)
     store = open_store(path)  # verify="lazy"
     for _ in range(2):
         np.testing.assert_array_equal(np.asarray(store), X)
         np.testing.assert_array_equal(np.asarray(store.subset(slice(None, None, -1))), X[::-1])
-    assert sorted(hashed) == sorted(f"shard-{i:06d}.npy" for i in range(40))
+    assert sorted(hashed) == [(i, 0) for i in range(40)]  # one block per shard, once
 
 
 # ------------------------------------------------------------------ save_store
@@ -187,7 +193,7 @@ def test_a_save_interrupted_mid_shard_leaves_the_completed_shards(tmp_path):
     manifest = _store._read_manifest(tmp_path / "s")
     assert not manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [30, 30]
     assert sorted(f.name for f in (tmp_path / "s" / "layer-000").iterdir()) == [
-        "shard-000000.npy", "shard-000001.npy"]
+        "shard-000000.npy", "shard-000000.sha256", "shard-000001.npy", "shard-000001.sha256"]
     np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full")),
                                   X[:60])
 
@@ -206,7 +212,7 @@ def test_a_streamed_shard_file_is_what_numpy_writes(tmp_path):
     assert (tmp_path / "s" / "layer-000" / "shard-000000.npy").read_bytes() == \
         expected.getvalue()
     assert sorted(f.name for f in (tmp_path / "s" / "layer-000").iterdir()) == [
-        "shard-000000.npy"]
+        "shard-000000.npy", "shard-000000.sha256"]
     np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full")), a)
 
 
@@ -222,6 +228,9 @@ def _virtual_store(path, n):
         f.truncate(len(header.getvalue()) + 2 * n)  # a hole: no disk, no memory
     manifest = _store._read_manifest(path)
     manifest["shards"][0]["rows"] = manifest["n_rows"] = n
+    # no block digests of the hole (never checked: verify="none"), as older stores list it
+    manifest["shards"][0]["files"]["activations"] = {
+        "file": "layer-000/shard-000000.npy", "sha256": "0" * 64}
     _store._write_manifest(path, manifest)
     return open_store(path, verify="none")
 
@@ -408,3 +417,99 @@ def test_a_shard_given_as_blocks_is_written_without_joining_them(tmp_path):
             np.concatenate(blocks[name]))
     with pytest.raises(ValueError, match="same number of rows"):
         streamed.write_shard({"a": blocks["a"], "b": blocks["b"][1:]}, 1)
+
+
+# ------------------------------------------------------------------ block digests
+@pytest.fixture
+def blocked_store(tmp_path, monkeypatch):
+    """``(X, path)``: 1000 rows of 16 float32 in 2 shards digested in blocks of 256 bytes
+    (4 rows; the 128-byte .npy header ends block 0 halfway)."""
+    monkeypatch.setattr(_store, "_BLOCK_BYTES", 256)
+    X = np.random.RandomState(0).randn(1000, 16).astype(np.float32)
+    save_store(X, tmp_path / "s", dtype="float32", shard_rows=500)
+    monkeypatch.undo()
+    return X, tmp_path / "s"
+
+
+def _counting_checks(monkeypatch):
+    hashed = []
+    real = _store.ActivationStore._check_blocks
+
+    def check_blocks(self, i, spec, blocks):
+        hashed.extend((i, int(j)) for j in blocks)
+        return real(self, i, spec, blocks)
+
+    monkeypatch.setattr(_store.ActivationStore, "_check_blocks", check_blocks)
+    return hashed
+
+
+def test_a_lazy_read_hashes_only_the_blocks_it_reads(blocked_store, monkeypatch):
+    # a digest of the whole shard made the first read of any row hash the shard through: a
+    # fit's 16,384 starting rows hashed most shards of a large store
+    X, path = blocked_store
+    hashed = _counting_checks(monkeypatch)
+    store = open_store(path)
+    np.testing.assert_array_equal(store[0:10], X[0:10])  # bytes 128 to 768: blocks 0 to 2
+    assert hashed == [(0, 0), (0, 1), (0, 2)]
+    rows = [997, 2, 501, 600, 3]
+    np.testing.assert_array_equal(store.take_raw(rows).numpy(), X[rows])
+    # row 501 is row 1 of shard 1 (bytes 192 to 256, block 0), row 600 its row 100 (bytes
+    # 6528 to 6592, block 25), row 997 its row 497 (block 124); rows 2 and 3 were checked
+    assert hashed[3:] == [(1, 0), (1, 25), (1, 124)]
+    np.testing.assert_array_equal(np.asarray(store), X)  # the rest, each block once
+    assert sorted(hashed) == sorted(set(hashed)) and len(hashed) == 2 * 126
+    np.testing.assert_array_equal(np.asarray(store), X)
+    assert len(hashed) == 2 * 126  # checked shards are not hashed again
+
+
+def test_an_altered_block_is_refused_when_read(blocked_store):
+    X, path = blocked_store
+    shard = path / "layer-000" / "shard-000000.npy"
+    data = bytearray(shard.read_bytes())
+    data[128 + 300 * 64 + 5] ^= 0xFF  # row 300 of shard 0: bytes 19328 to 19392, block 75
+    shard.write_bytes(bytes(data))
+    store = open_store(path)
+    np.testing.assert_array_equal(store[:296], X[:296])  # blocks 0 to 74
+    np.testing.assert_array_equal(store[304:], X[304:])
+    with pytest.raises(_store.StoreError, match=r"shard 0 \(layer-000/shard-000000.npy\) does "
+                       r"not match its SHA-256 digest in the manifest \(bytes 19200 to 19456"):
+        store[299:301]
+    with pytest.raises(_store.StoreError, match="does not match its SHA-256 digest"):
+        open_store(path, verify="full")
+    with pytest.raises(_store.StoreError, match="does not match its SHA-256 digest"):
+        open_store(path, verify="none").verify()
+
+
+def test_altered_or_missing_block_digests_are_refused(blocked_store):
+    _, path = blocked_store
+    sidecar = path / "layer-000" / "shard-000001.sha256"
+    digests = bytearray(sidecar.read_bytes())
+    digests[40] ^= 0xFF
+    sidecar.write_bytes(bytes(digests))
+    store = open_store(path)
+    store[:500]  # shard 0
+    with pytest.raises(_store.StoreError, match=r"shard 1's block digests \(layer-000/"
+                       r"shard-000001.sha256\) do not match their SHA-256 digest"):
+        store[500]
+    sidecar.write_bytes(bytes(digests[:-32]))
+    with pytest.raises(_store.StoreError, match=r"shard 1's block digests .* are missing, or "
+                       r"not the 126 digests"):
+        open_store(path)
+    sidecar.unlink()
+    with pytest.raises(_store.StoreError, match="are missing"):
+        open_store(path, verify="none")
+
+
+def test_block_digests_do_not_depend_on_how_the_rows_were_cut(tmp_path, monkeypatch):
+    monkeypatch.setattr(_store, "_BLOCK_BYTES", 100)  # not a multiple of a row (48 bytes)
+    a = np.random.RandomState(0).randn(40, 12).astype(np.float32)
+    for name, cuts in (("one", [40]), ("ragged", [1, 7, 20, 21, 39, 40])):
+        writer = StoreWriter(tmp_path / name, {"a": 12}, "float32", {})
+        writer._write_shard_chunks(40, np.split(a, cuts[:-1]))
+        writer.close()
+    one = (tmp_path / "one" / "layer-000" / "shard-000000.sha256").read_bytes()
+    file = (tmp_path / "one" / "layer-000" / "shard-000000.npy").read_bytes()
+    assert one == b"".join(hashlib.sha256(file[j:j + 100]).digest()
+                           for j in range(0, len(file), 100))
+    assert (tmp_path / "ragged" / "layer-000" / "shard-000000.sha256").read_bytes() == one
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "ragged", verify="full")), a)

@@ -4,8 +4,9 @@ Layout of a store folder::
 
     manifest.json               what is in the store (below)
     shards.jsonl                one line per shard: its rows and files (below)
-    layer-000/shard-000000.npy  rows of the first layer, one file per shard
-    layer-001/shard-000000.npy  the same rows (positions) of the second layer
+    layer-000/shard-000000.npy     rows of the first layer, one file per shard
+    layer-000/shard-000000.sha256  the SHA-256 of each 1 MiB block of that file
+    layer-001/shard-000000.npy     the same rows (positions) of the second layer
     ...
 
 Shards are plain ``.npy`` files (read as memory maps, never with pickle);
@@ -15,7 +16,9 @@ named in the manifest. The manifest records the storage dtype, the layers
 (for resuming a harvest), a free-form description of the source, and how many
 lines of ``shards.jsonl`` are the store's shards with the SHA-256 digest of
 those lines. Each line records a shard's rows and, per layer, its file and
-SHA-256 digest. A store is written shard by shard: the shard's files are
+the file of its block digests with that file's SHA-256 (older stores: the
+shard file's own SHA-256), so that a lazily checked store hashes the blocks
+it reads, not whole shards. A store is written shard by shard: the shard's files are
 written under a temporary name and renamed into place, its line is appended,
 and then the manifest is renamed into place, so an interruption leaves the
 completed shards and a manifest that counts exactly them (a line past its
@@ -36,6 +39,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +72,21 @@ STORAGE_DTYPES = {
 }
 _LAYER_DIR = re.compile(r"layer-\d{3,6}")
 _SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
+#: A shard file's values are checked in blocks of this many bytes, each with its SHA-256
+#: in the file beside it (``shard-000000.sha256``): a lazily checked store reads and hashes
+#: only the blocks it reads (a fit's 16,384 starting rows touch that many blocks, not
+#: every shard of the store). 1 MiB: 32 bytes of digest per MiB, 256 MB per 8 TB store.
+_BLOCK_BYTES = 1 << 20
+
+
+class _Blocks(NamedTuple):
+    """Where a shard file's block digests are, and how its blocks lie."""
+
+    file: Path  # the digests, 32 bytes per block
+    sha256: str  # of that file
+    size: int  # bytes per block (the last may be shorter)
+    n_blocks: int
+    data_offset: int  # where the values start in the shard file
 
 
 class StoreError(ValueError):
@@ -85,6 +104,52 @@ def _sha256(path, chunk=16 * 2**20):
             if not block:
                 return h.hexdigest()
             h.update(block)
+
+
+class _BlockDigests:
+    """The SHA-256 of each ``size``-byte block of a byte stream fed in pieces of any length."""
+
+    def __init__(self, size):
+        self.size = size
+        self._digests = []
+        self._h = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data):
+        data = memoryview(data).cast("B")
+        while len(data):
+            take = min(self.size - self._filled, len(data))
+            self._h.update(data[:take])
+            self._filled += take
+            data = data[take:]
+            if self._filled == self.size:
+                self._digests.append(self._h.digest())
+                self._h, self._filled = hashlib.sha256(), 0
+
+    def finish(self):
+        """The digests, 32 bytes each, in order (the last block may be shorter)."""
+        if self._filled:
+            self._digests.append(self._h.digest())
+            self._h, self._filled = hashlib.sha256(), 0
+        return b"".join(self._digests)
+
+
+def _sidecar(rel):
+    """The block digests' file of shard file ``rel`` (``.npy`` -> ``.sha256``)."""
+    return rel[:-len(".npy")] + ".sha256"
+
+
+def _write_bytes_atomic(path, data):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_json_atomic(path, obj, max_bytes=None):
@@ -277,6 +342,8 @@ class StoreWriter:
     def _remove_strays(self):
         """Shard files that no manifest entry lists (a shard written when the run stopped)."""
         listed = {f["file"] for s in self.manifest["shards"] for f in s["files"].values()}
+        listed |= {f["blocks"]["file"] for s in self.manifest["shards"]
+                   for f in s["files"].values() if "blocks" in f}
         listed |= {s["positions"]["file"] for s in self.manifest["shards"] if "positions" in s}
         for entry in [*self.manifest["layers"], {"dir": POSITIONS}]:
             folder = self.path / entry["dir"]
@@ -287,7 +354,7 @@ class StoreWriter:
                 if f.name.startswith("shard-") and rel not in listed:
                     f.unlink()
 
-    def _write_chunks(self, rel, shape, dtype, chunks):
+    def _write_chunks(self, rel, shape, dtype, chunks, blocks=True):
         """Write the ``.npy`` file ``rel`` of ``shape`` and ``dtype`` from ``chunks``.
 
         Parameters
@@ -299,11 +366,16 @@ class StoreWriter:
         chunks : iterable of ndarray
             Blocks of consecutive rows, in order, of ``dtype`` and ``shape[1]``
             columns, ``shape[0]`` rows in all; only one is held at a time.
+        blocks : bool, default=True
+            Digest the file in blocks of :data:`_BLOCK_BYTES`, written beside
+            it (:func:`_sidecar`), instead of whole.
 
         Returns
         -------
         entry : dict
-            The file's manifest entry: ``{"file": rel, "sha256": digest}``.
+            The file's manifest entry: ``{"file": rel, "blocks": {"file":
+            digests' file, "sha256": its digest, "bytes": block size}}``, or
+            ``{"file": rel, "sha256": digest}`` without ``blocks``.
         """
         target = self.path / rel
         tmp = target.with_name(target.name + ".tmp")
@@ -311,7 +383,9 @@ class StoreWriter:
         np.lib.format.write_array_header_1_0(header, {
             "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
             "shape": tuple(int(k) for k in shape)})
-        digest = hashlib.sha256(header.getvalue())  # of the bytes written: no reading back
+        # of the bytes written: no reading back
+        digest = _BlockDigests(_BLOCK_BYTES) if blocks else hashlib.sha256()
+        digest.update(header.getvalue())
         try:
             with open(tmp, "wb") as f:
                 f.write(header.getvalue())
@@ -330,7 +404,12 @@ class StoreWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)  # a later run would remove it as a stray anyway
             raise
-        return {"file": rel, "sha256": digest.hexdigest()}
+        if not blocks:
+            return {"file": rel, "sha256": digest.hexdigest()}
+        digests = digest.finish()
+        _write_bytes_atomic(self.path / _sidecar(rel), digests)
+        return {"file": rel, "blocks": {"file": _sidecar(rel), "bytes": _BLOCK_BYTES,
+                                        "sha256": hashlib.sha256(digests).hexdigest()}}
 
     def write_shard(self, arrays, n_batches, positions=None):
         """Append one shard: ``arrays[layer]`` of shape (rows, n_features), in storage dtype.
@@ -372,7 +451,8 @@ class StoreWriter:
         if positions is not None:
             (self.path / POSITIONS).mkdir(exist_ok=True)
             shard["positions"] = self._write_chunks(f"{POSITIONS}/shard-{index:06d}.npy",
-                                                    (rows, 2), np.dtype("<i8"), positions)
+                                                    (rows, 2), np.dtype("<i8"), positions,
+                                                    blocks=False)
         self._append(shard)
 
     def _write_shard_chunks(self, rows, chunks, n_batches=0):
@@ -496,9 +576,11 @@ class ActivationStore:
         Which layer; may be left out when the store holds one.
     verify : {"lazy", "full", "none"}, default="lazy"
         When to check the shards' SHA-256 digests (shapes, dtypes and file
-        sizes are always checked at opening): ``"lazy"`` checks each shard
-        file the first time any of its rows is read through this object,
-        ``"full"`` checks every shard now, ``"none"`` never.
+        sizes are always checked at opening): ``"lazy"`` checks each 1 MiB
+        block of a shard file the first time any row in it is read through
+        this object (a shard of a store written before block digests: the
+        whole shard, on its first read), ``"full"`` checks every shard now,
+        ``"none"`` never.
     indexing : {"numpy", "lazy"}, default="numpy"
         What indexing rows returns: ``"numpy"`` reads them into an ndarray;
         ``"lazy"`` returns a :meth:`subset` view for a slice or an index
@@ -550,6 +632,7 @@ class ActivationStore:
         self.manifest = _one_layer(manifest, self.layer)
         self._verify = verify
         self._verified = set()
+        self._blocks_checked = {}  # shard -> its blocks checked so far (lazy, partly checked)
         self._lock = threading.Lock()
         # shard index -> its memory map, least recently used first (see _MAX_OPEN_SHARDS)
         self._maps = OrderedDict()
@@ -582,6 +665,7 @@ class ActivationStore:
         n_features = int(entry["n_features"])
         if n_features < 1:
             raise StoreError(f"{self.path}: layer {self.layer!r} has {n_features} features.")
+        self._row_bytes = n_features * self._file_dtype.itemsize
         self._files, self._digests, rows = [], [], []
         for i, shard in enumerate(manifest["shards"]):
             info = shard["files"][self.layer]
@@ -592,9 +676,9 @@ class ActivationStore:
                                  f"{entry['dir']}/.")
             n = int(shard["rows"])
             file = self.path / folder / name
-            self._check_file(i, file, n, n_features)
+            offset, size = self._check_file(i, file, n, n_features)
             self._files.append(file)
-            self._digests.append(str(info["sha256"]))
+            self._digests.append(self._digest_of(i, info, offset, size))
             rows.append(n)
         self._offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
         n_rows = int(self._offsets[-1])
@@ -603,6 +687,22 @@ class ActivationStore:
                              f"{manifest['n_rows']}.")
         self.shape = (n_rows, n_features)
         self.complete = bool(manifest.get("complete", False))
+
+    def _digest_of(self, i, info, offset, size):
+        """Shard ``i``'s digest: a hex string (of the whole file), or its :class:`_Blocks`."""
+        if "blocks" not in info:
+            return str(info["sha256"])  # stores written before the block digests
+        blocks = info["blocks"]
+        rel, block_bytes = str(blocks["file"]), int(blocks["bytes"])
+        if rel != _sidecar(str(info["file"])) or block_bytes < 1:
+            raise StoreError(f"{self.path}: shard {i}'s block digests are {rel!r} in blocks "
+                             f"of {block_bytes} bytes; expected {_sidecar(str(info['file']))!r}.")
+        file = self.path / rel
+        n_blocks = -(-size // block_bytes)
+        if file.is_symlink() or not file.is_file() or file.stat().st_size != 32 * n_blocks:
+            raise StoreError(f"{self.path}: shard {i}'s block digests ({rel}) are missing, or "
+                             f"not the {n_blocks} digests of its blocks.")
+        return _Blocks(file, str(blocks["sha256"]), block_bytes, n_blocks, offset)
 
     def _check_file(self, i, file, n, n_features):
         """A shard file that is there, an .npy of the stated shape and dtype, whole."""
@@ -621,17 +721,90 @@ class ActivationStore:
         if size != expected:
             raise StoreError(f"{what} is {size} bytes, expected {expected}: truncated or "
                              "altered.")
+        return offset, size
 
     def _check_digest(self, i):
+        """Check shard ``i`` whole (every block of it), once."""
         with self._lock:
             if i in self._verified:
                 return
-            if _sha256(self._files[i]) != self._digests[i]:
-                raise StoreError(f"{self.path}: shard {i} "
-                                 f"({self._files[i].relative_to(self.path)}) does not match "
-                                 "its SHA-256 digest in the manifest: it was altered or "
-                                 "corrupted.")
+            spec = self._digests[i]
+            if isinstance(spec, str):
+                if _sha256(self._files[i]) != spec:
+                    raise self._altered(i)
+            else:
+                self._check_blocks(i, spec, range(spec.n_blocks))
             self._verified.add(i)
+            self._blocks_checked.pop(i, None)
+
+    def _check_rows(self, i, rows):
+        """Lazily, before rows ``rows`` of shard ``i`` are read: check the blocks they lie in.
+
+        ``rows``: a slice, or sorted row ids within the shard. A shard without
+        block digests (an older store) is checked whole.
+        """
+        if self._verify != "lazy" or i in self._verified:
+            return
+        spec = self._digests[i]
+        if isinstance(spec, str):
+            self._check_digest(i)
+            return
+        blocks = self._blocks_of(spec, rows)
+        with self._lock:
+            if i in self._verified:
+                return
+            checked = self._blocks_checked.setdefault(i, np.zeros(spec.n_blocks, dtype=bool))
+            todo = blocks[~checked[blocks]]
+            if todo.size:
+                self._check_blocks(i, spec, todo)
+                checked[todo] = True
+                if checked.all():
+                    self._verified.add(i)
+                    del self._blocks_checked[i]
+
+    def _blocks_of(self, spec, rows):
+        """The blocks (sorted, unique) that rows ``rows`` of a shard lie in."""
+        if isinstance(rows, slice):
+            lo, hi = int(rows.start), int(rows.stop)
+            if hi <= lo:
+                return np.empty(0, dtype=np.int64)
+            first = (spec.data_offset + lo * self._row_bytes) // spec.size
+            return np.arange(first, (spec.data_offset + hi * self._row_bytes - 1) // spec.size
+                             + 1, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        first = (spec.data_offset + rows * self._row_bytes) // spec.size
+        counts = (spec.data_offset + (rows + 1) * self._row_bytes - 1) // spec.size - first + 1
+        starts = np.cumsum(counts) - counts  # each row's blocks: first, first + 1, ...
+        return np.unique(np.repeat(first - starts, counts) + np.arange(counts.sum()))
+
+    def _check_blocks(self, i, spec, blocks):
+        """Hash blocks ``blocks`` of shard ``i`` against its block digests (under ``_lock``)."""
+        digests = spec.file.read_bytes()
+        if len(digests) != 32 * spec.n_blocks or \
+                hashlib.sha256(digests).hexdigest() != spec.sha256:
+            raise StoreError(f"{self.path}: shard {i}'s block digests "
+                             f"({spec.file.relative_to(self.path)}) do not match their SHA-256 "
+                             "digest in the manifest: they were altered or corrupted.")
+        # every block into one buffer, not a fresh 1 MiB object each
+        buffer = memoryview(bytearray(spec.size))
+        with open(self._files[i], "rb", buffering=0) as f:
+            for j in blocks:
+                j = int(j)
+                f.seek(j * spec.size)
+                n = f.readinto(buffer)
+                if hashlib.sha256(buffer[:n]).digest() != digests[32 * j: 32 * j + 32]:
+                    raise self._altered(i, f" (bytes {j * spec.size} to "
+                                           f"{(j + 1) * spec.size} of the file)")
+
+    def _altered(self, i, where=""):
+        return StoreError(f"{self.path}: shard {i} ({self._files[i].relative_to(self.path)}) "
+                          f"does not match its SHA-256 digest in the manifest{where}: it was "
+                          "altered or corrupted.")
+
+    def _shard_rows(self, i, rows):
+        """Rows ``rows`` (a slice or sorted ids) of shard ``i``, checked lazily."""
+        self._check_rows(i, rows)
+        return self._map(i)[rows]
 
     def positions(self, start=0, stop=None):
         """``(sequence, position)`` of rows ``start:stop``, as an int64 array of shape (n, 2).
@@ -650,7 +823,8 @@ class ActivationStore:
             run = _run(rows)
             if run is None:
                 out = np.empty((len(rows), 2), dtype=np.int64)
-                return self._gather(_ids(rows), self._positions_map, out)
+                return self._gather(_ids(rows), lambda i, ids: self._positions_map(i)[ids],
+                                    out)
             start, stop = run
         # copied shard by shard, so that only one positions file is mapped at a time
         out = np.empty((max(0, stop - start), 2), dtype=np.int64)
@@ -790,9 +964,8 @@ class ActivationStore:
     def _map(self, i):
         """Shard ``i``'s memory map, opened when not among the ``_MAX_OPEN_SHARDS`` most
         recently used; the least recently used beyond that are let go (a reader still
-        holding one keeps it open until it is done with it)."""
-        if self._verify == "lazy":
-            self._check_digest(i)
+        holding one keeps it open until it is done with it). Read through
+        :meth:`_shard_rows`, which checks what it reads."""
         with self._maps_lock:
             m = self._maps.get(i)
             if m is not None:
@@ -823,7 +996,7 @@ class ActivationStore:
                f"{self.path})"
 
     def _gather(self, rows, source, out):
-        """``out[j] = row rows[j]`` of the whole layer, ``source(i)`` giving shard ``i``."""
+        """``out[j] = row rows[j]`` of the whole layer; ``source(i, ids)``: rows of shard ``i``."""
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         shard = np.searchsorted(self._offsets, sorted_rows, side="right") - 1
@@ -832,7 +1005,7 @@ class ActivationStore:
             if a == b:
                 continue
             i = int(shard[a])
-            out[order[a:b]] = source(i)[sorted_rows[a:b] - self._offsets[i]]
+            out[order[a:b]] = source(i, sorted_rows[a:b] - self._offsets[i])
         return out
 
     def read_raw(self, start, stop):
@@ -848,7 +1021,7 @@ class ActivationStore:
             rows = self._rows[start:stop]
             run = _run(rows)
             if run is None:
-                self._gather(_ids(rows), self._map, out)
+                self._gather(_ids(rows), self._shard_rows, out)
                 return
             start, stop = run  # a run: read it as one
         pos = start
@@ -856,7 +1029,7 @@ class ActivationStore:
             i = self._shard_of_base(pos)
             lo = pos - self._offsets[i]
             hi = min(stop, self._offsets[i + 1]) - self._offsets[i]
-            out[pos - start: pos - start + hi - lo] = self._map(i)[lo:hi]
+            out[pos - start: pos - start + hi - lo] = self._shard_rows(i, slice(lo, hi))
             pos += hi - lo
 
     def take_raw(self, rows):
@@ -867,7 +1040,7 @@ class ActivationStore:
         if self._rows is not None:
             rows = _pick(self._rows, rows)
         out = np.empty((rows.size, self.shape[1]), dtype=self._file_dtype)
-        return self._as_torch(self._gather(rows, self._map, out))
+        return self._as_torch(self._gather(rows, self._shard_rows, out))
 
     def _as_torch(self, out):
         t = torch.from_numpy(out)
@@ -1006,8 +1179,9 @@ def open_store(path, layer=None, *, verify="lazy", indexing="numpy"):
     layer : str, default=None
         The layer to read; may be left out when the store holds one.
     verify : {"lazy", "full", "none"}, default="lazy"
-        When to check the shards' SHA-256 digests: each shard the first time
-        it is read (``"lazy"``), all now (``"full"``), or never (``"none"``).
+        When to check the shards' SHA-256 digests: each 1 MiB block of a
+        shard the first time a row in it is read (``"lazy"``), all now
+        (``"full"``), or never (``"none"``).
         Missing, truncated or resized shards are refused at opening whatever
         ``verify`` is.
     indexing : {"numpy", "lazy"}, default="numpy"
