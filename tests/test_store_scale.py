@@ -513,3 +513,28 @@ def test_block_digests_do_not_depend_on_how_the_rows_were_cut(tmp_path, monkeypa
                            for j in range(0, len(file), 100))
     assert (tmp_path / "ragged" / "layer-000" / "shard-000000.sha256").read_bytes() == one
     np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "ragged", verify="full")), a)
+
+
+def test_resuming_checks_the_shards_sizes_not_their_contents(blocked_store, monkeypatch,
+                                                               tamper_shard):
+    # resuming hashed every listed shard: a harvest of terabytes read them all again at
+    # every resumption; the readers check the contents, as for any store
+    X, path = blocked_store
+    manifest = _store._read_manifest(path)
+    manifest["complete"] = False
+    _store._write_manifest(path, manifest)
+    tamper_shard(path, shard=1)
+    hashed = _counting_checks(monkeypatch)
+    writer = StoreWriter(path, {"activations": 16}, "float32", manifest["source"], resume=True)
+    writer._write_shard_chunks(10, [X[:10]])
+    writer.close()
+    assert hashed == []
+    store = open_store(path)
+    np.testing.assert_array_equal(store[:500], X[:500])
+    np.testing.assert_array_equal(store[1000:], X[:10])
+    with pytest.raises(_store.StoreError, match="shard 1 .* does not match its SHA-256"):
+        np.asarray(store)
+    _store._write_manifest(path, dict(_store._read_manifest(path), complete=False))
+    (path / "layer-000" / "shard-000001.npy").write_bytes(b"")
+    with pytest.raises(_store.StoreError, match="shard 1 .* is not a readable .npy"):
+        StoreWriter(path, {"activations": 16}, "float32", manifest["source"], resume=True)

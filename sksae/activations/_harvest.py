@@ -173,8 +173,10 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
     Raises
     ------
     StoreError
-        (a ValueError) When the unfinished store to resume is damaged or was
-        altered (a shard file or the shard records fail their digests).
+        (a ValueError) When the unfinished store to resume is damaged: a
+        listed shard file is missing or of the wrong size, or the shard
+        records fail their digest. (The shards' contents are checked when
+        they are read, as in any store.)
 
     Examples
     --------

@@ -267,7 +267,11 @@ class StoreWriter:
         Free-form description of where the rows come from (JSON-serialisable).
     resume : bool
         Keep the shards of an unfinished store with the same layers, dtype and
-        source (their digests are checked first) instead of refusing it.
+        source instead of refusing it. Its records' digest, and every listed
+        shard file's presence, header and size, are checked first; the
+        shards' contents are not hashed here (a resumed harvest of terabytes
+        would read them all again at every resumption), but by whoever reads
+        them (``verify``), as for any store.
     overwrite : bool
         Replace whatever store is there.
     """
@@ -302,8 +306,8 @@ class StoreWriter:
             if mismatch:
                 raise ValueError(f"Cannot resume {self.path}: its {', '.join(mismatch)} "
                                  "differ from this run's. Pass overwrite=True to start again.")
-            for name in self.layers:  # every listed shard is there, whole, with its digest
-                ActivationStore(self.path, layer=name, verify="full", _manifest=old)
+            for name in self.layers:  # every listed shard is there, whole in size
+                ActivationStore(self.path, layer=name, verify="none", _manifest=old)
             self.manifest = old
         elif self.path.exists() and any(self.path.iterdir()) and not overwrite \
                 and not manifest_path.exists():
