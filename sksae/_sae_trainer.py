@@ -247,6 +247,9 @@ class DeadLatentBound:
                  synchronous=False, largest=None):
         self.synchronous = synchronous
         self.counts = counts
+        # a synchronous reading is current when taken: reading ahead would only read the
+        # counts every step while the largest is within the lookahead of the window
+        lookahead_steps = 0 if synchronous else lookahead_steps
         self.largest_count = counts.max if largest is None else largest
         self.dead_window = dead_window
         self.reread_steps = reread_steps

@@ -317,3 +317,25 @@ def test_dead_bound_reads_ahead_and_waits_only_at_the_start(monkeypatch):
         counts.add_(10).clamp_(max=500)  # latents fire often enough: counts stay at 500 or less
         bound.advance(10)
     assert CountedReading.waits == 1 and len(readings) > 3
+
+
+def test_a_synchronous_dead_bound_reads_only_when_the_bound_runs_out(monkeypatch):
+    # data-parallel and latent-sharded ranks wait for each reading (a collective in the
+    # sharded trainer): reading ahead gained nothing and read every step while the largest
+    # count was within the lookahead of the window
+    from sksae import _sae_trainer
+
+    reads = []
+    real = _sae_trainer.HostReading
+    monkeypatch.setattr(_sae_trainer, "HostReading", lambda t: reads.append(1) or real(t))
+    counts = torch.zeros(4, dtype=torch.float64)
+    bound = _sae_trainer.DeadLatentBound(counts, dead_window=1000, reread_steps=5,
+                                         synchronous=True)
+    for step in range(300):
+        assert not bound.may_be_dead(step, 10)
+        counts.add_(10).clamp_(max=950)  # latents fire just often enough: 50 rows from dead
+        bound.advance(10)
+    # at step 0 (largest 0), at step 100 when those 1000 rows of slack are spent (largest
+    # 950), then whenever 50 rows are: every 5th step. Reading 32 steps ahead read at every
+    # step from step 68 on
+    assert len(reads) == 1 + 1 + 39

@@ -370,7 +370,7 @@ def test_altered_or_cut_shard_records_are_refused(tmp_path):
     with pytest.raises(_store.StoreError, match="counts 2 shards, but the file holds 1 lines"):
         open_store(tmp_path / "s")
     records.unlink()
-    with pytest.raises(_store.StoreError, match="shards.jsonl cannot be read"):
+    with pytest.raises(_store.StoreError, match="shards.jsonl is missing"):
         open_store(tmp_path / "s")
 
 
@@ -538,3 +538,70 @@ def test_resuming_checks_the_shards_sizes_not_their_contents(blocked_store, monk
     (path / "layer-000" / "shard-000001.npy").write_bytes(b"")
     with pytest.raises(_store.StoreError, match="shard 1 .* is not a readable .npy"):
         StoreWriter(path, {"activations": 16}, "float32", manifest["source"], resume=True)
+
+
+def test_an_interrupt_after_the_manifest_rename_keeps_the_shard_listed(tmp_path, monkeypatch):
+    # the line was cut off on any exception, also one raised after the rename (Ctrl-C inside
+    # the call): the manifest then counted a line that was gone, and the store neither
+    # opened nor resumed
+    writer = _two_shard_writer(tmp_path / "s")
+    real = _store._write_json_atomic
+
+    def renamed_then_stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_store, "_write_json_atomic", renamed_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    monkeypatch.undo()
+    assert writer.n_rows == 15 and len(writer.manifest["shards"]) == 3
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full"))[:, 0],
+                                  np.repeat([0, 1, 2], 5))
+    writer.write_shard({"a": np.full((5, 3), 3, np.float32)}, n_batches=1)
+    writer.close()
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full"))[:, 0],
+                                  np.repeat([0, 1, 2, 3], 5))
+
+
+def test_a_shard_record_longer_than_a_store_reads_is_refused_before_it_is_written(
+        tmp_path, monkeypatch):
+    layers = {f"model.layers.{i}.{'mlp.' * 40}out": 1 for i in range(3000)}
+    with pytest.raises(ValueError, match="A shard's record of these 3000 layers would take"):
+        StoreWriter(tmp_path / "many", layers, "float32", {})
+    writer = _two_shard_writer(tmp_path / "s")
+    monkeypatch.setattr(_store, "_MAX_RECORD_BYTES", 100)
+    with pytest.raises(_store.StoreError, match="longer than the 100 a store reads"):
+        writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "s" / "layer-000").iterdir()) == [
+        "shard-000000.npy", "shard-000000.sha256", "shard-000001.npy", "shard-000001.sha256"]
+    assert open_store(tmp_path / "s", verify="full").shape == (10, 3)
+
+
+def test_a_record_naming_huge_blocks_is_refused(blocked_store):
+    # the reader holds a block in memory: a record could have it allocate terabytes
+    _, path = blocked_store
+    manifest = _store._read_manifest(path)
+    manifest["shards"][0]["files"]["activations"]["blocks"]["bytes"] = 2**40
+    _store._write_manifest(path, manifest)
+    with pytest.raises(_store.StoreError, match="shard 0's block digests are .* in blocks of "
+                                                "1099511627776 bytes"):
+        open_store(path)
+
+
+def test_block_reads_go_on_until_the_block_is_whole():
+    class Trickle(io.RawIOBase):  # a network file system's short reads
+        def __init__(self, data):
+            self.data, self.pos = data, 0
+
+        def readinto(self, b):
+            got = self.data[self.pos: self.pos + min(len(b), 7)]
+            b[:len(got)] = got
+            self.pos += len(got)
+            return len(got)
+
+    buffer = memoryview(bytearray(100))
+    assert _store._read_full(Trickle(bytes(range(60))), buffer) == 60
+    assert bytes(buffer[:60]) == bytes(range(60))
+    assert _store._read_full(Trickle(bytes(300)), buffer) == 100

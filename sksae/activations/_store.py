@@ -77,6 +77,7 @@ _SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
 #: only the blocks it reads (a fit's 16,384 starting rows touch that many blocks, not
 #: every shard of the store). 1 MiB: 32 bytes of digest per MiB, 256 MB per 8 TB store.
 _BLOCK_BYTES = 1 << 20
+_MAX_BLOCK_BYTES = 64 << 20  # what a reader accepts (it holds a block in memory)
 
 
 class _Blocks(NamedTuple):
@@ -152,6 +153,26 @@ def _write_bytes_atomic(path, data):
         raise
 
 
+def _read_full(f, buffer):
+    """Read into ``buffer`` until it is full or the file ends (a read may return less,
+    on network file systems or when a signal interrupts it); returns the bytes read."""
+    n = 0
+    while n < len(buffer):
+        got = f.readinto(buffer[n:])
+        if not got:
+            break
+        n += got
+    return n
+
+
+def _entry_like(folder):
+    """A shard file's record as long as any (to bound a shard's line before writing one)."""
+    digest = "0" * 64
+    return {"file": f"{folder}/shard-999999999.npy", "sha256": digest,
+            "blocks": {"file": f"{folder}/shard-999999999.sha256", "bytes": _MAX_BLOCK_BYTES,
+                       "sha256": digest}}
+
+
 def _write_json_atomic(path, obj, max_bytes=None):
     """Write ``obj`` as JSON to ``path`` through a synced temporary file and a rename.
 
@@ -203,10 +224,20 @@ def _write_manifest(path, manifest):
     return digest
 
 
+def _counted_shards(path):
+    """How many shards the manifest in ``path`` counts now; None when it cannot be read."""
+    try:
+        return int(read_json_bounded(Path(path) / MANIFEST, _MAX_MANIFEST_BYTES)["n_shards"])
+    except Exception:  # noqa: BLE001 - asked while handling another error
+        return None
+
+
 def _read_records(path, n_shards, expected):
     """The first ``n_shards`` lines of a store's :data:`RECORDS`, checked against their digest."""
     digest = hashlib.sha256()
     shards = []
+    if (path / RECORDS).is_symlink() or not (path / RECORDS).is_file():
+        raise StoreError(f"{path}/{RECORDS} is missing (or not a plain file).")
     try:
         with open(path / RECORDS, "rb") as f:
             for i in range(n_shards):
@@ -289,6 +320,13 @@ class StoreWriter:
                            for i, (name, d) in enumerate(self.layers.items())],
                 "source": source}
         json.dumps(spec)  # refuse what JSON cannot hold now, not after the first shard
+        longest = _record({"rows": 2**62, "batches": 2**62, "files": {
+            entry["name"]: _entry_like(entry["dir"]) for entry in spec["layers"]},
+            "positions": _entry_like(POSITIONS)})
+        if len(longest) > _MAX_RECORD_BYTES:
+            raise ValueError(f"A shard's record of these {len(self.layers)} layers would take "
+                             f"{len(longest)} bytes, more than the {_MAX_RECORD_BYTES} a store "
+                             "reads: harvest fewer layers per store, or name them shorter.")
         self.manifest = {"format": FORMAT, "version": VERSION, **spec, "n_rows": 0,
                          "n_batches": 0, "complete": False, "shards": []}
         manifest_path = self.path / MANIFEST
@@ -477,10 +515,20 @@ class StoreWriter:
         """List a shard whose files are in place: its line, then the manifest counting it.
 
         Writes a line and a manifest of constant size, whatever the number of
-        shards. On any failure the line is cut off again: the store lists what
-        it listed, and this shard's files are strays that a resumed run removes.
+        shards. A failure before the manifest's rename cuts the line off
+        again: the store lists what it listed, and this shard's files are
+        strays that a resumed run removes. One after it (Ctrl-C inside the
+        rename's call) keeps the line, which the manifest then counts.
         """
         line = _record(shard)
+        if len(line) > _MAX_RECORD_BYTES:
+            self._remove_files(shard)
+            raise StoreError(f"{self.path}: a shard's record of {len(line)} bytes is longer than "
+                             f"the {_MAX_RECORD_BYTES} a store reads (too many layers, or names "
+                             "too long); the store keeps the shards it lists.")
+        if self._records_digest is None:
+            raise StoreError(f"{self.path}: an earlier shard's listing failed part-way; open "
+                             "the store again with resume=True to continue it.")
         digest = self._records_digest.copy()
         digest.update(line)
         manifest = dict(self.manifest, n_rows=self.manifest["n_rows"] + shard["rows"],
@@ -495,10 +543,24 @@ class StoreWriter:
                 _write_json_atomic(self.path / MANIFEST,
                                    _header(manifest, n_shards, digest.hexdigest()))
             except BaseException:
-                f.truncate(end)
+                counted = _counted_shards(self.path)
+                if counted == n_shards:  # renamed: the shard is listed
+                    manifest["shards"].append(shard)
+                    self.manifest, self._records_digest = manifest, digest
+                elif counted == n_shards - 1:
+                    f.truncate(end)
+                else:  # unknown: leave the files to a resumed run to sort out
+                    self._records_digest = None
                 raise
         manifest["shards"].append(shard)  # the list is shared: appended, never copied
         self.manifest, self._records_digest = manifest, digest
+
+    def _remove_files(self, shard):
+        for info in [*shard["files"].values(), shard.get("positions")]:
+            if info is not None:
+                (self.path / info["file"]).unlink(missing_ok=True)
+                if "blocks" in info:
+                    (self.path / info["blocks"]["file"]).unlink(missing_ok=True)
 
     def close(self, n_batches=0):
         """Mark the store complete (``n_batches`` more input batches gave no rows)."""
@@ -698,7 +760,7 @@ class ActivationStore:
             return str(info["sha256"])  # stores written before the block digests
         blocks = info["blocks"]
         rel, block_bytes = str(blocks["file"]), int(blocks["bytes"])
-        if rel != _sidecar(str(info["file"])) or block_bytes < 1:
+        if rel != _sidecar(str(info["file"])) or not 1 <= block_bytes <= _MAX_BLOCK_BYTES:
             raise StoreError(f"{self.path}: shard {i}'s block digests are {rel!r} in blocks "
                              f"of {block_bytes} bytes; expected {_sidecar(str(info['file']))!r}.")
         file = self.path / rel
@@ -795,7 +857,7 @@ class ActivationStore:
             for j in blocks:
                 j = int(j)
                 f.seek(j * spec.size)
-                n = f.readinto(buffer)
+                n = _read_full(f, buffer)
                 if hashlib.sha256(buffer[:n]).digest() != digests[32 * j: 32 * j + 32]:
                     raise self._altered(i, f" (bytes {j * spec.size} to "
                                            f"{(j + 1) * spec.size} of the file)")
