@@ -823,8 +823,9 @@ def build_parser():
         "harvest", help="store a torch model's activations over token ids or text",
         description="Run MODEL over input batches and write the outputs of the --layer "
                     "submodules (names from model.named_modules()) to an activation store "
-                    "folder (sksae.activations.open_store): sharded .npy files and a "
-                    "manifest with a digest per shard. Inputs: --tokens, a .npy of integer "
+                    "folder (sksae.activations.open_store): sharded .npy files with a "
+                    "SHA-256 digest per 1 MiB block, a line per shard and a small manifest. "
+                    "Inputs: --tokens, a .npy of integer "
                     "token ids (sequences x positions), or --text, a text file with one "
                     "input per line and --tokenizer, a local tokenizer folder "
                     "(transformers). An interrupted harvest resumes where it stopped when "

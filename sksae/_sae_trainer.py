@@ -235,7 +235,9 @@ class DeadLatentBound:
         of the GPU (the training loop reads its metrics every 32 steps).
     synchronous : bool, default=False
         Wait for each reading: data-parallel ranks must take the same
-        decisions at the same steps (their losses then run collectives).
+        decisions at the same steps (their losses then run collectives). A
+        reading is then current when taken, and ``lookahead_steps`` is 0: the
+        counts are read when the bound runs out, not ahead of it.
     largest : callable, default=None
         Returns the largest count as a one-element tensor; by default
         ``counts.max()``. Latent-sharded ranks hold a slice of the counts each

@@ -1,5 +1,6 @@
 """Harvesting activations from a torch model into an on-disk store, and reading it back."""
 
+import json
 
 import numpy as np
 import pytest
@@ -338,3 +339,59 @@ def test_a_store_pickles_as_its_files_and_reads_the_same_in_another_process(tmp_
     np.save(shard, data)
     with pytest.raises(ValueError, match="SHA-256"):
         pickle.loads(pickle.dumps(opened))[200:260]
+
+
+def test_a_resumed_harvest_returns_a_store_that_checks_the_kept_shards(tmp_path,
+                                                                       tamper_shard):
+    # resuming no longer hashes the kept shards, and harvest returned its store unchecked
+    # (verify="none"): altered rows of the interrupted run reached the fit
+    batches = make_batches(n_batches=9)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(TinyLM(), interrupt_after(batches, 6), "blocks.0", tmp_path / "s",
+                shard_rows=10, progress=False)
+    kept = len(_store._read_manifest(tmp_path / "s")["shards"])
+    assert kept >= 1
+    tamper_shard(tmp_path / "s", shard=0)
+    store = harvest(TinyLM(), batches, "blocks.0", tmp_path / "s", shard_rows=10,
+                    progress=False)
+    assert store._verified == set(range(kept, store.n_shards))  # written here: digested
+    with pytest.raises(_store.StoreError, match="shard 0 .* does not match its SHA-256"):
+        np.asarray(store)
+
+
+@pytest.fixture
+def version_1_store(tmp_path):
+    """``(X, path)``: an unfinished store as sksae wrote it before format 2: its shards
+    listed in manifest.json, each with the SHA-256 of the whole file (no block digests)."""
+    X = np.random.RandomState(0).randn(100, 4).astype(np.float32)
+    path = tmp_path / "old"
+    save_store(X, path, dtype="float32", shard_rows=25)
+    manifest = _store._read_manifest(path)
+    for shard in manifest["shards"]:
+        info = shard["files"]["activations"]
+        (path / info.pop("blocks")["file"]).unlink()
+        info["sha256"] = _store._sha256(path / info["file"])
+    for key in ("n_shards", "shards_sha256"):
+        del manifest[key]
+    (path / "shards.jsonl").unlink()
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, version=1, complete=False)))
+    return X, path
+
+
+def test_a_version_1_store_is_checked_by_whole_shards_and_resumed(version_1_store,
+                                                                  tamper_shard):
+    X, path = version_1_store
+    np.testing.assert_array_equal(np.asarray(open_store(path, verify="full")), X)
+    writer = _store.StoreWriter(path, {"activations": 4}, "float32", {"kind": "array"},
+                                resume=True)
+    writer._write_shard_chunks(10, [X[:10]])
+    writer.close()
+    store = open_store(path, verify="full")  # the old shards whole, the new one by blocks
+    assert store.manifest["version"] == 2 and store.n_shards == 5
+    assert [isinstance(d, str) for d in store._digests] == [True] * 4 + [False]
+    np.testing.assert_array_equal(np.asarray(store), np.concatenate([X, X[:10]]))
+    tamper_shard(path, shard=2)
+    lazy = open_store(path)
+    np.testing.assert_array_equal(lazy[:50], X[:50])
+    with pytest.raises(_store.StoreError, match="shard 2 .* does not match its SHA-256"):
+        lazy[50]

@@ -605,3 +605,27 @@ def test_block_reads_go_on_until_the_block_is_whole():
     assert _store._read_full(Trickle(bytes(range(60))), buffer) == 60
     assert bytes(buffer[:60]) == bytes(range(60))
     assert _store._read_full(Trickle(bytes(300)), buffer) == 100
+
+
+def test_a_listing_that_failed_part_way_refuses_more_until_resumed(tmp_path, monkeypatch):
+    # when the manifest cannot be read back after a failed append, whether the shard is
+    # listed is unknown: appending more (or closing) could corrupt the records
+    writer = _two_shard_writer(tmp_path / "s")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(_store, "_write_json_atomic", disk_full)
+    monkeypatch.setattr(_store, "_counted_shards", lambda path: None)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    monkeypatch.undo()
+    with pytest.raises(_store.StoreError, match="failed part-way; open the store again"):
+        writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    with pytest.raises(_store.StoreError, match="failed part-way"):
+        writer.close()
+    writer = StoreWriter(tmp_path / "s", {"a": 3}, "float32", {"what": "test"}, resume=True)
+    writer.write_shard({"a": np.full((5, 3), 2, np.float32)}, n_batches=1)
+    writer.close()
+    np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full"))[:, 0],
+                                  np.repeat([0, 1, 2], 5))

@@ -110,8 +110,9 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
     (the first element of a tuple output, as a transformer block returns):
     every position becomes a row, masked positions are dropped, and the rows
     are converted to ``dtype`` on the model's device and written to a store
-    (:func:`open_store`) in shards of whole batches, each shard's file and
-    then the manifest renamed into place.
+    (:func:`open_store`) in shards of whole batches: each shard's files
+    (with their block digests) renamed into place, its line appended to the
+    shard records, and then the manifest renamed into place.
 
     An interrupted harvest (Ctrl-C, an error, a lost machine) keeps its
     completed shards: calling ``harvest`` again with the same arguments skips
@@ -255,6 +256,7 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
         writer = StoreWriter(path, spec, dtype, description, resume=resume,
                              overwrite=overwrite)
         done = writer.n_batches
+        kept = len(writer.manifest["shards"])  # from an interrupted run
         total = None
         try:
             total = len(batches)
@@ -330,9 +332,17 @@ def harvest(model, batches, layers, path, *, mask="auto", dtype="float16", shard
         for m, training in modes:
             m.training = training
     manifest = _read_manifest(path)  # once, not once per layer
+
+    def opened(name):
+        store = ActivationStore(path, name, _manifest=manifest)  # verify="lazy"
+        # the shards written here were digested as they were written; those kept from an
+        # interrupted run were not checked by resuming, and are as they are read
+        store._verified.update(range(kept, store.n_shards))
+        return store
+
     if isinstance(layers, str):
-        return ActivationStore(path, layers, verify="none", _manifest=manifest)
-    return {n: ActivationStore(path, n, verify="none", _manifest=manifest) for n in names}
+        return opened(layers)
+    return {n: opened(n) for n in names}
 
 
 def _positions(output, keep):

@@ -74,8 +74,9 @@ _LAYER_DIR = re.compile(r"layer-\d{3,6}")
 _SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
 #: A shard file's values are checked in blocks of this many bytes, each with its SHA-256
 #: in the file beside it (``shard-000000.sha256``): a lazily checked store reads and hashes
-#: only the blocks it reads (a fit's 16,384 starting rows touch that many blocks, not
-#: every shard of the store). 1 MiB: 32 bytes of digest per MiB, 256 MB per 8 TB store.
+#: only the blocks it reads (a fit's 16,384 starting rows touch about that many blocks, one
+#: or two per row, not every shard of the store). 1 MiB: 32 bytes of digest per MiB, 256 MB
+#: per 8 TB store.
 _BLOCK_BYTES = 1 << 20
 _MAX_BLOCK_BYTES = 64 << 20  # what a reader accepts (it holds a block in memory)
 
@@ -151,6 +152,13 @@ def _write_bytes_atomic(path, data):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_all(f, data):
+    """Write all of ``data`` to the unbuffered file ``f`` (a raw write may take part of it)."""
+    view = memoryview(data)
+    while len(view):
+        view = view[f.write(view):]
 
 
 def _read_full(f, buffer):
@@ -285,7 +293,7 @@ def to_storage(values, storage_dtype):
 
 
 class StoreWriter:
-    """Appends shards to a store folder; the manifest always lists exactly the completed ones.
+    """Appends shards to a store folder; the manifest always counts exactly the completed ones.
 
     Parameters
     ----------
@@ -534,11 +542,12 @@ class StoreWriter:
         manifest = dict(self.manifest, n_rows=self.manifest["n_rows"] + shard["rows"],
                         n_batches=self.manifest["n_batches"] + shard["batches"])
         n_shards = len(self.manifest["shards"]) + 1
-        with open(self.path / RECORDS, "ab") as f:
+        # unbuffered: nothing left in a buffer to flush (and fail again) when cutting off
+        with open(self.path / RECORDS, "ab", buffering=0) as f:
             end = f.tell()
+            previous, self._records_digest = self._records_digest, None  # until it is known
             try:
-                f.write(line)
-                f.flush()
+                _write_all(f, line)
                 os.fsync(f.fileno())
                 _write_json_atomic(self.path / MANIFEST,
                                    _header(manifest, n_shards, digest.hexdigest()))
@@ -548,9 +557,9 @@ class StoreWriter:
                     manifest["shards"].append(shard)
                     self.manifest, self._records_digest = manifest, digest
                 elif counted == n_shards - 1:
-                    f.truncate(end)
-                else:  # unknown: leave the files to a resumed run to sort out
-                    self._records_digest = None
+                    os.ftruncate(f.fileno(), end)
+                    self._records_digest = previous
+                # else unknown: later appends refuse, and a resumed run sorts the files out
                 raise
         manifest["shards"].append(shard)  # the list is shared: appended, never copied
         self.manifest, self._records_digest = manifest, digest
@@ -564,6 +573,9 @@ class StoreWriter:
 
     def close(self, n_batches=0):
         """Mark the store complete (``n_batches`` more input batches gave no rows)."""
+        if self._records_digest is None:
+            raise StoreError(f"{self.path}: a shard's listing failed part-way; open the store "
+                             "again with resume=True to finish it.")
         manifest = dict(self.manifest, complete=True,
                         n_batches=self.manifest["n_batches"] + int(n_batches))
         _write_json_atomic(self.path / MANIFEST, _header(
