@@ -629,3 +629,17 @@ def test_a_listing_that_failed_part_way_refuses_more_until_resumed(tmp_path, mon
     writer.close()
     np.testing.assert_array_equal(np.asarray(open_store(tmp_path / "s", verify="full"))[:, 0],
                                   np.repeat([0, 1, 2], 5))
+
+
+def test_scattered_reads_read_each_shards_block_digests_once(blocked_store, monkeypatch):
+    X, path = blocked_store
+    reads = []
+    real = _store.Path.read_bytes
+    monkeypatch.setattr(_store.Path, "read_bytes",
+                        lambda self: reads.append(self.name) or real(self))
+    store = open_store(path)
+    rng = np.random.RandomState(0)
+    for _ in range(20):  # random batches: every call touches both shards' unchecked blocks
+        rows = rng.choice(1000, 16, replace=False)
+        np.testing.assert_array_equal(store.take_raw(rows).numpy(), X[rows])
+    assert sorted(reads) == ["shard-000000.sha256", "shard-000001.sha256"]

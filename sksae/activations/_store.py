@@ -79,6 +79,7 @@ _SHARD_FILE = re.compile(r"shard-\d{6,9}\.npy")
 #: per 8 TB store.
 _BLOCK_BYTES = 1 << 20
 _MAX_BLOCK_BYTES = 64 << 20  # what a reader accepts (it holds a block in memory)
+_KEPT_BLOCK_DIGESTS = 256  # shards whose block digests a store keeps read: 8 MiB at 1 GiB
 
 
 class _Blocks(NamedTuple):
@@ -711,6 +712,9 @@ class ActivationStore:
         self._verify = verify
         self._verified = set()
         self._blocks_checked = {}  # shard -> its blocks checked so far (lazy, partly checked)
+        # shard -> its block digests, read and checked: a read of scattered rows (a random
+        # batch) touches many partly checked shards at every call
+        self._digests_read = OrderedDict()
         self._lock = threading.Lock()
         # shard index -> its memory map, least recently used first (see _MAX_OPEN_SHARDS)
         self._maps = OrderedDict()
@@ -814,6 +818,7 @@ class ActivationStore:
                 self._check_blocks(i, spec, range(spec.n_blocks))
             self._verified.add(i)
             self._blocks_checked.pop(i, None)
+            self._digests_read.pop(i, None)
 
     def _check_rows(self, i, rows):
         """Lazily, before rows ``rows`` of shard ``i`` are read: check the blocks they lie in.
@@ -839,6 +844,7 @@ class ActivationStore:
                 if checked.all():
                     self._verified.add(i)
                     del self._blocks_checked[i]
+                    self._digests_read.pop(i, None)
 
     def _blocks_of(self, spec, rows):
         """The blocks (sorted, unique) that rows ``rows`` of a shard lie in."""
@@ -855,14 +861,26 @@ class ActivationStore:
         starts = np.cumsum(counts) - counts  # each row's blocks: first, first + 1, ...
         return np.unique(np.repeat(first - starts, counts) + np.arange(counts.sum()))
 
+    def _block_digests(self, i, spec):
+        """Shard ``i``'s block digests, checked (under ``_lock``; the last few kept)."""
+        digests = self._digests_read.get(i)
+        if digests is None:
+            digests = spec.file.read_bytes()
+            if len(digests) != 32 * spec.n_blocks or \
+                    hashlib.sha256(digests).hexdigest() != spec.sha256:
+                raise StoreError(f"{self.path}: shard {i}'s block digests "
+                                 f"({spec.file.relative_to(self.path)}) do not match their "
+                                 "SHA-256 digest in the manifest: they were altered or "
+                                 "corrupted.")
+            self._digests_read[i] = digests
+            while len(self._digests_read) > _KEPT_BLOCK_DIGESTS:
+                self._digests_read.popitem(last=False)
+        self._digests_read.move_to_end(i)
+        return digests
+
     def _check_blocks(self, i, spec, blocks):
         """Hash blocks ``blocks`` of shard ``i`` against its block digests (under ``_lock``)."""
-        digests = spec.file.read_bytes()
-        if len(digests) != 32 * spec.n_blocks or \
-                hashlib.sha256(digests).hexdigest() != spec.sha256:
-            raise StoreError(f"{self.path}: shard {i}'s block digests "
-                             f"({spec.file.relative_to(self.path)}) do not match their SHA-256 "
-                             "digest in the manifest: they were altered or corrupted.")
+        digests = self._block_digests(i, spec)
         # every block into one buffer, not a fresh 1 MiB object each
         buffer = memoryview(bytearray(spec.size))
         with open(self._files[i], "rb", buffering=0) as f:
@@ -1364,6 +1382,9 @@ def _stored_chunks(X, start, stop, step, storage_dtype):
         if part.shape != (hi - lo, X.shape[1]):
             raise ValueError(f"X[{lo}:{hi}] has shape {part.shape}; expected "
                              f"{(hi - lo, X.shape[1])}.")
+        if storage_dtype != "bfloat16" and part.dtype == STORAGE_DTYPES[storage_dtype][0]:
+            yield np.ascontiguousarray(part)  # nothing to convert
+            continue
         with warnings.catch_warnings():  # a read-only memory map's rows: only read here
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             values = torch.from_numpy(np.ascontiguousarray(part))
