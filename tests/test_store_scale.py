@@ -120,14 +120,7 @@ def test_reads_from_two_threads_under_a_small_cap_are_right(many_shards, monkeyp
 def test_a_shard_reopened_after_eviction_is_not_hashed_again(many_shards, monkeypatch):
     monkeypatch.setattr(_store, "_MAX_OPEN_SHARDS", 4, raising=False)
     X, path = many_shards
-    hashed = []
-    real = _store.ActivationStore._check_blocks
-
-    def check_blocks(self, i, spec, blocks):
-        hashed.extend((i, int(j)) for j in blocks)
-        return real(self, i, spec, blocks)
-
-    monkeypatch.setattr(_store.ActivationStore, "_check_blocks", check_blocks)
+    hashed = _counting_checks(monkeypatch)
     store = open_store(path)  # verify="lazy"
     for _ in range(2):
         np.testing.assert_array_equal(np.asarray(store), X)
