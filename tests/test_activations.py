@@ -388,10 +388,50 @@ def test_a_version_1_store_is_checked_by_whole_shards_and_resumed(version_1_stor
     writer.close()
     store = open_store(path, verify="full")  # the old shards whole, the new one by blocks
     assert store.manifest["version"] == 2 and store.n_shards == 5
-    assert [isinstance(d, str) for d in store._digests] == [True] * 4 + [False]
+    assert [isinstance(d, _store._Whole) for d in store._digests] == [True] * 4 + [False]
     np.testing.assert_array_equal(np.asarray(store), np.concatenate([X, X[:10]]))
     tamper_shard(path, shard=2)
     lazy = open_store(path)
     np.testing.assert_array_equal(lazy[:50], X[:50])
     with pytest.raises(_store.StoreError, match="shard 2 .* does not match its SHA-256"):
         lazy[50]
+
+
+def test_positions_are_checked_by_block_too(model, tmp_path, monkeypatch):
+    # a positions file had one digest: its first read hashed it whole (2 MB per shard of
+    # 131,072 rows), for each shard the feature browser looked into
+    monkeypatch.setattr(_store, "_BLOCK_BYTES", 256)  # 16 rows of positions per block
+    batches = make_batches(n_batches=12)
+    harvest(model, batches, "embed", tmp_path / "s", dtype="float32", shard_rows=10_000,
+            progress=False)
+    monkeypatch.undo()
+    expected = open_store(tmp_path / "s").positions()
+    assert len(expected) > 60
+    assert (tmp_path / "s" / "positions" / "shard-000000.sha256").is_file()
+    file = tmp_path / "s" / "positions" / "shard-000000.npy"
+    data = bytearray(file.read_bytes())
+    data[128 + 16 * 40 + 3] ^= 0xFF  # row 40: block 3 (rows 40 to 55)
+    file.write_bytes(bytes(data))
+    store = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(store.positions(0, 40), expected[:40])
+    np.testing.assert_array_equal(store.positions(56, None), expected[56:])
+    np.testing.assert_array_equal(store.subset([58, 3]).positions(), expected[[58, 3]])
+    with pytest.raises(_store.StoreError, match=r"shard 0's positions \(positions/shard-000000"
+                       r".npy\) do not match their SHA-256 digest in the manifest \(bytes 768"):
+        store.positions(40, 41)
+    with pytest.raises(_store.StoreError, match="positions .* do not match"):
+        open_store(tmp_path / "s", verify="full").positions(0, 1)  # whole on first use
+    np.testing.assert_array_equal(open_store(tmp_path / "s", verify="none").positions(0, 40),
+                                  expected[:40])
+    # a positions record of an older store (one digest of the whole file): checked whole
+    manifest = _store._read_manifest(tmp_path / "s")
+    record = manifest["shards"][0]["positions"]
+    del record["blocks"]
+    record["sha256"] = _store._sha256(file)
+    _store._write_manifest(tmp_path / "s", manifest)
+    altered = np.frombuffer(bytes(data[128 + 640: 128 + 656]), "<i8")  # row 40 as it is now
+    np.testing.assert_array_equal(open_store(tmp_path / "s").positions(40, 41)[0], altered)
+    data[128 + 3] ^= 0xFF  # row 0
+    file.write_bytes(bytes(data))
+    with pytest.raises(_store.StoreError, match="shard 0's positions .* do not match"):
+        open_store(tmp_path / "s").positions(60, 61)

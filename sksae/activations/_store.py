@@ -6,6 +6,7 @@ Layout of a store folder::
     shards.jsonl                one line per shard: its rows and files (below)
     layer-000/shard-000000.npy     rows of the first layer, one file per shard
     layer-000/shard-000000.sha256  the SHA-256 of each 1 MiB block of that file
+    positions/shard-000000.npy     (harvest) each row's (sequence, position), and its .sha256
     layer-001/shard-000000.npy     the same rows (positions) of the second layer
     ...
 
@@ -82,14 +83,23 @@ _MAX_BLOCK_BYTES = 64 << 20  # what a reader accepts (it holds a block in memory
 _KEPT_BLOCK_DIGESTS = 256  # shards whose block digests a store keeps read: 8 MiB at 1 GiB
 
 
-class _Blocks(NamedTuple):
-    """Where a shard file's block digests are, and how its blocks lie."""
+class _Whole(NamedTuple):
+    """A file checked whole: a store's files written before the block digests."""
 
-    file: Path  # the digests, 32 bytes per block
+    target: Path  # the file checked
+    sha256: str  # its digest
+
+
+class _Blocks(NamedTuple):
+    """Where a file's block digests are, and how its rows lie in its blocks."""
+
+    target: Path  # the file checked
+    file: Path  # its block digests, 32 bytes per block
     sha256: str  # of that file
     size: int  # bytes per block (the last may be shorter)
     n_blocks: int
-    data_offset: int  # where the values start in the shard file
+    data_offset: int  # where the rows start in the target file
+    row_bytes: int
 
 
 class StoreError(ValueError):
@@ -396,6 +406,8 @@ class StoreWriter:
         listed |= {f["blocks"]["file"] for s in self.manifest["shards"]
                    for f in s["files"].values() if "blocks" in f}
         listed |= {s["positions"]["file"] for s in self.manifest["shards"] if "positions" in s}
+        listed |= {s["positions"]["blocks"]["file"] for s in self.manifest["shards"]
+                   if "blocks" in s.get("positions", {})}
         for entry in [*self.manifest["layers"], {"dir": POSITIONS}]:
             folder = self.path / entry["dir"]
             if not folder.is_dir():
@@ -502,8 +514,7 @@ class StoreWriter:
         if positions is not None:
             (self.path / POSITIONS).mkdir(exist_ok=True)
             shard["positions"] = self._write_chunks(f"{POSITIONS}/shard-{index:06d}.npy",
-                                                    (rows, 2), np.dtype("<i8"), positions,
-                                                    blocks=False)
+                                                    (rows, 2), np.dtype("<i8"), positions)
         self._append(shard)
 
     def _write_shard_chunks(self, rows, chunks, n_batches=0):
@@ -711,7 +722,8 @@ class ActivationStore:
         self.manifest = _one_layer(manifest, self.layer)
         self._verify = verify
         self._verified = set()
-        self._blocks_checked = {}  # shard -> its blocks checked so far (lazy, partly checked)
+        self._blocks_checked = {}  # file key -> its blocks checked so far (partly checked)
+        self._position_specs = {}  # shard -> how its positions file is checked (on first use)
         # shard -> its block digests, read and checked: a read of scattered rows (a random
         # batch) touches many partly checked shards at every call
         self._digests_read = OrderedDict()
@@ -760,7 +772,7 @@ class ActivationStore:
             file = self.path / folder / name
             offset, size = self._check_file(i, file, n, n_features)
             self._files.append(file)
-            self._digests.append(self._digest_of(i, info, offset, size))
+            self._digests.append(self._digest_of(i, info, file, offset, size, self._row_bytes))
             rows.append(n)
         self._offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
         n_rows = int(self._offsets[-1])
@@ -770,10 +782,11 @@ class ActivationStore:
         self.shape = (n_rows, n_features)
         self.complete = bool(manifest.get("complete", False))
 
-    def _digest_of(self, i, info, offset, size):
-        """Shard ``i``'s digest: a hex string (of the whole file), or its :class:`_Blocks`."""
+    def _digest_of(self, i, info, target, offset, size, row_bytes):
+        """How file ``target`` of shard ``i`` (record ``info``) is checked: :class:`_Blocks`,
+        or :class:`_Whole` for files written before the block digests."""
         if "blocks" not in info:
-            return str(info["sha256"])  # stores written before the block digests
+            return _Whole(target, str(info["sha256"]))
         blocks = info["blocks"]
         rel, block_bytes = str(blocks["file"]), int(blocks["bytes"])
         if rel != _sidecar(str(info["file"])) or not 1 <= block_bytes <= _MAX_BLOCK_BYTES:
@@ -784,7 +797,8 @@ class ActivationStore:
         if file.is_symlink() or not file.is_file() or file.stat().st_size != 32 * n_blocks:
             raise StoreError(f"{self.path}: shard {i}'s block digests ({rel}) are missing, or "
                              f"not the {n_blocks} digests of its blocks.")
-        return _Blocks(file, str(blocks["sha256"]), block_bytes, n_blocks, offset)
+        return _Blocks(target, file, str(blocks["sha256"]), block_bytes, n_blocks, offset,
+                       row_bytes)
 
     def _check_file(self, i, file, n, n_features):
         """A shard file that is there, an .npy of the stated shape and dtype, whole."""
@@ -805,97 +819,111 @@ class ActivationStore:
                              "altered.")
         return offset, size
 
-    def _check_digest(self, i):
-        """Check shard ``i`` whole (every block of it), once."""
+    # A file is checked under a key: ``i`` for shard ``i``'s values, ("positions", i) for
+    # its positions; a key in ``_verified`` is checked whole.
+    def _spec(self, key):
+        return self._digests[key] if isinstance(key, int) else self._positions_spec(key[1])
+
+    def _check_digest(self, key):
+        """Check a file whole (every block of it), once."""
+        spec = self._spec(key)
         with self._lock:
-            if i in self._verified:
+            if key in self._verified:
                 return
-            spec = self._digests[i]
-            if isinstance(spec, str):
-                if _sha256(self._files[i]) != spec:
-                    raise self._altered(i)
+            if isinstance(spec, _Whole):
+                if _sha256(spec.target) != spec.sha256:
+                    raise self._altered(key)
             else:
-                self._check_blocks(i, spec, range(spec.n_blocks))
-            self._verified.add(i)
-            self._blocks_checked.pop(i, None)
-            self._digests_read.pop(i, None)
+                self._check_blocks(key, spec, range(spec.n_blocks))
+            self._verified.add(key)
+            self._blocks_checked.pop(key, None)
+            self._digests_read.pop(key, None)
 
-    def _check_rows(self, i, rows):
-        """Lazily, before rows ``rows`` of shard ``i`` are read: check the blocks they lie in.
+    def _check_rows(self, key, rows):
+        """Lazily, before rows ``rows`` of a file are read: check the blocks they lie in.
 
-        ``rows``: a slice, or sorted row ids within the shard. A shard without
-        block digests (an older store) is checked whole.
+        ``rows``: a slice, or sorted row ids within the shard. A file without
+        block digests (of an older store) is checked whole.
         """
-        if self._verify != "lazy" or i in self._verified:
+        if self._verify != "lazy" or key in self._verified:
             return
-        spec = self._digests[i]
-        if isinstance(spec, str):
-            self._check_digest(i)
+        spec = self._spec(key)
+        if isinstance(spec, _Whole):
+            self._check_digest(key)
             return
         blocks = self._blocks_of(spec, rows)
         with self._lock:
-            if i in self._verified:
+            if key in self._verified:
                 return
-            checked = self._blocks_checked.setdefault(i, np.zeros(spec.n_blocks, dtype=bool))
+            checked = self._blocks_checked.setdefault(key, np.zeros(spec.n_blocks, dtype=bool))
             todo = blocks[~checked[blocks]]
             if todo.size:
-                self._check_blocks(i, spec, todo)
+                self._check_blocks(key, spec, todo)
                 checked[todo] = True
                 if checked.all():
-                    self._verified.add(i)
-                    del self._blocks_checked[i]
-                    self._digests_read.pop(i, None)
+                    self._verified.add(key)
+                    del self._blocks_checked[key]
+                    self._digests_read.pop(key, None)
 
-    def _blocks_of(self, spec, rows):
-        """The blocks (sorted, unique) that rows ``rows`` of a shard lie in."""
+    @staticmethod
+    def _blocks_of(spec, rows):
+        """The blocks (sorted, unique) that rows ``rows`` of a file lie in."""
         if isinstance(rows, slice):
             lo, hi = int(rows.start), int(rows.stop)
             if hi <= lo:
                 return np.empty(0, dtype=np.int64)
-            first = (spec.data_offset + lo * self._row_bytes) // spec.size
-            return np.arange(first, (spec.data_offset + hi * self._row_bytes - 1) // spec.size
+            first = (spec.data_offset + lo * spec.row_bytes) // spec.size
+            return np.arange(first, (spec.data_offset + hi * spec.row_bytes - 1) // spec.size
                              + 1, dtype=np.int64)
         rows = np.asarray(rows, dtype=np.int64)
-        first = (spec.data_offset + rows * self._row_bytes) // spec.size
-        counts = (spec.data_offset + (rows + 1) * self._row_bytes - 1) // spec.size - first + 1
+        first = (spec.data_offset + rows * spec.row_bytes) // spec.size
+        counts = (spec.data_offset + (rows + 1) * spec.row_bytes - 1) // spec.size - first + 1
         starts = np.cumsum(counts) - counts  # each row's blocks: first, first + 1, ...
         return np.unique(np.repeat(first - starts, counts) + np.arange(counts.sum()))
 
-    def _block_digests(self, i, spec):
-        """Shard ``i``'s block digests, checked (under ``_lock``; the last few kept)."""
-        digests = self._digests_read.get(i)
+    def _block_digests(self, key, spec):
+        """A file's block digests, checked (under ``_lock``; the last few kept)."""
+        digests = self._digests_read.get(key)
         if digests is None:
             digests = spec.file.read_bytes()
             if len(digests) != 32 * spec.n_blocks or \
                     hashlib.sha256(digests).hexdigest() != spec.sha256:
-                raise StoreError(f"{self.path}: shard {i}'s block digests "
+                whose = f"shard {key}'s" if isinstance(key, int) else \
+                    f"shard {key[1]}'s positions'"
+                raise StoreError(f"{self.path}: {whose} block digests "
                                  f"({spec.file.relative_to(self.path)}) do not match their "
                                  "SHA-256 digest in the manifest: they were altered or "
                                  "corrupted.")
-            self._digests_read[i] = digests
+            self._digests_read[key] = digests
             while len(self._digests_read) > _KEPT_BLOCK_DIGESTS:
                 self._digests_read.popitem(last=False)
-        self._digests_read.move_to_end(i)
+        self._digests_read.move_to_end(key)
         return digests
 
-    def _check_blocks(self, i, spec, blocks):
-        """Hash blocks ``blocks`` of shard ``i`` against its block digests (under ``_lock``)."""
-        digests = self._block_digests(i, spec)
+    def _check_blocks(self, key, spec, blocks):
+        """Hash blocks ``blocks`` of a file against its block digests (under ``_lock``)."""
+        digests = self._block_digests(key, spec)
         # every block into one buffer, not a fresh 1 MiB object each
         buffer = memoryview(bytearray(spec.size))
-        with open(self._files[i], "rb", buffering=0) as f:
+        with open(spec.target, "rb", buffering=0) as f:
             for j in blocks:
                 j = int(j)
                 f.seek(j * spec.size)
                 n = _read_full(f, buffer)
                 if hashlib.sha256(buffer[:n]).digest() != digests[32 * j: 32 * j + 32]:
-                    raise self._altered(i, f" (bytes {j * spec.size} to "
-                                           f"{(j + 1) * spec.size} of the file)")
+                    raise self._altered(key, f" (bytes {j * spec.size} to "
+                                             f"{(j + 1) * spec.size} of the file)")
 
-    def _altered(self, i, where=""):
-        return StoreError(f"{self.path}: shard {i} ({self._files[i].relative_to(self.path)}) "
-                          f"does not match its SHA-256 digest in the manifest{where}: it was "
-                          "altered or corrupted.")
+    def _altered(self, key, where=""):
+        if isinstance(key, int):
+            return StoreError(f"{self.path}: shard {key} "
+                              f"({self._files[key].relative_to(self.path)}) does not match its "
+                              f"SHA-256 digest in the manifest{where}: it was altered or "
+                              "corrupted.")
+        rel = self._spec(key).target.relative_to(self.path)
+        return StoreError(f"{self.path}: shard {key[1]}'s positions ({rel}) do not match their "
+                          f"SHA-256 digest in the manifest{where}: they were altered or "
+                          "corrupted.")
 
     def _shard_rows(self, i, rows):
         """Rows ``rows`` (a slice or sorted ids) of shard ``i``, checked lazily."""
@@ -919,8 +947,7 @@ class ActivationStore:
             run = _run(rows)
             if run is None:
                 out = np.empty((len(rows), 2), dtype=np.int64)
-                return self._gather(_ids(rows), lambda i, ids: self._positions_map(i)[ids],
-                                    out)
+                return self._gather(_ids(rows), self._positions_rows, out)
             start, stop = run
         # copied shard by shard, so that only one positions file is mapped at a time
         out = np.empty((max(0, stop - start), 2), dtype=np.int64)
@@ -929,29 +956,45 @@ class ActivationStore:
             i = self._shard_of_base(pos)
             hi = min(stop, int(self._offsets[i + 1]))
             out[pos - start: hi - start] = \
-                self._positions_map(i)[pos - self._offsets[i]: hi - self._offsets[i]]
+                self._positions_rows(i, slice(pos - self._offsets[i], hi - self._offsets[i]))
             pos = hi
         return out
 
-    def _positions_map(self, i):
+    def _positions_spec(self, i):
+        """Shard ``i``'s positions file, checked as a shard file is at opening, and how its
+        digests are (:meth:`_digest_of`); on first use."""
+        spec = self._position_specs.get(i)
+        if spec is not None:
+            return spec
         info = self.manifest["shards"][i]["positions"]
         folder, _, name = str(info["file"]).partition("/")
         file = self.path / POSITIONS / name
-        if folder != POSITIONS or not _SHARD_FILE.fullmatch(name) or not file.is_file():
+        if folder != POSITIONS or not _SHARD_FILE.fullmatch(name) or file.is_symlink() \
+                or not file.is_file():
             raise StoreError(f"{self.path}: shard {i}'s positions file is missing or "
                              "misnamed.")
-        if self._verify != "none":
-            with self._lock:  # once per file, as the values' digests
-                if ("positions", i) not in self._verified:
-                    if _sha256(file) != info["sha256"]:
-                        raise StoreError(f"{self.path}: shard {i}'s positions do not match "
-                                         "their SHA-256 digest.")
-                    self._verified.add(("positions", i))
-        got = np.load(file, mmap_mode="r", allow_pickle=False)
-        if got.shape != (int(self._offsets[i + 1] - self._offsets[i]), 2) \
-                or got.dtype != np.dtype("<i8"):
-            raise StoreError(f"{self.path}: shard {i}'s positions have shape {got.shape}.")
-        return got
+        try:
+            shape, dtype, fortran, offset = _npy_header(file)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.path}: shard {i}'s positions file is not a readable "
+                             f".npy file ({exc}).") from None
+        n = int(self._offsets[i + 1] - self._offsets[i])
+        size = file.stat().st_size
+        if shape != (n, 2) or dtype != np.dtype("<i8") or fortran or size != offset + 16 * n:
+            raise StoreError(f"{self.path}: shard {i}'s positions have shape {shape} "
+                             f"{dtype} in {size} bytes; expected ({n}, 2) int64.")
+        spec = self._position_specs[i] = self._digest_of(i, info, file, offset, size, 16)
+        return spec
+
+    def _positions_rows(self, i, rows):
+        """Positions ``rows`` (a slice or sorted ids) of shard ``i``: checked lazily by
+        block, or (``verify="full"``) whole on first use."""
+        spec = self._positions_spec(i)
+        if self._verify == "full":
+            self._check_digest(("positions", i))
+        else:
+            self._check_rows(("positions", i), rows)
+        return np.load(spec.target, mmap_mode="r", allow_pickle=False)[rows]
 
     def verify(self):
         """Check every shard's SHA-256 digest; raise ``ValueError`` naming the first bad one."""
