@@ -152,11 +152,14 @@ def _sidecar(rel):
     return rel[:-len(".npy")] + ".sha256"
 
 
-def _write_bytes_atomic(path, data):
+def _write_atomic(path, chunks):
+    """Write the byte strings ``chunks`` to ``path`` through a synced temporary file and a
+    rename: a reader sees the old file or the new one, whole."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -198,15 +201,10 @@ def _write_json_atomic(path, obj, max_bytes=None):
     With ``max_bytes``, refuse (ValueError, nothing written) a document larger
     than that: what readers would refuse to open.
     """
-    text = json.dumps(obj, indent=1)
-    if max_bytes is not None and len(text.encode()) > max_bytes:
+    data = json.dumps(obj, indent=1).encode()
+    if max_bytes is not None and len(data) > max_bytes:
         raise ValueError(f"{path.name} would be larger than {max_bytes} bytes")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, [data])
 
 
 def _record(shard):
@@ -229,15 +227,14 @@ def _write_manifest(path, manifest):
     """
     path = Path(path)
     digest = hashlib.sha256()
-    tmp = path / (RECORDS + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def lines():
         for shard in manifest["shards"]:
             line = _record(shard)
-            f.write(line)
             digest.update(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / RECORDS)
+            yield line
+
+    _write_atomic(path / RECORDS, lines())
     _write_json_atomic(path / MANIFEST, _header(manifest, len(manifest["shards"]),
                                                 digest.hexdigest()), _MAX_MANIFEST_BYTES)
     return digest
@@ -402,12 +399,7 @@ class StoreWriter:
 
     def _remove_strays(self):
         """Shard files that no manifest entry lists (a shard written when the run stopped)."""
-        listed = {f["file"] for s in self.manifest["shards"] for f in s["files"].values()}
-        listed |= {f["blocks"]["file"] for s in self.manifest["shards"]
-                   for f in s["files"].values() if "blocks" in f}
-        listed |= {s["positions"]["file"] for s in self.manifest["shards"] if "positions" in s}
-        listed |= {s["positions"]["blocks"]["file"] for s in self.manifest["shards"]
-                   if "blocks" in s.get("positions", {})}
+        listed = {rel for shard in self.manifest["shards"] for rel in _files_of(shard)}
         for entry in [*self.manifest["layers"], {"dir": POSITIONS}]:
             folder = self.path / entry["dir"]
             if not folder.is_dir():
@@ -417,7 +409,7 @@ class StoreWriter:
                 if f.name.startswith("shard-") and rel not in listed:
                     f.unlink()
 
-    def _write_chunks(self, rel, shape, dtype, chunks, blocks=True):
+    def _write_chunks(self, rel, shape, dtype, chunks):
         """Write the ``.npy`` file ``rel`` of ``shape`` and ``dtype`` from ``chunks``.
 
         Parameters
@@ -429,16 +421,14 @@ class StoreWriter:
         chunks : iterable of ndarray
             Blocks of consecutive rows, in order, of ``dtype`` and ``shape[1]``
             columns, ``shape[0]`` rows in all; only one is held at a time.
-        blocks : bool, default=True
-            Digest the file in blocks of :data:`_BLOCK_BYTES`, written beside
-            it (:func:`_sidecar`), instead of whole.
 
         Returns
         -------
         entry : dict
             The file's manifest entry: ``{"file": rel, "blocks": {"file":
-            digests' file, "sha256": its digest, "bytes": block size}}``, or
-            ``{"file": rel, "sha256": digest}`` without ``blocks``.
+            digests' file, "sha256": its digest, "bytes": block size}}``, its
+            block digests (of :data:`_BLOCK_BYTES`) written beside it
+            (:func:`_sidecar`).
         """
         target = self.path / rel
         tmp = target.with_name(target.name + ".tmp")
@@ -447,7 +437,7 @@ class StoreWriter:
             "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
             "shape": tuple(int(k) for k in shape)})
         # of the bytes written: no reading back
-        digest = _BlockDigests(_BLOCK_BYTES) if blocks else hashlib.sha256()
+        digest = _BlockDigests(_BLOCK_BYTES)
         digest.update(header.getvalue())
         try:
             with open(tmp, "wb") as f:
@@ -467,10 +457,8 @@ class StoreWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)  # a later run would remove it as a stray anyway
             raise
-        if not blocks:
-            return {"file": rel, "sha256": digest.hexdigest()}
         digests = digest.finish()
-        _write_bytes_atomic(self.path / _sidecar(rel), digests)
+        _write_atomic(self.path / _sidecar(rel), [digests])
         return {"file": rel, "blocks": {"file": _sidecar(rel), "bytes": _BLOCK_BYTES,
                                         "sha256": hashlib.sha256(digests).hexdigest()}}
 
@@ -577,11 +565,8 @@ class StoreWriter:
         self.manifest, self._records_digest = manifest, digest
 
     def _remove_files(self, shard):
-        for info in [*shard["files"].values(), shard.get("positions")]:
-            if info is not None:
-                (self.path / info["file"]).unlink(missing_ok=True)
-                if "blocks" in info:
-                    (self.path / info["blocks"]["file"]).unlink(missing_ok=True)
+        for rel in _files_of(shard):
+            (self.path / rel).unlink(missing_ok=True)
 
     def close(self, n_batches=0):
         """Mark the store complete (``n_batches`` more input batches gave no rows)."""
@@ -593,6 +578,16 @@ class StoreWriter:
         _write_json_atomic(self.path / MANIFEST, _header(
             manifest, len(manifest["shards"]), self._records_digest.hexdigest()))
         self.manifest = manifest
+
+
+def _files_of(shard):
+    """The files of a shard's record (relative to the store): values, positions, and the
+    block digests of each."""
+    for info in [*shard["files"].values(), shard.get("positions")]:
+        if info is not None:
+            yield info["file"]
+            if "blocks" in info:
+                yield info["blocks"]["file"]
 
 
 def _blocks_of(value):
@@ -835,9 +830,13 @@ class ActivationStore:
                     raise self._altered(key)
             else:
                 self._check_blocks(key, spec, range(spec.n_blocks))
-            self._verified.add(key)
-            self._blocks_checked.pop(key, None)
-            self._digests_read.pop(key, None)
+            self._checked_whole(key)
+
+    def _checked_whole(self, key):
+        """A file found whole (under ``_lock``): its partial state is dropped."""
+        self._verified.add(key)
+        self._blocks_checked.pop(key, None)
+        self._digests_read.pop(key, None)
 
     def _check_rows(self, key, rows):
         """Lazily, before rows ``rows`` of a file are read: check the blocks they lie in.
@@ -851,7 +850,7 @@ class ActivationStore:
         if isinstance(spec, _Whole):
             self._check_digest(key)
             return
-        blocks = self._blocks_of(spec, rows)
+        blocks = self._blocks_holding(spec, rows)
         with self._lock:
             if key in self._verified:
                 return
@@ -861,12 +860,10 @@ class ActivationStore:
                 self._check_blocks(key, spec, todo)
                 checked[todo] = True
                 if checked.all():
-                    self._verified.add(key)
-                    del self._blocks_checked[key]
-                    self._digests_read.pop(key, None)
+                    self._checked_whole(key)
 
     @staticmethod
-    def _blocks_of(spec, rows):
+    def _blocks_holding(spec, rows):
         """The blocks (sorted, unique) that rows ``rows`` of a file lie in."""
         if isinstance(rows, slice):
             lo, hi = int(rows.start), int(rows.stop)
@@ -1388,7 +1385,6 @@ def save_store(X, path, *, dtype="float16", shard_rows=None, layer="activations"
     -------
     store : ActivationStore
         The written store, opened.
-
     """
     if len(getattr(X, "shape", ())) != 2:
         X = np.asarray(X)
