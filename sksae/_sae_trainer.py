@@ -248,11 +248,10 @@ class DeadLatentBound:
     def __init__(self, counts, dead_window, reread_steps, lookahead_steps=32,
                  synchronous=False, largest=None):
         self.synchronous = synchronous
-        self.counts = counts
         # a synchronous reading is current when taken: reading ahead would only read the
         # counts every step while the largest is within the lookahead of the window
         lookahead_steps = 0 if synchronous else lookahead_steps
-        self.largest_count = counts.max if largest is None else largest
+        self._read_largest = counts.max if largest is None else largest
         self.dead_window = dead_window
         self.reread_steps = reread_steps
         self.lookahead_steps = lookahead_steps
@@ -290,7 +289,7 @@ class DeadLatentBound:
         return self.largest is None or self.largest + self.rows_since >= self.dead_window
 
     def _read(self, step):
-        self._reading = HostReading(self.largest_count())
+        self._reading = HostReading(self._read_largest())
         self._rows_since_reading = 0
         self._collect(step)  # at once off the GPU
 
